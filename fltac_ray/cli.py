@@ -1,0 +1,81 @@
+"""`fltac-ray run | validate | tasks` — the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fltac_ray.errors import FltacError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fltac-ray",
+        description="Federated multi-task fine-tuning with low-rank adapters, simulated on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def experiment_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("experiment", help="experiment YAML (see experiments/)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set rounds=3 --set train.lr=1e-3")
+
+    run = commands.add_parser("run", help="run a simulation")
+    experiment_args(run)
+    run.add_argument("--out", help="run directory (new or empty); default: <output_dir>/<name>-<time>")
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    validate = commands.add_parser("validate", help="check an experiment file and print the resolved config")
+    experiment_args(validate)
+
+    commands.add_parser("tasks", help="list the registered tasks, models and algorithms")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tasks":
+            return _list_registries()
+        from fltac_ray.config import load_config
+
+        config = load_config(args.experiment, args.overrides)
+        if args.command == "validate":
+            import yaml
+
+            print(yaml.safe_dump(config.resolved(), sort_keys=False), end="")
+            return 0
+        from fltac_ray.engine.simulation import Simulation
+        from fltac_ray.progress import Progress
+
+        Simulation(config, out=args.out, progress=Progress(quiet=args.quiet)).run()
+        return 0
+    except FltacError as exc:
+        print(f"fltac-ray: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fltac-ray: interrupted; completed rounds are in the run directory", file=sys.stderr)
+        return 130
+
+
+def _list_registries() -> int:
+    from fltac_ray.algorithms.registry import ALGORITHMS
+    from fltac_ray.data.registry import TASKS
+    from fltac_ray.models.registry import MODELS
+
+    print("tasks:")
+    for spec in TASKS.values():
+        print(f"  {spec.name:<26} {spec.num_classes:>3} classes  {spec.description}")
+    print("models:")
+    for name, text in MODELS.items():
+        print(f"  {name:<26} {text}")
+    print("algorithms:")
+    for name, text in ALGORITHMS.items():
+        print(f"  {name:<26} {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Typed, validated experiment configuration.
+
+An experiment YAML holds only what differs from the defaults below; `--set key=value` overrides
+apply on top. Every rule is checked when the config is built, so a bad value fails before Ray
+starts, with the field, the value and what is allowed (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fltac_ray.algorithms.registry import ALGORITHMS
+from fltac_ray.data.registry import TASKS
+from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.models.registry import MODELS, is_known_model
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a key is an error naming the key, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    tasks: list[str] = Field(
+        default=["wordnet_noun_supersense", "wordnet_verb_supersense", "wordnet_pos"],
+        description="Task names from the task registry; one adapter per (client, task) under FL-TAC.",
+    )
+    num_clients: int = Field(default=10, ge=1, description="Simulated clients in the federation.")
+    dirichlet_alpha: float = Field(
+        default=0.5, gt=0, description="Concentration of the per-task Dirichlet split over clients."
+    )
+    min_share: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="Client shares of a task below this are dropped and the rest renormalised.",
+    )
+    train_per_task: int = Field(default=2000, ge=1, description="Training examples drawn per task.")
+    test_per_task: int = Field(default=300, ge=1, description="Test examples drawn per task.")
+    max_length: int = Field(default=32, ge=4, le=4096, description="Token limit per text example.")
+    wordnet_dir: str = Field(
+        default="/usr/share/wordnet", description="Folder of WordNet's data.{noun,verb,adj,adv}."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_unique_tasks(cls, tasks: list[str]) -> list[str]:
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("task names must be unique")
+        return tasks
+
+
+class LoraConfig(_Section):
+    rank: int = Field(default=1, ge=1, description="LoRA rank r (FL-TAC uses extremely low ranks).")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default=["query", "value"], min_length=1, description="Module names that receive LoRA."
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        default="minilm",
+        description="A registry name (minilm, tiny-random-bert), a Hugging Face id or a local path.",
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        default="mean", description="How token states become the classifier input."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if not is_known_model(name):
+            raise ValueError(
+                f"unknown model; use one of {sorted(MODELS)}, a Hugging Face id (org/name) "
+                "or an existing local folder"
+            )
+        return name
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(default=15, ge=1, description="Gradient steps per task per round (tau).")
+    batch_size: int = Field(default=8, ge=1, description="Examples per local step.")
+    lr: float = Field(default=2e-3, gt=0, description="AdamW learning rate (eta).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    eval_batch_size: int = Field(default=128, ge=1, description="Examples per evaluation batch.")
+    eval_every: int = Field(
+        default=1, ge=1, description="Evaluate every k rounds (the last round is always evaluated)."
+    )
+
+
+class FederationConfig(_Section):
+    client_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="Share of clients sampled each round, in (0, 1]."
+    )
+    n_clusters: int | None = Field(
+        default=None, ge=1, description="K for K-means; default: the number of tasks."
+    )
+    weighting: Literal["samples", "uniform"] = Field(
+        default="samples",
+        description="Cluster average weighted by sample counts (authors' code) or uniform (paper).",
+    )
+    clustering_backend: Literal["auto", "sklearn", "cuml"] = Field(
+        default="auto", description="auto: cuML when importable and a GPU is visible, else sklearn."
+    )
+    kmeans_n_init: int = Field(default=10, ge=1, description="K-means restarts (best inertia kept).")
+
+
+class EngineConfig(_Section):
+    ray_address: str | None = Field(
+        default=None, description="Existing Ray cluster to join; None starts Ray on 127.0.0.1."
+    )
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs for a Ray we start.")
+    num_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs for a Ray we start (declares them to the scheduler)."
+    )
+    num_workers: int | None = Field(
+        default=None, ge=1, description="Client worker actors; default: as many as resources allow."
+    )
+    clients_per_actor: int | None = Field(
+        default=None, ge=1, description="Fix clients per worker actor (1 = one actor per client)."
+    )
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs per client worker.")
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0, description="Ray GPUs per client worker; fractions share one GPU."
+    )
+    coordinator_cpus: float = Field(
+        default=0.0, ge=0, description="Ray CPUs reserved for the coordinator actor."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Torch device in workers (auto: cuda when the worker has one)."
+    )
+    actor_timeout_s: float = Field(
+        default=1800.0, gt=0, description="Longest wait for one actor call before the run fails."
+    )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _ray_gpu_fraction(cls, value: float) -> float:
+        # Ray accepts fractions below one GPU, or whole GPUs, never 1.5.
+        if value > 1 and not float(value).is_integer():
+            raise ValueError("must be a fraction in [0, 1] or a whole number of GPUs")
+        return value
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(default="experiment", min_length=1, description="Names the run directory.")
+    seed: int = Field(default=0, ge=0, description="Seeds the split, sampling, init and training.")
+    algorithm: str = Field(default="fltac", description="Federated algorithm name.")
+    rounds: int = Field(default=8, ge=1, description="Communication rounds T.")
+    output_dir: str = Field(default="runs", description="Parent folder of run directories.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        if name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm; known algorithms: {sorted(ALGORITHMS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ExperimentConfig:
+        n_clusters = self.federation.n_clusters
+        if n_clusters is not None:
+            # The most adapters one round can upload: every sampled client holds every task.
+            upper = self.clients_per_round * len(self.data.tasks)
+            if n_clusters > upper:
+                raise ValueError(
+                    f"federation.n_clusters = {n_clusters}: must be in 1..{upper} (adapters per "
+                    f"round at most: {self.clients_per_round} sampled clients x "
+                    f"{len(self.data.tasks)} tasks)"
+                )
+        cpa = self.engine.clients_per_actor
+        if cpa is not None and self.engine.num_workers is not None:
+            raise ValueError(
+                "engine.clients_per_actor and engine.num_workers both set: give one of them "
+                "(clients_per_actor fixes the worker count)"
+            )
+        return self
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, math.ceil(self.federation.client_fraction * self.data.num_clients))
+
+    @property
+    def resolved_n_clusters(self) -> int:
+        return self.federation.n_clusters or len(self.data.tasks)
+
+    def resolved(self) -> dict[str, Any]:
+        """The full config with defaults filled in, as saved beside the results."""
+        out = self.model_dump(mode="json")
+        out["federation"]["n_clusters"] = self.resolved_n_clusters
+        return out
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _to_issues(error: ValidationError, prefix: str = "") -> list[ConfigIssue]:
+    issues = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown field; allowed here: {_allowed_keys(item['loc'][:-1])}"
+        elif item["loc"] == () and message.startswith(("federation.", "engine.")):
+            # Cross-field messages already name their field and value.
+            field, _, rest = message.partition(" = ")
+            value_text, _, message = rest.partition(": ")
+            value = yaml.safe_load(value_text) if value_text else value
+        if isinstance(value, dict):
+            value = "{...}"
+        issues.append(ConfigIssue(prefix + field, value, message))
+    return issues
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            [ConfigIssue("--set", text, "expected KEY=VALUE with a dotted key, e.g. train.lr=1e-3")]
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(f"--set {key}", raw, f"value is not valid YAML ({exc})")]) from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    [ConfigIssue(".".join(path), value, f"'{part}' is a value, not a section")]
+                )
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([ConfigIssue("experiment file", str(path), "no such file")])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            [ConfigIssue("experiment file", str(path), f"malformed YAML: {exc}")], str(path)
+        ) from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [ConfigIssue("experiment file", type(raw).__name__, "must be a YAML mapping of fields")],
+            str(path),
+        )
+    return raw
+
+
+def build_config(raw: dict[str, Any], source: str | None = None) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_to_issues(exc), source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML (or start from defaults when path is None) and apply overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return build_config(raw, str(path) if path is not None else None)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.resolved(), sort_keys=False))

@@ -1,0 +1,157 @@
+"""ClientWorker: one Ray actor hosting many simulated clients over one frozen base model.
+
+The base model is loaded once per actor; a simulated client's state is only its adapters (flat
+float32 vectors) and the indices of its examples, so hundreds of clients fit in a few actors.
+This class holds no Ray code itself: the simulation wraps it with `ray.remote` and options.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+
+import numpy as np
+
+from fltac_ray.config import ExperimentConfig
+from fltac_ray.data.federated import ClientShard, TaskBundle
+from fltac_ray.engine.messages import (
+    AdapterKey,
+    AggregationOutcome,
+    EvalRecord,
+    TrainReport,
+    UploadBatch,
+)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+class ClientWorker:
+    def __init__(
+        self,
+        worker_index: int,
+        config: dict,
+        shards: list[ClientShard],
+        tasks: dict[str, TaskBundle],
+        head_classes: int,
+        threads: int,
+    ) -> None:
+        _quiet_libraries()
+        import torch
+
+        from fltac_ray.algorithms import create_algorithm
+        from fltac_ray.models.adapter_model import AdapterModel
+        from fltac_ray.models.builders import load_encoder
+
+        self.worker_index = worker_index
+        self.config = ExperimentConfig.model_validate(config)
+        torch.set_num_threads(max(1, threads))
+        wants_cuda = self.config.engine.device in ("auto", "cuda")
+        self.device = torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+        self.tasks = tasks  # read-only arrays shared through the object store
+        self.shards = {shard.client_id: shard for shard in shards}
+        algorithm = create_algorithm(self.config, backend="sklearn")
+        # client -> list of task groups; slot i of a client trains on groups[i]
+        self.groups = {cid: algorithm.client_adapters(list(s.tasks)) for cid, s in self.shards.items()}
+        encoder = load_encoder(self.config.model.name, seed=self.config.seed)
+        self.model = AdapterModel(encoder, self.config.model, head_classes, self.config.seed)
+        self.model.to(self.device)
+        self.initial: np.ndarray | None = None
+        # Adapters of this worker's clients; a missing key means "still the initial adapter".
+        self.adapters: dict[AdapterKey, np.ndarray] = {}
+
+    # --- set-up -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "worker": self.worker_index,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "clients": sorted(self.shards),
+            "adapter_size": self.model.adapter_size,
+            "layout": self.model.adapter_layout(),
+        }
+
+    def initial_adapter(self) -> np.ndarray:
+        """v^0: the freshly initialised adapter (seeded), broadcast by the server to everyone."""
+        return self.model.get_adapter()
+
+    def set_initial_adapter(self, vector: np.ndarray) -> None:
+        self.initial = np.array(vector, dtype=np.float32)  # private copy, object-store views are read-only
+
+    # --- a round ----------------------------------------------------------------------------
+    def train(self, round_index: int, client_ids: list[int]) -> tuple[UploadBatch, TrainReport]:
+        """Algorithm 2 for every given client: tau local steps per adapter, then upload."""
+        import torch
+
+        from fltac_ray.training import train_adapter
+
+        started = time.perf_counter()
+        train = self.config.train
+        keys, vectors, samples, task_names, losses = [], [], [], [], []
+        for client_id in client_ids:
+            shard = self.shards[client_id]
+            for slot, group in enumerate(self.groups[client_id]):
+                key = (client_id, slot)
+                vector = self.adapters.get(key, self.initial)
+                group_losses = []
+                for task_index, task in enumerate(group):
+                    # Seeded per (round, client, slot, task): results do not depend on which
+                    # worker hosts the client or in which order it runs.
+                    rng = np.random.default_rng([self.config.seed, 3, round_index, client_id, slot, task_index])
+                    torch.manual_seed(int(rng.integers(2**31)))
+                    bundle = self.tasks[task]
+                    outcome = train_adapter(
+                        self.model, vector, bundle.train, shard.tasks[task][0], bundle.num_classes,
+                        train.local_steps, train.batch_size, train.lr, train.weight_decay, rng,
+                        self.device,
+                    )
+                    vector = outcome.adapter
+                    group_losses.append(outcome.mean_loss)
+                self.adapters[key] = vector
+                keys.append(key)
+                vectors.append(vector)
+                samples.append(sum(shard.num_train(task) for task in group))
+                task_names.append("+".join(group))
+                losses.append(float(np.mean(group_losses)))
+        size = self.model.adapter_size
+        upload = UploadBatch(
+            keys=keys,
+            vectors=np.stack(vectors) if vectors else np.zeros((0, size), np.float32),
+            num_samples=np.asarray(samples, dtype=np.int64),
+        )
+        report = TrainReport(keys, task_names, losses, time.perf_counter() - started)
+        return upload, report
+
+    def download(self, outcome: AggregationOutcome, evaluate: bool) -> list[EvalRecord]:
+        """Replace each uploaded adapter by its cluster's aggregate; then optionally evaluate."""
+        for key, cluster in outcome.assignment().items():
+            if key[0] in self.shards:
+                self.adapters[key] = outcome.adapters[cluster]
+        return self.evaluate() if evaluate else []
+
+    def evaluate(self) -> list[EvalRecord]:
+        """Every hosted client's current adapter on that client's own test examples, per task."""
+        from fltac_ray.training import evaluate_adapter
+
+        records = []
+        for client_id, shard in self.shards.items():
+            for slot, group in enumerate(self.groups[client_id]):
+                vector = self.adapters.get((client_id, slot), self.initial)
+                for task in group:
+                    bundle = self.tasks[task]
+                    result = evaluate_adapter(
+                        self.model, vector, bundle.test, shard.tasks[task][1], bundle.num_classes,
+                        self.config.train.eval_batch_size, self.device,
+                    )
+                    if result.count:
+                        records.append(EvalRecord(client_id, task, result.correct, result.loss_sum, result.count))
+        return records

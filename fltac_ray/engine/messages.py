@@ -1,0 +1,51 @@
+"""What crosses actor boundaries: plain dataclasses of numpy arrays (never torch tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+AdapterKey = tuple[int, int]  # (client id, adapter slot on that client)
+
+
+@dataclass
+class UploadBatch:
+    """One worker's uploads for a round: what the server sees (no task names)."""
+
+    keys: list[AdapterKey]
+    vectors: np.ndarray  # (n, adapter_size) float32
+    num_samples: np.ndarray  # (n,) int64 training examples behind each adapter
+
+
+@dataclass
+class TrainReport:
+    """Private to the simulation (metrics only): which tasks each uploaded adapter trained on."""
+
+    keys: list[AdapterKey]
+    tasks: list[str]  # "+"-joined task names of each adapter
+    losses: list[float]
+    seconds: float
+
+
+@dataclass
+class AggregationOutcome:
+    keys: list[AdapterKey]  # accepted uploads, in the order of `labels`
+    labels: np.ndarray  # (n,) cluster of each accepted upload
+    adapters: np.ndarray  # (k, adapter_size) float32 cluster aggregates
+    weights: np.ndarray  # (k,)
+    rejected: list[tuple[AdapterKey, str]] = field(default_factory=list)
+    backend: str = "sklearn"
+    seconds: float = 0.0
+
+    def assignment(self) -> dict[AdapterKey, int]:
+        return {key: int(label) for key, label in zip(self.keys, self.labels, strict=True)}
+
+
+@dataclass
+class EvalRecord:
+    client_id: int
+    task: str
+    correct: int
+    loss_sum: float
+    count: int

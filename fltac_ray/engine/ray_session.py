@@ -1,0 +1,59 @@
+"""Start or join Ray. A Ray we start ourselves binds every process to 127.0.0.1.
+
+Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported: with it at 0, the node
+address resolves to the loopback address, so GCS, raylet, object manager and workers listen on
+127.0.0.1 only (checked with `ss -ltnp`). That is both a secure default for users and a rule of
+our CI machines, which forbid traffic to any other address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fltac_ray.config import EngineConfig
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _force_loopback() -> None:
+    os.environ[LOOPBACK_ENV] = "0"
+    if "ray._private.ray_constants" in sys.modules:  # ray imported before us: fix the constant too
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+
+
+@contextmanager
+def ray_session(engine: EngineConfig) -> Iterator[bool]:
+    """Yield True when this call started Ray (and will stop it), False when Ray was running."""
+    if engine.ray_address is None:
+        _force_loopback()
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if engine.ray_address is not None:
+        ray.init(address=engine.ray_address, **kwargs)
+    else:
+        ray.init(
+            num_cpus=engine.num_cpus,
+            num_gpus=engine.num_gpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            **kwargs,
+        )
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def cluster_totals() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))

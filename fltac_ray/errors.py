@@ -1,0 +1,41 @@
+"""User-facing errors. Each names what is wrong, the value given and what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One invalid setting: the dotted field path, the value given and what is allowed."""
+
+    field: str
+    value: Any
+    allowed: str
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value!r}: {self.allowed}"
+
+
+class FltacError(Exception):
+    """Base class of every error fltac-ray raises on purpose (the CLI prints these without a trace)."""
+
+
+class ConfigError(FltacError, ValueError):
+    """The experiment configuration is invalid; raised before any Ray process starts."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(f"invalid experiment configuration{where}:\n{lines}")
+
+
+class ResourceUnavailableError(FltacError):
+    """A model, data set or hardware resource the experiment needs is missing; says how to get it."""
+
+
+class EngineError(FltacError):
+    """The distributed run failed (an actor died, timed out, or returned unusable results)."""

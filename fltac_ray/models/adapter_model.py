@@ -1,0 +1,87 @@
+"""Frozen base encoder + peft LoRA + a classifier head: the model every client trains.
+
+The *adapter* of a (client, task) is every trainable tensor (LoRA A/B of each target module and
+the head), flattened in sorted key order into one float32 vector. The head always has
+`head_classes` rows (the largest class count over tasks) and a task with fewer classes reads only
+its first rows, so every adapter uploaded to the server has the same length: the server cannot
+read task identity from shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+
+from fltac_ray.config import ModelConfig
+
+
+class AdapterModel(nn.Module):
+    def __init__(self, encoder: nn.Module, model_config: ModelConfig, head_classes: int, seed: int):
+        super().__init__()
+        lora = model_config.lora
+        for param in encoder.parameters():
+            param.requires_grad_(False)
+        # Seeded so that the initial adapter v^0 is a pure function of the config.
+        torch.manual_seed(seed)
+        peft_config = PeftLoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+        )
+        try:
+            self.encoder = get_peft_model(encoder, peft_config)
+        except ValueError as exc:
+            raise ValueError(
+                f"model.lora.target_modules = {list(lora.target_modules)}: {exc}"
+            ) from exc
+        self.pooling = model_config.pooling
+        self.head = nn.Linear(encoder.config.hidden_size, head_classes)
+        # (name, parameter) in sorted name order: defines the flattened adapter layout.
+        self._adapter = sorted(
+            ((n, p) for n, p in self.named_parameters() if p.requires_grad), key=lambda kv: kv[0]
+        )
+
+    # --- adapter <-> flat vector ----------------------------------------------------------
+    @property
+    def adapter_size(self) -> int:
+        return sum(p.numel() for _, p in self._adapter)
+
+    def adapter_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(name, tuple(p.shape)) for name, p in self._adapter]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self._adapter]
+
+    def get_adapter(self) -> np.ndarray:
+        """(adapter_size,) float32 copy of the current adapter."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for _, p in self._adapter])
+        return flat.to("cpu", torch.float32).numpy().copy()
+
+    def set_adapter(self, vector: np.ndarray) -> None:
+        if vector.shape != (self.adapter_size,):
+            raise ValueError(f"adapter has shape {vector.shape}, expected ({self.adapter_size},)")
+        source = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+        offset = 0
+        with torch.no_grad():
+            for _, param in self._adapter:
+                n = param.numel()
+                param.copy_(source[offset:offset + n].view_as(param))
+                offset += n
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Logits (batch, num_classes) for a task that uses the first num_classes head rows."""
+        # input_ids: (batch, max_length); trim to the longest example of this batch
+        width = int(lengths.max())
+        input_ids = input_ids[:, :width]
+        mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # mean over real tokens: (batch, width, hidden) -> (batch, hidden)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return self.head(pooled)[:, :num_classes]

@@ -1,0 +1,86 @@
+"""The run directory: resolved config, metric tables, partition and the final cluster adapters."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.numpy import save_file
+
+from fltac_ray.config import ExperimentConfig, save_config
+from fltac_ray.errors import ConfigError, ConfigIssue
+
+METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples", "majority_accuracy"]
+ROUNDS_COLUMNS = [
+    "round", "clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
+    "params_up", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
+    "mean_accuracy", "train_seconds", "aggregate_seconds", "eval_seconds", "seconds",
+]
+
+
+def make_run_dir(config: ExperimentConfig, out: str | None) -> Path:
+    """`out` as given (must be new or empty, so no earlier results are overwritten), or
+    `<output_dir>/<name>-<timestamp>`."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError([ConfigIssue(
+                "--out", str(path), "exists and is not an empty folder; choose a new folder "
+                "(earlier results are never overwritten)")])
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(config.output_dir) / f"{config.name}-{stamp}"
+        suffix = 1
+        while path.exists():
+            path = Path(config.output_dir) / f"{config.name}-{stamp}-{suffix}"
+            suffix += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class RunWriter:
+    """Appends rows as rounds finish, so a crash keeps every completed round on disk."""
+
+    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+        self.run_dir = run_dir
+        save_config(config, run_dir / "config.yaml")
+        self.metrics_path = run_dir / "metrics.csv"
+        self.rounds_path = run_dir / "rounds.csv"
+        pd.DataFrame(columns=METRICS_COLUMNS).to_csv(self.metrics_path, index=False)
+        pd.DataFrame(columns=ROUNDS_COLUMNS).to_csv(self.rounds_path, index=False)
+
+    def write_partition(self, rows: list[dict]) -> None:
+        pd.DataFrame(rows).to_csv(self.run_dir / "partition.csv", index=False)
+
+    def append_metrics(self, rows: list[dict]) -> None:
+        if rows:
+            pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(
+                self.metrics_path, mode="a", header=False, index=False)
+
+    def append_round(self, row: dict) -> None:
+        pd.DataFrame([row], columns=ROUNDS_COLUMNS).to_csv(
+            self.rounds_path, mode="a", header=False, index=False)
+
+    def write_adapters(
+        self,
+        adapters: np.ndarray,
+        layout: list[tuple[str, tuple[int, ...]]],
+        clusters: list[dict],
+    ) -> Path:
+        """One safetensors file per cluster (named tensors of the adapter) plus index.json saying
+        which true task each cluster mostly holds (from the hidden labels, for the user)."""
+        folder = self.run_dir / "adapters"
+        folder.mkdir(exist_ok=True)
+        for info, vector in zip(clusters, adapters, strict=True):
+            tensors, offset = {}, 0
+            for name, shape in layout:
+                size = int(np.prod(shape))
+                tensors[name] = np.ascontiguousarray(vector[offset:offset + size].reshape(shape))
+                offset += size
+            metadata = {key: str(value) for key, value in info.items()}
+            save_file(tensors, str(folder / info["file"]), metadata=metadata)
+        (folder / "index.json").write_text(json.dumps(clusters, indent=2))
+        return folder
