@@ -48,6 +48,12 @@ class Coordinator:
                 keys.append(key)
                 vectors.append(vector)
                 samples.append(num_samples)
+        # Sorted by (client, slot): K-means and the float sums then see the same order whatever
+        # the number of workers or their finishing order, so runs are reproducible.
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        keys = [keys[i] for i in order]
+        vectors = [vectors[i] for i in order]
+        samples = [samples[i] for i in order]
         if not keys:
             outcome = AggregationOutcome([], np.zeros(0, np.int64),
                                          np.zeros((0, self.adapter_size), np.float32), np.zeros(0),

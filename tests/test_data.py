@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fltac_ray.data import synthetic, wordnet
+from fltac_ray.data.federated import build_federated_data
+from fltac_ray.errors import ResourceUnavailableError
+
+from .conftest import tiny_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "wordnet"
+
+
+def test_parse_data_file_reads_lexfile_lemma_and_definition():
+    lexfiles, texts = wordnet.parse_data_file(FIXTURE / "data.noun")
+    assert lexfiles == [5, 5, 6, 6, 13, 28]  # the licence header is skipped
+    assert texts[1] == "dog: a member of the genus Canis"  # usage example cut off
+    assert texts[2] == "motor vehicle: a self-propelled wheeled vehicle that does not run on rails"
+    _, adjectives = wordnet.parse_data_file(FIXTURE / "data.adj")
+    assert adjectives[1].startswith("abaxial: facing away")  # "(p)" marker removed
+
+
+def test_supersense_labels_index_the_lexnames():
+    texts = wordnet.load_supersense("noun", str(FIXTURE), 100, np.random.default_rng(0))
+    assert len(texts.class_names) == 26 and texts.class_names[0] == "noun.Tops"
+    by_text = dict(zip(texts.texts, texts.labels, strict=True))
+    assert texts.class_names[by_text["dog: a member of the genus Canis"]] == "noun.animal"
+    assert texts.class_names[by_text["meal: the food served and eaten at one time"]] == "noun.food"
+    verbs = wordnet.load_supersense("verb", str(FIXTURE), 100, np.random.default_rng(0))
+    assert len(verbs.class_names) == 15
+    assert verbs.class_names[dict(zip(verbs.texts, verbs.labels, strict=True))["eat: take in solid food"]] == "verb.consumption"
+
+
+def test_part_of_speech_is_class_balanced():
+    texts = wordnet.load_part_of_speech(str(FIXTURE), 8, np.random.default_rng(0))
+    assert texts.class_names == ["noun", "verb", "adjective", "adverb"]
+    np.testing.assert_array_equal(np.bincount(texts.labels, minlength=4), [2, 2, 2, 2])
+
+
+def test_missing_wordnet_says_how_to_install(tmp_path):
+    with pytest.raises(ResourceUnavailableError, match="apt-get install wordnet-base"):
+        wordnet.load_supersense("noun", str(tmp_path), 10, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("make", [synthetic.sentiment, synthetic.topic, synthetic.tense])
+def test_synthetic_tasks_are_seeded_and_cover_all_classes(make):
+    a, b = make(300, np.random.default_rng(3)), make(300, np.random.default_rng(3))
+    assert a.texts == b.texts
+    assert set(a.labels.tolist()) == set(range(len(a.class_names)))
+
+
+def _fake_encode(texts):
+    return {"input_ids": np.zeros((len(texts), 4), np.int32), "lengths": np.full(len(texts), 4, np.int32)}
+
+
+def test_federated_split_assigns_every_example_once():
+    config = tiny_config(data={"num_clients": 6, "train_per_task": 200, "test_per_task": 50})
+    data = build_federated_data(config, _fake_encode)
+    assert data.head_classes == 4  # topic has 4 classes, the widest
+    for task_index, task in enumerate(config.data.tasks):
+        train = np.concatenate([c.tasks[task][0] for c in data.clients if task in c.tasks])
+        assert sorted(train.tolist()) == list(range(200))
+        test = np.concatenate([c.tasks[task][1] for c in data.clients if task in c.tasks])
+        assert len(set(test.tolist())) == len(test) <= 50
+        shares = data.shares[task_index]
+        assert shares.sum() == pytest.approx(1.0)
+        for client in data.clients:
+            if shares[client.client_id] == 0:
+                assert task not in client.tasks
+
+
+def test_federated_split_is_seeded():
+    config = tiny_config()
+    a, b = build_federated_data(config, _fake_encode), build_federated_data(config, _fake_encode)
+    np.testing.assert_array_equal(a.shares, b.shares)
+    other = build_federated_data(tiny_config(seed=1), _fake_encode)
+    assert not np.array_equal(a.shares, other.shares)

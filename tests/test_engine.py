@@ -1,0 +1,123 @@
+"""End-to-end runs of the Ray engine on the tiny model (one shared Ray session)."""
+
+import ipaddress
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fltac_ray.engine.simulation import Simulation
+from fltac_ray.errors import ConfigError
+from fltac_ray.outputs import METRICS_COLUMNS, ROUNDS_COLUMNS
+from fltac_ray.progress import Progress
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _run(config, out):
+    return Simulation(config, out=str(out), progress=Progress(quiet=True)).run()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _run(tiny_config(), tmp_path_factory.mktemp("tiny") / "run")
+
+
+def test_run_writes_config_metrics_rounds_and_adapters(tiny_run):
+    run_dir = tiny_run.run_dir
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["federation"]["n_clusters"] == 3 and saved["rounds"] == 2
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics.columns) == METRICS_COLUMNS
+    assert len(metrics) == 2 * 3  # rounds x tasks
+    assert metrics["accuracy"].between(0, 1).all() and np.isfinite(metrics["loss"]).all()
+    assert (metrics["test_samples"] > 0).all()
+
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    assert list(rounds.columns) == ROUNDS_COLUMNS
+    assert rounds["round"].tolist() == [1, 2]
+    assert rounds["clustering_accuracy"].between(0, 1).all()
+    assert (rounds["kmeans_backend"] == "sklearn").all()
+    assert (rounds["rejected_uploads"] == 0).all()
+
+    index = json.loads((run_dir / "adapters" / "index.json").read_text())
+    assert len(index) == 3
+    tensors = load_file(str(run_dir / "adapters" / index[0]["file"]))
+    assert "head.weight" in tensors and tensors["head.weight"].shape == (4, 32)  # (classes, hidden)
+    size = sum(t.size for t in tensors.values())
+    # every upload is one full adapter of float32
+    assert (rounds["params_up"] == rounds["adapters"] * size).all()
+    assert (rounds["bytes_up"] == rounds["params_up"] * 4).all()
+
+    partition = pd.read_csv(run_dir / "partition.csv")
+    assert partition.groupby("task")["train_samples"].sum().tolist() == [64, 64, 64]
+
+
+def test_result_frames_match_the_files(tiny_run):
+    pd.testing.assert_frame_equal(tiny_run.metrics, pd.read_csv(tiny_run.run_dir / "metrics.csv"))
+    assert tiny_run.wall_seconds > 0
+
+
+def test_results_do_not_depend_on_worker_placement(tiny_run, tmp_path):
+    # Seeds are per (round, client, task), so one worker gives the same numbers as two.
+    single = _run(tiny_config(engine={"num_workers": 1}), tmp_path / "one")
+    cols = ["accuracy", "loss"]
+    np.testing.assert_allclose(single.metrics[cols], tiny_run.metrics[cols], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(single.rounds["train_loss"], tiny_run.rounds["train_loss"], rtol=1e-4)
+
+
+def test_one_actor_per_client_on_fractional_gpus(tmp_path):
+    config = tiny_config(engine={"clients_per_actor": 1, "cpus_per_worker": 0.25,
+                                 "gpus_per_worker": 0.25, "num_gpus": 1}, rounds=1)
+    result = _run(config, tmp_path / "run")
+    assert len(result.rounds) == 1
+    assert result.rounds.loc[0, "clients"] == len(
+        pd.read_csv(result.run_dir / "partition.csv").query("train_samples > 0")["client"].unique())
+
+
+def test_partial_participation_samples_clients(tmp_path):
+    config = tiny_config(data={"num_clients": 6}, federation={"client_fraction": 0.5})
+    result = _run(config, tmp_path / "run")
+    assert (result.rounds["clients"] <= 3).all()
+
+
+def test_too_many_actors_fail_before_any_actor_starts(tmp_path):
+    config = tiny_config(engine={"clients_per_actor": 1, "cpus_per_worker": 1.0})
+    with pytest.raises(ConfigError, match="engine.clients_per_actor"):
+        _run(config, tmp_path / "run")
+
+
+def test_gpu_fraction_without_a_gpu_fails_before_ray(tmp_path):
+    config = tiny_config(engine={"gpus_per_worker": 0.5})
+    with pytest.raises(ConfigError, match="engine.gpus_per_worker"):
+        _run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_results_are_never_overwritten(tiny_run):
+    with pytest.raises(ConfigError, match="--out"):
+        _run(tiny_config(), tiny_run.run_dir)
+
+
+def test_ray_listens_on_loopback_only(ray_cluster):
+    # Every socket that this test process and the Ray processes it started listen on.
+    ours = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "found no listening Ray socket to check"
+    not_loopback = [c for c in listening if not _is_loopback(c.laddr.ip)]
+    assert not not_loopback, not_loopback
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from fltac_ray.config import ModelConfig
+from fltac_ray.data.federated import EncodedSplit
+from fltac_ray.errors import ConfigError
+from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.builders import check_target_modules, load_encoder, text_encoder
+from fltac_ray.training import evaluate_adapter, train_adapter
+
+
+def _model(rank=1, head_classes=4, seed=0):
+    config = ModelConfig(name="tiny-random-bert", lora={"rank": rank, "dropout": 0.0})
+    return AdapterModel(load_encoder("tiny-random-bert"), config, head_classes, seed)
+
+
+def test_adapter_layout_is_lora_plus_head_in_sorted_order():
+    model = _model(rank=2)
+    names = [name for name, _ in model.adapter_layout()]
+    assert names == sorted(names)
+    assert names[:2] == ["encoder.base_model.model.encoder.layer.0.attention.self.query.lora_A.default.weight",
+                         "encoder.base_model.model.encoder.layer.0.attention.self.query.lora_B.default.weight"]
+    assert names[-2:] == ["head.bias", "head.weight"]
+    # 2 layers x {query, value} x (A: r x 32 + B: 32 x r) + head 32 x 4 + 4
+    assert model.adapter_size == 2 * 2 * (2 * 32 + 32 * 2) + 32 * 4 + 4
+
+
+def test_same_adapter_length_for_tasks_with_different_class_counts():
+    model = _model(head_classes=26)
+    ids = torch.randint(1000, 2000, (3, 8))
+    lengths = torch.tensor([8, 5, 3])
+    assert model(ids, lengths, num_classes=4).shape == (3, 4)
+    assert model(ids, lengths, num_classes=26).shape == (3, 26)
+    # the upload is the same vector whatever the task: the server cannot read tasks from shapes
+    assert model.get_adapter().shape == (model.adapter_size,)
+
+
+def test_initial_adapter_is_seeded():
+    np.testing.assert_array_equal(_model(seed=3).get_adapter(), _model(seed=3).get_adapter())
+    assert not np.array_equal(_model(seed=3).get_adapter(), _model(seed=4).get_adapter())
+
+
+def test_set_get_round_trip_and_shape_check():
+    model = _model()
+    vector = np.arange(model.adapter_size, dtype=np.float32) / 1000
+    model.set_adapter(vector)
+    np.testing.assert_array_equal(model.get_adapter(), vector)
+    with pytest.raises(ValueError, match="expected"):
+        model.set_adapter(np.zeros(3, np.float32))
+
+
+def test_only_adapter_parameters_train():
+    model = _model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.adapter_layout()}
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+
+
+def test_local_training_lowers_loss_and_changes_only_the_adapter():
+    encode = text_encoder("tiny-random-bert", max_length=8)
+    texts = [f"word{i % 2} sample" for i in range(32)]
+    split = EncodedSplit(encode(texts), np.array([i % 2 for i in range(32)], dtype=np.int64))
+    model = _model(head_classes=2)
+    frozen_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    start = model.get_adapter()
+    indices = np.arange(32)
+    before = evaluate_adapter(model, start, split, indices, 2, 16, torch.device("cpu"))
+    outcome = train_adapter(model, start, split, indices, 2, steps=30, batch_size=8, lr=5e-2,
+                            weight_decay=0.0, rng=np.random.default_rng(0), device=torch.device("cpu"))
+    after = evaluate_adapter(model, outcome.adapter, split, indices, 2, 16, torch.device("cpu"))
+    assert after.loss_sum < before.loss_sum
+    assert after.correct == 32
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, frozen_before[name]), name
+
+
+def test_unknown_target_module_fails_with_the_choices():
+    with pytest.raises(ConfigError, match="model.lora.target_modules") as info:
+        check_target_modules("tiny-random-bert", ["query", "q_proj"])
+    assert "'q_proj'" in str(info.value) and "value" in str(info.value)
+    check_target_modules("minilm", ["query", "value"])  # meta-device build, no weights read

@@ -1,0 +1,25 @@
+"""The default offline experiment on the real packaged MiniLM and WordNet (slow: ~2 minutes)."""
+
+from pathlib import Path
+
+import pytest
+
+from fltac_ray.config import load_config
+from fltac_ray.engine.simulation import Simulation
+from fltac_ray.progress import Progress
+
+EXPERIMENT = Path(__file__).parents[1] / "experiments" / "offline_text.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_offline_default_learns_every_task_and_recovers_the_clusters(tmp_path):
+    config = load_config(EXPERIMENT, ["rounds=3"])
+    if not Path(config.data.wordnet_dir, "data.noun").is_file():
+        pytest.skip("WordNet data not installed (apt-get install wordnet-base); CI installs it")
+    result = Simulation(config, out=str(tmp_path / "run"), progress=Progress(quiet=True)).run()
+    final = result.metrics[result.metrics["round"] == 3]
+    assert len(final) == 3
+    for row in final.itertuples():
+        assert row.accuracy > row.majority_accuracy + 0.1, row
+    assert result.rounds["clustering_accuracy"].iloc[-1] == 1.0
