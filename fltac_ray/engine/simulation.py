@@ -140,13 +140,13 @@ class Simulation:
         worker_cls = ray.remote(ClientWorker)
         threads = max(1, int(engine.cpus_per_worker))
         workers = [
-            worker_cls.options(num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
-                               name=None).remote(
+            worker_cls.options(num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker).remote(
                 index, raw_config, [data.clients[c] for c in clients], tasks_ref,
                 data.head_classes, threads)
             for index, clients in enumerate(placement)
         ]
         worker_of = {c: w for w, clients in enumerate(placement) for c in clients}
+        coordinator = None
         try:
             described = self._get([w.describe.remote() for w in workers], "starting client workers")
             adapter_size = described[0]["adapter_size"]
@@ -170,7 +170,7 @@ class Simulation:
         finally:
             for actor in workers:
                 ray.kill(actor)
-            if "coordinator" in locals():
+            if coordinator is not None:
                 ray.kill(coordinator)
 
     def _round(self, round_index, workers, coordinator, worker_of, active, data, adapter_size, writer):
