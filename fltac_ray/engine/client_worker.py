@@ -94,6 +94,8 @@ class ClientWorker:
 
         from fltac_ray.training import train_adapter
 
+        if self.initial is None:
+            raise RuntimeError("train() before set_initial_adapter(): v^0 was never broadcast")
         started = time.perf_counter()
         train = self.config.train
         keys, vectors, samples, task_names, losses = [], [], [], [], []
