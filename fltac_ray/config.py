@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fltac_ray.algorithms.registry import ALGORITHMS
+from fltac_ray.algorithms.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from fltac_ray.data.registry import TASKS
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.models.registry import MODELS, is_known_model
@@ -180,6 +180,14 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
+        for option, users in ALGORITHM_OPTIONS.items():
+            section, field = option.split(".")
+            if field in getattr(self, section).model_fields_set and self.algorithm not in users:
+                value = getattr(getattr(self, section), field)
+                raise ValueError(
+                    f"{option} = {value!r}: not used by algorithm '{self.algorithm}' "
+                    f"(only by {', '.join(sorted(users))}); remove it"
+                )
         n_clusters = self.federation.n_clusters
         if n_clusters is not None:
             # The most adapters one round can upload: every sampled client holds every task.
@@ -210,6 +218,11 @@ class ExperimentConfig(_Section):
         """The full config with defaults filled in, as saved beside the results."""
         out = self.model_dump(mode="json")
         out["federation"]["n_clusters"] = self.resolved_n_clusters
+        # Drop options this algorithm does not read, so the saved file loads back as it is.
+        for option, users in ALGORITHM_OPTIONS.items():
+            section, field = option.split(".")
+            if self.algorithm not in users:
+                out[section].pop(field, None)
         return out
 
 

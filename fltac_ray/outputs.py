@@ -14,9 +14,10 @@ from fltac_ray.config import ExperimentConfig, save_config
 from fltac_ray.errors import ConfigError, ConfigIssue
 
 METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples", "majority_accuracy"]
+CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
     "round", "clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
-    "params_up", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
+    "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
     "mean_accuracy", "train_seconds", "aggregate_seconds", "eval_seconds", "seconds",
 ]
 
@@ -49,7 +50,9 @@ class RunWriter:
         save_config(config, run_dir / "config.yaml")
         self.metrics_path = run_dir / "metrics.csv"
         self.rounds_path = run_dir / "rounds.csv"
+        self.clients_path = run_dir / "clients.csv"
         pd.DataFrame(columns=METRICS_COLUMNS).to_csv(self.metrics_path, index=False)
+        pd.DataFrame(columns=CLIENT_COLUMNS).to_csv(self.clients_path, index=False)
         pd.DataFrame(columns=ROUNDS_COLUMNS).to_csv(self.rounds_path, index=False)
 
     def write_partition(self, rows: list[dict]) -> None:
@@ -59,6 +62,11 @@ class RunWriter:
         if rows:
             pd.DataFrame(rows, columns=METRICS_COLUMNS).to_csv(
                 self.metrics_path, mode="a", header=False, index=False)
+
+    def append_client_metrics(self, rows: list[dict]) -> None:
+        if rows:
+            pd.DataFrame(rows, columns=CLIENT_COLUMNS).to_csv(
+                self.clients_path, mode="a", header=False, index=False)
 
     def append_round(self, row: dict) -> None:
         pd.DataFrame([row], columns=ROUNDS_COLUMNS).to_csv(

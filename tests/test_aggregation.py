@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fltac_ray.algorithms.base import weighted_cluster_means
+from fltac_ray.algorithms.base import Uploads, weighted_cluster_means
 from fltac_ray.algorithms.fltac import FLTAC
 from fltac_ray.uploads import upload_problem
 
@@ -34,7 +34,7 @@ def _two_task_uploads():
 def test_fltac_aggregates_each_cluster_by_sample_count():
     vectors, samples, truth = _two_task_uploads()
     result = FLTAC(n_clusters=2, weighting="samples", backend="sklearn", n_init=5, seed=0).aggregate(
-        vectors, samples, round_index=1)
+        Uploads(vectors, samples), round_index=1)
     # every member of a task lands in the same cluster and receives its sample-weighted mean
     assert len(set(result.labels[:3])) == 1 and len(set(result.labels[3:])) == 1
     assert result.labels[0] != result.labels[3]
@@ -46,13 +46,13 @@ def test_fltac_aggregates_each_cluster_by_sample_count():
 
 def test_fltac_uniform_weighting_is_the_papers_plain_mean():
     vectors, samples, _ = _two_task_uploads()
-    result = FLTAC(2, "uniform", "sklearn", 5, 0).aggregate(vectors, samples, 1)
+    result = FLTAC(2, "uniform", "sklearn", 5, 0).aggregate(Uploads(vectors, samples), 1)
     np.testing.assert_allclose(result.adapters[result.labels[0]], vectors[:3].mean(0), rtol=1e-6)
 
 
 def test_fltac_with_fewer_adapters_than_clusters_keeps_each_adapter():
     vectors = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
-    result = FLTAC(3, "samples", "sklearn", 1, 0).aggregate(vectors, np.array([1, 1]), 1)
+    result = FLTAC(3, "samples", "sklearn", 1, 0).aggregate(Uploads(vectors, np.array([1, 1])), 1)
     np.testing.assert_allclose(result.adapters[result.labels], vectors)
 
 

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm
+from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
 from fltac_ray.algorithms.registry import ALGORITHMS
 
-__all__ = ["ALGORITHMS", "Aggregate", "FederatedAlgorithm", "create_algorithm"]
+__all__ = ["ALGORITHMS", "Aggregate", "FederatedAlgorithm", "Uploads", "create_algorithm"]
 
 
-def create_algorithm(config, backend: str) -> FederatedAlgorithm:
-    """Build the configured algorithm; `backend` is the resolved K-means backend."""
-    if config.algorithm == "fltac":
+def create_algorithm(config, backend: str = "sklearn") -> FederatedAlgorithm:
+    """Build the configured algorithm; `backend` is the resolved K-means backend (FL-TAC)."""
+    fed = config.federation
+    name = config.algorithm
+    if name == "fltac":
         from fltac_ray.algorithms.fltac import FLTAC
 
-        fed = config.federation
         return FLTAC(config.resolved_n_clusters, fed.weighting, backend, fed.kmeans_n_init, config.seed)
-    raise ValueError(f"unknown algorithm {config.algorithm!r}; known: {sorted(ALGORITHMS)}")
+    if name == "fedit":
+        from fltac_ray.algorithms.fedit import FedIT
+
+        return FedIT(fed.weighting)
+    if name == "oracle":
+        from fltac_ray.algorithms.oracle import OracleClustering
+
+        return OracleClustering(fed.weighting)
+    if name == "ifca":
+        from fltac_ray.algorithms.ifca import IFCA
+
+        return IFCA(config.resolved_n_clusters, fed.weighting)
+    if name == "local":
+        from fltac_ray.algorithms.local import LocalOnly
+
+        return LocalOnly()
+    if name == "centralized":
+        from fltac_ray.algorithms.centralized import Centralized
+
+        return Centralized()
+    raise ValueError(f"unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}")

@@ -1,7 +1,9 @@
 """The small interface every federated algorithm implements, and the shared FedAvg arithmetic.
 
-The engine owns the round loop; an algorithm decides (1) which tasks each client adapter is
-trained on and (2) how the server turns the round's uploads into the adapters it sends back.
+The engine owns the round loop; an algorithm decides
+  (1) which of a client's tasks each of its adapters trains on (`client_adapters`),
+  (2) how the server turns one round's uploads into the adapters it sends back (`aggregate`),
+and declares, through class attributes, what the engine must do around those two hooks.
 No Ray in here: algorithms are plain, testable numpy code.
 """
 
@@ -14,22 +16,57 @@ import numpy as np
 
 
 @dataclass
+class Uploads:
+    """One round's accepted uploads, sorted by (client, slot)."""
+
+    vectors: np.ndarray  # (n, d) float32 adapters
+    num_samples: np.ndarray  # (n,) training examples behind each adapter
+    task_labels: list[str] | None = None  # true tasks: filled only for needs_task_labels
+    choices: np.ndarray | None = None  # (n,) global adapter each client started from (IFCA)
+
+
+@dataclass
 class Aggregate:
-    labels: np.ndarray  # (n_uploads,) cluster id of each upload, compact in 0..k-1
-    adapters: np.ndarray  # (k, d) the adapter each cluster's members receive
-    weights: np.ndarray  # (k,) total aggregation weight of each cluster
+    labels: np.ndarray  # (n,) which row of `adapters` each upload receives back
+    adapters: np.ndarray  # (k, d) float32 adapters the server holds after the round
+    weights: np.ndarray  # (k,) total aggregation weight behind each row (0: kept unchanged)
 
 
 class FederatedAlgorithm(ABC):
     name: str = "base"
+    #: False for algorithms that never talk to a server (local-only, centralized)
+    communicates: bool = True
+    #: uploads carry each adapter's true task (only the oracle may see them)
+    needs_task_labels: bool = False
+    #: clients receive every global adapter and start from the one that fits them best (IFCA)
+    client_selects_global: bool = False
+    #: the server's grouping is meant to recover tasks: report clustering accuracy / ARI
+    clusters_tasks: bool = False
+    #: all clients' data pooled into one client (centralized reference)
+    pools_data: bool = False
+
+    def __init__(self, weighting: str = "samples") -> None:
+        self.weighting = weighting
 
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:
         """Group a client's tasks into adapters (default: one adapter per task, as in FL-TAC)."""
         return [[task] for task in tasks]
 
+    def num_global_adapters(self) -> int:
+        """How many distinct initial adapters the server draws (IFCA: one per cluster)."""
+        return 1
+
+    def set_globals(self, adapters: np.ndarray) -> None:
+        """Receive the server's initial adapters (K, d); stateless algorithms ignore them."""
+        return None
+
+    def weights(self, num_samples: np.ndarray) -> np.ndarray:
+        """FedAvg weights: sample counts (the authors' code) or uniform (the FL-TAC paper)."""
+        return np.asarray(num_samples, dtype=np.float64) if self.weighting == "samples" else np.ones(len(num_samples))
+
     @abstractmethod
-    def aggregate(self, vectors: np.ndarray, num_samples: np.ndarray, round_index: int) -> Aggregate:
-        """vectors: (n, d) uploaded adapters; num_samples: (n,) their clients' example counts."""
+    def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
+        """Turn one round's uploads into the adapters the server sends back."""
 
 
 def weighted_cluster_means(

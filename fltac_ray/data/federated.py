@@ -53,6 +53,8 @@ class ClientShard:
     client_id: int
     # task -> (train indices, test indices) into that task's splits
     tasks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # task -> local steps per round when not train.local_steps (the pooled centralized client)
+    steps: dict[str, int] = field(default_factory=dict)
 
     def num_train(self, task: str) -> int:
         return len(self.tasks[task][0])
@@ -68,6 +70,19 @@ class FederatedData:
     def head_classes(self) -> int:
         """Width of the shared classifier head: the largest class count over tasks."""
         return max(bundle.num_classes for bundle in self.tasks.values())
+
+    def pooled(self, local_steps: int, client_fraction: float) -> FederatedData:
+        """All clients' data in one client (centralized reference). Each task keeps the step
+        budget the federation spends on it per round: holders x local_steps x client_fraction."""
+        pooled = ClientShard(0)
+        for task in self.tasks:
+            holders = [c.tasks[task] for c in self.clients if task in c.tasks]
+            pooled.tasks[task] = (
+                np.sort(np.concatenate([train for train, _ in holders])),
+                np.sort(np.concatenate([test for _, test in holders])),
+            )
+            pooled.steps[task] = max(1, round(len(holders) * local_steps * client_fraction))
+        return FederatedData(self.tasks, [pooled], np.ones((len(self.tasks), 1)))
 
     def partition_rows(self) -> list[dict[str, object]]:
         rows = []

@@ -59,14 +59,16 @@ class ClientWorker:
         self.device = torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
         self.tasks = tasks  # read-only arrays shared through the object store
         self.shards = {shard.client_id: shard for shard in shards}
-        algorithm = create_algorithm(self.config, backend="sklearn")
+        self.algorithm = create_algorithm(self.config)  # client-side hooks and flags only
         # client -> list of task groups; slot i of a client trains on groups[i]
-        self.groups = {cid: algorithm.client_adapters(list(s.tasks)) for cid, s in self.shards.items()}
+        self.groups = {cid: self.algorithm.client_adapters(list(s.tasks)) for cid, s in self.shards.items()}
         encoder = load_encoder(self.config.model.name, seed=self.config.seed)
         self.model = AdapterModel(encoder, self.config.model, head_classes, self.config.seed)
         self.model.to(self.device)
-        self.initial: np.ndarray | None = None
-        # Adapters of this worker's clients; a missing key means "still the initial adapter".
+        # The server's global adapters as last received: (1, d) v^0 for most algorithms,
+        # (K, d) for IFCA, whose clients start each round from the best-fitting one.
+        self.globals: np.ndarray | None = None
+        # Adapters of this worker's clients; a missing key means "still v^0".
         self.adapters: dict[AdapterKey, np.ndarray] = {}
 
     # --- set-up -----------------------------------------------------------------------------
@@ -80,12 +82,37 @@ class ClientWorker:
             "layout": self.model.adapter_layout(),
         }
 
-    def initial_adapter(self) -> np.ndarray:
-        """v^0: the freshly initialised adapter (seeded), broadcast by the server to everyone."""
-        return self.model.get_adapter()
+    def initial_adapters(self, count: int) -> np.ndarray:
+        """(count, d): v^0 (the seeded initial adapter) and, for IFCA, count - 1 more draws."""
+        first = self.model.get_adapter()
+        rows = [first]
+        for index in range(1, count):
+            self.model.reset_adapter(seed=int(np.random.default_rng([self.config.seed, 5, index]).integers(2**31)))
+            rows.append(self.model.get_adapter())
+        self.model.set_adapter(first)
+        return np.stack(rows)
 
-    def set_initial_adapter(self, vector: np.ndarray) -> None:
-        self.initial = np.array(vector, dtype=np.float32)  # private copy, object-store views are read-only
+    def set_initial_adapters(self, adapters: np.ndarray) -> None:
+        self.globals = np.array(adapters, dtype=np.float32)  # private copy: object-store views are read-only
+
+    def _start(self, key: AdapterKey, group: list[str], shard: ClientShard) -> tuple[np.ndarray, int]:
+        """Where an adapter's local training starts, and which global adapter that was (IFCA)."""
+        if not self.algorithm.client_selects_global:
+            return self.adapters.get(key, self.globals[0]), -1
+        from fltac_ray.training import evaluate_adapter
+
+        # IFCA: the global adapter with the lowest loss on (a fixed probe of) the client's data.
+        losses = []
+        for candidate in self.globals:
+            total = 0.0
+            for task in group:
+                bundle = self.tasks[task]
+                probe = shard.tasks[task][0][: self.config.train.eval_batch_size]
+                total += evaluate_adapter(self.model, candidate, bundle.train, probe, bundle.num_classes,
+                                          self.config.train.eval_batch_size, self.device).loss_sum / len(probe)
+            losses.append(total)
+        choice = int(np.argmin(losses))
+        return self.globals[choice], choice
 
     # --- a round ----------------------------------------------------------------------------
     def train(self, round_index: int, client_ids: list[int]) -> tuple[UploadBatch, TrainReport]:
@@ -94,16 +121,16 @@ class ClientWorker:
 
         from fltac_ray.training import train_adapter
 
-        if self.initial is None:
-            raise RuntimeError("train() before set_initial_adapter(): v^0 was never broadcast")
+        if self.globals is None:
+            raise RuntimeError("train() before set_initial_adapters(): v^0 was never broadcast")
         started = time.perf_counter()
         train = self.config.train
-        keys, vectors, samples, task_names, losses = [], [], [], [], []
+        keys, vectors, samples, task_names, losses, choices = [], [], [], [], [], []
         for client_id in client_ids:
             shard = self.shards[client_id]
             for slot, group in enumerate(self.groups[client_id]):
                 key = (client_id, slot)
-                vector = self.adapters.get(key, self.initial)
+                vector, choice = self._start(key, group, shard)
                 group_losses = []
                 for task_index, task in enumerate(group):
                     # Seeded per (round, client, slot, task): results do not depend on which
@@ -113,8 +140,8 @@ class ClientWorker:
                     bundle = self.tasks[task]
                     outcome = train_adapter(
                         self.model, vector, bundle.train, shard.tasks[task][0], bundle.num_classes,
-                        train.local_steps, train.batch_size, train.lr, train.weight_decay, rng,
-                        self.device,
+                        shard.steps.get(task, train.local_steps), train.batch_size, train.lr,
+                        train.weight_decay, rng, self.device,
                     )
                     vector = outcome.adapter
                     group_losses.append(outcome.mean_loss)
@@ -124,20 +151,30 @@ class ClientWorker:
                 samples.append(sum(shard.num_train(task) for task in group))
                 task_names.append("+".join(group))
                 losses.append(float(np.mean(group_losses)))
-        size = self.model.adapter_size
-        upload = UploadBatch(
-            keys=keys,
-            vectors=np.stack(vectors) if vectors else np.zeros((0, size), np.float32),
-            num_samples=np.asarray(samples, dtype=np.int64),
-        )
+                choices.append(choice)
+        algorithm = self.algorithm
+        if algorithm.communicates and vectors:
+            upload = UploadBatch(
+                keys=keys,
+                vectors=np.stack(vectors),
+                num_samples=np.asarray(samples, dtype=np.int64),
+                task_labels=task_names if algorithm.needs_task_labels else None,
+                choices=np.asarray(choices, dtype=np.int64) if algorithm.client_selects_global else None,
+            )
+        else:  # nothing leaves the client
+            upload = UploadBatch([], np.zeros((0, self.model.adapter_size), np.float32), np.zeros(0, np.int64))
         report = TrainReport(keys, task_names, losses, time.perf_counter() - started)
         return upload, report
 
-    def download(self, outcome: AggregationOutcome, evaluate: bool) -> list[EvalRecord]:
-        """Replace each uploaded adapter by its cluster's aggregate; then optionally evaluate."""
-        for key, cluster in outcome.assignment().items():
-            if key[0] in self.shards:
-                self.adapters[key] = outcome.adapters[cluster]
+    def download(self, outcome: AggregationOutcome | None, evaluate: bool) -> list[EvalRecord]:
+        """Replace each uploaded adapter by the server's answer (None: nothing was sent); then
+        optionally evaluate."""
+        if outcome is not None:
+            for key, row in outcome.assignment().items():
+                if key[0] in self.shards:
+                    self.adapters[key] = outcome.adapters[row]
+            if self.algorithm.client_selects_global and len(outcome.adapters):
+                self.globals = outcome.adapters
         return self.evaluate() if evaluate else []
 
     def evaluate(self) -> list[EvalRecord]:
@@ -147,7 +184,7 @@ class ClientWorker:
         records = []
         for client_id, shard in self.shards.items():
             for slot, group in enumerate(self.groups[client_id]):
-                vector = self.adapters.get((client_id, slot), self.initial)
+                vector = self.adapters.get((client_id, slot), self.globals[0])
                 for task in group:
                     bundle = self.tasks[task]
                     result = evaluate_adapter(

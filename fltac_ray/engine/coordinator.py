@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from fltac_ray.algorithms.base import Uploads
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.engine.messages import AggregationOutcome, UploadBatch
 from fltac_ray.uploads import upload_problem
@@ -33,33 +34,42 @@ class Coordinator:
     def clustering_backend(self) -> str:
         return self.backend
 
+    def set_initial_adapters(self, adapters: np.ndarray) -> None:
+        self.algorithm.set_globals(adapters)
+
     def aggregate(self, round_index: int, *batches: UploadBatch) -> AggregationOutcome:
         """Algorithm 3 over every upload of the round."""
         started = time.perf_counter()
-        keys, vectors, samples, rejected = [], [], [], []
+        accepted, rejected = [], []  # accepted: (key, vector, samples, task label, choice)
         for batch in batches:
-            for key, vector, num_samples in zip(batch.keys, batch.vectors, batch.num_samples, strict=True):
-                problem = upload_problem(vector, int(num_samples), self.adapter_size)
+            for i, key in enumerate(batch.keys):
+                vector, num_samples = batch.vectors[i], int(batch.num_samples[i])
+                problem = upload_problem(vector, num_samples, self.adapter_size)
                 if problem is not None:
                     log.warning("round %d: rejected upload of client %d slot %d: %s",
                                 round_index, key[0], key[1], problem)
                     rejected.append((key, problem))
                     continue
-                keys.append(key)
-                vectors.append(vector)
-                samples.append(num_samples)
+                label = batch.task_labels[i] if batch.task_labels is not None else None
+                choice = int(batch.choices[i]) if batch.choices is not None else None
+                accepted.append((key, vector, num_samples, label, choice))
         # Sorted by (client, slot): K-means and the float sums then see the same order whatever
         # the number of workers or their finishing order, so runs are reproducible.
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        keys = [keys[i] for i in order]
-        vectors = [vectors[i] for i in order]
-        samples = [samples[i] for i in order]
-        if not keys:
+        accepted.sort(key=lambda item: item[0])
+        keys = [item[0] for item in accepted]
+        if not accepted:
             outcome = AggregationOutcome([], np.zeros(0, np.int64),
                                          np.zeros((0, self.adapter_size), np.float32), np.zeros(0),
                                          rejected, self.backend)
         else:
-            result = self.algorithm.aggregate(np.stack(vectors), np.asarray(samples), round_index)
+            uploads = Uploads(
+                vectors=np.stack([item[1] for item in accepted]),
+                num_samples=np.asarray([item[2] for item in accepted]),
+                task_labels=[item[3] for item in accepted] if self.algorithm.needs_task_labels else None,
+                choices=(np.asarray([item[4] for item in accepted])
+                         if self.algorithm.client_selects_global else None),
+            )
+            result = self.algorithm.aggregate(uploads, round_index)
             outcome = AggregationOutcome(keys, result.labels, result.adapters, result.weights,
                                          rejected, self.backend)
         outcome.seconds = time.perf_counter() - started

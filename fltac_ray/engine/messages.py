@@ -16,6 +16,8 @@ class UploadBatch:
     keys: list[AdapterKey]
     vectors: np.ndarray  # (n, adapter_size) float32
     num_samples: np.ndarray  # (n,) int64 training examples behind each adapter
+    task_labels: list[str] | None = None  # true tasks, sent only for the oracle baseline
+    choices: np.ndarray | None = None  # (n,) index of the global adapter each started from (IFCA)
 
 
 @dataclass
@@ -31,8 +33,8 @@ class TrainReport:
 @dataclass
 class AggregationOutcome:
     keys: list[AdapterKey]  # accepted uploads, in the order of `labels`
-    labels: np.ndarray  # (n,) cluster of each accepted upload
-    adapters: np.ndarray  # (k, adapter_size) float32 cluster aggregates
+    labels: np.ndarray  # (n,) row of `adapters` each accepted upload receives
+    adapters: np.ndarray  # (k, adapter_size) float32 adapters the server holds
     weights: np.ndarray  # (k,)
     rejected: list[tuple[AdapterKey, str]] = field(default_factory=list)
     backend: str = "sklearn"
@@ -43,7 +45,7 @@ class AggregationOutcome:
 
 
 @dataclass
-class EvalRecord:
+class EvalRecord:  # one (client, task): that client's current adapter on its own test examples
     client_id: int
     task: str
     correct: int

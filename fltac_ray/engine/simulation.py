@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fltac_ray.algorithms import FederatedAlgorithm, create_algorithm
 from fltac_ray.clustering import adjusted_rand, hungarian_accuracy
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.data.federated import FederatedData, build_federated_data
@@ -92,8 +93,14 @@ class Simulation:
         say(f"[fltac-ray] {config.name}: {config.algorithm}, {len(config.data.tasks)} tasks, "
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
             f"(LoRA rank {config.model.lora.rank})")
+        algorithm = create_algorithm(config)  # driver-side: flags only (the server lives in Ray)
         data = build_federated_data(config, text_encoder(config.model.name, config.data.max_length))
         active = _check_data(config, data)
+        if algorithm.pools_data:
+            data = data.pooled(config.train.local_steps, config.federation.client_fraction)
+            active = [0]
+            say("  centralized: all clients' data pooled into one client; per-round steps per task "
+                f"{data.clients[0].steps}")
         run_dir = make_run_dir(config, self.out)
         writer = RunWriter(run_dir, config)
         writer.write_partition(data.partition_rows())
@@ -104,7 +111,7 @@ class Simulation:
                 f"(majority-class rate {bundle.majority_rate:.3f})")
         say(f"  run directory: {run_dir}")
         with ray_session(config.engine):
-            self._run_rounds(data, active, writer)
+            self._run_rounds(algorithm, data, active, writer)
         wall = time.perf_counter() - started
         metrics = pd.read_csv(run_dir / "metrics.csv")
         rounds = pd.read_csv(run_dir / "rounds.csv")
@@ -124,7 +131,8 @@ class Simulation:
         except (RayActorError, RayTaskError) as exc:
             raise EngineError(f"{what} failed: {exc}") from exc
 
-    def _run_rounds(self, data: FederatedData, active: list[int], writer: RunWriter) -> None:
+    def _run_rounds(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
+                    writer: RunWriter) -> None:
         import ray
 
         from fltac_ray.engine.client_worker import ClientWorker
@@ -135,7 +143,7 @@ class Simulation:
         n_workers = plan_worker_count(len(active), engine, cpus, gpus)
         loads = {c: len(data.clients[c].tasks) for c in active}
         placement = assign_clients(loads, n_workers, engine.clients_per_actor)
-        raw_config = config.model_dump(mode="json")
+        raw_config = config.resolved()  # what config.yaml holds; loads back as the same config
         tasks_ref = ray.put(data.tasks)  # shipped once, zero-copy numpy in every worker
         worker_cls = ray.remote(ClientWorker)
         threads = max(1, int(engine.cpus_per_worker))
@@ -158,14 +166,17 @@ class Simulation:
                 f"{engine.gpus_per_worker:g} GPU each, device {described[0]['device']}) for "
                 f"{len(active)} clients; adapter size {adapter_size:,} parameters; "
                 f"K-means backend: {backend}")
-            v0 = self._get(workers[0].initial_adapter.remote(), "initialising the adapter")
-            v0_ref = ray.put(v0)
-            self._get([w.set_initial_adapter.remote(v0_ref) for w in workers], "broadcasting v^0")
+            # Algorithm 1: the server draws v^0 (IFCA: K of them) and broadcasts it.
+            initial = self._get(workers[0].initial_adapters.remote(algorithm.num_global_adapters()),
+                                "initialising the adapters")
+            initial_ref = ray.put(initial)
+            self._get([w.set_initial_adapters.remote(initial_ref) for w in workers]
+                      + [coordinator.set_initial_adapters.remote(initial_ref)], "broadcasting v^0")
             outcome, reports = None, []
             for round_index in range(1, config.rounds + 1):
-                outcome, reports = self._round(round_index, workers, coordinator, worker_of,
-                                               active, data, adapter_size, writer)
-            if outcome is not None:
+                outcome, reports = self._round(algorithm, round_index, workers, coordinator,
+                                               worker_of, active, data, adapter_size, writer)
+            if outcome is not None and len(outcome.keys):
                 self._export(outcome, reports, layout, writer)
         finally:
             for actor in workers:
@@ -173,7 +184,8 @@ class Simulation:
             if coordinator is not None:
                 ray.kill(coordinator)
 
-    def _round(self, round_index, workers, coordinator, worker_of, active, data, adapter_size, writer):
+    def _round(self, algorithm, round_index, workers, coordinator, worker_of, active, data,
+               adapter_size, writer):
         import ray
 
         config = self.config
@@ -188,13 +200,16 @@ class Simulation:
             upload_refs.append(upload_ref)
             report_refs.append(report_ref)
         # Uploads flow worker -> coordinator directly; the driver only waits on small reports.
-        outcome_ref = coordinator.aggregate.remote(round_index, *upload_refs)
+        if algorithm.communicates:
+            outcome_ref = coordinator.aggregate.remote(round_index, *upload_refs)
         reports: list[TrainReport] = self._get(report_refs, f"round {round_index} local training")
         trained = time.perf_counter()
-        outcome: AggregationOutcome = self._get(outcome_ref, f"round {round_index} aggregation")
+        outcome: AggregationOutcome | None = None
+        if algorithm.communicates:
+            outcome = self._get(outcome_ref, f"round {round_index} aggregation")
         aggregated = time.perf_counter()
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
-        shared_outcome = ray.put(outcome)
+        shared_outcome = ray.put(outcome) if outcome is not None else None
         records: list[EvalRecord] = [
             r for batch in self._get([w.download.remote(shared_outcome, evaluate) for w in workers],
                                      f"round {round_index} download/evaluation")
@@ -204,23 +219,36 @@ class Simulation:
 
         task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
         losses = [loss for rep in reports for loss in rep.losses]
-        uploads = len(task_of)
-        truth = [task_of[key] for key in outcome.keys]
         task_rows, task_accuracy = self._task_rows(round_index, records, data)
         accuracies = list(task_accuracy.values())
+        nan = float("nan")
+        uploads = params_down = 0
+        clustering_accuracy = ari = nan
+        if outcome is not None:
+            uploads = len(task_of)
+            if algorithm.client_selects_global:  # every sampled client receives all K adapters
+                params_down = len(sampled) * len(outcome.adapters) * adapter_size
+            else:  # each accepted upload is answered with one adapter
+                params_down = len(outcome.keys) * adapter_size
+            truth = [task_of[key] for key in outcome.keys]
+            if algorithm.clusters_tasks and truth:
+                clustering_accuracy = hungarian_accuracy(truth, outcome.labels)
+                ari = adjusted_rand(truth, outcome.labels)
+        params_up = uploads * adapter_size
         row = {
             "round": round_index,
             "clients": len(sampled),
-            "adapters": uploads,
-            "clustering_accuracy": hungarian_accuracy(truth, outcome.labels) if truth else float("nan"),
-            "ari": adjusted_rand(truth, outcome.labels) if truth else float("nan"),
-            "clusters": len(outcome.adapters),
-            "kmeans_backend": outcome.backend,
-            "params_up": uploads * adapter_size,
-            "bytes_up": uploads * adapter_size * BYTES_PER_PARAM,
-            "params_down": len(outcome.keys) * adapter_size,
-            "bytes_down": len(outcome.keys) * adapter_size * BYTES_PER_PARAM,
-            "rejected_uploads": len(outcome.rejected),
+            "adapters": len(task_of),
+            "clustering_accuracy": clustering_accuracy,
+            "ari": ari,
+            "clusters": len(outcome.adapters) if outcome is not None else 0,
+            "kmeans_backend": outcome.backend if algorithm.name == "fltac" and outcome else "",
+            "params_up": params_up,
+            "params_up_per_client": params_up / len(sampled),
+            "bytes_up": params_up * BYTES_PER_PARAM,
+            "params_down": params_down,
+            "bytes_down": params_down * BYTES_PER_PARAM,
+            "rejected_uploads": len(outcome.rejected) if outcome is not None else 0,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "mean_accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
             "train_seconds": trained - started,
@@ -229,6 +257,11 @@ class Simulation:
             "seconds": finished - started,
         }
         writer.append_metrics(task_rows)
+        writer.append_client_metrics([
+            {"round": round_index, "client": r.client_id, "task": r.task, "accuracy": r.correct / r.count,
+             "loss": r.loss_sum / r.count, "test_samples": r.count}
+            for r in records
+        ])
         writer.append_round(row)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
         return outcome, reports

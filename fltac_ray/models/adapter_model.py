@@ -71,6 +71,14 @@ class AdapterModel(nn.Module):
                 param.copy_(source[offset:offset + n].view_as(param))
                 offset += n
 
+    def reset_adapter(self, seed: int) -> None:
+        """Draw a fresh adapter (LoRA A kaiming, B zero, head default init) from `seed`."""
+        torch.manual_seed(seed)
+        for module in self.encoder.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                module.reset_lora_parameters("default", True)
+        self.head.reset_parameters()
+
     # --- forward --------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Logits (batch, num_classes) for a task that uses the first num_classes head rows."""
