@@ -39,16 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tasks":
             return _list_registries()
-        from fltac_ray.config import load_config
+        import yaml
 
+        from fltac_ray.compare import load_variants, run_comparison
+        from fltac_ray.config import load_config
+        from fltac_ray.progress import Progress
+
+        variants = load_variants(args.experiment, args.overrides)
+        if variants is not None:  # a comparison file (`compare:` list)
+            if args.command == "validate":
+                print(yaml.safe_dump({v.label: v.config.resolved() for v in variants}, sort_keys=False), end="")
+                return 0
+            run_comparison(variants, args.out, Progress(quiet=args.quiet))
+            return 0
         config = load_config(args.experiment, args.overrides)
         if args.command == "validate":
-            import yaml
-
             print(yaml.safe_dump(config.resolved(), sort_keys=False), end="")
             return 0
         from fltac_ray.engine.simulation import Simulation
-        from fltac_ray.progress import Progress
 
         Simulation(config, out=args.out, progress=Progress(quiet=args.quiet)).run()
         return 0
