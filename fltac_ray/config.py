@@ -122,6 +122,22 @@ class FederationConfig(_Section):
     kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept).")
 
 
+class FloralConfig(_Section):
+    """FLoRAL only: C adaptors per adapted layer mixed by a private per-client router."""
+
+    num_adaptors: int | None = Field(
+        default=None, ge=1, description="C, adaptors per layer; default: the number of tasks."
+    )
+    temperature: float = Field(default=1.0, gt=0, description="Router softmax temperature.")
+    min_weight: float = Field(
+        default=0.01, ge=0, lt=1, description="Floor on every adaptor's mixing weight."
+    )
+    rank_fraction: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Rank as a fraction of each layer's smaller side (instead of model.lora.rank).",
+    )
+
+
 class EngineConfig(_Section):
     ray_address: str | None = Field(
         default=None, description="Existing Ray cluster to join; None starts Ray on 127.0.0.1."
@@ -169,6 +185,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    floral: FloralConfig = Field(default_factory=FloralConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @field_validator("algorithm")
@@ -181,9 +198,11 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
         for option, users in ALGORITHM_OPTIONS.items():
-            section, field = option.split(".")
-            if field in getattr(self, section).model_fields_set and self.algorithm not in users:
-                value = getattr(getattr(self, section), field)
+            section, _, field = option.partition(".")
+            explicit = (field in getattr(self, section).model_fields_set if field
+                        else section in self.model_fields_set)
+            if explicit and self.algorithm not in users:
+                value = getattr(getattr(self, section), field) if field else "{...}"
                 raise ValueError(
                     f"{option} = {value!r}: not used by algorithm '{self.algorithm}' "
                     f"(only by {', '.join(sorted(users))}); remove it"
@@ -214,15 +233,24 @@ class ExperimentConfig(_Section):
     def resolved_n_clusters(self) -> int:
         return self.federation.n_clusters or len(self.data.tasks)
 
+    @property
+    def resolved_num_adaptors(self) -> int:
+        return self.floral.num_adaptors or len(self.data.tasks)
+
     def resolved(self) -> dict[str, Any]:
         """The full config with defaults filled in, as saved beside the results."""
         out = self.model_dump(mode="json")
         out["federation"]["n_clusters"] = self.resolved_n_clusters
         # Drop options this algorithm does not read, so the saved file loads back as it is.
+        if self.algorithm == "floral":
+            out["floral"]["num_adaptors"] = self.resolved_num_adaptors
         for option, users in ALGORITHM_OPTIONS.items():
-            section, field = option.split(".")
+            section, _, field = option.partition(".")
             if self.algorithm not in users:
-                out[section].pop(field, None)
+                if field:
+                    out[section].pop(field, None)
+                else:
+                    out.pop(section, None)
         return out
 
 

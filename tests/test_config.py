@@ -99,9 +99,17 @@ def test_bad_overrides(override):
 def test_experiment_files_validate():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[1].glob("experiments/*.yaml")):
-        assert isinstance(load_config(path), ExperimentConfig), path
+    from fltac_ray.compare import load_variants
+
+    paths = sorted(Path(__file__).parents[1].glob("experiments/*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
         assert yaml.safe_load(path.read_text())  # not empty
+        variants = load_variants(path)
+        if variants is None:
+            assert isinstance(load_config(path), ExperimentConfig), path
+        else:
+            assert len(variants) >= 2, path
 
 
 def test_config_validation_imports_neither_ray_nor_torch():

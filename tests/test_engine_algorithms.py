@@ -90,3 +90,20 @@ def test_pooled_step_budget_matches_the_federation():
         assert len(client.tasks[task][0]) == config.data.train_per_task
     half = data.pooled(local_steps=2, client_fraction=0.5).clients[0].steps
     assert all(half[t] == max(1, round(client.steps[t] / 2)) for t in config.data.tasks)
+
+
+def test_floral_shares_adaptors_and_keeps_routers_private(tmp_path):
+    result = _run(tmp_path, algorithm="floral", rounds=2,
+                  model={"name": "tiny-random-bert", "lora": {"target_modules": ["query", "value", "LayerNorm"]}})
+    rounds = result.rounds
+    assert (rounds["clusters"] == 1).all()  # every client receives the same adaptors
+    # each upload: the adapter (adaptors + head) and C = 3 mixture weights, never the router
+    per_upload = rounds["params_up"] / rounds["adapters"]
+    assert per_upload.nunique() == 1
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(result.run_dir / "adapters" / "cluster_0.safetensors"))
+    assert not any("router" in name for name in tensors)
+    assert int(per_upload.iloc[0]) == sum(t.size for t in tensors.values()) + 3
+    assert tensors["head.lora_A"].shape[0] == 3  # C stacked adaptors on the head too
+    assert result.metrics["accuracy"].between(0, 1).all()

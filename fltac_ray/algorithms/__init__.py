@@ -8,8 +8,9 @@ from fltac_ray.algorithms.registry import ALGORITHMS
 __all__ = ["ALGORITHMS", "Aggregate", "FederatedAlgorithm", "Uploads", "create_algorithm"]
 
 
-def create_algorithm(config, backend: str = "sklearn") -> FederatedAlgorithm:
-    """Build the configured algorithm; `backend` is the resolved K-means backend (FL-TAC)."""
+def create_algorithm(config, backend: str = "sklearn", adaptor_index=None) -> FederatedAlgorithm:
+    """Build the configured algorithm; `backend` is the resolved K-means backend (FL-TAC),
+    `adaptor_index` the adaptor of every adapter entry (FLoRAL's server)."""
     fed = config.federation
     name = config.algorithm
     if name == "fltac":
@@ -32,6 +33,10 @@ def create_algorithm(config, backend: str = "sklearn") -> FederatedAlgorithm:
         from fltac_ray.algorithms.local import LocalOnly
 
         return LocalOnly()
+    if name == "floral":
+        from fltac_ray.algorithms.floral import FLoRAL
+
+        return FLoRAL(fed.weighting, adaptor_index)
     if name == "centralized":
         from fltac_ray.algorithms.centralized import Centralized
 

@@ -23,6 +23,7 @@ class Uploads:
     num_samples: np.ndarray  # (n,) training examples behind each adapter
     task_labels: list[str] | None = None  # true tasks: filled only for needs_task_labels
     choices: np.ndarray | None = None  # (n,) global adapter each client started from (IFCA)
+    mixture: np.ndarray | None = None  # (n, C) router mixture weights behind each upload (FLoRAL)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class FederatedAlgorithm(ABC):
     clusters_tasks: bool = False
     #: all clients' data pooled into one client (centralized reference)
     pools_data: bool = False
+    #: uploads carry their router's mixture weights; models carry private routers (FLoRAL)
+    uses_mixture: bool = False
 
     def __init__(self, weighting: str = "samples") -> None:
         self.weighting = weighting

@@ -9,6 +9,7 @@ ALGORITHMS: dict[str, str] = {
     "ifca": "IFCA: K global adapters; each client task starts from the lowest-loss one",
     "local": "local only: per-task adapters, never communicated (lower reference)",
     "centralized": "centralized LoRA: all data pooled, per-task adapters, same step budget (upper reference)",
+    "floral": "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router",
 }
 
 # Options that only some algorithms read. Setting one explicitly for another algorithm is an
@@ -17,6 +18,6 @@ ALGORITHM_OPTIONS: dict[str, set[str]] = {
     "federation.n_clusters": {"fltac", "ifca"},
     "federation.clustering_backend": {"fltac"},
     "federation.kmeans_n_init": {"fltac"},
-    "federation.weighting": {"fltac", "fedit", "oracle", "ifca"},
-    "federation.client_fraction": {"fltac", "fedit", "oracle", "ifca", "local", "centralized"},
+    "federation.weighting": {"fltac", "fedit", "oracle", "ifca", "floral"},
+    "floral": {"floral"},  # the whole section
 }

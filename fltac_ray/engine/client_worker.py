@@ -63,13 +63,17 @@ class ClientWorker:
         # client -> list of task groups; slot i of a client trains on groups[i]
         self.groups = {cid: self.algorithm.client_adapters(list(s.tasks)) for cid, s in self.shards.items()}
         encoder = load_encoder(self.config.model.name, seed=self.config.seed)
-        self.model = AdapterModel(encoder, self.config.model, head_classes, self.config.seed)
+        floral = self.config.floral if self.algorithm.uses_mixture else None
+        self.model = AdapterModel(encoder, self.config.model, head_classes, self.config.seed,
+                                  floral=floral, num_adaptors=self.config.resolved_num_adaptors)
         self.model.to(self.device)
         # The server's global adapters as last received: (1, d) v^0 for most algorithms,
         # (K, d) for IFCA, whose clients start each round from the best-fitting one.
         self.globals: np.ndarray | None = None
         # Adapters of this worker's clients; a missing key means "still v^0".
         self.adapters: dict[AdapterKey, np.ndarray] = {}
+        # State that never leaves the client (FLoRAL's router); missing: freshly initialised.
+        self.private: dict[AdapterKey, np.ndarray] = {}
 
     # --- set-up -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -81,6 +85,9 @@ class ClientWorker:
             "adapter_size": self.model.adapter_size,
             "layout": self.model.adapter_layout(),
         }
+
+    def adaptor_index(self) -> np.ndarray:
+        return self.model.adaptor_index()
 
     def initial_adapters(self, count: int) -> np.ndarray:
         """(count, d): v^0 (the seeded initial adapter) and, for IFCA, count - 1 more draws."""
@@ -125,12 +132,13 @@ class ClientWorker:
             raise RuntimeError("train() before set_initial_adapters(): v^0 was never broadcast")
         started = time.perf_counter()
         train = self.config.train
-        keys, vectors, samples, task_names, losses, choices = [], [], [], [], [], []
+        keys, vectors, samples, task_names, losses, choices, mixtures = [], [], [], [], [], [], []
         for client_id in client_ids:
             shard = self.shards[client_id]
             for slot, group in enumerate(self.groups[client_id]):
                 key = (client_id, slot)
                 vector, choice = self._start(key, group, shard)
+                self.model.set_private(self.private.get(key))
                 group_losses = []
                 for task_index, task in enumerate(group):
                     # Seeded per (round, client, slot, task): results do not depend on which
@@ -146,6 +154,9 @@ class ClientWorker:
                     vector = outcome.adapter
                     group_losses.append(outcome.mean_loss)
                 self.adapters[key] = vector
+                if self.algorithm.uses_mixture:
+                    self.private[key] = self.model.get_private()
+                    mixtures.append(self.model.mixture_weights())
                 keys.append(key)
                 vectors.append(vector)
                 samples.append(sum(shard.num_train(task) for task in group))
@@ -160,6 +171,7 @@ class ClientWorker:
                 num_samples=np.asarray(samples, dtype=np.int64),
                 task_labels=task_names if algorithm.needs_task_labels else None,
                 choices=np.asarray(choices, dtype=np.int64) if algorithm.client_selects_global else None,
+                mixture=np.stack(mixtures) if algorithm.uses_mixture else None,
             )
         else:  # nothing leaves the client
             upload = UploadBatch([], np.zeros((0, self.model.adapter_size), np.float32), np.zeros(0, np.int64))
@@ -185,6 +197,7 @@ class ClientWorker:
         for client_id, shard in self.shards.items():
             for slot, group in enumerate(self.groups[client_id]):
                 vector = self.adapters.get((client_id, slot), self.globals[0])
+                self.model.set_private(self.private.get((client_id, slot)))
                 for task in group:
                     bundle = self.tasks[task]
                     result = evaluate_adapter(

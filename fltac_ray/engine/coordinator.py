@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    def __init__(self, config: dict, adapter_size: int) -> None:
+    def __init__(self, config: dict, adapter_size: int, adaptor_index=None) -> None:
         from fltac_ray.algorithms import create_algorithm
         from fltac_ray.clustering import resolve_backend
 
@@ -28,7 +28,7 @@ class Coordinator:
         self.adapter_size = adapter_size
         # Resolved here, where the coordinator runs: that is where a GPU must be visible.
         self.backend = resolve_backend(self.config.federation.clustering_backend)
-        self.algorithm = create_algorithm(self.config, self.backend)
+        self.algorithm = create_algorithm(self.config, self.backend, adaptor_index)
         self.latest: AggregationOutcome | None = None
 
     def clustering_backend(self) -> str:
@@ -40,7 +40,7 @@ class Coordinator:
     def aggregate(self, round_index: int, *batches: UploadBatch) -> AggregationOutcome:
         """Algorithm 3 over every upload of the round."""
         started = time.perf_counter()
-        accepted, rejected = [], []  # accepted: (key, vector, samples, task label, choice)
+        accepted, rejected = [], []  # accepted: (key, vector, samples, task label, choice, mixture)
         for batch in batches:
             for i, key in enumerate(batch.keys):
                 vector, num_samples = batch.vectors[i], int(batch.num_samples[i])
@@ -52,7 +52,8 @@ class Coordinator:
                     continue
                 label = batch.task_labels[i] if batch.task_labels is not None else None
                 choice = int(batch.choices[i]) if batch.choices is not None else None
-                accepted.append((key, vector, num_samples, label, choice))
+                mixture = batch.mixture[i] if batch.mixture is not None else None
+                accepted.append((key, vector, num_samples, label, choice, mixture))
         # Sorted by (client, slot): K-means and the float sums then see the same order whatever
         # the number of workers or their finishing order, so runs are reproducible.
         accepted.sort(key=lambda item: item[0])
@@ -68,6 +69,8 @@ class Coordinator:
                 task_labels=[item[3] for item in accepted] if self.algorithm.needs_task_labels else None,
                 choices=(np.asarray([item[4] for item in accepted])
                          if self.algorithm.client_selects_global else None),
+                mixture=(np.stack([item[5] for item in accepted])
+                         if self.algorithm.uses_mixture else None),
             )
             result = self.algorithm.aggregate(uploads, round_index)
             outcome = AggregationOutcome(keys, result.labels, result.adapters, result.weights,

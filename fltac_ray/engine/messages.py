@@ -18,6 +18,7 @@ class UploadBatch:
     num_samples: np.ndarray  # (n,) int64 training examples behind each adapter
     task_labels: list[str] | None = None  # true tasks, sent only for the oracle baseline
     choices: np.ndarray | None = None  # (n,) index of the global adapter each started from (IFCA)
+    mixture: np.ndarray | None = None  # (n, C) router mixture weights (FLoRAL); the router stays
 
 
 @dataclass

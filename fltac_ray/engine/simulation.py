@@ -159,8 +159,10 @@ class Simulation:
             described = self._get([w.describe.remote() for w in workers], "starting client workers")
             adapter_size = described[0]["adapter_size"]
             layout = described[0]["layout"]
+            adaptor_index = (self._get(workers[0].adaptor_index.remote(), "reading the adaptor layout")
+                             if algorithm.uses_mixture else None)
             coordinator = ray.remote(Coordinator).options(num_cpus=engine.coordinator_cpus).remote(
-                raw_config, adapter_size)
+                raw_config, adapter_size, adaptor_index)
             backend = self._get(coordinator.clustering_backend.remote(), "starting the coordinator")
             say(f"  {n_workers} client workers ({engine.cpus_per_worker:g} CPU, "
                 f"{engine.gpus_per_worker:g} GPU each, device {described[0]['device']}) for "
@@ -234,7 +236,9 @@ class Simulation:
             if algorithm.clusters_tasks and truth:
                 clustering_accuracy = hungarian_accuracy(truth, outcome.labels)
                 ari = adjusted_rand(truth, outcome.labels)
-        params_up = uploads * adapter_size
+        # FLoRAL also sends each upload's C mixture weights (never the router itself).
+        mixture_size = config.resolved_num_adaptors if algorithm.uses_mixture else 0
+        params_up = uploads * (adapter_size + mixture_size)
         row = {
             "round": round_index,
             "clients": len(sampled),

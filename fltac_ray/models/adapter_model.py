@@ -15,32 +15,58 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
 
-from fltac_ray.config import ModelConfig
+from fltac_ray.config import FloralConfig, ModelConfig
+from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures, layer_rank
 
 
 class AdapterModel(nn.Module):
-    def __init__(self, encoder: nn.Module, model_config: ModelConfig, head_classes: int, seed: int):
+    """`floral` given: FLoRAL's router-mixed adaptors (models/mixture_lora.py) replace peft LoRA,
+    on the encoder's target modules and on the head; the router is private client state, kept
+    out of the adapter vector."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        model_config: ModelConfig,
+        head_classes: int,
+        seed: int,
+        floral: FloralConfig | None = None,
+        num_adaptors: int = 1,
+    ):
         super().__init__()
         lora = model_config.lora
         for param in encoder.parameters():
             param.requires_grad_(False)
         # Seeded so that the initial adapter v^0 is a pure function of the config.
         torch.manual_seed(seed)
-        peft_config = PeftLoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-        )
-        try:
-            self.encoder = get_peft_model(encoder, peft_config)
-        except ValueError as exc:
-            raise ValueError(
-                f"model.lora.target_modules = {list(lora.target_modules)}: {exc}"
-            ) from exc
+        hidden = encoder.config.hidden_size
+        self.router: Router | None = None
+        if floral is None:
+            peft_config = PeftLoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+            )
+            try:
+                self.encoder = get_peft_model(encoder, peft_config)
+            except ValueError as exc:
+                raise ValueError(f"model.lora.target_modules = {list(lora.target_modules)}: {exc}") from exc
+            self.head = nn.Linear(hidden, head_classes)
+        else:
+            self.router = Router(num_adaptors, floral.temperature, floral.min_weight)
+            rank = None if floral.rank_fraction is not None else lora.rank
+            inject_mixtures(encoder, list(lora.target_modules), self.router, rank,
+                            floral.rank_fraction, lora.alpha, lora.dropout)
+            self.encoder = encoder
+            # the head itself is federated (FedAvg) and carries C adaptors like every layer
+            head_rank = layer_rank(rank, floral.rank_fraction, hidden, head_classes)
+            self.head = MixtureLinear(nn.Linear(hidden, head_classes), self.router, head_rank,
+                                      lora.alpha / head_rank, lora.dropout)
         self.pooling = model_config.pooling
-        self.head = nn.Linear(encoder.config.hidden_size, head_classes)
+        private = {id(self.router.weight)} if self.router is not None else set()
         # (name, parameter) in sorted name order: defines the flattened adapter layout.
         self._adapter = sorted(
-            ((n, p) for n, p in self.named_parameters() if p.requires_grad), key=lambda kv: kv[0]
+            ((n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in private),
+            key=lambda kv: kv[0],
         )
 
     # --- adapter <-> flat vector ----------------------------------------------------------
@@ -53,6 +79,45 @@ class AdapterModel(nn.Module):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self._adapter]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What local training updates: the adapter plus private state (FLoRAL's router)."""
+        private = [self.router.weight] if self.router is not None else []
+        return self.adapter_parameters() + private
+
+    def adaptor_index(self) -> np.ndarray:
+        """(adapter_size,) int: which of the C mixture adaptors each adapter entry belongs to,
+        -1 for entries shared by all (FLoRAL's head base). Plain LoRA: all -1."""
+        parts = []
+        for name, param in self._adapter:
+            if self.router is not None and name.rsplit(".", 1)[-1].startswith("lora_"):
+                c = param.shape[0]  # stacked adaptors: leading C axis
+                parts.append(np.repeat(np.arange(c), param.numel() // c))
+            else:
+                parts.append(np.full(param.numel(), -1))
+        return np.concatenate(parts).astype(np.int32)
+
+    # --- private client state (FLoRAL's router) --------------------------------------------
+    def get_private(self) -> np.ndarray:
+        if self.router is None:
+            return np.zeros(0, np.float32)
+        return self.router.weight.detach().cpu().numpy().astype(np.float32).copy()
+
+    def set_private(self, vector: np.ndarray | None) -> None:
+        if self.router is None:
+            return
+        with torch.no_grad():
+            if vector is None:
+                self.router.weight.zero_()  # a new client's router: uniform mixture
+            else:
+                self.router.weight.copy_(torch.from_numpy(np.asarray(vector, dtype=np.float32)))
+
+    def mixture_weights(self) -> np.ndarray:
+        """pi (C,) of the current router; what the server needs to weight each adaptor."""
+        if self.router is None:
+            return np.ones(1, np.float32)
+        with torch.no_grad():
+            return self.router.mixture().cpu().numpy().astype(np.float32)
 
     def get_adapter(self) -> np.ndarray:
         """(adapter_size,) float32 copy of the current adapter."""
@@ -74,6 +139,8 @@ class AdapterModel(nn.Module):
     def reset_adapter(self, seed: int) -> None:
         """Draw a fresh adapter (LoRA A kaiming, B zero, head default init) from `seed`."""
         torch.manual_seed(seed)
+        if self.router is not None:
+            raise NotImplementedError("reset_adapter is for plain LoRA adapters (IFCA)")
         for module in self.encoder.modules():
             if hasattr(module, "reset_lora_parameters"):
                 module.reset_lora_parameters("default", True)

@@ -1,0 +1,196 @@
+"""Mixtures of LoRA adaptors mixed by a private router, for FLoRAL (Almansoori, Horvath, Takac,
+arXiv 2410.03497, "Collaborative and Efficient Personalization with Mixtures of Adaptors").
+
+Every adapted layer computes  y = base(x) + sum_c gate_c * adaptor_c(x), where
+gate = max(softmax(w / temperature), min_weight) and w (C,) is the client's private router,
+shared by all layers of the model. The C adaptors of each layer are stored stacked along a
+leading C axis, so a flattened upload is laid out adaptor-major inside every tensor and the
+server can average adaptor c with its own weights.
+
+Adaptor shapes (C adaptors, rank r):
+  Linear(in, out):      A (C, r, in), B (C, out, r); B zero-initialised
+  Conv2d(in, out, k):   a (1, k_w) conv in -> r then a (k_h, 1) conv r -> out per adaptor,
+                        stored as (C, r, in, 1, k_w) and (C, out, r, k_h, 1); the second zero
+  Embedding(n, dim):    A (C, n, r), B (C, r, dim); B zero-initialised
+  LayerNorm / GroupNorm / BatchNorm: an affine copy (C, features) scale and shift on the
+                        normalised input, both zero-initialised
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    """Holds the private router w (C,) and turns it into gates for every adapted layer."""
+
+    def __init__(self, num_adaptors: int, temperature: float, min_weight: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_adaptors))  # w: zero-initialised (uniform mix)
+        self.temperature = temperature
+        self.min_weight = min_weight
+
+    def mixture(self) -> torch.Tensor:
+        """pi = softmax(w / temperature): (C,)"""
+        return torch.softmax(self.weight / self.temperature, dim=0)
+
+    def gates(self) -> torch.Tensor:
+        # The floor keeps every adaptor trained a little, so none dies for a client early on.
+        return self.mixture().clamp_min(self.min_weight)
+
+
+def layer_rank(rank: int | None, rank_fraction: float | None, in_size: int, out_size: int) -> int:
+    """An integer rank, or a fraction of the layer's smaller side (at least 1)."""
+    if rank_fraction is not None:
+        return max(1, round(rank_fraction * min(in_size, out_size)))
+    if rank is None:
+        raise ValueError("give a rank or a rank_fraction")
+    return rank
+
+
+class _Mixture(nn.Module):
+    def __init__(self, base: nn.Module, router: Router) -> None:
+        super().__init__()
+        self.base = base
+        # a list hides the shared router from this module's parameters (it is counted once)
+        self._router = [router]
+
+    @property
+    def router(self) -> Router:
+        return self._router[0]
+
+
+class MixtureLinear(_Mixture):
+    def __init__(self, base: nn.Linear, router: Router, rank: int, scale: float, dropout: float) -> None:
+        super().__init__(base, router)
+        c = router.weight.numel()
+        self.lora_A = nn.Parameter(torch.empty(c, rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(c, base.out_features, rank))
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = torch.einsum("...i,cri->...cr", self.dropout(x), self.lora_A)  # (..., C, r)
+        low = low * self.router.gates()[:, None]
+        return self.base(x) + self.scale * torch.einsum("...cr,cor->...o", low, self.lora_B)
+
+
+class MixtureConv2d(_Mixture):
+    def __init__(self, base: nn.Conv2d, router: Router, rank: int, scale: float) -> None:
+        super().__init__(base, router)
+        if base.groups != 1:
+            raise ValueError("FLoRAL conv adaptors support groups=1 convolutions only")
+        c = router.weight.numel()
+        k_h, k_w = base.kernel_size
+        self.lora_A = nn.Parameter(torch.empty(c, rank, base.in_channels, 1, k_w))
+        self.lora_B = nn.Parameter(torch.zeros(c, base.out_channels, rank, k_h, 1))
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.base
+        c, rank = self.lora_A.shape[:2]
+        # all C (1, k_w) convs at once: (batch, C * r, H, W')
+        low = F.conv2d(x, self.lora_A.flatten(0, 1), stride=(1, conv.stride[1]),
+                       padding=(0, conv.padding[1]), dilation=(1, conv.dilation[1]))
+        gates = self.router.gates().repeat_interleave(rank)[None, :, None, None]
+        # grouped (k_h, 1) convs, one group per adaptor, summed over adaptors afterwards
+        weight_b = self.lora_B.flatten(0, 1)  # (C * out, r, k_h, 1)
+        out = F.conv2d(low * gates, weight_b, stride=(conv.stride[0], 1),
+                       padding=(conv.padding[0], 0), dilation=(conv.dilation[0], 1), groups=c)
+        out = out.unflatten(1, (c, conv.out_channels)).sum(1)
+        return conv(x) + self.scale * out
+
+
+class MixtureEmbedding(_Mixture):
+    def __init__(self, base: nn.Embedding, router: Router, rank: int, scale: float) -> None:
+        super().__init__(base, router)
+        c = router.weight.numel()
+        self.lora_A = nn.Parameter(torch.randn(c, base.num_embeddings, rank) / rank)
+        self.lora_B = nn.Parameter(torch.zeros(c, rank, base.embedding_dim))
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        low = self.lora_A[:, ids]  # (C, *ids.shape, r)
+        low = low * self.router.gates().view(-1, *([1] * (low.dim() - 1)))
+        delta = torch.einsum("c...r,crd->...d", low, self.lora_B)
+        return self.base(ids) + self.scale * delta
+
+
+class MixtureNorm(_Mixture):
+    """A zero-initialised affine copy per adaptor, applied to the normalised input."""
+
+    def __init__(self, base: nn.Module, router: Router) -> None:
+        super().__init__(base, router)
+        c = router.weight.numel()
+        features = base.normalized_shape[-1] if isinstance(base, nn.LayerNorm) else base.num_features
+        if isinstance(base, nn.GroupNorm):
+            features = base.num_channels
+        self.lora_scale = nn.Parameter(torch.zeros(c, features))
+        self.lora_shift = nn.Parameter(torch.zeros(c, features))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if isinstance(base, nn.LayerNorm):
+            return F.layer_norm(x, base.normalized_shape, eps=base.eps)
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, eps=base.eps)
+        # BatchNorm: frozen statistics, as in eval mode
+        return F.batch_norm(x, base.running_mean, base.running_var, training=False, eps=base.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router.gates()
+        scale = gates @ self.lora_scale  # (features,)
+        shift = gates @ self.lora_shift
+        if not isinstance(self.base, nn.LayerNorm):  # channels first: (batch, C, ...)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            scale, shift = scale.view(shape), shift.view(shape)
+        return self.base(x) + self._normalised(x) * scale + shift
+
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def inject_mixtures(
+    model: nn.Module,
+    target_modules: list[str],
+    router: Router,
+    rank: int | None,
+    rank_fraction: float | None,
+    alpha: float,
+    dropout: float,
+) -> list[str]:
+    """Replace every module whose last name part is in `target_modules` by its mixture version.
+    Returns the replaced module names; raises when a target matches nothing adaptable."""
+    replaced, unmatched = [], set(target_modules)
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in target_modules:
+            continue
+        if isinstance(module, nn.Linear):
+            r = layer_rank(rank, rank_fraction, module.in_features, module.out_features)
+            new = MixtureLinear(module, router, r, alpha / r, dropout)
+        elif isinstance(module, nn.Conv2d):
+            r = layer_rank(rank, rank_fraction, module.in_channels, module.out_channels)
+            new = MixtureConv2d(module, router, r, alpha / r)
+        elif isinstance(module, nn.Embedding):
+            r = layer_rank(rank, rank_fraction, module.num_embeddings, module.embedding_dim)
+            new = MixtureEmbedding(module, router, r, alpha / r)
+        elif isinstance(module, NORM_TYPES):
+            new = MixtureNorm(module, router)
+        else:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, leaf, new)
+        replaced.append(name)
+        unmatched.discard(leaf)
+    if unmatched:
+        raise ValueError(f"{sorted(unmatched)} match no Linear, Conv2d, Embedding or norm module")
+    return replaced
