@@ -17,14 +17,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def experiment_args(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("experiment", help="experiment YAML (see experiments/)")
+    def experiment_args(sub: argparse.ArgumentParser, optional: bool = False) -> None:
+        sub.add_argument("experiment", nargs="?" if optional else None,
+                         help="experiment YAML (see experiments/)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config field, e.g. --set rounds=3 --set train.lr=1e-3")
 
     run = commands.add_parser("run", help="run a simulation")
-    experiment_args(run)
+    experiment_args(run, optional=True)
     run.add_argument("--out", help="run directory (new or empty); default: <output_dir>/<name>-<time>")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its newest valid checkpoint")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
     validate = commands.add_parser("validate", help="check an experiment file and print the resolved config")
@@ -43,8 +46,20 @@ def main(argv: list[str] | None = None) -> int:
 
         from fltac_ray.compare import load_variants, run_comparison
         from fltac_ray.config import load_config
+        from fltac_ray.errors import ConfigError, ConfigIssue
         from fltac_ray.progress import Progress
 
+        if args.command == "run" and (args.resume is not None) == (args.experiment is not None):
+            raise ConfigError([ConfigIssue("run", args.experiment or args.resume,
+                                           "give either EXPERIMENT.yaml or --resume RUN_DIR")])
+        if args.command == "run" and args.resume is not None:
+            if args.overrides or args.out:
+                raise ConfigError([ConfigIssue("--resume", args.resume,
+                                               "continues the run's saved config: no --set or --out")])
+            from fltac_ray.engine.simulation import Simulation
+
+            Simulation.resume(args.resume, progress=Progress(quiet=args.quiet)).run()
+            return 0
         variants = load_variants(args.experiment, args.overrides)
         if variants is not None:  # a comparison file (`compare:` list)
             if args.command == "validate":

@@ -120,6 +120,20 @@ class FederationConfig(_Section):
     # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
     # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
     kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept).")
+    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+        default="mean",
+        description="Inside each cluster: weighted mean (FedAvg), coordinate-wise median or "
+        "trimmed mean (robust to malicious or broken clients).",
+    )
+    trim_fraction: float = Field(
+        default=0.1, ge=0, lt=0.5,
+        description="trimmed_mean: share of members dropped at each end per coordinate (< 0.5).",
+    )
+    min_completion_rate: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Reject a round (state unchanged) when fewer sampled clients than this share "
+        "delivered their updates.",
+    )
 
 
 class FloralConfig(_Section):
@@ -164,6 +178,19 @@ class EngineConfig(_Section):
     )
     actor_timeout_s: float = Field(
         default=1800.0, gt=0, description="Longest wait for one actor call before the run fails."
+    )
+    checkpoint_every: int = Field(
+        default=1, ge=0,
+        description="Checkpoint every k rounds (0: never). Also what a restarted worker restores.",
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Newest checkpoints kept on disk.")
+    max_retries: int = Field(
+        default=1, ge=0, description="Restarts of a failed worker per round before its clients count as failed."
+    )
+    kill_worker_at: tuple[int, int] | None = Field(
+        default=None,
+        description="Fault injection for testing recovery: [worker, round] kills that worker "
+        "right after its training for that round is submitted.",
     )
 
     @field_validator("gpus_per_worker")
@@ -217,6 +244,12 @@ class ExperimentConfig(_Section):
                     f"round at most: {self.clients_per_round} sampled clients x "
                     f"{len(self.data.tasks)} tasks)"
                 )
+        fed = self.federation
+        if "trim_fraction" in fed.model_fields_set and fed.aggregation != "trimmed_mean":
+            raise ValueError(
+                f"federation.trim_fraction = {fed.trim_fraction}: only used with "
+                f"federation.aggregation: trimmed_mean (here {fed.aggregation!r})"
+            )
         cpa = self.engine.clients_per_actor
         if cpa is not None and self.engine.num_workers is not None:
             raise ValueError(
@@ -244,6 +277,8 @@ class ExperimentConfig(_Section):
         # Drop options this algorithm does not read, so the saved file loads back as it is.
         if self.algorithm == "floral":
             out["floral"]["num_adaptors"] = self.resolved_num_adaptors
+        if self.federation.aggregation != "trimmed_mean":
+            out["federation"].pop("trim_fraction")
         for option, users in ALGORITHM_OPTIONS.items():
             section, _, field = option.partition(".")
             if self.algorithm not in users:

@@ -16,7 +16,7 @@ from fltac_ray.errors import ConfigError, ConfigIssue
 METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples", "majority_accuracy"]
 CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
-    "round", "clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
+    "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
     "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
     "mean_accuracy", "train_seconds", "aggregate_seconds", "eval_seconds", "seconds",
 ]
@@ -45,15 +45,23 @@ def make_run_dir(config: ExperimentConfig, out: str | None) -> Path:
 class RunWriter:
     """Appends rows as rounds finish, so a crash keeps every completed round on disk."""
 
-    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+    def __init__(self, run_dir: Path, config: ExperimentConfig, resume_round: int | None = None) -> None:
+        """A new run writes fresh files; a resumed one keeps the rows of rounds up to
+        `resume_round` (rows of later rounds were written after that checkpoint and are redone)."""
         self.run_dir = run_dir
-        save_config(config, run_dir / "config.yaml")
         self.metrics_path = run_dir / "metrics.csv"
         self.rounds_path = run_dir / "rounds.csv"
         self.clients_path = run_dir / "clients.csv"
-        pd.DataFrame(columns=METRICS_COLUMNS).to_csv(self.metrics_path, index=False)
-        pd.DataFrame(columns=CLIENT_COLUMNS).to_csv(self.clients_path, index=False)
-        pd.DataFrame(columns=ROUNDS_COLUMNS).to_csv(self.rounds_path, index=False)
+        tables = ((self.metrics_path, METRICS_COLUMNS), (self.clients_path, CLIENT_COLUMNS),
+                  (self.rounds_path, ROUNDS_COLUMNS))
+        if resume_round is None:
+            save_config(config, run_dir / "config.yaml")
+            for path, columns in tables:
+                pd.DataFrame(columns=columns).to_csv(path, index=False)
+            return
+        for path, columns in tables:
+            kept = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
+            kept[kept["round"] <= resume_round].to_csv(path, index=False)
 
     def write_partition(self, rows: list[dict]) -> None:
         pd.DataFrame(rows).to_csv(self.run_dir / "partition.csv", index=False)

@@ -29,8 +29,10 @@ class Progress:
         accs = "  ".join(f"{_short(t)} {a:.3f}" for t, a in task_accuracy.items())
         mean = row.get("mean_accuracy")
         mean_text = f"mean {mean:.3f}" if mean == mean and mean is not None else "mean -"
+        clustering = row["clustering_accuracy"]
+        cluster_text = (f"  | cluster acc {clustering:.2f} ARI {row['ari']:.2f}"
+                        if clustering == clustering else "")  # NaN: the algorithm does not cluster
         self.say(
-            f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}"
-            f"  | cluster acc {row['clustering_accuracy']:.2f} ARI {row['ari']:.2f}"
+            f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}"
             f"  | up {_megabytes(row['bytes_up'])}  {row['seconds']:.1f}s"
         )

@@ -16,19 +16,20 @@ def create_algorithm(config, backend: str = "sklearn", adaptor_index=None) -> Fe
     if name == "fltac":
         from fltac_ray.algorithms.fltac import FLTAC
 
-        return FLTAC(config.resolved_n_clusters, fed.weighting, backend, fed.kmeans_n_init, config.seed)
+        return FLTAC(config.resolved_n_clusters, fed.weighting, backend, fed.kmeans_n_init, config.seed,
+                     fed.aggregation, fed.trim_fraction)
     if name == "fedit":
         from fltac_ray.algorithms.fedit import FedIT
 
-        return FedIT(fed.weighting)
+        return FedIT(fed.weighting, fed.aggregation, fed.trim_fraction)
     if name == "oracle":
         from fltac_ray.algorithms.oracle import OracleClustering
 
-        return OracleClustering(fed.weighting)
+        return OracleClustering(fed.weighting, fed.aggregation, fed.trim_fraction)
     if name == "ifca":
         from fltac_ray.algorithms.ifca import IFCA
 
-        return IFCA(config.resolved_n_clusters, fed.weighting)
+        return IFCA(config.resolved_n_clusters, fed.weighting, fed.aggregation, fed.trim_fraction)
     if name == "local":
         from fltac_ray.algorithms.local import LocalOnly
 

@@ -48,8 +48,10 @@ class FederatedAlgorithm(ABC):
     #: uploads carry their router's mixture weights; models carry private routers (FLoRAL)
     uses_mixture: bool = False
 
-    def __init__(self, weighting: str = "samples") -> None:
+    def __init__(self, weighting: str = "samples", aggregation: str = "mean", trim: float = 0.0) -> None:
         self.weighting = weighting
+        self.aggregation = aggregation  # inside each cluster: mean, median or trimmed_mean
+        self.trim = trim
 
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:
         """Group a client's tasks into adapters (default: one adapter per task, as in FL-TAC)."""
@@ -70,6 +72,20 @@ class FederatedAlgorithm(ABC):
     @abstractmethod
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         """Turn one round's uploads into the adapters the server sends back."""
+
+    def cluster_means(self, vectors: np.ndarray, labels: np.ndarray, num_samples: np.ndarray) -> Aggregate:
+        """Each cluster's aggregate by the configured rule (FedAvg or a robust one)."""
+        from fltac_ray.algorithms.robust import cluster_aggregate
+
+        return cluster_aggregate(vectors, labels, self.weights(num_samples), self.aggregation, self.trim)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Server state a checkpoint must hold to continue the run (stateless: nothing)."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what state() returned."""
+        return None
 
 
 def weighted_cluster_means(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads, weighted_cluster_means
+from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
 
 
 class FedIT(FederatedAlgorithm):
@@ -20,4 +20,4 @@ class FedIT(FederatedAlgorithm):
 
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         labels = np.zeros(len(uploads.vectors), dtype=np.int64)
-        return weighted_cluster_means(uploads.vectors, labels, self.weights(uploads.num_samples))
+        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)

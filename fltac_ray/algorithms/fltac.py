@@ -8,7 +8,7 @@ is our default (`federation.weighting`). The server never sees task labels.
 
 from __future__ import annotations
 
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads, weighted_cluster_means
+from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
 from fltac_ray.clustering import kmeans_labels
 
 
@@ -16,8 +16,9 @@ class FLTAC(FederatedAlgorithm):
     name = "fltac"
     clusters_tasks = True
 
-    def __init__(self, n_clusters: int, weighting: str, backend: str, n_init: int, seed: int):
-        super().__init__(weighting)
+    def __init__(self, n_clusters: int, weighting: str, backend: str, n_init: int, seed: int,
+                 aggregation: str = "mean", trim: float = 0.0):
+        super().__init__(weighting, aggregation, trim)
         self.n_clusters = n_clusters
         self.backend = backend
         self.n_init = n_init
@@ -28,4 +29,4 @@ class FLTAC(FederatedAlgorithm):
             uploads.vectors, self.n_clusters, seed=self.seed + round_index, n_init=self.n_init,
             backend=self.backend,
         )
-        return weighted_cluster_means(uploads.vectors, labels, self.weights(uploads.num_samples))
+        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)

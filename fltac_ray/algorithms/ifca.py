@@ -19,8 +19,8 @@ class IFCA(FederatedAlgorithm):
     client_selects_global = True
     clusters_tasks = True
 
-    def __init__(self, n_clusters: int, weighting: str) -> None:
-        super().__init__(weighting)
+    def __init__(self, n_clusters: int, weighting: str, aggregation: str = "mean", trim: float = 0.0) -> None:
+        super().__init__(weighting, aggregation, trim)
         self.n_clusters = n_clusters
         self.globals: np.ndarray | None = None  # (K, d) the server's adapters
 
@@ -40,11 +40,17 @@ class IFCA(FederatedAlgorithm):
         choices = np.asarray(uploads.choices, dtype=np.int64)
         if choices.min(initial=0) < 0 or choices.max(initial=0) >= self.n_clusters:
             raise ValueError(f"IFCA choices must be in 0..{self.n_clusters - 1}")
-        weights = self.weights(uploads.num_samples)
-        totals = np.bincount(choices, weights=weights, minlength=self.n_clusters)  # (K,)
-        sums = np.zeros_like(self.globals, dtype=np.float64)
-        np.add.at(sums, choices, uploads.vectors * weights[:, None])
-        chosen = totals > 0
+        per_choice = self.cluster_means(uploads.vectors, choices, uploads.num_samples)
+        chosen = np.unique(choices)  # per_choice rows are these indices, in this order
         # An index no client chose this round keeps its adapter (explicit empty-cluster rule).
-        self.globals[chosen] = (sums[chosen] / totals[chosen, None]).astype(np.float32)
+        self.globals[chosen] = per_choice.adapters
+        totals = np.zeros(self.n_clusters)
+        totals[chosen] = per_choice.weights
         return Aggregate(choices, self.globals.copy(), totals)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"globals": self.globals.copy()} if self.globals is not None else {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if "globals" in state:
+            self.set_globals(state["globals"])

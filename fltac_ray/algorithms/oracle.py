@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads, weighted_cluster_means
+from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
 
 
 class OracleClustering(FederatedAlgorithm):
@@ -20,4 +20,4 @@ class OracleClustering(FederatedAlgorithm):
         if uploads.task_labels is None:
             raise ValueError("oracle clustering needs the uploads' true task labels")
         _, labels = np.unique(np.asarray(uploads.task_labels), return_inverse=True)
-        return weighted_cluster_means(uploads.vectors, labels, self.weights(uploads.num_samples))
+        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)

@@ -19,5 +19,7 @@ ALGORITHM_OPTIONS: dict[str, set[str]] = {
     "federation.clustering_backend": {"fltac"},
     "federation.kmeans_n_init": {"fltac"},
     "federation.weighting": {"fltac", "fedit", "oracle", "ifca", "floral"},
+    "federation.aggregation": {"fltac", "fedit", "oracle", "ifca"},
+    "federation.trim_fraction": {"fltac", "fedit", "oracle", "ifca"},
     "floral": {"floral"},  # the whole section
 }

@@ -74,6 +74,10 @@ class ClientWorker:
         self.adapters: dict[AdapterKey, np.ndarray] = {}
         # State that never leaves the client (FLoRAL's router); missing: freshly initialised.
         self.private: dict[AdapterKey, np.ndarray] = {}
+        # This round's training results, committed by download() and dropped by discard(), so
+        # a round the driver rejects leaves every client as it was.
+        self.pending: dict[AdapterKey, np.ndarray] = {}
+        self.pending_private: dict[AdapterKey, np.ndarray] = {}
 
     # --- set-up -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -153,9 +157,9 @@ class ClientWorker:
                     )
                     vector = outcome.adapter
                     group_losses.append(outcome.mean_loss)
-                self.adapters[key] = vector
+                self.pending[key] = vector
                 if self.algorithm.uses_mixture:
-                    self.private[key] = self.model.get_private()
+                    self.pending_private[key] = self.model.get_private()
                     mixtures.append(self.model.mixture_weights())
                 keys.append(key)
                 vectors.append(vector)
@@ -179,15 +183,49 @@ class ClientWorker:
         return upload, report
 
     def download(self, outcome: AggregationOutcome | None, evaluate: bool) -> list[EvalRecord]:
-        """Replace each uploaded adapter by the server's answer (None: nothing was sent); then
-        optionally evaluate."""
-        if outcome is not None:
+        """Commit the round: each uploaded adapter becomes the server's answer (None: the
+        algorithm does not communicate, the trained adapter is kept); an upload the server
+        rejected leaves its adapter as it was before the round. Then optionally evaluate."""
+        if outcome is None:
+            self.adapters.update(self.pending)
+        else:
             for key, row in outcome.assignment().items():
                 if key[0] in self.shards:
                     self.adapters[key] = outcome.adapters[row]
             if self.algorithm.client_selects_global and len(outcome.adapters):
                 self.globals = outcome.adapters
+        self.private.update(self.pending_private)
+        self.discard()
         return self.evaluate() if evaluate else []
+
+    def discard(self) -> None:
+        """Forget this round's training (the driver rejected the round)."""
+        self.pending.clear()
+        self.pending_private.clear()
+
+    # --- checkpoint state -------------------------------------------------------------------
+    def export_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Committed client state, as named arrays for a safetensors checkpoint."""
+        return {
+            "adapters": {f"{c}/{s}": v for (c, s), v in self.adapters.items()},
+            "private": {f"{c}/{s}": v for (c, s), v in self.private.items()},
+            "globals": {"globals": self.globals},
+        }
+
+    def import_state(self, groups: dict[str, dict[str, np.ndarray]]) -> None:
+        """Restore this worker's clients from a checkpoint (other clients' entries are ignored)."""
+        def mine(group: str) -> dict[AdapterKey, np.ndarray]:
+            out = {}
+            for name, value in groups.get(group, {}).items():
+                client, slot = (int(part) for part in name.split("/"))
+                if client in self.shards:
+                    out[(client, slot)] = np.array(value, dtype=np.float32)
+            return out
+
+        self.adapters = mine("adapters")
+        self.private = mine("private")
+        self.globals = np.array(groups["globals"]["globals"], dtype=np.float32)
+        self.discard()
 
     def evaluate(self) -> list[EvalRecord]:
         """Every hosted client's current adapter on that client's own test examples, per task."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from fltac_ray.algorithms.base import Uploads
 from fltac_ray.config import ExperimentConfig
-from fltac_ray.engine.messages import AggregationOutcome, UploadBatch
+from fltac_ray.engine.messages import AdapterKey, AggregationOutcome, UploadBatch
 from fltac_ray.uploads import upload_problem
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,38 @@ class Coordinator:
     def clustering_backend(self) -> str:
         return self.backend
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def set_initial_adapters(self, adapters: np.ndarray) -> None:
         self.algorithm.set_globals(adapters)
 
-    def aggregate(self, round_index: int, *batches: UploadBatch) -> AggregationOutcome:
-        """Algorithm 3 over every upload of the round."""
+    def state(self) -> dict[str, np.ndarray]:
+        return self.algorithm.state()
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.algorithm.load_state(state)
+
+    def aggregate(self, round_index: int, expected: list[AdapterKey], *batches: UploadBatch) -> AggregationOutcome:
+        """Algorithm 3 over every upload of the round. `expected`: the (client, slot) keys the
+        round's completed clients own; anything else, or a key seen twice, is rejected, so each
+        (round, client, task) update is aggregated at most once."""
         started = time.perf_counter()
+        expected_keys = {tuple(key) for key in expected}
+        seen: set[AdapterKey] = set()
         accepted, rejected = [], []  # accepted: (key, vector, samples, task label, choice, mixture)
         for batch in batches:
             for i, key in enumerate(batch.keys):
                 vector, num_samples = batch.vectors[i], int(batch.num_samples[i])
-                problem = upload_problem(vector, num_samples, self.adapter_size)
+                if key not in expected_keys:
+                    problem = "unexpected (client, slot) for this round"
+                elif key in seen:
+                    problem = "duplicate upload in this round"
+                else:
+                    problem = upload_problem(vector, num_samples, self.adapter_size)
+                seen.add(key)
                 if problem is not None:
                     log.warning("round %d: rejected upload of client %d slot %d: %s",
                                 round_index, key[0], key[1], problem)

@@ -3,8 +3,15 @@
 Driver-side order of one round:
   sample clients -> workers train their clients' adapters (parallel) -> uploads go straight from
   the workers to the coordinator (object refs, never through the driver) -> coordinator clusters
-  and aggregates -> each worker receives the outcome once (ray.put) and replaces its clients'
-  adapters -> workers evaluate their clients on their own test data -> metrics rows are written.
+  and aggregates -> each worker receives the outcome once (ray.put) and commits its clients'
+  adapters -> workers evaluate their clients on their own test data -> metrics rows are written
+  -> a checkpoint of the committed state is written atomically.
+
+Failures: a worker that dies mid-round is restarted from the newest checkpointed state of its
+clients and their (seeded, hence identical) training is retried; after engine.max_retries its
+clients count as failed for the round. A round in which fewer than
+federation.min_completion_rate of the sampled clients delivered is rejected: nothing is
+aggregated and every worker discards the round, so the global state stays as it was.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fltac_ray.algorithms import FederatedAlgorithm, create_algorithm
+from fltac_ray.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from fltac_ray.clustering import adjusted_rand, hungarian_accuracy
-from fltac_ray.config import ExperimentConfig
+from fltac_ray.config import ExperimentConfig, load_config
 from fltac_ray.data.federated import FederatedData, build_federated_data
 from fltac_ray.engine.messages import AggregationOutcome, EvalRecord, TrainReport
 from fltac_ray.engine.placement import assign_clients, plan_worker_count
@@ -38,6 +47,10 @@ class RunResult:
     metrics: pd.DataFrame  # one row per (round, task)
     rounds: pd.DataFrame  # one row per round
     wall_seconds: float
+
+
+class WorkerLost(EngineError):
+    """A worker actor died (its process is gone); during training its clients' work is retried."""
 
 
 def sample_clients(seed: int, round_index: int, active: list[int], fraction: float) -> list[int]:
@@ -79,11 +92,36 @@ def _check_data(config: ExperimentConfig, data: FederatedData) -> list[int]:
 
 
 class Simulation:
-    def __init__(self, config: ExperimentConfig, out: str | None = None, progress: Progress | None = None):
+    """One run. `callbacks`: objects with optional `on_start(simulation)` and
+    `on_round_end(simulation, round_index, row, task_rows)` methods (Tune reporting, memory
+    probes, ...), called in the driver."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out: str | None = None,
+        progress: Progress | None = None,
+        callbacks: list[Any] | tuple = (),
+        resume_dir: Path | None = None,
+    ):
         self.config = config
         self.out = out
         self.progress = progress or Progress()
+        self.callbacks = list(callbacks)
+        self.resume_dir = resume_dir
+        self.workers: list[Any] = []
+        self.coordinator: Any = None
 
+    @classmethod
+    def resume(cls, run_dir: str | Path, progress: Progress | None = None, callbacks=()) -> Simulation:
+        """Continue an interrupted run from its newest valid checkpoint."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError([ConfigIssue("--resume", str(run_dir), "is not a run directory (no config.yaml)")])
+        return cls(load_config(run_dir / "config.yaml"), progress=progress, callbacks=callbacks,
+                   resume_dir=run_dir)
+
+    # --- driver part ----------------------------------------------------------------------------
     def run(self) -> RunResult:
         started = time.perf_counter()
         config, say = self.config, self.progress.say
@@ -101,9 +139,17 @@ class Simulation:
             active = [0]
             say("  centralized: all clients' data pooled into one client; per-round steps per task "
                 f"{data.clients[0].steps}")
-        run_dir = make_run_dir(config, self.out)
-        writer = RunWriter(run_dir, config)
-        writer.write_partition(data.partition_rows())
+        checkpoint = None
+        if self.resume_dir is not None:
+            run_dir = self.resume_dir
+            checkpoint = latest_checkpoint(run_dir / "checkpoints", warn=say)
+            writer = RunWriter(run_dir, config, resume_round=checkpoint.round)
+            say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
+        else:
+            run_dir = make_run_dir(config, self.out)
+            writer = RunWriter(run_dir, config)
+            writer.write_partition(data.partition_rows())
+        self.run_dir = run_dir
         for name, bundle in data.tasks.items():
             holders = sum(1 for c in data.clients if name in c.tasks)
             say(f"  task {name}: {bundle.num_classes} classes, {len(bundle.train)} train / "
@@ -111,14 +157,14 @@ class Simulation:
                 f"(majority-class rate {bundle.majority_rate:.3f})")
         say(f"  run directory: {run_dir}")
         with ray_session(config.engine):
-            self._run_rounds(algorithm, data, active, writer)
+            self._run_rounds(algorithm, data, active, writer, checkpoint)
         wall = time.perf_counter() - started
         metrics = pd.read_csv(run_dir / "metrics.csv")
         rounds = pd.read_csv(run_dir / "rounds.csv")
         say(f"[fltac-ray] done in {wall:.1f}s; results in {run_dir}")
         return RunResult(run_dir, metrics, rounds, wall)
 
-    # --- Ray part -----------------------------------------------------------------------------
+    # --- Ray part -------------------------------------------------------------------------------
     def _get(self, refs, what: str):
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -128,108 +174,217 @@ class Simulation:
             return ray.get(refs, timeout=timeout)
         except GetTimeoutError as exc:
             raise EngineError(f"{what} took longer than engine.actor_timeout_s = {timeout:g}s") from exc
-        except (RayActorError, RayTaskError) as exc:
+        except RayActorError as exc:
+            raise WorkerLost(f"{what}: {exc}") from exc
+        except RayTaskError as exc:
             raise EngineError(f"{what} failed: {exc}") from exc
 
-    def _run_rounds(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
-                    writer: RunWriter) -> None:
+    def _start_worker(self, index: int, data: FederatedData):
         import ray
 
         from fltac_ray.engine.client_worker import ClientWorker
+
+        engine = self.config.engine
+        return ray.remote(ClientWorker).options(
+            num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
+        ).remote(index, self._raw_config, [data.clients[c] for c in self.placement[index]],
+                 self._tasks_ref, data.head_classes, max(1, int(engine.cpus_per_worker)))
+
+    def _run_rounds(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
+                    writer: RunWriter, checkpoint: Checkpoint | None) -> None:
+        import ray
+
         from fltac_ray.engine.coordinator import Coordinator
 
         config, engine, say = self.config, self.config.engine, self.progress.say
         cpus, gpus = cluster_totals()
         n_workers = plan_worker_count(len(active), engine, cpus, gpus)
         loads = {c: len(data.clients[c].tasks) for c in active}
-        placement = assign_clients(loads, n_workers, engine.clients_per_actor)
-        raw_config = config.resolved()  # what config.yaml holds; loads back as the same config
-        tasks_ref = ray.put(data.tasks)  # shipped once, zero-copy numpy in every worker
-        worker_cls = ray.remote(ClientWorker)
-        threads = max(1, int(engine.cpus_per_worker))
-        workers = [
-            worker_cls.options(num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker).remote(
-                index, raw_config, [data.clients[c] for c in clients], tasks_ref,
-                data.head_classes, threads)
-            for index, clients in enumerate(placement)
-        ]
-        worker_of = {c: w for w, clients in enumerate(placement) for c in clients}
-        coordinator = None
+        self.placement = assign_clients(loads, n_workers, engine.clients_per_actor)
+        self._raw_config = config.resolved()  # what config.yaml holds; loads back the same
+        self._tasks_ref = ray.put(data.tasks)  # shipped once, zero-copy numpy in every worker
+        self.workers = [self._start_worker(index, data) for index in range(n_workers)]
+        worker_of = {c: w for w, clients in enumerate(self.placement) for c in clients}
         try:
-            described = self._get([w.describe.remote() for w in workers], "starting client workers")
+            described = self._get([w.describe.remote() for w in self.workers], "starting client workers")
+            self.worker_pids = [d["pid"] for d in described]
             adapter_size = described[0]["adapter_size"]
             layout = described[0]["layout"]
-            adaptor_index = (self._get(workers[0].adaptor_index.remote(), "reading the adaptor layout")
+            adaptor_index = (self._get(self.workers[0].adaptor_index.remote(), "reading the adaptor layout")
                              if algorithm.uses_mixture else None)
-            coordinator = ray.remote(Coordinator).options(num_cpus=engine.coordinator_cpus).remote(
-                raw_config, adapter_size, adaptor_index)
-            backend = self._get(coordinator.clustering_backend.remote(), "starting the coordinator")
+            self.coordinator = ray.remote(Coordinator).options(num_cpus=engine.coordinator_cpus).remote(
+                self._raw_config, adapter_size, adaptor_index)
+            backend = self._get(self.coordinator.clustering_backend.remote(), "starting the coordinator")
+            kmeans = f"; K-means backend: {backend}" if algorithm.name == "fltac" else ""
             say(f"  {n_workers} client workers ({engine.cpus_per_worker:g} CPU, "
                 f"{engine.gpus_per_worker:g} GPU each, device {described[0]['device']}) for "
-                f"{len(active)} clients; adapter size {adapter_size:,} parameters; "
-                f"K-means backend: {backend}")
-            # Algorithm 1: the server draws v^0 (IFCA: K of them) and broadcasts it.
-            initial = self._get(workers[0].initial_adapters.remote(algorithm.num_global_adapters()),
-                                "initialising the adapters")
-            initial_ref = ray.put(initial)
-            self._get([w.set_initial_adapters.remote(initial_ref) for w in workers]
-                      + [coordinator.set_initial_adapters.remote(initial_ref)], "broadcasting v^0")
-            outcome, reports = None, []
-            for round_index in range(1, config.rounds + 1):
-                outcome, reports = self._round(algorithm, round_index, workers, coordinator,
-                                               worker_of, active, data, adapter_size, writer)
-            if outcome is not None and len(outcome.keys):
-                self._export(outcome, reports, layout, writer)
+                f"{len(active)} clients; adapter size {adapter_size:,} parameters{kmeans}")
+            if checkpoint is None:
+                # Algorithm 1: the server draws v^0 (IFCA: K of them) and broadcasts it.
+                initial = self._get(self.workers[0].initial_adapters.remote(algorithm.num_global_adapters()),
+                                    "initialising the adapters")
+                initial_ref = ray.put(initial)
+                self._get([w.set_initial_adapters.remote(initial_ref) for w in self.workers]
+                          + [self.coordinator.set_initial_adapters.remote(initial_ref)], "broadcasting v^0")
+                # what a worker restarted before the first checkpoint restores
+                self.state = Checkpoint(0, {"adapters": {}, "private": {}, "globals": {"globals": initial},
+                                            "server": {}})
+            else:
+                self._restore(checkpoint)
+            for callback in self.callbacks:
+                if hasattr(callback, "on_start"):
+                    callback.on_start(self)
+            outcome = self.state.groups.get("outcome")
+            first = self.state.round + 1
+            for round_index in range(first, config.rounds + 1):
+                committed = self._round(algorithm, round_index, worker_of, active, data,
+                                        adapter_size, writer)
+                if committed is not None:
+                    outcome = committed
+                every = engine.checkpoint_every
+                if every and (round_index % every == 0 or round_index == config.rounds):
+                    self._checkpoint(round_index, outcome, writer)
+            if outcome is not None and len(outcome["labels"]):
+                self._export(outcome, data, algorithm, layout, writer)
         finally:
-            for actor in workers:
+            for actor in self.workers:
                 ray.kill(actor)
-            if coordinator is not None:
-                ray.kill(coordinator)
+            if self.coordinator is not None:
+                ray.kill(self.coordinator)
 
-    def _round(self, algorithm, round_index, workers, coordinator, worker_of, active, data,
-               adapter_size, writer):
+    def _restore(self, checkpoint: Checkpoint) -> None:
         import ray
 
-        config = self.config
+        state_ref = ray.put(checkpoint.groups)
+        self._get([w.import_state.remote(state_ref) for w in self.workers]
+                  + [self.coordinator.load_state.remote(checkpoint.groups.get("server", {}))],
+                  "restoring the checkpoint")
+        self.state = checkpoint
+
+    def _checkpoint(self, round_index: int, outcome: dict | None, writer: RunWriter) -> None:
+        exported = self._get([w.export_state.remote() for w in self.workers], "collecting client state")
+        groups: dict[str, dict[str, np.ndarray]] = {"adapters": {}, "private": {}, "server": {}}
+        for part in exported:
+            groups["adapters"].update(part["adapters"])
+            groups["private"].update(part["private"])
+        groups["globals"] = exported[0]["globals"]  # every worker holds the same copy
+        groups["server"] = self._get(self.coordinator.state.remote(), "collecting server state")
+        if outcome is not None:
+            groups["outcome"] = outcome
+        checkpoint = Checkpoint(round_index, groups, {"config_name": self.config.name})
+        save_checkpoint(writer.run_dir / "checkpoints", checkpoint, keep=self.config.engine.keep_checkpoints)
+        self.state = checkpoint
+
+    def _restart_worker(self, index: int, data: FederatedData) -> None:
+        import ray
+
+        ray.kill(self.workers[index])
+        self.workers[index] = self._start_worker(index, data)
+        self._get(self.workers[index].import_state.remote(self.state.groups), f"restarting worker {index}")
+
+    def _train_with_retries(self, round_index: int, by_worker: dict[int, list[int]], data: FederatedData):
+        """Submit every worker's training; retry a dead worker's clients on a restarted worker.
+        Returns ({worker: (upload ref, report)}, failed clients)."""
+        import ray
+
+        engine, say = self.config.engine, self.progress.say
+        submitted = {w: self.workers[w].train.options(num_returns=2).remote(round_index, clients)
+                     for w, clients in sorted(by_worker.items())}
+        if engine.kill_worker_at is not None and tuple(engine.kill_worker_at)[1] == round_index:
+            victim = engine.kill_worker_at[0] % len(self.workers)
+            say(f"  fault injection: killing worker {victim} during round {round_index}")
+            ray.kill(self.workers[victim], no_restart=True)
+        done, failed = {}, []
+        for w, (upload_ref, report_ref) in submitted.items():
+            for attempt in range(engine.max_retries + 1):
+                try:
+                    done[w] = (upload_ref, self._get(report_ref, f"round {round_index} training on worker {w}"))
+                    break
+                except WorkerLost as exc:
+                    if attempt == engine.max_retries:
+                        failed.extend(by_worker[w])
+                        say(f"  round {round_index}: worker {w} lost ({exc.__class__.__name__}); "
+                            f"clients {by_worker[w]} failed after {engine.max_retries} retries")
+                        # replaced for the next rounds, its clients as of the newest checkpoint
+                        self._restart_worker(w, data)
+                        break
+                    say(f"  round {round_index}: worker {w} died; restarting it from round "
+                        f"{self.state.round}'s state and retrying clients {by_worker[w]}")
+                    self._restart_worker(w, data)
+                    upload_ref, report_ref = self.workers[w].train.options(num_returns=2).remote(
+                        round_index, by_worker[w])
+        return done, failed
+
+    def _round(self, algorithm, round_index, worker_of, active, data, adapter_size, writer):
+        import ray
+
+        config, say = self.config, self.progress.say
         started = time.perf_counter()
         sampled = sample_clients(config.seed, round_index, active, config.federation.client_fraction)
         by_worker: dict[int, list[int]] = defaultdict(list)
         for client in sampled:
             by_worker[worker_of[client]].append(client)
-        upload_refs, report_refs = [], []
-        for w, clients in sorted(by_worker.items()):
-            upload_ref, report_ref = workers[w].train.options(num_returns=2).remote(round_index, clients)
-            upload_refs.append(upload_ref)
-            report_refs.append(report_ref)
-        # Uploads flow worker -> coordinator directly; the driver only waits on small reports.
-        if algorithm.communicates:
-            outcome_ref = coordinator.aggregate.remote(round_index, *upload_refs)
-        reports: list[TrainReport] = self._get(report_refs, f"round {round_index} local training")
+        done, failed = self._train_with_retries(round_index, by_worker, data)
+        reports: list[TrainReport] = [report for _, report in done.values()]
         trained = time.perf_counter()
+        completion = 1.0 - len(failed) / len(sampled)
+        if completion < config.federation.min_completion_rate:
+            # Rejected: nothing aggregated, every worker forgets the round's training.
+            self._get([w.discard.remote() for w in self.workers], "discarding the round")
+            say(f"round {round_index:>3}/{config.rounds}  REJECTED: {len(sampled) - len(failed)} of "
+                f"{len(sampled)} sampled clients delivered (< federation.min_completion_rate = "
+                f"{config.federation.min_completion_rate}); failed clients {failed}; state unchanged")
+            writer.append_round(self._round_row(round_index, sampled, failed, reports, None, algorithm,
+                                                adapter_size, {}, started, trained, trained, "rejected"))
+            return None
         outcome: AggregationOutcome | None = None
         if algorithm.communicates:
-            outcome = self._get(outcome_ref, f"round {round_index} aggregation")
+            expected = [key for rep in reports for key in rep.keys]
+            outcome = self._get(
+                self.coordinator.aggregate.remote(round_index, expected, *[u for u, _ in done.values()]),
+                f"round {round_index} aggregation")
+            for key, problem in outcome.rejected:
+                say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
         aggregated = time.perf_counter()
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
         shared_outcome = ray.put(outcome) if outcome is not None else None
         records: list[EvalRecord] = [
-            r for batch in self._get([w.download.remote(shared_outcome, evaluate) for w in workers],
+            r for batch in self._get([w.download.remote(shared_outcome, evaluate) for w in self.workers],
                                      f"round {round_index} download/evaluation")
             for r in batch
         ]
-        finished = time.perf_counter()
+        task_rows, task_accuracy = self._task_rows(round_index, records, data)
+        row = self._round_row(round_index, sampled, failed, reports, outcome, algorithm, adapter_size,
+                              task_accuracy, started, trained, aggregated, "ok")
+        writer.append_metrics(task_rows)
+        writer.append_client_metrics([
+            {"round": round_index, "client": r.client_id, "task": r.task, "accuracy": r.correct / r.count,
+             "loss": r.loss_sum / r.count, "test_samples": r.count}
+            for r in records
+        ])
+        writer.append_round(row)
+        self.progress.round_line(round_index, config.rounds, row, task_accuracy)
+        if failed:
+            say(f"  round {round_index}: failed clients {failed} (not aggregated this round)")
+        for callback in self.callbacks:
+            if hasattr(callback, "on_round_end"):
+                callback.on_round_end(self, round_index, row, task_rows)
+        if outcome is None:
+            return None
+        return {"adapters": outcome.adapters, "labels": np.asarray(outcome.labels, dtype=np.int64),
+                "keys": np.asarray(outcome.keys, dtype=np.int64).reshape(-1, 2)}
 
+    def _round_row(self, round_index, sampled, failed, reports, outcome, algorithm, adapter_size,
+                   task_accuracy, started, trained, aggregated, status) -> dict:
         task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
         losses = [loss for rep in reports for loss in rep.losses]
-        task_rows, task_accuracy = self._task_rows(round_index, records, data)
-        accuracies = list(task_accuracy.values())
         nan = float("nan")
         uploads = params_down = 0
         clustering_accuracy = ari = nan
         if outcome is not None:
             uploads = len(task_of)
             if algorithm.client_selects_global:  # every sampled client receives all K adapters
-                params_down = len(sampled) * len(outcome.adapters) * adapter_size
+                params_down = (len(sampled) - len(failed)) * len(outcome.adapters) * adapter_size
             else:  # each accepted upload is answered with one adapter
                 params_down = len(outcome.keys) * adapter_size
             truth = [task_of[key] for key in outcome.keys]
@@ -237,11 +392,15 @@ class Simulation:
                 clustering_accuracy = hungarian_accuracy(truth, outcome.labels)
                 ari = adjusted_rand(truth, outcome.labels)
         # FLoRAL also sends each upload's C mixture weights (never the router itself).
-        mixture_size = config.resolved_num_adaptors if algorithm.uses_mixture else 0
+        mixture_size = self.config.resolved_num_adaptors if algorithm.uses_mixture else 0
         params_up = uploads * (adapter_size + mixture_size)
-        row = {
+        accuracies = list(task_accuracy.values())
+        finished = time.perf_counter()
+        return {
             "round": round_index,
+            "status": status,
             "clients": len(sampled),
+            "failed_clients": " ".join(str(c) for c in failed),
             "adapters": len(task_of),
             "clustering_accuracy": clustering_accuracy,
             "ari": ari,
@@ -253,22 +412,13 @@ class Simulation:
             "params_down": params_down,
             "bytes_down": params_down * BYTES_PER_PARAM,
             "rejected_uploads": len(outcome.rejected) if outcome is not None else 0,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "mean_accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
+            "train_loss": float(np.mean(losses)) if losses else nan,
+            "mean_accuracy": float(np.mean(accuracies)) if accuracies else nan,
             "train_seconds": trained - started,
             "aggregate_seconds": aggregated - trained,
             "eval_seconds": finished - aggregated,
             "seconds": finished - started,
         }
-        writer.append_metrics(task_rows)
-        writer.append_client_metrics([
-            {"round": round_index, "client": r.client_id, "task": r.task, "accuracy": r.correct / r.count,
-             "loss": r.loss_sum / r.count, "test_samples": r.count}
-            for r in records
-        ])
-        writer.append_round(row)
-        self.progress.round_line(round_index, config.rounds, row, task_accuracy)
-        return outcome, reports
 
     @staticmethod
     def _task_rows(round_index: int, records: list[EvalRecord], data: FederatedData):
@@ -293,19 +443,24 @@ class Simulation:
             })
         return rows, accuracy
 
-    def _export(self, outcome: AggregationOutcome, reports: list[TrainReport], layout, writer: RunWriter) -> None:
-        task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+    def _export(self, outcome: dict, data: FederatedData, algorithm: FederatedAlgorithm, layout,
+                writer: RunWriter) -> None:
+        # The true tasks behind each upload key follow from the partition (metrics only).
+        groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
+        truth = ["+".join(groups[int(c)][int(s)]) for c, s in outcome["keys"]]
         clusters = []
-        for cluster in range(len(outcome.adapters)):
-            members = [task_of[k] for k, label in zip(outcome.keys, outcome.labels, strict=True)
-                       if label == cluster]
-            task, hits = Counter(members).most_common(1)[0]
+        for cluster in range(len(outcome["adapters"])):
+            members = [t for t, label in zip(truth, outcome["labels"], strict=True) if label == cluster]
+            if not members:  # an IFCA adapter nobody chose in the last round
+                task, hits = "", 0
+            else:
+                task, hits = Counter(members).most_common(1)[0]
             clusters.append({
                 "cluster": cluster,
                 "file": f"cluster_{cluster}.safetensors",
                 "members": len(members),
                 "majority_task": task,
-                "purity": hits / len(members),
+                "purity": hits / len(members) if members else float("nan"),
             })
-        folder = writer.write_adapters(outcome.adapters, layout, clusters)
+        folder = writer.write_adapters(outcome["adapters"], layout, clusters)
         self.progress.say(f"  final cluster adapters: {folder}")

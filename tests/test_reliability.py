@@ -1,0 +1,228 @@
+"""Checkpoint/resume, worker failures, upload validation and robust aggregation on the engine."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fltac_ray.checkpoint import CheckpointError, read_checkpoint
+from fltac_ray.config import build_config
+from fltac_ray.engine.coordinator import Coordinator
+from fltac_ray.engine.messages import UploadBatch
+from fltac_ray.engine.simulation import Simulation
+from fltac_ray.errors import ConfigError
+from fltac_ray.progress import Progress
+
+from .conftest import TINY_EXPERIMENT, tiny_config
+
+COMPARED = ["round", "task", "accuracy", "loss", "test_samples"]
+
+
+def _run(config, out):
+    return Simulation(config, out=str(out), progress=Progress(quiet=True)).run()
+
+
+def _adapters(run_dir):
+    folder = run_dir / "adapters"
+    return {p.name: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _assert_same_results(a, b):
+    pd.testing.assert_frame_equal(a.metrics[COMPARED], b.metrics[COMPARED], rtol=1e-5)
+    left, right = _adapters(a.run_dir), _adapters(b.run_dir)
+    assert left.keys() == right.keys()
+    for name in left:
+        for tensor in left[name]:
+            np.testing.assert_allclose(left[name][tensor], right[name][tensor], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    """An uninterrupted 3-round run every recovery must reproduce."""
+    return _run(tiny_config(rounds=3, engine={"num_workers": 2}), tmp_path_factory.mktemp("ref") / "run")
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_worker_killed_mid_round_is_restarted_and_changes_nothing(reference, tmp_path):
+    config = tiny_config(rounds=3, engine={"num_workers": 2, "kill_worker_at": [0, 2]})
+    recovered = _run(config, tmp_path / "run")
+    assert (recovered.rounds["status"] == "ok").all()
+    assert recovered.rounds["failed_clients"].isna().all()
+    _assert_same_results(recovered, reference)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_round_with_too_few_results_is_rejected_and_state_unchanged(tmp_path):
+    config = tiny_config(rounds=2, engine={"num_workers": 2, "kill_worker_at": [0, 2], "max_retries": 0,
+                                           "keep_checkpoints": 3},
+                         federation={"min_completion_rate": 1.0})
+    result = _run(config, tmp_path / "run")
+    rounds = result.rounds.set_index("round")
+    assert rounds.loc[2, "status"] == "rejected"
+    assert str(rounds.loc[2, "failed_clients"]).strip()  # names the failed clients
+    assert 2 not in set(result.metrics["round"])
+    before = read_checkpoint(result.run_dir / "checkpoints" / "round_00001").groups
+    after = read_checkpoint(result.run_dir / "checkpoints" / "round_00002").groups
+    for group in ("adapters", "globals"):
+        assert before[group].keys() == after[group].keys()
+        for key in before[group]:
+            np.testing.assert_array_equal(before[group][key], after[group][key])
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_failed_clients_are_recorded_when_the_round_still_counts(tmp_path):
+    config = tiny_config(rounds=2, engine={"num_workers": 2, "kill_worker_at": [1, 1], "max_retries": 0},
+                         federation={"min_completion_rate": 0.0})
+    result = _run(config, tmp_path / "run")
+    first = result.rounds.set_index("round").loc[1]
+    assert first["status"] == "ok" and str(first["failed_clients"]).strip()
+    failed = {int(c) for c in str(first["failed_clients"]).split()}
+    assert first["adapters"] < 12 and failed  # the failed clients' adapters were not uploaded
+    assert result.rounds.set_index("round").loc[2, "status"] == "ok"  # the worker was replaced
+
+
+def test_driver_killed_with_sigkill_resumes_to_the_same_results(ray_cluster, reference, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    raw = {**TINY_EXPERIMENT, "rounds": 3}
+    raw["engine"] = {"num_workers": 2, "ray_address": address}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    driver = subprocess.Popen([sys.executable, "-m", "fltac_ray.cli", "run", str(path), "--out", str(run_dir),
+                               "--quiet"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    checkpoints = run_dir / "checkpoints"
+    while driver.poll() is None and not (checkpoints / "round_00001" / "state.json").is_file():
+        time.sleep(0.2)
+    assert driver.poll() is None, "the driver finished before it could be killed"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    resumed = Simulation.resume(run_dir, progress=Progress(quiet=True)).run()
+    _assert_same_results(resumed, reference)
+    assert resumed.rounds["round"].tolist() == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_damaged_newest_checkpoint_falls_back_and_redoes_the_round(reference, tmp_path, capsys):
+    result = _run(tiny_config(rounds=3, engine={"num_workers": 2}), tmp_path / "run")
+    newest = result.run_dir / "checkpoints" / "round_00003" / "adapters.safetensors"
+    newest.write_bytes(newest.read_bytes()[:50])
+    resumed = Simulation.resume(result.run_dir, progress=Progress()).run()
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "resuming" in out and "after round 2" in out
+    _assert_same_results(resumed, reference)
+
+
+def test_resume_without_checkpoint_or_run_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a run directory"):
+        Simulation.resume(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config().resolved()))
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        Simulation.resume(tmp_path, progress=Progress(quiet=True)).run()
+
+
+def _batch(keys, vectors, samples):
+    return UploadBatch(keys, np.asarray(vectors), np.asarray(samples, dtype=np.int64))
+
+
+def test_coordinator_rejects_bad_uploads_before_clustering():
+    config = build_config({"algorithm": "fedit"})
+    coordinator = Coordinator(config.resolved(), adapter_size=3)
+    good = np.ones(3, np.float32)
+    batch = UploadBatch(
+        keys=[(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (9, 0)],
+        vectors=np.stack([good, [np.nan, 1, 1], [1, np.inf, 1], good * 3, good * 5, good]).astype(np.float32),
+        num_samples=np.array([2, 2, 2, 0, 2, 2]),
+    )
+    duplicate = _batch([(4, 0)], [good * 100], [2])
+    outcome = coordinator.aggregate(1, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)], batch, duplicate)
+    reasons = dict(outcome.rejected)
+    assert "non-finite" in reasons[(1, 0)] and "non-finite" in reasons[(2, 0)]
+    assert "sample count" in reasons[(3, 0)]
+    assert "unexpected" in reasons[(9, 0)]
+    assert "duplicate" in reasons[(4, 0)]
+    assert outcome.keys == [(0, 0), (4, 0)]
+    np.testing.assert_allclose(outcome.adapters, [[3.0, 3.0, 3.0]])  # (1 + 5) / 2: the duplicate ignored
+
+
+def test_coordinator_rejects_wrong_shapes():
+    coordinator = Coordinator(build_config({"algorithm": "fedit"}).resolved(), adapter_size=4)
+    outcome = coordinator.aggregate(1, [(0, 0), (1, 0)], _batch([(0, 0)], [np.ones(3, np.float32)], [1]),
+                                    _batch([(1, 0)], [np.ones(4, np.float64)], [1]))
+    reasons = dict(outcome.rejected)
+    assert "shape" in reasons[(0, 0)] and "dtype" in reasons[(1, 0)]
+    assert outcome.keys == []
+
+
+@pytest.mark.parametrize(
+    ("federation", "field"),
+    [
+        ({"aggregation": "trimmed_mean", "trim_fraction": 0.5}, "federation.trim_fraction"),
+        ({"aggregation": "trimmed_mean", "trim_fraction": 0.7}, "federation.trim_fraction"),
+        ({"trim_fraction": 0.2}, "federation.trim_fraction"),
+        ({"aggregation": "krum"}, "federation.aggregation"),
+        ({"min_completion_rate": 1.5}, "federation.min_completion_rate"),
+    ],
+)
+def test_impossible_robust_settings_fail_validation(federation, field):
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": federation})
+    assert info.value.issues[0].field == field
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_robust_aggregation_runs_on_the_engine(tmp_path):
+    config = tiny_config(rounds=1, federation={"aggregation": "trimmed_mean", "trim_fraction": 0.2})
+    result = _run(config, tmp_path / "run")
+    assert (result.rounds["status"] == "ok").all()
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["federation"]["aggregation"] == "trimmed_mean"
+    assert build_config(saved).federation.trim_fraction == 0.2
+
+
+BAD_CONFIGS = [
+    ("rounds: 0\n", "rounds"),
+    ("data: {dirichlet_alpha: -1}\n", "data.dirichlet_alpha"),
+    ("data: {tasks: [no_such_task]}\n", "data.tasks"),
+    ("model: {lora: {rank: 0}}\n", "model.lora.rank"),
+    ("algorithm: fedprox\n", "algorithm"),
+    ("federation: {client_fraction: 0}\n", "federation.client_fraction"),
+    ("federation: {aggregation: trimmed_mean, trim_fraction: 0.5}\n", "federation.trim_fraction"),
+    ("engine: {gpus_per_worker: 0.5}\n", "engine.gpus_per_worker"),
+    ("name: [unclosed\n", "malformed YAML"),
+    ("- just\n- a list\n", "mapping"),
+    ("trian: {lr: 0.1}\n", "trian"),
+]
+
+
+def test_bad_configs_fail_before_ray_is_even_imported(tmp_path):
+    paths = []
+    for index, (text, _) in enumerate(BAD_CONFIGS):
+        path = tmp_path / f"bad{index}.yaml"
+        path.write_text(text)
+        paths.append(str(path))
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from fltac_ray.cli import main\n"
+        "out = []\n"
+        "for path in sys.argv[1:]:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(['run', path])\n"
+        "    out.append([code, err.getvalue(), 'ray' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, check=True)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for (text, field), (code, err, ray_imported) in zip(BAD_CONFIGS, results, strict=True):
+        assert code == 2, (text, err)
+        assert field in err, (text, err)
+        assert not ray_imported, text
+    assert not any(tmp_path.glob("runs*"))  # no run directory was created
