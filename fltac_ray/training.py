@@ -41,7 +41,7 @@ def train_adapter(
     model.set_adapter(start)
     model.train()
     # A fresh optimizer per (client, task, round), as in the reference implementation.
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(lr), lr=lr, weight_decay=weight_decay)
     order = rng.permutation(indices)
     cursor = 0
     losses = []

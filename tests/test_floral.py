@@ -104,7 +104,9 @@ def test_router_is_private_and_adaptors_are_indexed():
     model = _floral_model(c=3)
     names = [name for name, _ in model.adapter_layout()]
     assert not any("router" in name for name in names)
-    assert any(p is model.router.weight for p in model.trainable_parameters())
+    groups = model.optimizer_groups(lr=1e-3)
+    assert groups[1]["params"][0] is model.router.weight and groups[1]["lr"] == FloralConfig().router_lr
+    assert groups[0]["lr"] == 1e-3 and len(groups[0]["params"]) == len(model.adapter_layout())
     index = model.adaptor_index()
     assert index.shape == (model.adapter_size,)
     shared = (index == -1).sum()

@@ -41,6 +41,7 @@ class AdapterModel(nn.Module):
         torch.manual_seed(seed)
         hidden = encoder.config.hidden_size
         self.router: Router | None = None
+        self.router_lr = floral.router_lr if floral is not None else None
         if floral is None:
             peft_config = PeftLoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -80,10 +81,13 @@ class AdapterModel(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self._adapter]
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What local training updates: the adapter plus private state (FLoRAL's router)."""
-        private = [self.router.weight] if self.router is not None else []
-        return self.adapter_parameters() + private
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """What local training updates: the adapter at `lr`, plus the private router (FLoRAL) at
+        its own learning rate."""
+        groups = [{"params": self.adapter_parameters(), "lr": lr}]
+        if self.router is not None:
+            groups.append({"params": [self.router.weight], "lr": self.router_lr})
+        return groups
 
     def adaptor_index(self) -> np.ndarray:
         """(adapter_size,) int: which of the C mixture adaptors each adapter entry belongs to,
