@@ -164,6 +164,16 @@ class EngineConfig(_Section):
     num_gpus: float | None = Field(
         default=None, ge=0, description="GPUs for a Ray we start (declares them to the scheduler)."
     )
+    dashboard: bool = Field(default=False, description="Start Ray's dashboard with a Ray we start.")
+    dashboard_host: str = Field(
+        default="127.0.0.1",
+        description="Dashboard bind address. Anything but loopback exposes Ray's job API, which "
+        "runs code for whoever reaches it: keep 127.0.0.1 and use an SSH tunnel.",
+    )
+    dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard port.")
+    metrics: bool = Field(
+        default=True, description="Export live run metrics through ray.util.metrics (Prometheus)."
+    )
     num_workers: int | None = Field(
         default=None, ge=1, description="Client worker actors; default: as many as resources allow."
     )

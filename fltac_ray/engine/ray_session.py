@@ -19,6 +19,35 @@ from fltac_ray.config import EngineConfig
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+EXPOSED_DASHBOARD_WARNING = (
+    "WARNING: engine.dashboard_host = {host!r} exposes Ray's dashboard and job API beyond this "
+    "machine. Anyone who can reach it can run code on your cluster. Keep 127.0.0.1 and reach "
+    "it through an SSH tunnel (ray dashboard cluster.yaml), with Ray's token authentication on."
+)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def ray_init_kwargs(engine: EngineConfig) -> dict:
+    """Arguments for starting a local Ray: bound to loopback, dashboard only on request."""
+    return {
+        "num_cpus": engine.num_cpus,
+        "num_gpus": engine.num_gpus,
+        "include_dashboard": engine.dashboard,
+        "dashboard_host": engine.dashboard_host,
+        "dashboard_port": engine.dashboard_port,
+    }
+
+
 def _force_loopback() -> None:
     os.environ[LOOPBACK_ENV] = "0"
     if "ray._private.ray_constants" in sys.modules:  # ray imported before us: fix the constant too
@@ -39,13 +68,11 @@ def ray_session(engine: EngineConfig) -> Iterator[bool]:
     if engine.ray_address is not None:
         ray.init(address=engine.ray_address, **kwargs)
     else:
-        ray.init(
-            num_cpus=engine.num_cpus,
-            num_gpus=engine.num_gpus,
-            include_dashboard=False,
-            dashboard_host="127.0.0.1",
-            **kwargs,
-        )
+        if engine.dashboard and not is_loopback(engine.dashboard_host):
+            print(EXPOSED_DASHBOARD_WARNING.format(host=engine.dashboard_host), file=sys.stderr, flush=True)
+        context = ray.init(**ray_init_kwargs(engine), **kwargs)
+        if engine.dashboard and context.dashboard_url:
+            print(f"  Ray dashboard: http://{context.dashboard_url}", flush=True)
     try:
         yield True
     finally:

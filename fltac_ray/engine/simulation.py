@@ -156,6 +156,10 @@ class Simulation:
                 f"{len(bundle.test)} test, held by {holders} clients "
                 f"(majority-class rate {bundle.majority_rate:.3f})")
         say(f"  run directory: {run_dir}")
+        if config.engine.metrics:
+            from fltac_ray.telemetry import DashboardMetrics
+
+            self.callbacks.insert(0, DashboardMetrics(config.name))
         with ray_session(config.engine):
             self._run_rounds(algorithm, data, active, writer, checkpoint)
         wall = time.perf_counter() - started

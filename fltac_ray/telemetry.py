@@ -1,0 +1,58 @@
+"""Live run metrics for the Ray dashboard and Prometheus, through `ray.util.metrics`.
+
+A round callback of the simulation: after every round it sets gauges and bumps counters tagged
+with the experiment (and task). Ray exports them in Prometheus text on each node's metrics
+export port with a `ray_` prefix (e.g. `ray_fltac_task_accuracy{experiment=..., task=...}`), and
+the dashboard's Metrics view charts them when Prometheus/Grafana are set up.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+class DashboardMetrics:
+    def __init__(self, experiment: str) -> None:
+        self.experiment = experiment
+        self.tags = {"experiment": experiment}
+
+    def on_start(self, simulation) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        keys = ("experiment",)
+        task_keys = ("experiment", "task")
+        self.round = Gauge("fltac_round", "last completed round", tag_keys=keys)
+        self.task_accuracy = Gauge("fltac_task_accuracy", "per-task test accuracy", tag_keys=task_keys)
+        self.task_loss = Gauge("fltac_task_loss", "per-task test loss", tag_keys=task_keys)
+        self.mean_accuracy = Gauge("fltac_mean_accuracy", "mean accuracy over tasks", tag_keys=keys)
+        self.clustering_accuracy = Gauge("fltac_clustering_accuracy",
+                                         "Hungarian-matched clustering accuracy", tag_keys=keys)
+        self.ari = Gauge("fltac_ari", "adjusted Rand index of the clusters", tag_keys=keys)
+        self.seconds = Gauge("fltac_round_seconds", "wall seconds of the last round", tag_keys=keys)
+        self.bytes_up = Counter("fltac_bytes_up", "bytes uploaded by clients", tag_keys=keys)
+        self.bytes_down = Counter("fltac_bytes_down", "bytes downloaded by clients", tag_keys=keys)
+        self.clients = Counter("fltac_clients_trained", "client trainings completed", tag_keys=keys)
+        self.rejected = Counter("fltac_rejected_uploads", "uploads rejected by the server", tag_keys=keys)
+
+    def on_round_end(self, simulation, round_index: int, row: dict, task_rows: list[dict]) -> None:
+        tags = self.tags
+        self.round.set(round_index, tags=tags)
+        for task_row in task_rows:
+            task_tags = {**tags, "task": task_row["task"]}
+            self.task_accuracy.set(task_row["accuracy"], tags=task_tags)
+            self.task_loss.set(task_row["loss"], tags=task_tags)
+        for gauge, key in ((self.mean_accuracy, "mean_accuracy"), (self.seconds, "seconds"),
+                           (self.clustering_accuracy, "clustering_accuracy"), (self.ari, "ari")):
+            if _finite(row.get(key)):
+                gauge.set(row[key], tags=tags)
+        failed = len(str(row.get("failed_clients") or "").split())
+        for counter, value in ((self.bytes_up, row["bytes_up"]), (self.bytes_down, row["bytes_down"]),
+                               (self.clients, row["clients"] - failed),
+                               (self.rejected, row["rejected_uploads"])):
+            if value > 0:
+                counter.inc(value, tags=tags)

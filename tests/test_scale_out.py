@@ -1,0 +1,68 @@
+"""cluster.yaml, dashboard defaults and live metrics."""
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from fltac_ray.config import EngineConfig
+from fltac_ray.engine.ray_session import EXPOSED_DASHBOARD_WARNING, is_loopback, ray_init_kwargs
+from fltac_ray.engine.simulation import Simulation
+from fltac_ray.progress import Progress
+
+from .conftest import tiny_config
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the launcher's own schema
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "file_mounts"):
+        assert key in config, key
+    assert config["head_node_type"] in config["available_node_types"]
+    assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+    assert any("pip install" in c and ".[gpu" in c for c in config["setup_commands"])
+
+
+def test_dashboard_defaults_are_private():
+    kwargs = ray_init_kwargs(EngineConfig())
+    assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
+    assert ray_init_kwargs(EngineConfig(dashboard=True))["include_dashboard"] is True
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("head.example")
+    assert "run code" in EXPOSED_DASHBOARD_WARNING and "SSH tunnel" in EXPOSED_DASHBOARD_WARNING
+
+
+def test_required_ray_fixes_dashboard_vulnerabilities():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"ray[default,tune]>=2.54"' in pyproject
+    major, minor = (int(x) for x in ray.__version__.split(".")[:2])
+    assert (major, minor) >= (2, 54)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_run_metrics_reach_the_prometheus_endpoint(tmp_path):
+    Simulation(tiny_config(name="metrics_probe", rounds=1), out=str(tmp_path / "run"),
+               progress=Progress(quiet=True)).run()
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    wanted = ("ray_fltac_task_accuracy", "ray_fltac_round", "ray_fltac_bytes_up",
+              "ray_fltac_clustering_accuracy", "ray_fltac_clients_trained")
+    found: set[str] = set()
+    for _ in range(40):  # metrics are exported every few seconds; bounded wait on loopback only
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        lines = [line for line in text.splitlines() if 'experiment="metrics_probe"' in line]
+        found = {name for name in wanted if any(line.startswith(name) for line in lines)}
+        if found == set(wanted):
+            break
+        time.sleep(1)
+    assert found == set(wanted), f"missing {set(wanted) - found}"
+    assert any('task="synthetic_topic"' in line for line in lines if line.startswith("ray_fltac_task_accuracy"))
