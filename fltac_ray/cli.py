@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check an experiment file and print the resolved config")
     experiment_args(validate)
 
+    tune = commands.add_parser("tune", help="run a Ray Tune sweep (see experiments/sweep_*.yaml)")
+    tune.add_argument("sweep", nargs="?", help="sweep YAML")
+    tune.add_argument("--out", help="sweep folder (new or empty); default: <output_dir>/<name>-<time>")
+    tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    tune.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
     commands.add_parser("tasks", help="list the registered tasks, models and algorithms")
     return parser
 
@@ -42,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tasks":
             return _list_registries()
+        if args.command == "tune":
+            from fltac_ray.errors import ConfigError, ConfigIssue
+            from fltac_ray.progress import Progress
+            from fltac_ray.tune import run_sweep
+
+            if (args.sweep is None) == (args.resume is None):
+                raise ConfigError([ConfigIssue("tune", args.sweep or args.resume,
+                                               "give either SWEEP.yaml or --resume SWEEP_DIR")])
+            run_sweep(args.sweep, args.out, Progress(quiet=args.quiet), resume=args.resume)
+            return 0
         import yaml
 
         from fltac_ray.compare import load_variants, run_comparison

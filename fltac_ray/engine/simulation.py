@@ -240,14 +240,19 @@ class Simulation:
                     callback.on_start(self)
             outcome = self.state.groups.get("outcome")
             first = self.state.round + 1
+            self.last_checkpoint = self.state.path
             for round_index in range(first, config.rounds + 1):
-                committed = self._round(algorithm, round_index, worker_of, active, data,
-                                        adapter_size, writer)
+                committed, row, task_rows = self._round(algorithm, round_index, worker_of, active,
+                                                        data, adapter_size, writer)
                 if committed is not None:
                     outcome = committed
                 every = engine.checkpoint_every
                 if every and (round_index % every == 0 or round_index == config.rounds):
                     self._checkpoint(round_index, outcome, writer)
+                # after the checkpoint, so a callback can hand it on (Ray Tune)
+                for callback in self.callbacks:
+                    if hasattr(callback, "on_round_end"):
+                        callback.on_round_end(self, round_index, row, task_rows)
             if outcome is not None and len(outcome["labels"]):
                 self._export(outcome, data, algorithm, layout, writer)
         finally:
@@ -276,8 +281,10 @@ class Simulation:
         if outcome is not None:
             groups["outcome"] = outcome
         checkpoint = Checkpoint(round_index, groups, {"config_name": self.config.name})
-        save_checkpoint(writer.run_dir / "checkpoints", checkpoint, keep=self.config.engine.keep_checkpoints)
+        checkpoint.path = save_checkpoint(writer.run_dir / "checkpoints", checkpoint,
+                                          keep=self.config.engine.keep_checkpoints)
         self.state = checkpoint
+        self.last_checkpoint = checkpoint.path
 
     def _restart_worker(self, index: int, data: FederatedData) -> None:
         import ray
@@ -338,9 +345,10 @@ class Simulation:
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: {len(sampled) - len(failed)} of "
                 f"{len(sampled)} sampled clients delivered (< federation.min_completion_rate = "
                 f"{config.federation.min_completion_rate}); failed clients {failed}; state unchanged")
-            writer.append_round(self._round_row(round_index, sampled, failed, reports, None, algorithm,
-                                                adapter_size, {}, started, trained, trained, "rejected"))
-            return None
+            row = self._round_row(round_index, sampled, failed, reports, None, algorithm,
+                                  adapter_size, {}, started, trained, trained, "rejected")
+            writer.append_round(row)
+            return None, row, []
         outcome: AggregationOutcome | None = None
         if algorithm.communicates:
             expected = [key for rep in reports for key in rep.keys]
@@ -370,13 +378,11 @@ class Simulation:
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
         if failed:
             say(f"  round {round_index}: failed clients {failed} (not aggregated this round)")
-        for callback in self.callbacks:
-            if hasattr(callback, "on_round_end"):
-                callback.on_round_end(self, round_index, row, task_rows)
         if outcome is None:
-            return None
-        return {"adapters": outcome.adapters, "labels": np.asarray(outcome.labels, dtype=np.int64),
-                "keys": np.asarray(outcome.keys, dtype=np.int64).reshape(-1, 2)}
+            return None, row, task_rows
+        committed = {"adapters": outcome.adapters, "labels": np.asarray(outcome.labels, dtype=np.int64),
+                     "keys": np.asarray(outcome.keys, dtype=np.int64).reshape(-1, 2)}
+        return committed, row, task_rows
 
     def _round_row(self, round_index, sampled, failed, reports, outcome, algorithm, adapter_size,
                    task_accuracy, started, trained, aggregated, status) -> dict:
