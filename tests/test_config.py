@@ -100,11 +100,17 @@ def test_experiment_files_validate():
     from pathlib import Path
 
     from fltac_ray.compare import load_variants
+    from fltac_ray.tune import load_sweep
 
     paths = sorted(Path(__file__).parents[1].glob("experiments/*.yaml"))
     assert len(paths) >= 3
     for path in paths:
-        assert yaml.safe_load(path.read_text())  # not empty
+        raw = yaml.safe_load(path.read_text())
+        assert raw  # not empty
+        if "search" in raw:  # a sweep file: its base and every grid combination must validate
+            spec, _ = load_sweep(path)
+            assert spec.search, path
+            continue
         variants = load_variants(path)
         if variants is None:
             assert isinstance(load_config(path), ExperimentConfig), path
