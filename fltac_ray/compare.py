@@ -99,9 +99,7 @@ def comparison_tables(results: dict[str, Any], variants: list[Variant]) -> tuple
     return pd.concat(frames, ignore_index=True), pd.DataFrame(summary)
 
 
-def run_comparison(
-    variants: list[Variant], out: str | None, progress: Progress, name: str | None = None
-) -> tuple[Path, pd.DataFrame]:
+def run_comparison(variants: list[Variant], out: str | None, progress: Progress) -> tuple[Path, pd.DataFrame]:
     from fltac_ray.engine.ray_session import ray_session
     from fltac_ray.engine.simulation import Simulation, preflight
     from fltac_ray.outputs import make_run_dir
@@ -109,7 +107,7 @@ def run_comparison(
     for variant in variants:  # every machine-dependent check before the first run starts
         preflight(variant.config)
     base = variants[0].config
-    run_dir = make_run_dir(base.model_copy(update={"name": name or base.name}), out)
+    run_dir = make_run_dir(base.output_dir, base.name, out)
     progress.say(f"[fltac-ray] comparison of {len(variants)} runs on the same partition: "
                  f"{', '.join(v.label for v in variants)}")
     results = {}

@@ -22,9 +22,9 @@ ROUNDS_COLUMNS = [
 ]
 
 
-def make_run_dir(config: ExperimentConfig, out: str | None) -> Path:
+def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
     """`out` as given (must be new or empty, so no earlier results are overwritten), or
-    `<output_dir>/<name>-<timestamp>`."""
+    `<output_dir>/<name>-<timestamp>` (runs, comparisons and sweeps alike)."""
     if out is not None:
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -33,10 +33,10 @@ def make_run_dir(config: ExperimentConfig, out: str | None) -> Path:
                 "(earlier results are never overwritten)")])
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(config.output_dir) / f"{config.name}-{stamp}"
+        path = Path(output_dir) / f"{name}-{stamp}"
         suffix = 1
         while path.exists():
-            path = Path(config.output_dir) / f"{config.name}-{stamp}-{suffix}"
+            path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
             suffix += 1
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -166,7 +166,7 @@ def _trial(params: dict, spec_raw: dict, base_raw: dict, sweep_dir: str) -> None
     simulation.run()
 
 
-def _tuner(spec: SweepSpec, base_raw: dict, sweep_dir: Path, restore: bool):
+def _tuner(spec: SweepSpec, base_raw: dict, sweep_dir: Path, restore: bool, rounds: int):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -180,7 +180,6 @@ def _tuner(spec: SweepSpec, base_raw: dict, sweep_dir: Path, restore: bool):
     )
     if restore:
         return tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_errored=True)
-    rounds = build_config(_trial_raw(base_raw, spec, {})).rounds
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=rounds,
                                grace_period=min(spec.scheduler.grace_period, rounds),
                                reduction_factor=spec.scheduler.reduction_factor)
@@ -214,6 +213,7 @@ def sweep_table(results, spec: SweepSpec) -> pd.DataFrame:
 def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resume: str | None = None):
     """Run (or resume) a sweep; returns (sweep folder, tidy table, best row)."""
     from fltac_ray.engine.ray_session import ray_session
+    from fltac_ray.outputs import make_run_dir
 
     if resume is not None:
         sweep_dir = Path(resume)
@@ -224,17 +224,14 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
         spec, base_raw = SweepSpec.model_validate(stored["sweep"]), stored["base"]
     else:
         spec, base_raw = load_sweep(path)
-        sweep_dir = Path(out) if out else Path(spec.output_dir) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if sweep_dir.exists() and any(sweep_dir.iterdir()):
-            raise ConfigError([ConfigIssue("--out", str(sweep_dir), "exists and is not empty")])
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = make_run_dir(spec.output_dir, spec.name, out)
         (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(
             {"sweep": spec.model_dump(mode="json"), "base": base_raw}, sort_keys=False))
     base_config = build_config(_trial_raw(base_raw, spec, {}))
     started = time.perf_counter()
     progress.say(f"[fltac-ray] sweep {spec.name}: {', '.join(spec.search)} -> {sweep_dir}")
     with ray_session(base_config.engine):
-        results = _tuner(spec, base_raw, sweep_dir, restore=resume is not None).fit()
+        results = _tuner(spec, base_raw, sweep_dir, resume is not None, base_config.rounds).fit()
     table = sweep_table(results, spec)
     table.to_csv(sweep_dir / "sweep.csv", index=False)
     if table.empty:

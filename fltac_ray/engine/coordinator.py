@@ -29,7 +29,6 @@ class Coordinator:
         # Resolved here, where the coordinator runs: that is where a GPU must be visible.
         self.backend = resolve_backend(self.config.federation.clustering_backend)
         self.algorithm = create_algorithm(self.config, self.backend, adaptor_index)
-        self.latest: AggregationOutcome | None = None
 
     def clustering_backend(self) -> str:
         return self.backend
@@ -97,5 +96,4 @@ class Coordinator:
             outcome = AggregationOutcome(keys, result.labels, result.adapters, result.weights,
                                          rejected, self.backend)
         outcome.seconds = time.perf_counter() - started
-        self.latest = outcome
         return outcome

@@ -146,10 +146,9 @@ class Simulation:
             writer = RunWriter(run_dir, config, resume_round=checkpoint.round)
             say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
         else:
-            run_dir = make_run_dir(config, self.out)
+            run_dir = make_run_dir(config.output_dir, config.name, self.out)
             writer = RunWriter(run_dir, config)
             writer.write_partition(data.partition_rows())
-        self.run_dir = run_dir
         for name, bundle in data.tasks.items():
             holders = sum(1 for c in data.clients if name in c.tasks)
             say(f"  task {name}: {bundle.num_classes} classes, {len(bundle.train)} train / "
