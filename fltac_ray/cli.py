@@ -1,4 +1,4 @@
-"""`fltac-ray run | validate | tasks` — the command-line entry point."""
+"""`fltac-ray run | validate | params | tune | toy | tasks` — the command-line entry point."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
     tune.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
+    params = commands.add_parser(
+        "params", help="trainable and per-round communicated parameters of a client holding every "
+        "task (meta-device model: no weights are read)")
+    experiment_args(params)
+
+    toy = commands.add_parser("toy", help="FL-TAC's sinusoid study (paper Fig. 3): per-task vs "
+                              "shared networks over hidden widths")
+    toy.add_argument("--out", default="runs/toy_sinusoid", help="folder for toy_sinusoid.csv/.png")
+    toy.add_argument("--widths", default="1,2,4,8,16,32,64", help="comma-separated hidden widths")
+    toy.add_argument("--seeds", type=int, default=3, help="repetitions averaged per width")
+    toy.add_argument("--epochs", type=int, default=1000, help="full-batch training epochs")
+
     commands.add_parser("tasks", help="list the registered tasks, models and algorithms")
     return parser
 
@@ -48,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tasks":
             return _list_registries()
+        if args.command == "toy":
+            from fltac_ray.toy import run_toy_study
+
+            widths = [int(w) for w in args.widths.split(",") if w.strip()]
+            run_toy_study(args.out, widths, args.seeds, args.epochs)
+            return 0
         if args.command == "tune":
             from fltac_ray.errors import ConfigError, ConfigIssue
             from fltac_ray.progress import Progress
@@ -81,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "validate":
                 print(yaml.safe_dump({v.label: v.config.resolved() for v in variants}, sort_keys=False), end="")
                 return 0
+            if args.command == "params":
+                return _print_params([v.config for v in variants])
             run_comparison(variants, args.out, Progress(quiet=args.quiet))
             return 0
         config = load_config(args.experiment, args.overrides)
         if args.command == "validate":
             print(yaml.safe_dump(config.resolved(), sort_keys=False), end="")
             return 0
+        if args.command == "params":
+            return _print_params([config])
         from fltac_ray.engine.simulation import Simulation
 
         Simulation(config, out=args.out, progress=Progress(quiet=args.quiet)).run()
@@ -99,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _print_params(configs: list) -> int:
+    from fltac_ray.models.counting import count_parameters, format_count
+
+    print("\n\n".join(format_count(count_parameters(config)) for config in configs))
+    return 0
+
+
 def _list_registries() -> int:
     from fltac_ray.algorithms.registry import ALGORITHMS
     from fltac_ray.data.registry import TASKS
@@ -106,10 +135,11 @@ def _list_registries() -> int:
 
     print("tasks:")
     for spec in TASKS.values():
-        print(f"  {spec.name:<26} {spec.num_classes:>3} classes  {spec.description}")
+        classes = f"{spec.num_classes:>3} classes" if spec.num_classes else "generation "
+        print(f"  {spec.name:<30} {spec.kind:<11} {classes}  {spec.description}")
     print("models:")
-    for name, text in MODELS.items():
-        print(f"  {name:<26} {text}")
+    for name, spec in MODELS.items():
+        print(f"  {name:<30} {spec.modality:<11} {spec.description}")
     print("algorithms:")
     for name, text in ALGORITHMS.items():
         print(f"  {name:<26} {text}")

@@ -18,12 +18,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fltac_ray.algorithms.registry import ALGORITHM_OPTIONS, ALGORITHMS
 from fltac_ray.data.registry import TASKS
 from fltac_ray.errors import ConfigError, ConfigIssue
-from fltac_ray.models.registry import MODELS, is_known_model
+from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 
 
 class _Section(BaseModel):
     # extra="forbid": a typo in a key is an error naming the key, never a silently ignored setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConceptShiftConfig(_Section):
+    """FLoRAL's concept shift: one base task becomes C cluster tasks; client k is in cluster k mod C."""
+
+    kind: Literal["rotation", "label_shift", "rank1"] = Field(
+        description="rotation: images of cluster c turned by 360 c / C degrees; label_shift: "
+        "y -> (y + c) mod classes; rank1: a rank-1 shift of the teacher (synthetic_linear/mlp)."
+    )
+    clusters: int = Field(default=4, ge=2, description="C, the number of clusters (tasks).")
 
 
 class DataConfig(_Section):
@@ -47,6 +57,22 @@ class DataConfig(_Section):
     wordnet_dir: str = Field(
         default="/usr/share/wordnet", description="Folder of WordNet's data.{noun,verb,adj,adv}."
     )
+    fortunes_dir: str = Field(
+        default="/usr/share/games/fortunes", description="Folder of the fortunes collections."
+    )
+    fashion_mnist_dir: str = Field(
+        default="/usr/share/datasets/fashion-mnist",
+        description="Folder of Fashion-MNIST's four IDX .gz files.",
+    )
+    feature_dim: int = Field(default=16, ge=1, description="Input size of the synthetic vector tasks.")
+    files: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Hub tasks from local files instead of the hub: {task: {train: path, test: "
+        "path}} in the hub's format (.csv/.tsv/.json/.jsonl/.parquet); Dolly needs only train.",
+    )
+    concept_shift: ConceptShiftConfig | None = Field(
+        default=None, description="FLoRAL's concept-shift scenario over a single base task."
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -58,25 +84,80 @@ class DataConfig(_Section):
             raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError("task names must be unique")
+        kinds = {TASKS[t].modality for t in tasks}
+        if len(kinds) > 1:
+            by = {t: TASKS[t].modality for t in tasks}
+            raise ValueError(f"tasks of one run must share a model family; these mix {by}")
         return tasks
+
+    @property
+    def modality(self) -> str:
+        return TASKS[self.tasks[0]].modality
+
+    @model_validator(mode="after")
+    def _files_and_shift(self) -> DataConfig:
+        for task, entry in self.files.items():
+            if task not in self.tasks or TASKS[task].source != "hf":
+                hub = [t for t in self.tasks if TASKS[t].source == "hf"]
+                raise ValueError(f"data.files = {{{task}: ...}}: '{task}' is not a hub task of this "
+                                 f"run (hub tasks here: {hub})")
+            needed = {"train"} if task.startswith("dolly_") else {"train", "test"}
+            if not needed <= set(entry) or set(entry) - {"train", "test"}:
+                raise ValueError(f"data.files.{task} = {entry}: needs keys {sorted(needed)} "
+                                 "(and nothing else)")
+        shift = self.concept_shift
+        if shift is not None:
+            if len(self.tasks) != 1:
+                raise ValueError(f"data.concept_shift = {shift.kind}: needs exactly one base task in "
+                                 f"data.tasks, got {self.tasks}")
+            spec = TASKS[self.tasks[0]]
+            allowed = {"rotation": spec.kind == "image",
+                       "label_shift": spec.num_classes > 0,
+                       "rank1": spec.name in ("synthetic_linear", "synthetic_mlp")}
+            if not allowed[shift.kind]:
+                rule = {"rotation": "an image task", "label_shift": "a classification task",
+                        "rank1": "synthetic_linear or synthetic_mlp"}[shift.kind]
+                raise ValueError(f"data.concept_shift = {shift.kind}: needs {rule}, got {spec.name}")
+            if shift.clusters > self.num_clients:
+                raise ValueError(f"data.concept_shift = {shift.clusters}: more clusters than "
+                                 f"data.num_clients ({self.num_clients})")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        """The run's tasks: data.tasks, or under a concept shift one derived task per cluster."""
+        shift = self.concept_shift
+        if shift is None:
+            return list(self.tasks)
+        base = self.tasks[0]
+        if shift.kind == "rotation":
+            return [f"{base}@rot{round(360 * c / shift.clusters)}" for c in range(shift.clusters)]
+        suffix = "shift" if shift.kind == "label_shift" else "rank1_"
+        return [f"{base}@{suffix}{c}" for c in range(shift.clusters)]
 
 
 class LoraConfig(_Section):
     rank: int = Field(default=1, ge=1, description="LoRA rank r (FL-TAC uses extremely low ranks).")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        default=["query", "value"], min_length=1, description="Module names that receive LoRA."
+    target_modules: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Module names that receive LoRA; default by model family: query,value "
+        "(BERT), q_proj,v_proj (ViT, Llama), _expand_conv,_project_conv (EfficientNet), fc1,fc2 (MLP).",
     )
 
 
 class ModelConfig(_Section):
     name: str = Field(
         default="minilm",
-        description="A registry name (minilm, tiny-random-bert), a Hugging Face id or a local path.",
+        description=f"A registry name ({', '.join(MODELS)}), a Hugging Face id or a local path.",
     )
     pooling: Literal["mean", "cls"] = Field(
         default="mean", description="How token states become the classifier input."
+    )
+    image_size: int | None = Field(
+        default=None, ge=8,
+        description="Side images are resized to (default: the model's own, 64 for EfficientNet).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -100,6 +181,26 @@ class TrainConfig(_Section):
     eval_every: int = Field(
         default=1, ge=1, description="Evaluate every k rounds (the last round is always evaluated)."
     )
+    max_new_tokens: int = Field(
+        default=32, ge=1, description="Instruction tasks: greedy tokens generated for ROUGE-L."
+    )
+    generate: bool = Field(
+        default=True, description="Instruction tasks: generate answers for ROUGE-L (and the judge)."
+    )
+    judge: str | None = Field(
+        default=None,
+        description="Instruction tasks: 'module:function' scoring (prompts, references, answers) "
+        "-> scores in [0, 1], e.g. a judge model of yours; logged as judge_score.",
+    )
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            module, sep, func = value.partition(":")
+            if not (sep and module and func.isidentifier()):
+                raise ValueError("expected 'package.module:function'")
+        return value
 
 
 class FederationConfig(_Section):
@@ -248,15 +349,32 @@ class ExperimentConfig(_Section):
                     f"{option} = {value!r}: not used by algorithm '{self.algorithm}' "
                     f"(only by {', '.join(sorted(users))}); remove it"
                 )
+        modality = self.data.modality
+        spec = MODELS.get(self.model.name)
+        if spec is not None and spec.modality != modality:
+            fitting = [n for n, m in MODELS.items() if m.modality == modality]
+            raise ValueError(
+                f"model.name = {self.model.name!r}: a {spec.modality} model cannot read "
+                f"{modality} tasks {self.data.tasks}; use one of {fitting} or a Hugging Face id")
+        if self.model.lora.target_modules is None:
+            self.model.lora.target_modules = default_targets(self.model.name, modality)
+        size = self.model.image_size
+        if size is not None and modality != "image":
+            raise ValueError(f"model.image_size = {size}: only for image tasks")
+        if size is not None and self.model.name == "efficientnet-lite0" and size < 48:
+            raise ValueError(f"model.image_size = {size}: EfficientNet-lite0 needs at least 48 px "
+                             "(smaller inputs collapse its 32x downsampled features)")
+        if self.train.judge is not None and modality != "causal_lm":
+            raise ValueError(f"train.judge = {self.train.judge!r}: only for instruction tasks")
         n_clusters = self.federation.n_clusters
         if n_clusters is not None:
             # The most adapters one round can upload: every sampled client holds every task.
-            upper = self.clients_per_round * len(self.data.tasks)
+            upper = self.clients_per_round * self.num_tasks
             if n_clusters > upper:
                 raise ValueError(
                     f"federation.n_clusters = {n_clusters}: must be in 1..{upper} (adapters per "
                     f"round at most: {self.clients_per_round} sampled clients x "
-                    f"{len(self.data.tasks)} tasks)"
+                    f"{self.num_tasks} tasks)"
                 )
         fed = self.federation
         if "trim_fraction" in fed.model_fields_set and fed.aggregation != "trimmed_mean":
@@ -277,12 +395,16 @@ class ExperimentConfig(_Section):
         return max(1, math.ceil(self.federation.client_fraction * self.data.num_clients))
 
     @property
+    def num_tasks(self) -> int:
+        return len(self.data.task_names)
+
+    @property
     def resolved_n_clusters(self) -> int:
-        return self.federation.n_clusters or len(self.data.tasks)
+        return self.federation.n_clusters or self.num_tasks
 
     @property
     def resolved_num_adaptors(self) -> int:
-        return self.floral.num_adaptors or len(self.data.tasks)
+        return self.floral.num_adaptors or self.num_tasks
 
     def resolved(self) -> dict[str, Any]:
         """The full config with defaults filled in, as saved beside the results."""

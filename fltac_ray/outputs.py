@@ -13,7 +13,10 @@ from safetensors.numpy import save_file
 from fltac_ray.config import ExperimentConfig, save_config
 from fltac_ray.errors import ConfigError, ConfigIssue
 
-METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples", "majority_accuracy"]
+# Generation (instruction) tasks: accuracy and loss are over response tokens; rouge_l,
+# perplexity and judge_score are filled for them only (empty for classification tasks).
+METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples", "majority_accuracy",
+                   "rouge_l", "perplexity", "judge_score"]
 CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
     "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",

@@ -1,7 +1,13 @@
-"""Local training and evaluation of one adapter on one task's examples (Algorithm 2). No Ray."""
+"""Local training and evaluation of one adapter on one task's examples (Algorithm 2). No Ray.
+
+Classification tasks train cross-entropy on the head's logits; instruction tasks train the causal
+LM's cross-entropy on response tokens only (the prompt is masked out of the labels).
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,12 +16,25 @@ import torch.nn.functional as F
 
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.rouge import rouge_l
+
+# Inputs that are not model tensors (generation references).
+_NOT_TENSORS = {"references"}
 
 
 def batch_tensors(split: EncodedSplit, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    # Fancy indexing copies out of the (read-only, shared) object-store arrays.
-    return {key: torch.from_numpy(value[index].astype(np.int64)).to(device)
-            for key, value in split.inputs.items()}
+    # Fancy indexing copies out of the (read-only, shared) object-store arrays; dtypes are kept
+    # (uint8 pixels, int32 ids) and widened inside the model.
+    return {key: torch.from_numpy(np.ascontiguousarray(value[index])).to(device)
+            for key, value in split.inputs.items() if key not in _NOT_TENSORS}
+
+
+def _batch_loss(model: AdapterModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                num_classes: int) -> torch.Tensor:
+    if num_classes == 0:  # instruction task: mean CE over this batch's response tokens
+        loss_sum, _, tokens = model.lm_scores(**inputs)
+        return loss_sum / max(tokens, 1)
+    return F.cross_entropy(model(**inputs, num_classes=num_classes), labels)
 
 
 @dataclass
@@ -52,7 +71,7 @@ def train_adapter(
         cursor += batch_size
         inputs = batch_tensors(split, chosen, device)
         labels = torch.from_numpy(split.labels[chosen]).to(device)
-        loss = F.cross_entropy(model(**inputs, num_classes=num_classes), labels)
+        loss = _batch_loss(model, inputs, labels, num_classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -62,9 +81,33 @@ def train_adapter(
 
 @dataclass
 class EvalOutcome:
-    correct: int
+    correct: int  # right predictions (examples, or response tokens for generation)
     loss_sum: float
-    count: int
+    count: int  # test examples
+    predictions: int = 0  # what correct and loss_sum count (0: examples)
+    rouge_sum: float = float("nan")
+    judge_sum: float = float("nan")
+
+
+# (prompts, references, answers) -> scores in [0, 1]
+Judge = Callable[[list[str], list[str], list[str]], list[float]]
+
+
+def load_judge(spec: str | None) -> Judge | None:
+    """`package.module:function` -> the function (train.judge)."""
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int
+    pad_id: int
+    eos_id: int
+    decode: Callable[[list[int]], str]
+    judge: Judge | None = None
 
 
 @torch.no_grad()
@@ -76,16 +119,53 @@ def evaluate_adapter(
     num_classes: int,
     batch_size: int,
     device: torch.device,
+    generation: GenerationSettings | None = None,
 ) -> EvalOutcome:
+    """Classification: accuracy and CE over examples. Instruction tasks: token accuracy and CE
+    over response tokens (perplexity = exp of the mean), plus ROUGE-L of greedy answers against
+    the references (and the judge's scores) when `generation` is given."""
     if len(indices) == 0:
         return EvalOutcome(0, 0.0, 0)
     model.set_adapter(adapter)
     model.eval()
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, scored = 0, 0.0, 0
+    rouge, judged = [], []
     for lo in range(0, len(indices), batch_size):
         chosen = indices[lo:lo + batch_size]
-        logits = model(**batch_tensors(split, chosen, device), num_classes=num_classes)
+        inputs = batch_tensors(split, chosen, device)
+        if num_classes == 0:
+            batch_loss, batch_correct, tokens = model.lm_scores(**inputs)
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+            scored += tokens
+            if generation is not None:
+                scores, judge_scores = _generate_and_score(model, split, chosen, generation)
+                rouge.extend(scores)
+                judged.extend(judge_scores)
+            continue
+        logits = model(**inputs, num_classes=num_classes)
         labels = torch.from_numpy(split.labels[chosen]).to(device)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == labels).sum())
+    if num_classes == 0:
+        return EvalOutcome(correct, loss_sum, len(indices), scored,
+                           float(np.sum(rouge)) if rouge else float("nan"),
+                           float(np.sum(judged)) if judged else float("nan"))
     return EvalOutcome(correct, loss_sum, len(indices))
+
+
+def _generate_and_score(model: AdapterModel, split: EncodedSplit, chosen: np.ndarray,
+                        generation: GenerationSettings) -> tuple[list[float], list[float]]:
+    ids, prompt_lengths = split.inputs["input_ids"], split.inputs["prompt_lengths"]
+    prompts = [ids[i, : prompt_lengths[i]] for i in chosen]
+    answers = [generation.decode(a) for a in model.generate(prompts, generation.max_new_tokens,
+                                                              generation.pad_id, generation.eos_id)]
+    references = [str(split.inputs["references"][i]) for i in chosen]
+    scores = [rouge_l(ref, answer) for ref, answer in zip(references, answers, strict=True)]
+    judge_scores: list[float] = []
+    if generation.judge is not None:
+        prompt_texts = [generation.decode(list(p)) for p in prompts]
+        judge_scores = [float(s) for s in generation.judge(prompt_texts, references, answers)]
+        if len(judge_scores) != len(answers):
+            raise ValueError(f"train.judge returned {len(judge_scores)} scores for {len(answers)} answers")
+    return scores, judge_scores

@@ -11,7 +11,7 @@ from fltac_ray.algorithms.floral import FLoRAL
 from fltac_ray.config import FloralConfig, ModelConfig, build_config
 from fltac_ray.errors import ConfigError
 from fltac_ray.models.adapter_model import AdapterModel
-from fltac_ray.models.builders import load_encoder
+from fltac_ray.models.builders import load_backbone
 from fltac_ray.models.mixture_lora import (
     MixtureConv2d,
     MixtureEmbedding,
@@ -97,7 +97,7 @@ def test_inject_mixtures_reports_unmatched_targets():
 def _floral_model(c=3):
     config = ModelConfig(name="tiny-random-bert", lora={"rank": 1, "dropout": 0.0,
                                                         "target_modules": ["query", "value", "LayerNorm"]})
-    return AdapterModel(load_encoder("tiny-random-bert"), config, 4, 0, floral=FloralConfig(), num_adaptors=c)
+    return AdapterModel(load_backbone("tiny-random-bert", "text"), config, 4, 0, floral=FloralConfig(), num_adaptors=c)
 
 
 def test_router_is_private_and_adaptors_are_indexed():

@@ -6,13 +6,13 @@ from fltac_ray.config import ModelConfig
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.errors import ConfigError
 from fltac_ray.models.adapter_model import AdapterModel
-from fltac_ray.models.builders import check_target_modules, load_encoder, text_encoder
+from fltac_ray.models.builders import check_target_modules, load_backbone, text_encoder
 from fltac_ray.training import evaluate_adapter, train_adapter
 
 
 def _model(rank=1, head_classes=4, seed=0):
     config = ModelConfig(name="tiny-random-bert", lora={"rank": rank, "dropout": 0.0})
-    return AdapterModel(load_encoder("tiny-random-bert"), config, head_classes, seed)
+    return AdapterModel(load_backbone("tiny-random-bert", "text"), config, head_classes, seed)
 
 
 def test_adapter_layout_is_lora_plus_head_in_sorted_order():
@@ -30,8 +30,8 @@ def test_same_adapter_length_for_tasks_with_different_class_counts():
     model = _model(head_classes=26)
     ids = torch.randint(1000, 2000, (3, 8))
     lengths = torch.tensor([8, 5, 3])
-    assert model(ids, lengths, num_classes=4).shape == (3, 4)
-    assert model(ids, lengths, num_classes=26).shape == (3, 26)
+    assert model(input_ids=ids, lengths=lengths, num_classes=4).shape == (3, 4)
+    assert model(input_ids=ids, lengths=lengths, num_classes=26).shape == (3, 26)
     # the upload is the same vector whatever the task: the server cannot read tasks from shapes
     assert model.get_adapter().shape == (model.adapter_size,)
 
@@ -78,6 +78,6 @@ def test_local_training_lowers_loss_and_changes_only_the_adapter():
 
 def test_unknown_target_module_fails_with_the_choices():
     with pytest.raises(ConfigError, match="model.lora.target_modules") as info:
-        check_target_modules("tiny-random-bert", ["query", "q_proj"])
+        check_target_modules("tiny-random-bert", "text", ["query", "q_proj"])
     assert "'q_proj'" in str(info.value) and "value" in str(info.value)
-    check_target_modules("minilm", ["query", "value"])  # meta-device build, no weights read
+    check_target_modules("minilm", "text", ["query", "value"])  # meta-device build, no weights read

@@ -7,18 +7,16 @@ split fails early. The result is plain numpy (shipped to workers once through th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from fltac_ray.config import ExperimentConfig
-from fltac_ray.data import synthetic, wordnet
+from fltac_ray.data import fortunes, images, synthetic, wordnet
+from fltac_ray.data.encoding import Featurizer
 from fltac_ray.data.partition import dirichlet_shares, split_counts, split_indices
 from fltac_ray.data.registry import TASKS
-from fltac_ray.data.types import LabelledTexts
-
-# text tokenizer: list of texts -> {"input_ids": (n, L) int32, "lengths": (n,) int32}
-Encoder = Callable[[list[str]], dict[str, np.ndarray]]
+from fltac_ray.data.types import Examples
 
 
 @dataclass
@@ -42,8 +40,14 @@ class TaskBundle:
         return len(self.class_names)
 
     @property
+    def is_generation(self) -> bool:
+        return self.num_classes == 0
+
+    @property
     def majority_rate(self) -> float:
-        """Test accuracy of always predicting the most frequent training class."""
+        """Test accuracy of always predicting the most frequent training class (NaN: generation)."""
+        if self.is_generation:
+            return float("nan")
         majority = np.bincount(self.train.labels, minlength=self.num_classes).argmax()
         return float(np.mean(self.test.labels == majority))
 
@@ -99,52 +103,109 @@ class FederatedData:
         return rows
 
 
-def load_task_texts(name: str, config: ExperimentConfig, rng: np.random.Generator) -> LabelledTexts:
-    n = config.data.train_per_task + config.data.test_per_task
-    wordnet_dir = config.data.wordnet_dir
-    loaders: dict[str, Callable[[], LabelledTexts]] = {
-        "wordnet_noun_supersense": lambda: wordnet.load_supersense("noun", wordnet_dir, n, rng),
-        "wordnet_verb_supersense": lambda: wordnet.load_supersense("verb", wordnet_dir, n, rng),
-        "wordnet_pos": lambda: wordnet.load_part_of_speech(wordnet_dir, n, rng),
+def load_task(name: str, config: ExperimentConfig, rng: np.random.Generator,
+              cluster: int | None = None) -> Examples | tuple[Examples, Examples]:
+    """A task's examples in random order (or, for hub tasks, its own (train, test) splits).
+    `cluster` (concept shift rank1 only) selects the teacher of that cluster."""
+    data = config.data
+    n = data.train_per_task + data.test_per_task
+    wn = data.wordnet_dir
+    if name in TASKS and TASKS[name].source == "hf":
+        from fltac_ray.data.hf import load_hub_task
+
+        return load_hub_task(name, TASKS[name].kind, data.train_per_task, data.test_per_task, rng,
+                             data.files.get(name))
+    if name in ("wordnet_define", "wordnet_synonym", "wordnet_category", "wordnet_hypernym"):
+        from fltac_ray.data.instructions import build_category
+
+        return build_category(name, wn, n, rng)
+    loaders: dict[str, Callable[[], Examples]] = {
+        "wordnet_noun_supersense": lambda: wordnet.load_supersense("noun", wn, n, rng),
+        "wordnet_verb_supersense": lambda: wordnet.load_supersense("verb", wn, n, rng),
+        "wordnet_pos": lambda: wordnet.load_part_of_speech(wn, n, rng),
+        "fortunes_category": lambda: fortunes.load_fortune_category(data.fortunes_dir, n, rng),
         "synthetic_sentiment": lambda: synthetic.sentiment(n, rng),
         "synthetic_topic": lambda: synthetic.topic(n, rng),
         "synthetic_tense": lambda: synthetic.tense(n, rng),
+        "fashion_mnist": lambda: images.load_fashion_mnist(data.fashion_mnist_dir, n, rng),
+        "fashion_mnist_group": lambda: images.load_fashion_mnist(data.fashion_mnist_dir, n, rng, grouped=True),
+        "digits": lambda: images.load_digits_task(n, rng),
+        "synthetic_linear": lambda: synthetic.vector_task("linear", n, data.feature_dim, rng, cluster),
+        "synthetic_mlp": lambda: synthetic.vector_task("mlp", n, data.feature_dim, rng, cluster),
     }
-    if set(loaders) != set(TASKS):  # a registry entry without a loader is a programming error
-        raise RuntimeError(f"task loaders out of sync with the registry: {set(loaders) ^ set(TASKS)}")
+    if name not in loaders:  # a registry entry without a loader is a programming error
+        raise RuntimeError(f"no loader for task {name!r}")
     return loaders[name]()
 
 
-def _split_train_test(texts: LabelledTexts, n_train: int, n_test: int) -> tuple[LabelledTexts, LabelledTexts]:
+def _split_train_test(examples: Examples, n_train: int, n_test: int) -> tuple[Examples, Examples]:
     # Loaders return examples in random order; when a source is smaller than asked, keep the
     # requested train:test proportion.
-    total = len(texts)
+    total = len(examples)
     if total < n_train + n_test:
         n_train = round(total * n_train / (n_train + n_test))
-    parts = []
-    for lo, hi in ((0, n_train), (n_train, min(total, n_train + n_test))):
-        parts.append(LabelledTexts(texts.texts[lo:hi], texts.labels[lo:hi], texts.class_names))
-    return parts[0], parts[1]
+    return examples.subset(slice(0, n_train)), examples.subset(slice(n_train, min(total, n_train + n_test)))
 
 
-def build_federated_data(config: ExperimentConfig, encode: Encoder) -> FederatedData:
+def _concept_shift_examples(config: ExperimentConfig, cluster: int, rng: np.random.Generator) -> Examples:
+    """Cluster c's data (FLoRAL's concept shift): images rotated by 360 c / C degrees, labels
+    shifted y -> (y + c) mod classes, or a rank-1 shifted teacher (vector tasks)."""
+    shift = config.data.concept_shift
+    base = config.data.tasks[0]
+    if shift.kind == "rank1":
+        return load_task(base, config, rng, cluster=cluster)
+    loaded = load_task(base, config, rng)
+    examples = loaded if isinstance(loaded, Examples) else _concat(*loaded)
+    if shift.kind == "rotation":
+        return replace(examples, images=images.rotate_images(examples.images, 360 * cluster / shift.clusters))
+    return replace(examples, labels=(examples.labels + cluster) % len(examples.class_names))
+
+
+def _concat(a: Examples, b: Examples) -> Examples:
+    def join(x, y):
+        if x is None:
+            return None
+        return np.concatenate([x, y]) if isinstance(x, np.ndarray) else list(x) + list(y)
+
+    return replace(a, labels=np.concatenate([a.labels, b.labels]), texts=join(a.texts, b.texts),
+                   pairs=join(a.pairs, b.pairs), images=join(a.images, b.images),
+                   features=join(a.features, b.features))
+
+
+def _cluster_shares(num_clients: int, clusters: int) -> np.ndarray:
+    """(clusters, num_clients): client k belongs to cluster k mod C, equal shares within it."""
+    member = np.arange(num_clients)[None, :] % clusters == np.arange(clusters)[:, None]
+    return member / member.sum(axis=1, keepdims=True)
+
+
+def build_federated_data(config: ExperimentConfig, featurize: Featurizer) -> FederatedData:
     data = config.data
     num_clients = data.num_clients
+    names = config.data.task_names
     bundles: dict[str, TaskBundle] = {}
     clients = [ClientShard(client_id) for client_id in range(num_clients)]
-    shares = np.zeros((len(data.tasks), num_clients))
-    for task_index, name in enumerate(data.tasks):
-        texts = load_task_texts(name, config, np.random.default_rng([config.seed, 1, task_index]))
-        train, test = _split_train_test(texts, data.train_per_task, data.test_per_task)
+    if data.concept_shift is not None:
+        shares = _cluster_shares(num_clients, data.concept_shift.clusters)
+    else:
+        shares = np.zeros((len(names), num_clients))
+    for task_index, name in enumerate(names):
+        rng = np.random.default_rng([config.seed, 1, task_index])
+        if data.concept_shift is not None:
+            loaded: Examples | tuple[Examples, Examples] = _concept_shift_examples(config, task_index, rng)
+        else:
+            loaded = load_task(name, config, rng)
+        train, test = (loaded if isinstance(loaded, tuple)
+                       else _split_train_test(loaded, data.train_per_task, data.test_per_task))
         bundles[name] = TaskBundle(
             name=name,
-            class_names=texts.class_names,
-            train=EncodedSplit(encode(train.texts), train.labels),
-            test=EncodedSplit(encode(test.texts), test.labels),
+            class_names=train.class_names,
+            train=EncodedSplit(featurize(train), train.labels),
+            test=EncodedSplit(featurize(test), test.labels),
         )
         # Train and test sets are cut with the same shares, so a client tests on its own mix.
         rng = np.random.default_rng([config.seed, 2, task_index])
-        shares[task_index] = dirichlet_shares(rng, num_clients, data.dirichlet_alpha, data.min_share)
+        if data.concept_shift is None:
+            shares[task_index] = dirichlet_shares(rng, num_clients, data.dirichlet_alpha, data.min_share)
         train_parts = split_indices(rng.permutation(len(train)), split_counts(len(train), shares[task_index]))
         test_parts = split_indices(rng.permutation(len(test)), split_counts(len(test), shares[task_index]))
         for client, train_idx, test_idx in zip(clients, train_parts, test_parts, strict=True):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fltac_ray.data.types import LabelledTexts
+from fltac_ray.data.types import Examples, LabelledTexts
 from fltac_ray.errors import ResourceUnavailableError
 
 # WordNet's lexnames file: index = lexicographer file number.
@@ -70,7 +70,7 @@ def _sample(rng: np.random.Generator, n_available: int, n_wanted: int) -> np.nda
 
 def load_supersense(
     pos: str, wordnet_dir: str, n_examples: int, rng: np.random.Generator
-) -> LabelledTexts:
+) -> Examples:
     filename, files = ("data.noun", NOUN_FILES) if pos == "noun" else ("data.verb", VERB_FILES)
     lexfiles, texts = parse_data_file(_data_path(wordnet_dir, filename))
     chosen = _sample(rng, len(texts), n_examples)
@@ -82,7 +82,7 @@ def load_supersense(
     )
 
 
-def load_part_of_speech(wordnet_dir: str, n_examples: int, rng: np.random.Generator) -> LabelledTexts:
+def load_part_of_speech(wordnet_dir: str, n_examples: int, rng: np.random.Generator) -> Examples:
     # Class-balanced: nouns are 70% of WordNet, which would make "always noun" a strong baseline.
     per_class = -(-n_examples // len(POS_FILES))
     texts: list[str] = []

@@ -50,7 +50,7 @@ class ClientWorker:
 
         from fltac_ray.algorithms import create_algorithm
         from fltac_ray.models.adapter_model import AdapterModel
-        from fltac_ray.models.builders import load_encoder
+        from fltac_ray.models.builders import load_backbone
 
         self.worker_index = worker_index
         self.config = ExperimentConfig.model_validate(config)
@@ -62,11 +62,15 @@ class ClientWorker:
         self.algorithm = create_algorithm(self.config)  # client-side hooks and flags only
         # client -> list of task groups; slot i of a client trains on groups[i]
         self.groups = {cid: self.algorithm.client_adapters(list(s.tasks)) for cid, s in self.shards.items()}
-        encoder = load_encoder(self.config.model.name, seed=self.config.seed)
+        modality = self.config.data.modality
+        encoder = load_backbone(self.config.model.name, modality, seed=self.config.seed,
+                                feature_dim=self.config.data.feature_dim)
         floral = self.config.floral if self.algorithm.uses_mixture else None
         self.model = AdapterModel(encoder, self.config.model, head_classes, self.config.seed,
-                                  floral=floral, num_adaptors=self.config.resolved_num_adaptors)
+                                  floral=floral, num_adaptors=self.config.resolved_num_adaptors,
+                                  modality=modality)
         self.model.to(self.device)
+        self.generation = self._generation_settings() if modality == "causal_lm" else None
         # The server's global adapters as last received: (1, d) v^0 for most algorithms,
         # (K, d) for IFCA, whose clients start each round from the best-fitting one.
         self.globals: np.ndarray | None = None
@@ -78,6 +82,20 @@ class ClientWorker:
         # a round the driver rejects leaves every client as it was.
         self.pending: dict[AdapterKey, np.ndarray] = {}
         self.pending_private: dict[AdapterKey, np.ndarray] = {}
+
+    def _generation_settings(self):
+        from fltac_ray.models.builders import eos_token_id, load_tokenizer
+        from fltac_ray.training import GenerationSettings, load_judge
+
+        train = self.config.train
+        if not train.generate:
+            return None
+        tokenizer = load_tokenizer(self.config.model.name)
+        return GenerationSettings(
+            max_new_tokens=train.max_new_tokens, pad_id=int(tokenizer.pad_token_id),
+            eos_id=eos_token_id(tokenizer),
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            judge=load_judge(train.judge))
 
     # --- set-up -----------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -240,8 +258,10 @@ class ClientWorker:
                     bundle = self.tasks[task]
                     result = evaluate_adapter(
                         self.model, vector, bundle.test, shard.tasks[task][1], bundle.num_classes,
-                        self.config.train.eval_batch_size, self.device,
+                        self.config.train.eval_batch_size, self.device, self.generation,
                     )
                     if result.count:
-                        records.append(EvalRecord(client_id, task, result.correct, result.loss_sum, result.count))
+                        records.append(EvalRecord(client_id, task, result.correct, result.loss_sum,
+                                                  result.count, result.predictions, result.rouge_sum,
+                                                  result.judge_sum))
         return records

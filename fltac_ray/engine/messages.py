@@ -49,6 +49,13 @@ class AggregationOutcome:
 class EvalRecord:  # one (client, task): that client's current adapter on its own test examples
     client_id: int
     task: str
-    correct: int
-    loss_sum: float
-    count: int
+    correct: int  # right predictions: examples (classification) or response tokens (generation)
+    loss_sum: float  # summed over the same predictions
+    count: int  # test examples
+    predictions: int = 0  # denominator of correct and loss_sum; 0 means `count`
+    rouge_sum: float = float("nan")  # generation: summed ROUGE-L F of greedy answers
+    judge_sum: float = float("nan")  # generation with train.judge: summed judge scores
+
+    @property
+    def scored(self) -> int:
+        return self.predictions or self.count

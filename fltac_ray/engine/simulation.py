@@ -78,7 +78,8 @@ def preflight(config: ExperimentConfig) -> None:
             "to Ray with engine.num_gpus (scheduling only, training stays on the CPU)")])
     if local and engine.device == "cuda" and not has_cuda:
         raise ConfigError([ConfigIssue("engine.device", "cuda", "no CUDA device here; use auto or cpu")])
-    check_target_modules(config.model.name, config.model.lora.target_modules)
+    check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
+                         config.data.feature_dim)
 
 
 def _check_data(config: ExperimentConfig, data: FederatedData) -> list[int]:
@@ -126,13 +127,13 @@ class Simulation:
         started = time.perf_counter()
         config, say = self.config, self.progress.say
         preflight(config)
-        from fltac_ray.models.builders import text_encoder
+        from fltac_ray.data.encoding import make_featurizer
 
-        say(f"[fltac-ray] {config.name}: {config.algorithm}, {len(config.data.tasks)} tasks, "
+        say(f"[fltac-ray] {config.name}: {config.algorithm}, {config.num_tasks} tasks, "
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
             f"(LoRA rank {config.model.lora.rank})")
         algorithm = create_algorithm(config)  # driver-side: flags only (the server lives in Ray)
-        data = build_federated_data(config, text_encoder(config.model.name, config.data.max_length))
+        data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
         active = _check_data(config, data)
         if algorithm.pools_data:
             data = data.pooled(config.train.local_steps, config.federation.client_fraction)
@@ -369,8 +370,8 @@ class Simulation:
                               task_accuracy, started, trained, aggregated, "ok")
         writer.append_metrics(task_rows)
         writer.append_client_metrics([
-            {"round": round_index, "client": r.client_id, "task": r.task, "accuracy": r.correct / r.count,
-             "loss": r.loss_sum / r.count, "test_samples": r.count}
+            {"round": round_index, "client": r.client_id, "task": r.task, "accuracy": r.correct / r.scored,
+             "loss": r.loss_sum / r.scored, "test_samples": r.count}
             for r in records
         ])
         writer.append_round(row)
@@ -431,6 +432,7 @@ class Simulation:
 
     @staticmethod
     def _task_rows(round_index: int, records: list[EvalRecord], data: FederatedData):
+        nan = float("nan")
         per_task: dict[str, list[EvalRecord]] = defaultdict(list)
         for record in records:
             per_task[record.task].append(record)
@@ -440,15 +442,22 @@ class Simulation:
             if not items:
                 continue
             count = sum(r.count for r in items)
-            accuracy[task] = sum(r.correct for r in items) / count
+            scored = sum(r.scored for r in items)
+            accuracy[task] = sum(r.correct for r in items) / scored
+            loss = sum(r.loss_sum for r in items) / scored
+            generation = bundle.is_generation
             rows.append({
                 "round": round_index,
                 "task": task,
                 "accuracy": accuracy[task],
-                "loss": sum(r.loss_sum for r in items) / count,
+                "loss": loss,
                 "clients": len({r.client_id for r in items}),
                 "test_samples": count,
                 "majority_accuracy": bundle.majority_rate,
+                # generation tasks: accuracy is next-token accuracy on response tokens
+                "rouge_l": sum(r.rouge_sum for r in items) / count if generation else nan,
+                "perplexity": math.exp(min(loss, 50.0)) if generation else nan,
+                "judge_score": sum(r.judge_sum for r in items) / count if generation else nan,
             })
         return rows, accuracy
 

@@ -1,4 +1,8 @@
-"""Frozen base encoder + peft LoRA + a classifier head: the model every client trains.
+"""Frozen base model + peft LoRA + a classifier head: the model every client trains.
+
+One class serves every modality (models/registry.py): text encoders, image backbones (ViT,
+EfficientNet-lite0), vector MLPs (all with a classifier head on pooled features), and causal LMs
+(no head: the adapter is LoRA only, trained on response tokens).
 
 The *adapter* of a (client, task) is every trainable tensor (LoRA A/B of each target module and
 the head), flattened in sorted key order into one float32 vector. The head always has
@@ -11,12 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
 
 from fltac_ray.config import FloralConfig, ModelConfig
 from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures, layer_rank
+from fltac_ray.models.registry import default_targets
 
 
 class AdapterModel(nn.Module):
@@ -32,9 +38,18 @@ class AdapterModel(nn.Module):
         seed: int,
         floral: FloralConfig | None = None,
         num_adaptors: int = 1,
+        modality: str = "text",
     ):
         super().__init__()
         lora = model_config.lora
+        # ExperimentConfig fills the family default; a bare ModelConfig may still hold None.
+        targets = list(lora.target_modules or default_targets(model_config.name, modality))
+        self.modality = modality
+        self.image_size = model_config.image_size or int(getattr(encoder.config, "image_size", 64))
+        # EfficientNet was trained on ImageNet statistics; ViT-in21k on mean = std = 0.5.
+        imagenet = getattr(encoder.config, "model_type", "") == "efficientnet-lite0"
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406] if imagenet else [0.5] * 3).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225] if imagenet else [0.5] * 3).view(1, 3, 1, 1), persistent=False)
         for param in encoder.parameters():
             param.requires_grad_(False)
         # Seeded so that the initial adapter v^0 is a pure function of the config.
@@ -45,23 +60,25 @@ class AdapterModel(nn.Module):
         if floral is None:
             peft_config = PeftLoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
+                target_modules=targets,
             )
             try:
                 self.encoder = get_peft_model(encoder, peft_config)
             except ValueError as exc:
-                raise ValueError(f"model.lora.target_modules = {list(lora.target_modules)}: {exc}") from exc
-            self.head = nn.Linear(hidden, head_classes)
+                raise ValueError(f"model.lora.target_modules = {targets}: {exc}") from exc
+            self.head = nn.Linear(hidden, head_classes) if head_classes else None
         else:
             self.router = Router(num_adaptors, floral.temperature, floral.min_weight)
             rank = None if floral.rank_fraction is not None else lora.rank
-            inject_mixtures(encoder, list(lora.target_modules), self.router, rank,
+            inject_mixtures(encoder, targets, self.router, rank,
                             floral.rank_fraction, lora.alpha, lora.dropout)
             self.encoder = encoder
             # the head itself is federated (FedAvg) and carries C adaptors like every layer
-            head_rank = layer_rank(rank, floral.rank_fraction, hidden, head_classes)
-            self.head = MixtureLinear(nn.Linear(hidden, head_classes), self.router, head_rank,
-                                      lora.alpha / head_rank, lora.dropout)
+            self.head = None
+            if head_classes:
+                head_rank = layer_rank(rank, floral.rank_fraction, hidden, head_classes)
+                self.head = MixtureLinear(nn.Linear(hidden, head_classes), self.router, head_rank,
+                                          lora.alpha / head_rank, lora.dropout)
         self.pooling = model_config.pooling
         private = {id(self.router.weight)} if self.router is not None else set()
         # (name, parameter) in sorted name order: defines the flattened adapter layout.
@@ -148,19 +165,85 @@ class AdapterModel(nn.Module):
         for module in self.encoder.modules():
             if hasattr(module, "reset_lora_parameters"):
                 module.reset_lora_parameters("default", True)
-        self.head.reset_parameters()
+        if self.head is not None:
+            self.head.reset_parameters()
 
-    # --- forward --------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, num_classes: int) -> torch.Tensor:
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, num_classes: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits (batch, num_classes) for a task that uses the first num_classes head rows."""
+        return self.head(self.features(**inputs))[:, :num_classes]
+
+    def features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) pooled features of the frozen body (with its LoRA)."""
+        if self.modality == "vector":
+            return self.encoder(inputs["features"].float())
+        if self.modality == "image":
+            return self._image_features(inputs["pixels"])
+        return self._text_features(inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids"))
+
+    def _text_features(self, input_ids, lengths, token_type_ids=None) -> torch.Tensor:
         # input_ids: (batch, max_length); trim to the longest example of this batch
         width = int(lengths.max())
-        input_ids = input_ids[:, :width]
+        input_ids = input_ids[:, :width].long()
         mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
-        hidden = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        extra = {"token_type_ids": token_type_ids[:, :width].long()} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
+        return self._pool(hidden, mask)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # mean over real tokens: (batch, width, hidden) -> (batch, hidden)
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.head(pooled)[:, :num_classes]
+            return hidden[:, 0]
+        if mask is None:  # ViT: every patch token is real
+            return hidden.mean(1)
+        # mean over real tokens: (batch, width, hidden) -> (batch, hidden)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        # pixels: (batch, 1 or 3, h, w) uint8 -> (batch, 3, S, S) normalised floats
+        x = pixels.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std
+        out = self.encoder(pixel_values=x) if hasattr(self.encoder.config, "patch_size") else self.encoder(x)
+        if isinstance(out, torch.Tensor):  # EfficientNet: already pooled (batch, 1280)
+            return out
+        return self._pool(out.last_hidden_state)
+
+    # --- causal LM ---------------------------------------------------------------------------
+    def lm_scores(self, input_ids, lengths, prompt_lengths, **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Summed cross-entropy and right predictions over response tokens, and their count.
+
+        The prompt is masked out: position t predicts token t+1, which counts only when t+1 is a
+        response token (prompt_length <= t+1 < length)."""
+        width = int(lengths.max())
+        ids = input_ids[:, :width].long()
+        positions = torch.arange(width, device=ids.device)[None, :]
+        mask = (positions < lengths[:, None]).long()
+        logits = self.encoder(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (b, w-1, V)
+        targets = ids[:, 1:]
+        scored = (positions[:, 1:] >= prompt_lengths[:, None]) & (positions[:, 1:] < lengths[:, None])
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 reduction="none").view_as(targets)
+        loss_sum = (losses * scored).sum()
+        correct = ((logits.argmax(-1) == targets) & scored).sum()
+        return loss_sum, correct, int(scored.sum())
+
+    @torch.no_grad()
+    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, pad_id: int, eos_id: int) -> list[list[int]]:
+        """Greedy continuations of token-id prompts (left-padded into one batch)."""
+        width = max(len(p) for p in prompts)
+        device = self.pixel_mean.device
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
+            mask[i, width - len(prompt):] = 1
+        out = self.encoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+        answers = []
+        for row in out[:, width:].tolist():
+            answers.append(row[: row.index(eos_id)] if eos_id in row else row)
+        return answers

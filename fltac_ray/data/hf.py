@@ -1,0 +1,142 @@
+"""The paper's data sets through Hugging Face `datasets`: GLUE, CIFAR-10/100, Databricks-Dolly-15k.
+
+With hub access the data is fetched by id (and cached by `datasets`). Without it, point
+`data.files` at local copies in the same formats (CSV/TSV, JSON lines or Parquet with the hub's
+column names): `load_dataset("csv"|"json"|"parquet", data_files=...)` runs fully offline.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fltac_ray.data.instructions import format_prompt
+from fltac_ray.data.types import Examples, TaskKind, instructions
+from fltac_ray.errors import ResourceUnavailableError
+
+
+@dataclass(frozen=True)
+class HubSource:
+    path: str  # hub id
+    config: str | None  # hub config name (GLUE's task)
+    train_split: str
+    test_split: str | None  # None: cut the test set from the training split (Dolly)
+    text_columns: tuple[str, ...] = ()  # one column: text, two: text pair
+    image_column: str = ""
+    label_column: str = "label"
+    class_names: tuple[str, ...] = ()
+
+
+GLUE_LABELS = {
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not equivalent", "equivalent"),
+    "qqp": ("not duplicate", "duplicate"),
+    "qnli": ("entailment", "not entailment"),
+    "rte": ("entailment", "not entailment"),
+}
+GLUE_COLUMNS = {
+    "sst2": ("sentence",),
+    "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"),
+    "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"),
+}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+DOLLY_CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing",
+                    "general_qa", "information_extraction", "open_qa", "summarization")
+
+SOURCES: dict[str, HubSource] = {
+    # GLUE's test labels are hidden (-1): the validation split is the test set, as is customary.
+    **{f"glue_{name}": HubSource("nyu-mll/glue", name, "train", "validation", GLUE_COLUMNS[name],
+                                 class_names=GLUE_LABELS[name]) for name in GLUE_LABELS},
+    "cifar10": HubSource("uoft-cs/cifar10", None, "train", "test", image_column="img",
+                         class_names=CIFAR10_CLASSES),
+    "cifar100": HubSource("uoft-cs/cifar100", None, "train", "test", image_column="img",
+                          label_column="fine_label", class_names=tuple(f"class {i}" for i in range(100))),
+    **{f"dolly_{category}": HubSource("databricks/databricks-dolly-15k", None, "train", None)
+       for category in DOLLY_CATEGORIES},
+}
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task: str) -> Any:
+    """role "train" or "test": the hub split playing it, or data.files.<task>.<role>."""
+    from datasets import load_dataset
+
+    split = source.train_split if role == "train" else source.test_split
+    if files is not None:
+        if role not in files:
+            raise ResourceUnavailableError(
+                f"data.files.{task} has no '{role}' entry (has {sorted(files)})")
+        path = Path(files[role]).expanduser()
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ResourceUnavailableError(
+                f"data.files.{task}.{role} = {str(path)!r}: unsupported file type; use one of "
+                f"{sorted(_FORMATS)}")
+        if not path.is_file():
+            raise ResourceUnavailableError(f"data.files.{task}.{role} = {str(path)!r}: no such file")
+        extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        return load_dataset(fmt, data_files={role: str(path)}, split=role, **extra)
+    try:
+        return load_dataset(source.path, source.config, split=split)
+    except Exception as exc:  # hub unreachable, dataset missing, ...
+        raise ResourceUnavailableError(
+            f"could not load {source.path}{'/' + source.config if source.config else ''} split "
+            f"{split!r} for task {task} ({type(exc).__name__}: {exc}); without hub access, set "
+            f"data.files.{task} to local train/test files in the same format") from exc
+
+
+def _image_array(value: Any) -> np.ndarray:
+    """A decoded datasets Image (PIL) or its stored form {"bytes": ..., "path": ...} -> (3, h, w)."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    return np.asarray(value.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _take(dataset: Any, n: int, rng: np.random.Generator) -> Any:
+    chosen = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
+    return dataset.select(np.sort(chosen).tolist())
+
+
+def _classification(source: HubSource, rows: Any, kind: TaskKind) -> Examples:
+    labels = np.asarray(rows[source.label_column], dtype=np.int64)
+    names = list(source.class_names)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ResourceUnavailableError(
+            f"labels outside 0..{len(names) - 1} in column {source.label_column!r} "
+            f"(found {labels.min()}..{labels.max()}); GLUE test splits have hidden (-1) labels")
+    if kind == "image":
+        images = np.stack([_image_array(v) for v in rows[source.image_column]])
+        return Examples("image", labels, names, images=images)
+    texts = [str(t) for t in rows[source.text_columns[0]]]
+    pairs = [str(t) for t in rows[source.text_columns[1]]] if len(source.text_columns) > 1 else None
+    return Examples(kind, labels, names, texts=texts, pairs=pairs)
+
+
+def load_hub_task(task: str, kind: TaskKind, n_train: int, n_test: int, rng: np.random.Generator,
+                  files: dict[str, str] | None = None) -> tuple[Examples, Examples]:
+    """(train, test) examples of one paper task, at most n_train / n_test of each."""
+    source = SOURCES[task]
+    if task.startswith("dolly_"):
+        category = task.removeprefix("dolly_")
+        pool = _load_split(source, "train", files, task)
+        pool = pool.filter(lambda row: row["category"] == category)
+        if len(pool) == 0:
+            raise ResourceUnavailableError(f"no Dolly rows with category {category!r} for task {task}")
+        rows = _take(pool, n_train + n_test, rng)
+        prompts = [format_prompt(i, c or "") for i, c in zip(rows["instruction"], rows["context"], strict=True)]
+        examples = instructions(prompts, [str(r) for r in rows["response"]])
+        cut = round(len(examples) * n_train / (n_train + n_test))
+        return examples.subset(slice(0, cut)), examples.subset(slice(cut, None))
+    train = _take(_load_split(source, "train", files, task), n_train, rng)
+    test = _take(_load_split(source, "test", files, task), n_test, rng)
+    return _classification(source, train, kind), _classification(source, test, kind)
