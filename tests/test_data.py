@@ -76,3 +76,34 @@ def test_federated_split_is_seeded():
     np.testing.assert_array_equal(a.shares, b.shares)
     other = build_federated_data(tiny_config(seed=1), _fake_encode)
     assert not np.array_equal(a.shares, other.shares)
+
+
+def test_fortunes_collections_become_a_labelled_task():
+    from fltac_ray.data.fortunes import CATEGORIES, load_fortune_category
+
+    examples = load_fortune_category("/usr/share/games/fortunes", 300, np.random.default_rng(0))
+    assert len(examples) == 300 and examples.class_names == CATEGORIES
+    assert len(set(examples.labels.tolist())) == len(CATEGORIES)
+    assert all("\n" not in t and len(t) > 10 for t in examples.texts)
+
+
+def test_fashion_mnist_idx_and_its_grouped_labelling():
+    from fltac_ray.data.images import FASHION_GROUP_OF, load_fashion_mnist
+
+    rng = np.random.default_rng(0)
+    plain = load_fashion_mnist("/usr/share/datasets/fashion-mnist", 50, rng)
+    assert plain.images.shape == (50, 1, 28, 28) and plain.images.dtype == np.uint8
+    grouped = load_fashion_mnist("/usr/share/datasets/fashion-mnist", 50, np.random.default_rng(0), grouped=True)
+    np.testing.assert_array_equal(grouped.labels, FASHION_GROUP_OF[plain.labels])
+
+
+def test_wordnet_instruction_categories_have_reference_answers():
+    from fltac_ray.data.instructions import build_category
+
+    rng = np.random.default_rng(0)
+    category = build_category("wordnet_category", "/usr/share/wordnet", 20, rng)
+    assert category.kind == "instruction" and category.class_names == []
+    assert all(p.startswith("### Instruction:\nWhat kind of thing is") for p in category.texts)
+    assert all(answer.isalpha() and answer.islower() for answer in category.pairs)
+    hypernym = build_category("wordnet_hypernym", "/usr/share/wordnet", 20, rng)
+    assert all(answer for answer in hypernym.pairs)

@@ -152,9 +152,11 @@ class Simulation:
             writer.write_partition(data.partition_rows())
         for name, bundle in data.tasks.items():
             holders = sum(1 for c in data.clients if name in c.tasks)
-            say(f"  task {name}: {bundle.num_classes} classes, {len(bundle.train)} train / "
-                f"{len(bundle.test)} test, held by {holders} clients "
-                f"(majority-class rate {bundle.majority_rate:.3f})")
+            kind = ("instruction task (generation)" if bundle.is_generation
+                    else f"{bundle.num_classes} classes")
+            baseline = "" if bundle.is_generation else f" (majority-class rate {bundle.majority_rate:.3f})"
+            say(f"  task {name}: {kind}, {len(bundle.train)} train / {len(bundle.test)} test, "
+                f"held by {holders} clients{baseline}")
         say(f"  run directory: {run_dir}")
         if config.engine.metrics:
             from fltac_ray.telemetry import DashboardMetrics
