@@ -281,6 +281,16 @@ class EngineConfig(_Section):
     clients_per_actor: int | None = Field(
         default=None, ge=1, description="Fix clients per worker actor (1 = one actor per client)."
     )
+    batched_training: bool = Field(
+        default=True,
+        description="Train the adapters a worker hosts together, one forward/backward per local "
+        "step over the shared base, each sample through its own adapter (FLoRAL always trains "
+        "one at a time). Same results to float rounding with dropout off; off: one by one.",
+    )
+    max_batched_adapters: int = Field(
+        default=32, ge=1,
+        description="Most adapters per combined pass (activations: this x train.batch_size examples).",
+    )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs per client worker.")
     gpus_per_worker: float = Field(
         default=0.0, ge=0, description="Ray GPUs per client worker; fractions share one GPU."

@@ -43,6 +43,24 @@ class TrainOutcome:
     mean_loss: float
 
 
+class BatchCursor:
+    """The examples of each local step: `batch_size` of `indices` in a seeded order, reshuffled
+    when an epoch runs out. One-by-one and batched training draw through this same class, so both
+    see the same batches."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> None:
+        self.indices, self.batch_size, self.rng = indices, batch_size, rng
+        self.order = rng.permutation(indices)
+        self.cursor = 0
+
+    def next(self) -> np.ndarray:
+        if self.cursor + self.batch_size > len(self.order) and self.cursor > 0:
+            self.order, self.cursor = self.rng.permutation(self.indices), 0
+        chosen = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return chosen
+
+
 def train_adapter(
     model: AdapterModel,
     start: np.ndarray,
@@ -61,14 +79,10 @@ def train_adapter(
     model.train()
     # A fresh optimizer per (client, task, round), as in the reference implementation.
     optimizer = torch.optim.AdamW(model.optimizer_groups(lr), lr=lr, weight_decay=weight_decay)
-    order = rng.permutation(indices)
-    cursor = 0
+    batches = BatchCursor(indices, batch_size, rng)
     losses = []
     for _ in range(steps):
-        if cursor + batch_size > len(order) and cursor > 0:
-            order, cursor = rng.permutation(indices), 0
-        chosen = order[cursor:cursor + batch_size]
-        cursor += batch_size
+        chosen = batches.next()
         inputs = batch_tensors(split, chosen, device)
         labels = torch.from_numpy(split.labels[chosen]).to(device)
         loss = _batch_loss(model, inputs, labels, num_classes)

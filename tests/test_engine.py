@@ -66,12 +66,15 @@ def test_result_frames_match_the_files(tiny_run):
     assert tiny_run.wall_seconds > 0
 
 
-def test_results_do_not_depend_on_worker_placement(tiny_run, tmp_path):
-    # Seeds are per (round, client, task), so one worker gives the same numbers as two.
-    single = _run(tiny_config(engine={"num_workers": 1}), tmp_path / "one")
+def test_results_do_not_depend_on_worker_placement(tmp_path):
+    # Seeds are per (round, client, task), so one worker gives the same numbers as two. (Batched
+    # training packs a worker's adapters into one pass, so its dropout streams follow the packing:
+    # the exact comparison is made one by one; batched equivalence is tests/test_batched.py.)
+    single = _run(tiny_config(engine={"num_workers": 1, "batched_training": False}), tmp_path / "one")
+    double = _run(tiny_config(engine={"num_workers": 2, "batched_training": False}), tmp_path / "two")
     cols = ["accuracy", "loss"]
-    np.testing.assert_allclose(single.metrics[cols], tiny_run.metrics[cols], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(single.rounds["train_loss"], tiny_run.rounds["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(single.metrics[cols], double.metrics[cols], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(single.rounds["train_loss"], double.rounds["train_loss"], rtol=1e-4)
 
 
 def test_one_actor_per_client_on_fractional_gpus(tmp_path):

@@ -70,6 +70,7 @@ class ClientWorker:
                                   floral=floral, num_adaptors=self.config.resolved_num_adaptors,
                                   modality=modality)
         self.model.to(self.device)
+        self.batched = self.config.engine.batched_training and self._batchable()
         self.generation = self._generation_settings() if modality == "causal_lm" else None
         # The server's global adapters as last received: (1, d) v^0 for most algorithms,
         # (K, d) for IFCA, whose clients start each round from the best-fitting one.
@@ -82,6 +83,15 @@ class ClientWorker:
         # a round the driver rejects leaves every client as it was.
         self.pending: dict[AdapterKey, np.ndarray] = {}
         self.pending_private: dict[AdapterKey, np.ndarray] = {}
+
+    def _batchable(self) -> bool:
+        from fltac_ray.models.multi_adapter import UnsupportedBatching, check_batchable
+
+        try:
+            check_batchable(self.model)
+        except UnsupportedBatching:
+            return False  # e.g. FLoRAL: trains one adapter at a time (describe() says so)
+        return True
 
     def _generation_settings(self):
         from fltac_ray.models.builders import eos_token_id, load_tokenizer
@@ -105,6 +115,7 @@ class ClientWorker:
             "device": str(self.device),
             "clients": sorted(self.shards),
             "adapter_size": self.model.adapter_size,
+            "batched": self.batched,
             "layout": self.model.adapter_layout(),
         }
 
@@ -144,47 +155,104 @@ class ClientWorker:
         return self.globals[choice], choice
 
     # --- a round ----------------------------------------------------------------------------
-    def train(self, round_index: int, client_ids: list[int]) -> tuple[UploadBatch, TrainReport]:
-        """Algorithm 2 for every given client: tau local steps per adapter, then upload."""
+    def _job_rng(self, round_index: int, key: AdapterKey, task_index: int) -> tuple[np.random.Generator, int]:
+        # Seeded per (round, client, slot, task): the batches a client draws do not depend on
+        # which worker hosts it or in which order it runs. The first draw seeds torch (dropout).
+        rng = np.random.default_rng([self.config.seed, 3, round_index, key[0], key[1], task_index])
+        return rng, int(rng.integers(2**31))
+
+    def _train_one_by_one(self, round_index: int, starts: dict[AdapterKey, np.ndarray]
+                          ) -> dict[AdapterKey, tuple[np.ndarray, list[float]]]:
+        """Each adapter alone through its tasks (FLoRAL, or engine.batched_training off)."""
         import torch
 
         from fltac_ray.training import train_adapter
 
+        train, results = self.config.train, {}
+        for key, vector in starts.items():
+            shard = self.shards[key[0]]
+            self.model.set_private(self.private.get(key))
+            losses = []
+            for task_index, task in enumerate(self.groups[key[0]][key[1]]):
+                rng, torch_seed = self._job_rng(round_index, key, task_index)
+                torch.manual_seed(torch_seed)
+                bundle = self.tasks[task]
+                outcome = train_adapter(
+                    self.model, vector, bundle.train, shard.tasks[task][0], bundle.num_classes,
+                    shard.steps.get(task, train.local_steps), train.batch_size, train.lr,
+                    train.weight_decay, rng, self.device,
+                )
+                vector = outcome.adapter
+                losses.append(outcome.mean_loss)
+            if self.algorithm.uses_mixture:
+                self.pending_private[key] = self.model.get_private()
+            results[key] = (vector, losses)
+        return results
+
+    def _train_batched(self, round_index: int, starts: dict[AdapterKey, np.ndarray]
+                       ) -> dict[AdapterKey, tuple[np.ndarray, list[float]]]:
+        """All hosted adapters together (batched_training.py): phase p trains every adapter's
+        p-th task (one task each for FL-TAC; FedIT's multi-task adapters run several phases),
+        in passes of at most engine.max_batched_adapters adapters with equal input shapes."""
+        import torch
+
+        from fltac_ray.batched_training import AdapterJob, train_batched
+
+        train = self.config.train
+        current = dict(starts)
+        losses: dict[AdapterKey, list[float]] = {key: [] for key in starts}
+        depth = max(len(self.groups[c][s]) for c, s in starts)
+        for phase in range(depth):
+            by_signature: dict[tuple, list[tuple[AdapterKey, AdapterJob, int]]] = {}
+            for key in starts:
+                group = self.groups[key[0]][key[1]]
+                if phase >= len(group):
+                    continue
+                task, shard = group[phase], self.shards[key[0]]
+                rng, torch_seed = self._job_rng(round_index, key, phase)
+                bundle = self.tasks[task]
+                job = AdapterJob(current[key], bundle.train, shard.tasks[task][0], bundle.num_classes,
+                                 shard.steps.get(task, train.local_steps), rng)
+                by_signature.setdefault(job.signature(), []).append((key, job, torch_seed))
+            size = self.config.engine.max_batched_adapters
+            for entries in by_signature.values():
+                for lo in range(0, len(entries), size):
+                    chunk = entries[lo:lo + size]
+                    torch.manual_seed(chunk[0][2])
+                    outcomes = train_batched(self.model, [job for _, job, _ in chunk], train.batch_size,
+                                             train.lr, train.weight_decay, self.device)
+                    for (key, _, _), outcome in zip(chunk, outcomes, strict=True):
+                        current[key] = outcome.adapter
+                        losses[key].append(outcome.mean_loss)
+        return {key: (current[key], losses[key]) for key in starts}
+
+    def train(self, round_index: int, client_ids: list[int]) -> tuple[UploadBatch, TrainReport]:
+        """Algorithm 2 for every given client: tau local steps per adapter, then upload."""
         if self.globals is None:
             raise RuntimeError("train() before set_initial_adapters(): v^0 was never broadcast")
         started = time.perf_counter()
-        train = self.config.train
-        keys, vectors, samples, task_names, losses, choices, mixtures = [], [], [], [], [], [], []
+        starts: dict[AdapterKey, np.ndarray] = {}
+        choices_of: dict[AdapterKey, int] = {}
         for client_id in client_ids:
-            shard = self.shards[client_id]
             for slot, group in enumerate(self.groups[client_id]):
                 key = (client_id, slot)
-                vector, choice = self._start(key, group, shard)
-                self.model.set_private(self.private.get(key))
-                group_losses = []
-                for task_index, task in enumerate(group):
-                    # Seeded per (round, client, slot, task): results do not depend on which
-                    # worker hosts the client or in which order it runs.
-                    rng = np.random.default_rng([self.config.seed, 3, round_index, client_id, slot, task_index])
-                    torch.manual_seed(int(rng.integers(2**31)))
-                    bundle = self.tasks[task]
-                    outcome = train_adapter(
-                        self.model, vector, bundle.train, shard.tasks[task][0], bundle.num_classes,
-                        shard.steps.get(task, train.local_steps), train.batch_size, train.lr,
-                        train.weight_decay, rng, self.device,
-                    )
-                    vector = outcome.adapter
-                    group_losses.append(outcome.mean_loss)
-                self.pending[key] = vector
-                if self.algorithm.uses_mixture:
-                    self.pending_private[key] = self.model.get_private()
-                    mixtures.append(self.model.mixture_weights())
-                keys.append(key)
-                vectors.append(vector)
-                samples.append(sum(shard.num_train(task) for task in group))
-                task_names.append("+".join(group))
-                losses.append(float(np.mean(group_losses)))
-                choices.append(choice)
+                starts[key], choices_of[key] = self._start(key, group, self.shards[client_id])
+        stepping = time.perf_counter()
+        trained = (self._train_batched if self.batched else self._train_one_by_one)(round_index, starts)
+        step_seconds = time.perf_counter() - stepping
+        keys, vectors, samples, task_names, losses, choices, mixtures = [], [], [], [], [], [], []
+        for key, (vector, group_losses) in trained.items():
+            shard, group = self.shards[key[0]], self.groups[key[0]][key[1]]
+            self.pending[key] = vector
+            if self.algorithm.uses_mixture:
+                self.model.set_private(self.pending_private[key])
+                mixtures.append(self.model.mixture_weights())
+            keys.append(key)
+            vectors.append(vector)
+            samples.append(sum(shard.num_train(task) for task in group))
+            task_names.append("+".join(group))
+            losses.append(float(np.mean(group_losses)))
+            choices.append(choices_of[key])
         algorithm = self.algorithm
         if algorithm.communicates and vectors:
             upload = UploadBatch(
@@ -197,7 +265,7 @@ class ClientWorker:
             )
         else:  # nothing leaves the client
             upload = UploadBatch([], np.zeros((0, self.model.adapter_size), np.float32), np.zeros(0, np.int64))
-        report = TrainReport(keys, task_names, losses, time.perf_counter() - started)
+        report = TrainReport(keys, task_names, losses, time.perf_counter() - started, step_seconds)
         return upload, report
 
     def download(self, outcome: AggregationOutcome | None, evaluate: bool) -> list[EvalRecord]:

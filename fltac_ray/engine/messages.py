@@ -28,7 +28,8 @@ class TrainReport:
     keys: list[AdapterKey]
     tasks: list[str]  # "+"-joined task names of each adapter
     losses: list[float]
-    seconds: float
+    seconds: float  # the whole train() call
+    step_seconds: float = 0.0  # of which local training steps (the rest: IFCA probes, packing)
 
 
 @dataclass

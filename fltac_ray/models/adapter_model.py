@@ -214,7 +214,13 @@ class AdapterModel(nn.Module):
 
     # --- causal LM ---------------------------------------------------------------------------
     def lm_scores(self, input_ids, lengths, prompt_lengths, **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Summed cross-entropy and right predictions over response tokens, and their count.
+        """Summed cross-entropy and right predictions over response tokens, and their count."""
+        losses, correct, scored = self.lm_token_scores(input_ids, lengths, prompt_lengths)
+        return (losses * scored).sum(), (correct & scored).sum(), int(scored.sum())
+
+    def lm_token_scores(self, input_ids, lengths, prompt_lengths, **_: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per position (batch, width - 1): cross-entropy, right prediction, and whether it counts.
 
         The prompt is masked out: position t predicts token t+1, which counts only when t+1 is a
         response token (prompt_length <= t+1 < length)."""
@@ -227,9 +233,7 @@ class AdapterModel(nn.Module):
         scored = (positions[:, 1:] >= prompt_lengths[:, None]) & (positions[:, 1:] < lengths[:, None])
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  reduction="none").view_as(targets)
-        loss_sum = (losses * scored).sum()
-        correct = ((logits.argmax(-1) == targets) & scored).sum()
-        return loss_sum, correct, int(scored.sum())
+        return losses, logits.argmax(-1) == targets, scored
 
     @torch.no_grad()
     def generate(self, prompts: list[np.ndarray], max_new_tokens: int, pad_id: int, eos_id: int) -> list[list[int]]:

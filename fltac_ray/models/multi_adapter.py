@@ -1,0 +1,147 @@
+"""Many adapters over one frozen base in a single forward/backward (batched multi-adapter training).
+
+The samples of n adapters are concatenated into one batch; `route` (batch,) says which adapter
+each sample belongs to. Every LoRA layer of the AdapterModel computes its base output once for the
+whole batch and adds each sample's own low-rank update:
+
+    y_b = base(x_b) + scale * B[route_b] @ A[route_b] @ dropout(x_b)
+
+with the adapters held *stacked*: a tensor of shape (n, *shape) per entry of the flat adapter
+layout (e.g. lora_A (n, r, d_in), lora_B (n, d_out, r), head.weight (n, classes, hidden)). The
+gradient of adapter i only sees its own samples, so summing every adapter's mean loss and
+stepping a per-adapter optimizer reproduces training the adapters one by one (training.py).
+
+peft's own LoRA path is switched off for the duration (its layers then return base(x)) and a
+forward hook on each LoRA layer adds the routed update. Only peft LoRA on Linear and Conv2d layers
+is supported; FLoRAL's mixture layers train one adapter at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as lora_layers
+
+from fltac_ray.models.adapter_model import AdapterModel
+
+
+class UnsupportedBatching(ValueError):
+    """The model has trainable tensors the batched path cannot route (FLoRAL mixtures, ...)."""
+
+
+class StackedAdapters:
+    """n flat adapters (n, adapter_size) as stacked leaf tensors, one per adapter-layout entry."""
+
+    def __init__(self, model: AdapterModel, vectors: np.ndarray, device: torch.device) -> None:
+        layout = model.adapter_layout()
+        if vectors.ndim != 2 or vectors.shape[1] != model.adapter_size:
+            raise ValueError(f"adapters have shape {vectors.shape}, expected (n, {model.adapter_size})")
+        self.count = vectors.shape[0]
+        self.names = [name for name, _ in layout]
+        self.tensors: dict[str, torch.Tensor] = {}
+        source = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+        offset = 0
+        for name, shape in layout:
+            size = int(np.prod(shape))
+            block = source[:, offset:offset + size].reshape(self.count, *shape)
+            self.tensors[name] = block.to(device).clone().requires_grad_(True)
+            offset += size
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.tensors[name] for name in self.names]
+
+    def to_numpy(self) -> np.ndarray:
+        """(n, adapter_size) float32, in the flat layout of AdapterModel.get_adapter()."""
+        with torch.no_grad():
+            flat = torch.cat([self.tensors[name].reshape(self.count, -1) for name in self.names], dim=1)
+        return flat.to("cpu", torch.float32).numpy().copy()
+
+
+def _lora_layers(model: AdapterModel) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, lora_layers.LoraLayer) and "default" in module.lora_A]
+
+
+def check_batchable(model: AdapterModel) -> None:
+    """Raise UnsupportedBatching unless every adapter entry is a LoRA A/B of a Linear or Conv2d
+    layer or the classifier head."""
+    if model.router is not None:
+        raise UnsupportedBatching("FLoRAL's router-mixed adaptors train one adapter at a time")
+    covered = {"head.weight", "head.bias"} if model.head is not None else set()
+    for name, module in _lora_layers(model):
+        if not isinstance(module, lora_layers.Linear | lora_layers.Conv2d):
+            raise UnsupportedBatching(f"LoRA on {type(module).__name__} ({name}) is not batched")
+        covered |= {f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"}
+    extra = [name for name, _ in model.adapter_layout() if name not in covered]
+    if extra:
+        raise UnsupportedBatching(f"adapter entries the batched path cannot route: {extra[:3]}")
+
+
+def _routed_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    # x: (batch, ..., d_in); a: (n, r, d_in); b: (n, d_out, r) -> (batch, ..., d_out)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in)
+    hidden = torch.bmm(flat, a[route].transpose(1, 2))  # (batch, tokens, r)
+    out = torch.bmm(hidden, b[route].transpose(1, 2))  # (batch, tokens, d_out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _routed_conv(module: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 route: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    # x: (batch, c_in, h, w); a: (n, r, c_in, kh, kw) like the base conv; b: (n, c_out, r, 1, 1)
+    conv_a = module.lora_A["default"]
+    if conv_a.kernel_size == (1, 1) and conv_a.stride == (1, 1) and conv_a.padding in ((0, 0), "valid"):
+        # a 1x1 convolution is a per-pixel linear map: route it like a Linear
+        hidden = torch.einsum("bihw,bri->brhw", x, a[route][..., 0, 0])
+        return torch.einsum("brhw,bor->bohw", hidden, b[route][..., 0, 0])
+    parts = []  # general kernels: one conv pair per adapter's contiguous samples
+    for index, (lo, hi) in enumerate(segments):
+        hidden = F.conv2d(x[lo:hi], a[index], None, conv_a.stride, conv_a.padding, conv_a.dilation, conv_a.groups)
+        parts.append(F.conv2d(hidden, b[index]))
+    return torch.cat(parts)
+
+
+@contextmanager
+def routed(model: AdapterModel, stacked: StackedAdapters, segments: list[tuple[int, int]]) -> Iterator[None]:
+    """Within the block, the model's LoRA layers apply adapter i to samples segments[i] = (lo, hi)
+    of the batch (contiguous, in adapter order)."""
+    sizes = [hi - lo for lo, hi in segments]
+    device = next(iter(stacked.tensors.values())).device
+    route = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    hooks, switched = [], []
+
+    def make_hook(name: str, module: torch.nn.Module):
+        a = stacked.tensors[f"{name}.lora_A.default.weight"]
+        b = stacked.tensors[f"{name}.lora_B.default.weight"]
+        scale = module.scaling["default"]
+        dropout = module.lora_dropout["default"]
+        conv = isinstance(module, lora_layers.Conv2d)
+
+        def hook(_module, args, output):
+            x = dropout(args[0].to(a.dtype))
+            delta = _routed_conv(module, x, a, b, route, segments) if conv else _routed_linear(x, a, b, route)
+            return output + (delta * scale).to(output.dtype)
+
+        return hook
+
+    try:
+        for name, module in _lora_layers(model):
+            switched.append((module, module._disable_adapters))
+            module._disable_adapters = True  # peft's layer now returns base(x) only
+            hooks.append(module.register_forward_hook(make_hook(name, module)))
+        yield
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for module, before in switched:
+            module._disable_adapters = before
+
+
+def routed_head(features: torch.Tensor, stacked: StackedAdapters, route: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) features -> (batch, head_classes) logits, each sample through its adapter's head."""
+    weight = stacked.tensors["head.weight"][route]  # (batch, classes, hidden)
+    bias = stacked.tensors["head.bias"][route]  # (batch, classes)
+    return torch.bmm(weight, features.unsqueeze(-1)).squeeze(-1) + bias

