@@ -1,8 +1,8 @@
 """Batched multi-adapter training reproduces one-by-one training (dropout off).
 
 Tolerance: adapters agree to atol 2e-5 + rtol 1e-4 after 6 AdamW steps at lr 1e-2; the
-differences are float32 summation order (one combined matmul, text padded to the combined
-batch's longest example), not algorithmic.
+differences are float32 summation order (one combined matmul, text regrouped into length
+buckets), not algorithmic.
 """
 
 from __future__ import annotations
@@ -76,6 +76,22 @@ def test_batched_text_training_matches_one_by_one_with_uneven_steps_and_class_co
     _assert_same(batched, single)
     # and the adapters really moved (the equality is not trivially of untrained starts)
     assert all(np.abs(b.adapter - j.start).max() > 1e-3 for b, j in zip(batched, jobs, strict=True))
+
+
+def test_length_buckets_of_a_large_combined_batch_match_one_by_one():
+    from fltac_ray.batched_training import length_buckets
+
+    lengths = np.array([30, 2, 3, 31] * 20)
+    # one bucket: 80 x 31 + 32 = 2512 padded tokens; {2, 3} and {30, 31}: 40 x 3 + 40 x 31 + 64 = 1424
+    buckets = length_buckets(lengths)
+    assert [sorted(set(lengths[b])) for b in buckets] == [[2, 3], [30, 31]]
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(80))
+    # nearly equal lengths stay in one pass: an extra bucket would cost more than it saves
+    assert len(length_buckets(np.array([10, 11, 12] * 4))) == 1
+    model = _model("tiny-random-bert", "text", head_classes=4)
+    splits = [(_text_split(60, 4, seed), 4) for seed in range(10)]  # 10 jobs x 8 = 80 examples
+    _assert_same(train_batched(model, _jobs(model, splits, [3] * 10), 8, 1e-2, 0.0, CPU),
+                 _one_by_one(model, _jobs(model, splits, [3] * 10), 8, 1e-2, 0.0))
 
 
 def test_batched_training_leaves_the_model_usable_one_by_one():

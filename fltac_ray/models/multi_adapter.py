@@ -90,27 +90,26 @@ def _routed_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: tor
 
 
 def _routed_conv(module: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 route: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+                 route: torch.Tensor) -> torch.Tensor:
     # x: (batch, c_in, h, w); a: (n, r, c_in, kh, kw) like the base conv; b: (n, c_out, r, 1, 1)
     conv_a = module.lora_A["default"]
     if conv_a.kernel_size == (1, 1) and conv_a.stride == (1, 1) and conv_a.padding in ((0, 0), "valid"):
         # a 1x1 convolution is a per-pixel linear map: route it like a Linear
         hidden = torch.einsum("bihw,bri->brhw", x, a[route][..., 0, 0])
         return torch.einsum("brhw,bor->bohw", hidden, b[route][..., 0, 0])
-    parts = []  # general kernels: one conv pair per adapter's contiguous samples
-    for index, (lo, hi) in enumerate(segments):
-        hidden = F.conv2d(x[lo:hi], a[index], None, conv_a.stride, conv_a.padding, conv_a.dilation, conv_a.groups)
-        parts.append(F.conv2d(hidden, b[index]))
-    return torch.cat(parts)
+    out = None  # general kernels: one conv pair per adapter present in the batch
+    for index in torch.unique(route).tolist():
+        rows = (route == index).nonzero().squeeze(1)
+        hidden = F.conv2d(x[rows], a[index], None, conv_a.stride, conv_a.padding, conv_a.dilation, conv_a.groups)
+        part = F.conv2d(hidden, b[index])
+        out = part.new_zeros((x.shape[0], *part.shape[1:])) if out is None else out
+        out = out.index_put((rows,), part)
+    return out
 
 
 @contextmanager
-def routed(model: AdapterModel, stacked: StackedAdapters, segments: list[tuple[int, int]]) -> Iterator[None]:
-    """Within the block, the model's LoRA layers apply adapter i to samples segments[i] = (lo, hi)
-    of the batch (contiguous, in adapter order)."""
-    sizes = [hi - lo for lo, hi in segments]
-    device = next(iter(stacked.tensors.values())).device
-    route = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's LoRA layers apply adapter route[i] to sample i of the batch."""
     hooks, switched = [], []
 
     def make_hook(name: str, module: torch.nn.Module):
@@ -122,7 +121,7 @@ def routed(model: AdapterModel, stacked: StackedAdapters, segments: list[tuple[i
 
         def hook(_module, args, output):
             x = dropout(args[0].to(a.dtype))
-            delta = _routed_conv(module, x, a, b, route, segments) if conv else _routed_linear(x, a, b, route)
+            delta = _routed_conv(module, x, a, b, route) if conv else _routed_linear(x, a, b, route)
             return output + (delta * scale).to(output.dtype)
 
         return hook
