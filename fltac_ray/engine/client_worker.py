@@ -44,13 +44,16 @@ class ClientWorker:
         tasks: dict[str, TaskBundle],
         head_classes: int,
         threads: int,
+        base_weights=None,
     ) -> None:
+        """`base_weights`: the frozen base as shared numpy arrays (models/shared_weights.py, from
+        the object store: attached without a copy); None loads the base here."""
         _quiet_libraries()
         import torch
 
         from fltac_ray.algorithms import create_algorithm
         from fltac_ray.models.adapter_model import AdapterModel
-        from fltac_ray.models.builders import load_backbone
+        from fltac_ray.models.builders import backbone_from_weights, load_backbone
 
         self.worker_index = worker_index
         self.config = ExperimentConfig.model_validate(config)
@@ -63,8 +66,11 @@ class ClientWorker:
         # client -> list of task groups; slot i of a client trains on groups[i]
         self.groups = {cid: self.algorithm.client_adapters(list(s.tasks)) for cid, s in self.shards.items()}
         modality = self.config.data.modality
-        encoder = load_backbone(self.config.model.name, modality, seed=self.config.seed,
-                                feature_dim=self.config.data.feature_dim)
+        name, feature_dim = self.config.model.name, self.config.data.feature_dim
+        if base_weights is not None:
+            encoder = backbone_from_weights(name, modality, base_weights, feature_dim)
+        else:
+            encoder = load_backbone(name, modality, seed=self.config.seed, feature_dim=feature_dim)
         floral = self.config.floral if self.algorithm.uses_mixture else None
         self.model = AdapterModel(encoder, self.config.model, head_classes, self.config.seed,
                                   floral=floral, num_adaptors=self.config.resolved_num_adaptors,

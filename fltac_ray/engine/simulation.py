@@ -185,6 +185,23 @@ class Simulation:
         except RayTaskError as exc:
             raise EngineError(f"{what} failed: {exc}") from exc
 
+    def _put_base_weights(self):
+        """The frozen base, loaded once here and put in the object store as numpy: workers attach
+        it without a copy, so the workers of a node share one copy of the base in memory."""
+        import ray
+
+        from fltac_ray.models.builders import load_backbone
+        from fltac_ray.models.shared_weights import export_weights
+
+        config = self.config
+        backbone = load_backbone(config.model.name, config.data.modality, seed=config.seed,
+                                 feature_dim=config.data.feature_dim)
+        weights = export_weights(backbone)
+        ref = ray.put(weights)
+        self.progress.say(f"  base model {config.model.name}: {weights.nbytes / 2**20:,.1f} MiB, "
+                          "shared by the workers through the object store")
+        return ref
+
     def _start_worker(self, index: int, data: FederatedData):
         import ray
 
@@ -194,7 +211,7 @@ class Simulation:
         return ray.remote(ClientWorker).options(
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
         ).remote(index, self._raw_config, [data.clients[c] for c in self.placement[index]],
-                 self._tasks_ref, data.head_classes, max(1, int(engine.cpus_per_worker)))
+                 self._tasks_ref, data.head_classes, max(1, int(engine.cpus_per_worker)), self._base_ref)
 
     def _run_rounds(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
                     writer: RunWriter, checkpoint: Checkpoint | None) -> None:
@@ -209,6 +226,7 @@ class Simulation:
         self.placement = assign_clients(loads, n_workers, engine.clients_per_actor)
         self._raw_config = config.resolved()  # what config.yaml holds; loads back the same
         self._tasks_ref = ray.put(data.tasks)  # shipped once, zero-copy numpy in every worker
+        self._base_ref = self._put_base_weights()
         self.workers = [self._start_worker(index, data) for index in range(n_workers)]
         worker_of = {c: w for w, clients in enumerate(self.placement) for c in clients}
         try:

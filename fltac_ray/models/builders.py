@@ -210,7 +210,8 @@ def model_config(name: str) -> Any:
 
 
 def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
-    """The backbone's architecture with no weights (meta device): for counting and checks."""
+    """The backbone's architecture with no weights (meta device): for counting, early checks, and
+    workers that attach the shared base weights (models/shared_weights.py)."""
     import torch
 
     if name in ("efficientnet-lite0", "random-mlp"):
@@ -219,7 +220,14 @@ def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
         with torch.device("meta"):
             return EfficientNetLite0() if name == "efficientnet-lite0" else RandomMLP.build(feature_dim, 0)
     if name.startswith("tiny-random-"):
-        return load_backbone(name, modality, feature_dim=feature_dim)
+        vocab = 0 if name == "tiny-random-vit" else load_tokenizer(name).vocab_size
+        config = _tiny_config(name, vocab)
+        with torch.device("meta"):
+            if name == "tiny-random-bert":
+                from transformers import BertModel
+
+                return BertModel(config, add_pooling_layer=False)
+            return _auto_class(modality).from_config(config)
     if name == "smollm2-135m":
         from transformers import AutoConfig
 
@@ -227,7 +235,19 @@ def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
     else:
         config = model_config(name)
     with torch.device("meta"):
-        return _auto_class(modality).from_config(config)
+        model = _auto_class(modality).from_config(config)
+    if modality == "image" and hasattr(model, "pooler"):
+        model.pooler = None  # as load_backbone
+    return model
+
+
+def backbone_from_weights(name: str, modality: str, weights: Any, feature_dim: int = 16) -> Any:
+    """The frozen body over shared base weights (no copy): what a worker builds from the driver's
+    `ray.put(export_weights(load_backbone(...)))`."""
+    from fltac_ray.models.shared_weights import attach_weights
+
+    model = attach_weights(build_on_meta(name, modality, feature_dim), weights)
+    return model.eval()  # as loaded; AdapterModel decides train/eval per call
 
 
 def check_target_modules(name: str, modality: str, target_modules: list[str], feature_dim: int = 16) -> None:
