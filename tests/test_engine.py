@@ -11,6 +11,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from fltac_ray.engine.local_backend import SequentialLoop
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
 from fltac_ray.outputs import METRICS_COLUMNS, ROUNDS_COLUMNS
@@ -75,6 +76,12 @@ def test_results_do_not_depend_on_worker_placement(tmp_path):
     cols = ["accuracy", "loss"]
     np.testing.assert_allclose(single.metrics[cols], double.metrics[cols], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(single.rounds["train_loss"], double.rounds["train_loss"], rtol=1e-4)
+    # ... and the plain sequential loop without Ray (the benchmark baseline) takes the same steps
+    loop = SequentialLoop(tiny_config())
+    losses = [loop.run_round(r).train_loss for r in (1, 2)]
+    np.testing.assert_allclose(losses, double.rounds["train_loss"], rtol=1e-4)
+    final = double.metrics[double.metrics["round"] == 2].set_index("task")["accuracy"]
+    assert loop.evaluate() == pytest.approx(final.to_dict(), abs=1e-6)
 
 
 def test_one_actor_per_client_on_fractional_gpus(tmp_path):

@@ -445,6 +445,8 @@ class Simulation:
             "train_loss": float(np.mean(losses)) if losses else nan,
             "mean_accuracy": float(np.mean(accuracies)) if accuracies else nan,
             "train_seconds": trained - started,
+            # the slowest worker's time inside local training steps: the round's compute floor
+            "step_seconds": max((rep.step_seconds for rep in reports), default=0.0),
             "aggregate_seconds": aggregated - trained,
             "eval_seconds": finished - aggregated,
             "seconds": finished - started,
