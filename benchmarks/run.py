@@ -83,6 +83,8 @@ class PeakMemory:
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self.pids = {os.getpid()}
+        self.names = {os.getpid(): "driver"}
+        self.process_peaks: dict[str, float] = {}  # each process's own peak
         self.peak_mb = 0.0
         self.samples = 0
         self._stop = threading.Event()
@@ -92,15 +94,20 @@ class PeakMemory:
     def on_start(self, simulation) -> None:
         import ray
 
-        self.pids |= set(simulation.worker_pids)
-        self.pids.add(ray.get(simulation.coordinator.pid.remote()))
+        coordinator = ray.get(simulation.coordinator.pid.remote())
+        self.names.update({pid: f"worker_{i}" for i, pid in enumerate(simulation.worker_pids)})
+        self.names[coordinator] = "coordinator"
+        self.pids |= set(simulation.worker_pids) | {coordinator}
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             total = 0.0
             for pid in list(self.pids):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    total += psutil.Process(pid).memory_full_info().pss / 2**20
+                    pss = psutil.Process(pid).memory_full_info().pss / 2**20
+                    total += pss
+                    name = self.names.get(pid, str(pid))
+                    self.process_peaks[name] = max(self.process_peaks.get(name, 0.0), pss)
             self.peak_mb = max(self.peak_mb, total)
             self.samples += 1
             self._stop.wait(self.interval)
@@ -196,8 +203,8 @@ def bench_batched(quick: bool) -> dict:
     return out
 
 
-def bench_scale(quick: bool) -> dict:
-    sizes = (10, 50, 100) if quick else (10, 100, 500, 1000)
+def bench_scale(quick: bool, sizes: tuple[int, ...] | None = None) -> dict:
+    sizes = sizes or ((10, 50, 100) if quick else (10, 100, 500, 1000))
     say(f"[scale] clients per round {list(sizes)}: 1 local step of batch 4 per adapter, 2 rounds "
         "(the second evaluates); memory = peak sum of PSS over driver + coordinator + workers")
     rows = {}
@@ -212,11 +219,14 @@ def bench_scale(quick: bool) -> dict:
         rows[clients] = {"adapters": int(first["adapters"]), "round_seconds": float(first["seconds"]),
                          "step_seconds": float(first["step_seconds"]),
                          "aggregate_seconds": float(first["aggregate_seconds"]),
-                         "peak_memory_mb": peak, "wall_seconds": time.perf_counter() - began}
+                         "peak_memory_mb": peak, "process_peaks_mb": dict(probe.process_peaks),
+                         "wall_seconds": time.perf_counter() - began}
         say(f"  {clients:>5} clients ({rows[clients]['adapters']} adapters): {first['seconds']:.1f} s/round "
             f"(steps {first['step_seconds']:.1f} s, K-means+aggregation {first['aggregate_seconds']:.1f} s), "
             f"peak memory {peak:,.0f} MiB")
-    low, high = sizes[1], sizes[-1]
+        say("        per process (own peak, MiB): " + ", ".join(
+            f"{name} {mb:,.0f}" for name, mb in sorted(probe.process_peaks.items())))
+    low, high = (sizes[1] if len(sizes) > 2 else sizes[0]), sizes[-1]
     per_client = (rows[high]["peak_memory_mb"] - rows[low]["peak_memory_mb"]) / (high - low)
     say(f"  RATIO memory added per extra client ({low} -> {high}) = {per_client * 1024:.0f} KiB  (target < 1 MB)")
     say(f"  {high} clients per round: peak {rows[high]['peak_memory_mb'] / 1024:.2f} GiB  (must fit in 24 GiB)")
@@ -254,6 +264,7 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes (checks the suite)")
     parser.add_argument("--out", default="runs/benchmarks", help="folder for results.json")
+    parser.add_argument("--sizes", default=None, help="scale: comma-separated client counts (default 10,100,500,1000)")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in SECTIONS]
@@ -269,7 +280,10 @@ def main() -> int:
     try:
         for name in chosen:
             began = time.perf_counter()
-            results[name] = SECTIONS[name](args.quick)
+            if name == "scale" and args.sizes:
+                results[name] = bench_scale(args.quick, tuple(int(n) for n in args.sizes.split(",")))
+            else:
+                results[name] = SECTIONS[name](args.quick)
             say(f"  ({name}: {time.perf_counter() - began:.0f} s)")
     finally:
         ray.shutdown()

@@ -42,8 +42,11 @@ def resolve_backend(requested: str) -> str:
     return "cuml" if usable else "sklearn"
 
 
-def kmeans_labels(vectors: np.ndarray, n_clusters: int, seed: int, n_init: int, backend: str) -> np.ndarray:
-    """Cluster ids (n,) for vectors (n, d). With n <= n_clusters every vector is its own cluster."""
+def kmeans_labels(vectors: np.ndarray, n_clusters: int, seed: int, n_init: int, backend: str,
+                  scratch: bool = False) -> np.ndarray:
+    """Cluster ids (n,) for vectors (n, d). With n <= n_clusters every vector is its own cluster.
+    `scratch`: the caller owns `vectors` and lets scikit-learn centre them in place (restored to
+    float rounding afterwards) instead of copying them."""
     n = len(vectors)
     if n <= n_clusters:
         return np.arange(n)
@@ -54,7 +57,8 @@ def kmeans_labels(vectors: np.ndarray, n_clusters: int, seed: int, n_init: int, 
         return np.asarray(model.fit_predict(vectors.astype(np.float32))).astype(np.int64)
     from sklearn.cluster import KMeans
 
-    model = KMeans(n_clusters=n_clusters, random_state=seed, n_init=n_init)
+    in_place = scratch and vectors.flags.writeable and vectors.flags.c_contiguous
+    model = KMeans(n_clusters=n_clusters, random_state=seed, n_init=n_init, copy_x=not in_place)
     return model.fit_predict(vectors).astype(np.int64)
 
 

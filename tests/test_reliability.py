@@ -91,7 +91,9 @@ def test_failed_clients_are_recorded_when_the_round_still_counts(tmp_path):
 
 def test_driver_killed_with_sigkill_resumes_to_the_same_results(ray_cluster, reference, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
-    raw = {**TINY_EXPERIMENT, "rounds": 3}
+    # 20 rounds, so the driver is still running when round 1's checkpoint appears (3 tiny rounds
+    # can finish between two polls); rounds 1-3 are compared with the 3-round reference.
+    raw = {**TINY_EXPERIMENT, "rounds": 20}
     raw["engine"] = {"num_workers": 2, "ray_address": address}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -100,13 +102,14 @@ def test_driver_killed_with_sigkill_resumes_to_the_same_results(ray_cluster, ref
                                "--quiet"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
     checkpoints = run_dir / "checkpoints"
     while driver.poll() is None and not (checkpoints / "round_00001" / "state.json").is_file():
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert driver.poll() is None, "the driver finished before it could be killed"
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     resumed = Simulation.resume(run_dir, progress=Progress(quiet=True)).run()
-    _assert_same_results(resumed, reference)
-    assert resumed.rounds["round"].tolist() == [1, 2, 3]
+    assert resumed.rounds["round"].tolist() == list(range(1, 21))
+    first_three = resumed.metrics[resumed.metrics["round"] <= 3].reset_index(drop=True)
+    pd.testing.assert_frame_equal(first_three[COMPARED], reference.metrics[COMPARED], rtol=1e-5)
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -24,6 +24,7 @@ class Uploads:
     task_labels: list[str] | None = None  # true tasks: filled only for needs_task_labels
     choices: np.ndarray | None = None  # (n,) global adapter each client started from (IFCA)
     mixture: np.ndarray | None = None  # (n, C) router mixture weights behind each upload (FLoRAL)
+    owned: bool = False  # `vectors` is the server's own scratch copy (clustering may centre it in place)
 
 
 @dataclass
@@ -88,18 +89,27 @@ class FederatedAlgorithm(ABC):
         return None
 
 
+# Rows per float64 block of the weighted sums: bounds the server's extra memory to a few MB
+# whatever the number of uploads (a float64 copy of 2,000 MiniLM adapters would be 300 MB).
+SUM_BLOCK_ROWS = 256
+
+
 def weighted_cluster_means(
     vectors: np.ndarray, labels: np.ndarray, weights: np.ndarray
 ) -> Aggregate:
     """Per-cluster weighted mean of `vectors` (n, d); clusters are renumbered 0..k-1 in order of
-    first id, so an id that K-means left empty simply does not appear."""
-    vectors = np.asarray(vectors, dtype=np.float64)
+    first id, so an id that K-means left empty simply does not appear. Sums in float64."""
     weights = np.asarray(weights, dtype=np.float64)
     if np.any(weights <= 0):
         raise ValueError("aggregation weights must be positive")
     cluster_ids, compact = np.unique(labels, return_inverse=True)
     k = len(cluster_ids)
     totals = np.bincount(compact, weights=weights, minlength=k)  # (k,)
+    # (k, n) weight of each upload in each cluster's sum; applied block by block in float64
+    membership = np.zeros((k, len(weights)))
+    membership[compact, np.arange(len(weights))] = weights
     sums = np.zeros((k, vectors.shape[1]))
-    np.add.at(sums, compact, vectors * weights[:, None])
+    for lo in range(0, len(weights), SUM_BLOCK_ROWS):
+        block = np.asarray(vectors[lo:lo + SUM_BLOCK_ROWS], dtype=np.float64)
+        sums += membership[:, lo:lo + SUM_BLOCK_ROWS] @ block
     return Aggregate(compact, (sums / totals[:, None]).astype(np.float32), totals)

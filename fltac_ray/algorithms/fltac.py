@@ -27,6 +27,6 @@ class FLTAC(FederatedAlgorithm):
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         labels = kmeans_labels(
             uploads.vectors, self.n_clusters, seed=self.seed + round_index, n_init=self.n_init,
-            backend=self.backend,
+            backend=self.backend, scratch=uploads.owned,
         )
         return self.cluster_means(uploads.vectors, labels, uploads.num_samples)

@@ -16,6 +16,7 @@ import numpy as np
 
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.data.federated import ClientShard, TaskBundle
+from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.engine.messages import (
     AdapterKey,
     AggregationOutcome,
@@ -23,6 +24,8 @@ from fltac_ray.engine.messages import (
     TrainReport,
     UploadBatch,
 )
+
+TRIM_EVERY_ADAPTERS = 32  # one-by-one training: give freed memory back this often (engine/memory.py)
 
 
 def _quiet_libraries() -> None:
@@ -167,15 +170,16 @@ class ClientWorker:
         rng = np.random.default_rng([self.config.seed, 3, round_index, key[0], key[1], task_index])
         return rng, int(rng.integers(2**31))
 
-    def _train_one_by_one(self, round_index: int, starts: dict[AdapterKey, np.ndarray]
-                          ) -> dict[AdapterKey, tuple[np.ndarray, list[float]]]:
-        """Each adapter alone through its tasks (FLoRAL, or engine.batched_training off)."""
+    def _train_one_by_one(self, round_index: int, starts: dict[AdapterKey, np.ndarray], out: np.ndarray
+                          ) -> dict[AdapterKey, list[float]]:
+        """Each adapter alone through its tasks (FLoRAL, or engine.batched_training off). Trained
+        adapters go to the rows of `out` (in the order of `starts`); returns the losses."""
         import torch
 
         from fltac_ray.training import train_adapter
 
         train, results = self.config.train, {}
-        for key, vector in starts.items():
+        for row, (key, vector) in enumerate(starts.items()):
             shard = self.shards[key[0]]
             self.model.set_private(self.private.get(key))
             losses = []
@@ -192,11 +196,14 @@ class ClientWorker:
                 losses.append(outcome.mean_loss)
             if self.algorithm.uses_mixture:
                 self.pending_private[key] = self.model.get_private()
-            results[key] = (vector, losses)
+            out[row] = vector
+            results[key] = losses
+            if row % TRIM_EVERY_ADAPTERS == TRIM_EVERY_ADAPTERS - 1:
+                release_free_memory()
         return results
 
-    def _train_batched(self, round_index: int, starts: dict[AdapterKey, np.ndarray]
-                       ) -> dict[AdapterKey, tuple[np.ndarray, list[float]]]:
+    def _train_batched(self, round_index: int, starts: dict[AdapterKey, np.ndarray], out: np.ndarray
+                       ) -> dict[AdapterKey, list[float]]:
         """All hosted adapters together (batched_training.py): phase p trains every adapter's
         p-th task (one task each for FL-TAC; FedIT's multi-task adapters run several phases),
         in passes of at most engine.max_batched_adapters adapters with equal input shapes."""
@@ -206,6 +213,7 @@ class ClientWorker:
 
         train = self.config.train
         current = dict(starts)
+        row_of = {key: row for row, key in enumerate(starts)}
         losses: dict[AdapterKey, list[float]] = {key: [] for key in starts}
         depth = max(len(self.groups[c][s]) for c, s in starts)
         for phase in range(depth):
@@ -228,9 +236,12 @@ class ClientWorker:
                     outcomes = train_batched(self.model, [job for _, job, _ in chunk], train.batch_size,
                                              train.lr, train.weight_decay, self.device)
                     for (key, _, _), outcome in zip(chunk, outcomes, strict=True):
-                        current[key] = outcome.adapter
+                        out[row_of[key]] = outcome.adapter  # the pass's own matrix is freed after
+                        current[key] = out[row_of[key]]
                         losses[key].append(outcome.mean_loss)
-        return {key: (current[key], losses[key]) for key in starts}
+                    del outcomes
+                    release_free_memory()  # see engine/memory.py: keeps a worker adapter-sized
+        return losses
 
     def train(self, round_index: int, client_ids: list[int]) -> tuple[UploadBatch, TrainReport]:
         """Algorithm 2 for every given client: tau local steps per adapter, then upload."""
@@ -244,26 +255,28 @@ class ClientWorker:
                 key = (client_id, slot)
                 starts[key], choices_of[key] = self._start(key, group, self.shards[client_id])
         stepping = time.perf_counter()
-        trained = (self._train_batched if self.batched else self._train_one_by_one)(round_index, starts)
+        # One (n, d) matrix receives the trained adapters: it is the upload, and its rows are this
+        # round's pending adapters, so a worker holds one copy of its round's adapters.
+        matrix = np.empty((len(starts), self.model.adapter_size), np.float32)
+        trained = (self._train_batched if self.batched else self._train_one_by_one)(round_index, starts, matrix)
         step_seconds = time.perf_counter() - stepping
-        keys, vectors, samples, task_names, losses, choices, mixtures = [], [], [], [], [], [], []
-        for key, (vector, group_losses) in trained.items():
+        keys, samples, task_names, losses, choices, mixtures = [], [], [], [], [], []
+        for row, (key, group_losses) in enumerate(trained.items()):
             shard, group = self.shards[key[0]], self.groups[key[0]][key[1]]
-            self.pending[key] = vector
+            self.pending[key] = matrix[row]
             if self.algorithm.uses_mixture:
                 self.model.set_private(self.pending_private[key])
                 mixtures.append(self.model.mixture_weights())
             keys.append(key)
-            vectors.append(vector)
             samples.append(sum(shard.num_train(task) for task in group))
             task_names.append("+".join(group))
             losses.append(float(np.mean(group_losses)))
             choices.append(choices_of[key])
         algorithm = self.algorithm
-        if algorithm.communicates and vectors:
+        if algorithm.communicates and keys:
             upload = UploadBatch(
                 keys=keys,
-                vectors=np.stack(vectors),
+                vectors=matrix,
                 num_samples=np.asarray(samples, dtype=np.int64),
                 task_labels=task_names if algorithm.needs_task_labels else None,
                 choices=np.asarray(choices, dtype=np.int64) if algorithm.client_selects_global else None,
@@ -288,7 +301,9 @@ class ClientWorker:
                 self.globals = outcome.adapters
         self.private.update(self.pending_private)
         self.discard()
-        return self.evaluate() if evaluate else []
+        records = self.evaluate() if evaluate else []
+        release_free_memory()
+        return records
 
     def discard(self) -> None:
         """Forget this round's training (the driver rejected the round)."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from fltac_ray.algorithms.base import Uploads
 from fltac_ray.config import ExperimentConfig
+from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.engine.messages import AdapterKey, AggregationOutcome, UploadBatch
 from fltac_ray.uploads import upload_problem
 
@@ -91,9 +92,13 @@ class Coordinator:
                          if self.algorithm.client_selects_global else None),
                 mixture=(np.stack([item[5] for item in accepted])
                          if self.algorithm.uses_mixture else None),
+                owned=True,  # np.stack above made it
             )
             result = self.algorithm.aggregate(uploads, round_index)
+            del uploads
             outcome = AggregationOutcome(keys, result.labels, result.adapters, result.weights,
                                          rejected, self.backend)
+        del accepted
+        release_free_memory()  # the round's stacked uploads (engine/memory.py)
         outcome.seconds = time.perf_counter() - started
         return outcome

@@ -189,10 +189,12 @@ class Simulation:
         """The frozen base, loaded once here and put in the object store as numpy: workers attach
         it without a copy, so the workers of a node share one copy of the base in memory."""
         import ray
+        from transformers.utils import logging as hf_logging
 
         from fltac_ray.models.builders import load_backbone
         from fltac_ray.models.shared_weights import export_weights
 
+        hf_logging.disable_progress_bar()  # the progress output is ours
         config = self.config
         backbone = load_backbone(config.model.name, config.data.modality, seed=config.seed,
                                  feature_dim=config.data.feature_dim)
