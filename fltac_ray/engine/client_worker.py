@@ -16,7 +16,7 @@ import numpy as np
 
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.data.federated import ClientShard, TaskBundle
-from fltac_ray.engine.memory import release_free_memory
+from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import (
     AdapterKey,
     AggregationOutcome,
@@ -25,7 +25,7 @@ from fltac_ray.engine.messages import (
     UploadBatch,
 )
 
-TRIM_EVERY_ADAPTERS = 32  # one-by-one training: give freed memory back this often (engine/memory.py)
+ADAPTERS_PER_TRIM_UNIT = 32  # one-by-one training counts this many adapters as one pass (memory.py)
 
 
 def _quiet_libraries() -> None:
@@ -80,6 +80,7 @@ class ClientWorker:
                                   modality=modality)
         self.model.to(self.device)
         self.batched = self.config.engine.batched_training and self._batchable()
+        self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
         self.generation = self._generation_settings() if modality == "causal_lm" else None
         # The server's global adapters as last received: (1, d) v^0 for most algorithms,
         # (K, d) for IFCA, whose clients start each round from the best-fitting one.
@@ -198,8 +199,8 @@ class ClientWorker:
                 self.pending_private[key] = self.model.get_private()
             out[row] = vector
             results[key] = losses
-            if row % TRIM_EVERY_ADAPTERS == TRIM_EVERY_ADAPTERS - 1:
-                release_free_memory()
+            if row % ADAPTERS_PER_TRIM_UNIT == ADAPTERS_PER_TRIM_UNIT - 1:
+                self.trim_heap()  # one unit: as many adapters as a batched pass holds by default
         return results
 
     def _train_batched(self, round_index: int, starts: dict[AdapterKey, np.ndarray], out: np.ndarray
@@ -240,7 +241,7 @@ class ClientWorker:
                         current[key] = out[row_of[key]]
                         losses[key].append(outcome.mean_loss)
                     del outcomes
-                    release_free_memory()  # see engine/memory.py: keeps a worker adapter-sized
+                    self.trim_heap()  # engine/memory.py: keeps a worker adapter-sized
         return losses
 
     def train(self, round_index: int, client_ids: list[int]) -> tuple[UploadBatch, TrainReport]:
@@ -302,7 +303,7 @@ class ClientWorker:
         self.private.update(self.pending_private)
         self.discard()
         records = self.evaluate() if evaluate else []
-        release_free_memory()
+        self.trim_heap()
         return records
 
     def discard(self) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from fltac_ray.algorithms.base import Uploads
 from fltac_ray.config import ExperimentConfig
-from fltac_ray.engine.memory import release_free_memory
+from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import AdapterKey, AggregationOutcome, UploadBatch
 from fltac_ray.uploads import upload_problem
 
@@ -30,6 +30,7 @@ class Coordinator:
         # Resolved here, where the coordinator runs: that is where a GPU must be visible.
         self.backend = resolve_backend(self.config.federation.clustering_backend)
         self.algorithm = create_algorithm(self.config, self.backend, adaptor_index)
+        self.trim_heap = HeapTrimmer()
 
     def clustering_backend(self) -> str:
         return self.backend
@@ -99,6 +100,6 @@ class Coordinator:
             outcome = AggregationOutcome(keys, result.labels, result.adapters, result.weights,
                                          rejected, self.backend)
         del accepted
-        release_free_memory()  # the round's stacked uploads (engine/memory.py)
+        self.trim_heap()  # the round's stacked uploads (engine/memory.py)
         outcome.seconds = time.perf_counter() - started
         return outcome

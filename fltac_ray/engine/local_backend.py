@@ -60,6 +60,8 @@ class SequentialLoop:
         self.data = data
         self.worker = ClientWorker(0, self.config.resolved(), [data.clients[c] for c in self.active],
                                    data.tasks, data.head_classes, threads or torch.get_num_threads())
+        # the reference loop keeps glibc's default behaviour: no heap trimming (engine/memory.py)
+        self.worker.trim_heap = lambda: False
         described = self.worker.describe()
         adaptor_index = self.worker.adaptor_index() if self.algorithm.uses_mixture else None
         self.coordinator = Coordinator(self.config.resolved(), described["adapter_size"], adaptor_index)
