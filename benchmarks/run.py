@@ -78,38 +78,36 @@ def experiment(quick: bool, name: str, clients: int, rounds: int, local_steps: i
 
 class PeakMemory:
     """Simulation callback: samples the PSS of the driver, the coordinator and every client
-    worker every `interval` seconds on a thread; `peak_mb` is the largest sum seen."""
+    worker every `interval` seconds on a thread, and at the end of every round (so short runs
+    are sampled too); `peak_mb` is the largest sum seen."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
-        self.pids = {os.getpid()}
-        self.names = {os.getpid(): "driver"}
+        self.names = {os.getpid(): "driver"}  # pid -> process name
         self.process_peaks: dict[str, float] = {}  # each process's own peak
         self.peak_mb = 0.0
-        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def on_start(self, simulation) -> None:
-        import ray
+        self.names.update({pid: name for name, pid in simulation.process_ids().items()})
 
-        coordinator = ray.get(simulation.coordinator.pid.remote())
-        self.names.update({pid: f"worker_{i}" for i, pid in enumerate(simulation.worker_pids)})
-        self.names[coordinator] = "coordinator"
-        self.pids |= set(simulation.worker_pids) | {coordinator}
+    def on_round_end(self, simulation, round_index, row, task_rows) -> None:
+        self._measure()
+
+    def _measure(self) -> None:
+        total = 0.0
+        for pid, name in list(self.names.items()):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                pss = psutil.Process(pid).memory_full_info().pss / 2**20
+                total += pss
+                self.process_peaks[name] = max(self.process_peaks.get(name, 0.0), pss)
+        self.peak_mb = max(self.peak_mb, total)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            total = 0.0
-            for pid in list(self.pids):
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    pss = psutil.Process(pid).memory_full_info().pss / 2**20
-                    total += pss
-                    name = self.names.get(pid, str(pid))
-                    self.process_peaks[name] = max(self.process_peaks.get(name, 0.0), pss)
-            self.peak_mb = max(self.peak_mb, total)
-            self.samples += 1
+            self._measure()
             self._stop.wait(self.interval)
 
     def stop(self) -> float:

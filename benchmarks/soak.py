@@ -39,11 +39,7 @@ class MemoryProbe:
         self.started = time.perf_counter()
 
     def on_start(self, simulation) -> None:
-        import ray
-
-        self.pids = {"driver": os.getpid(), "coordinator": ray.get(simulation.coordinator.pid.remote())}
-        for index, pid in enumerate(simulation.worker_pids):
-            self.pids[f"worker_{index}"] = pid
+        self.pids = simulation.process_ids()
 
     def on_round_end(self, simulation, round_index, row, task_rows) -> None:
         for name, pid in self.pids.items():

@@ -120,7 +120,7 @@ def _job_losses(model: AdapterModel, stacked: StackedAdapters, jobs: list[Adapte
         labels_all = np.concatenate([job.split.labels[c] for job, c in zip(jobs, chosen, strict=True)])
         classes_all = np.repeat([job.num_classes for job in jobs], sizes)
     if "lengths" in combined:
-        buckets = length_buckets(combined["lengths"], BUCKET_OVERHEAD_TOKENS.get(device.type, 32))
+        buckets = length_buckets(combined["lengths"], BUCKET_OVERHEAD_TOKENS.get(device.type, BUCKET_OVERHEAD_TOKENS["cpu"]))
     else:  # images and vectors: every example has the same shape
         buckets = [np.arange(len(route_all))]
     sample_sums, sample_counts, routes = [], [], []

@@ -25,8 +25,6 @@ from fltac_ray.engine.messages import (
     UploadBatch,
 )
 
-ADAPTERS_PER_TRIM_UNIT = 32  # one-by-one training counts this many adapters as one pass (memory.py)
-
 
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
@@ -199,8 +197,8 @@ class ClientWorker:
                 self.pending_private[key] = self.model.get_private()
             out[row] = vector
             results[key] = losses
-            if row % ADAPTERS_PER_TRIM_UNIT == ADAPTERS_PER_TRIM_UNIT - 1:
-                self.trim_heap()  # one unit: as many adapters as a batched pass holds by default
+            if (row + 1) % self.config.engine.max_batched_adapters == 0:
+                self.trim_heap()  # one unit: as many adapters as a batched pass holds
         return results
 
     def _train_batched(self, round_index: int, starts: dict[AdapterKey, np.ndarray], out: np.ndarray
@@ -216,7 +214,7 @@ class ClientWorker:
         current = dict(starts)
         row_of = {key: row for row, key in enumerate(starts)}
         losses: dict[AdapterKey, list[float]] = {key: [] for key in starts}
-        depth = max(len(self.groups[c][s]) for c, s in starts)
+        depth = max((len(self.groups[c][s]) for c, s in starts), default=0)
         for phase in range(depth):
             by_signature: dict[tuple, list[tuple[AdapterKey, AdapterJob, int]]] = {}
             for key in starts:

@@ -3,7 +3,7 @@
 One ClientWorker hosts every client and trains their adapters one after another (one adapter per
 forward/backward, torch's default threads); the Coordinator aggregates in the same process. The
 local steps, data, seeds, client sampling and aggregation are the engine's own, so per-round
-results match the Ray engine run with `engine.batched_training: false` (tests/test_local_backend.py).
+results match the Ray engine run with `engine.batched_training: false` (tests/test_engine.py).
 
 Used as the baseline of `benchmarks/run.py` and for debugging an algorithm without Ray:
 
@@ -22,7 +22,6 @@ import numpy as np
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.engine.client_worker import ClientWorker
 from fltac_ray.engine.coordinator import Coordinator
-from fltac_ray.engine.messages import EvalRecord
 
 
 @dataclass
@@ -43,20 +42,14 @@ class SequentialLoop:
         import torch
 
         from fltac_ray.algorithms import create_algorithm
-        from fltac_ray.data.encoding import make_featurizer
-        from fltac_ray.data.federated import build_federated_data
-        from fltac_ray.engine.simulation import _check_data, preflight
+        from fltac_ray.engine.simulation import preflight, prepare_data
 
         preflight(config)
         raw = config.resolved()
         raw["engine"]["batched_training"] = batched
         self.config = ExperimentConfig.model_validate(raw)
         self.algorithm = create_algorithm(self.config)
-        data = build_federated_data(self.config, make_featurizer(config.model.name, config.data.max_length))
-        self.active = _check_data(self.config, data)
-        if self.algorithm.pools_data:
-            data = data.pooled(config.train.local_steps, config.federation.client_fraction)
-            self.active = [0]
+        data, self.active = prepare_data(self.config, self.algorithm)
         self.data = data
         self.worker = ClientWorker(0, self.config.resolved(), [data.clients[c] for c in self.active],
                                    data.tasks, data.head_classes, threads or torch.get_num_threads())
@@ -91,7 +84,7 @@ class SequentialLoop:
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy per task of every client's current adapter on its own test examples."""
-        records: list[EvalRecord] = self.worker.evaluate()
-        tasks = sorted({r.task for r in records})
-        return {task: sum(r.correct for r in records if r.task == task)
-                / sum(r.scored for r in records if r.task == task) for task in tasks}
+        from fltac_ray.engine.simulation import Simulation
+
+        _, accuracy = Simulation._task_rows(0, self.worker.evaluate(), self.data)
+        return accuracy

@@ -17,6 +17,7 @@ aggregated and every worker discards the round, so the global state stays as it 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -60,6 +61,19 @@ def sample_clients(seed: int, round_index: int, active: list[int], fraction: flo
         return list(active)
     rng = np.random.default_rng([seed, 4, round_index])
     return sorted(int(c) for c in rng.choice(active, size=count, replace=False))
+
+
+def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm) -> tuple[FederatedData, list[int]]:
+    """The run's federated data and the clients that hold any of it (centralized: one client
+    holding everything)."""
+    from fltac_ray.data.encoding import make_featurizer
+
+    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
+    active = _check_data(config, data)
+    if algorithm.pools_data:
+        data = data.pooled(config.train.local_steps, config.federation.client_fraction)
+        active = [0]
+    return data, active
 
 
 def preflight(config: ExperimentConfig) -> None:
@@ -127,17 +141,12 @@ class Simulation:
         started = time.perf_counter()
         config, say = self.config, self.progress.say
         preflight(config)
-        from fltac_ray.data.encoding import make_featurizer
-
         say(f"[fltac-ray] {config.name}: {config.algorithm}, {config.num_tasks} tasks, "
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
             f"(LoRA rank {config.model.lora.rank})")
         algorithm = create_algorithm(config)  # driver-side: flags only (the server lives in Ray)
-        data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
-        active = _check_data(config, data)
+        data, active = prepare_data(config, algorithm)
         if algorithm.pools_data:
-            data = data.pooled(config.train.local_steps, config.federation.client_fraction)
-            active = [0]
             say("  centralized: all clients' data pooled into one client; per-round steps per task "
                 f"{data.clients[0].steps}")
         checkpoint = None
@@ -203,6 +212,14 @@ class Simulation:
         self.progress.say(f"  base model {config.model.name}: {weights.nbytes / 2**20:,.1f} MiB, "
                           "shared by the workers through the object store")
         return ref
+
+    def process_ids(self) -> dict[str, int]:
+        """PIDs of this run's processes: the driver, the coordinator and every client worker
+        (for memory probes; valid once the actors have started)."""
+        coordinator = self._get(self.coordinator.pid.remote(), "asking the coordinator's pid")
+        ids = {"driver": os.getpid(), "coordinator": coordinator}
+        ids.update({f"worker_{index}": pid for index, pid in enumerate(self.worker_pids)})
+        return ids
 
     def _start_worker(self, index: int, data: FederatedData):
         import ray
