@@ -1,14 +1,11 @@
-"""The run directory: resolved config, metric tables, partition and the final cluster adapters."""
+"""The run directory: resolved config, metric tables and partition (adapters: export.py)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from safetensors.numpy import save_file
 
 from fltac_ray.config import ExperimentConfig, save_config
 from fltac_ray.errors import ConfigError, ConfigIssue
@@ -82,24 +79,3 @@ class RunWriter:
     def append_round(self, row: dict) -> None:
         pd.DataFrame([row], columns=ROUNDS_COLUMNS).to_csv(
             self.rounds_path, mode="a", header=False, index=False)
-
-    def write_adapters(
-        self,
-        adapters: np.ndarray,
-        layout: list[tuple[str, tuple[int, ...]]],
-        clusters: list[dict],
-    ) -> Path:
-        """One safetensors file per cluster (named tensors of the adapter) plus index.json saying
-        which true task each cluster mostly holds (from the hidden labels, for the user)."""
-        folder = self.run_dir / "adapters"
-        folder.mkdir(exist_ok=True)
-        for info, vector in zip(clusters, adapters, strict=True):
-            tensors, offset = {}, 0
-            for name, shape in layout:
-                size = int(np.prod(shape))
-                tensors[name] = np.ascontiguousarray(vector[offset:offset + size].reshape(shape))
-                offset += size
-            metadata = {key: str(value) for key, value in info.items()}
-            save_file(tensors, str(folder / info["file"]), metadata=metadata)
-        (folder / "index.json").write_text(json.dumps(clusters, indent=2))
-        return folder

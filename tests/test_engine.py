@@ -51,8 +51,10 @@ def test_run_writes_config_metrics_rounds_and_adapters(tiny_run):
 
     index = json.loads((run_dir / "adapters" / "index.json").read_text())
     assert len(index) == 3
-    tensors = load_file(str(run_dir / "adapters" / index[0]["file"]))
-    assert "head.weight" in tensors and tensors["head.weight"].shape == (4, 32)  # (classes, hidden)
+    assert {entry["format"] for entry in index} == {"peft"}
+    tensors = load_file(str(run_dir / "adapters" / index[0]["folder"] / "adapter_model.safetensors"))
+    head = tensors["base_model.model.task_head.weight"]
+    assert head.shape == (4, 32)  # (classes, hidden)
     size = sum(t.size for t in tensors.values())
     # every upload is one full adapter of float32
     assert (rounds["params_up"] == rounds["adapters"] * size).all()

@@ -102,7 +102,7 @@ def test_floral_shares_adaptors_and_keeps_routers_private(tmp_path):
     assert per_upload.nunique() == 1
     from safetensors.numpy import load_file
 
-    tensors = load_file(str(result.run_dir / "adapters" / "cluster_0.safetensors"))
+    tensors = load_file(str(result.run_dir / "adapters" / "cluster_0" / "adapter.safetensors"))
     assert not any("router" in name for name in tensors)
     assert int(per_upload.iloc[0]) == sum(t.size for t in tensors.values()) + 3
     assert tensors["head.lora_A"].shape[0] == 3  # C stacked adaptors on the head too

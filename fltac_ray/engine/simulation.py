@@ -516,10 +516,16 @@ class Simulation:
                 task, hits = Counter(members).most_common(1)[0]
             clusters.append({
                 "cluster": cluster,
-                "file": f"cluster_{cluster}.safetensors",
                 "members": len(members),
                 "majority_task": task,
                 "purity": hits / len(members) if members else float("nan"),
             })
-        folder = writer.write_adapters(outcome["adapters"], layout, clusters)
-        self.progress.say(f"  final cluster adapters: {folder}")
+        from fltac_ray.export import export_adapters
+
+        class_names = {name: bundle.class_names for name, bundle in data.tasks.items()}
+        assignments = [{"client": int(c), "slot": int(s), "tasks": tasks, "cluster": int(label)}
+                       for (c, s), tasks, label in zip(outcome["keys"], truth, outcome["labels"], strict=True)]
+        folder = export_adapters(writer.run_dir, outcome["adapters"], layout, clusters, self.config,
+                                 class_names, assignments)
+        self.progress.say(f"  final cluster adapters: {folder} (peft layout)"
+                          if algorithm.name != "floral" else f"  final adaptors: {folder}")

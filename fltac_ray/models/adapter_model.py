@@ -25,7 +25,68 @@ from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures
 from fltac_ray.models.registry import default_targets
 
 
-class AdapterModel(nn.Module):
+class PooledFeatures:
+    """Pooled (batch, hidden) features of `self.encoder` for every modality. Shared by the
+    training model and the exported classifier (fltac_ray/export.py), so both read inputs alike.
+    Needs: encoder, modality, pooling, image_size and the pixel_mean / pixel_std buffers."""
+
+    encoder: nn.Module
+    modality: str
+    pooling: str
+    image_size: int
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+    def _register_pixel_statistics(self, encoder: nn.Module, image_size: int | None) -> None:
+        self.image_size = image_size or int(getattr(encoder.config, "image_size", 64))
+        # EfficientNet was trained on ImageNet statistics; ViT-in21k on mean = std = 0.5.
+        imagenet = getattr(encoder.config, "model_type", "") == "efficientnet-lite0"
+        mean = [0.485, 0.456, 0.406] if imagenet else [0.5] * 3
+        std = [0.229, 0.224, 0.225] if imagenet else [0.5] * 3
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) pooled features of the frozen body (with its LoRA)."""
+        if self.modality == "vector":
+            return self.encoder(inputs["features"].float())
+        if self.modality == "image":
+            return self._image_features(inputs["pixels"])
+        return self._text_features(inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids"))
+
+    def _text_features(self, input_ids, lengths, token_type_ids=None) -> torch.Tensor:
+        # input_ids: (batch, max_length); trim to the longest example of this batch
+        width = int(lengths.max())
+        input_ids = input_ids[:, :width].long()
+        mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
+        extra = {"token_type_ids": token_type_ids[:, :width].long()} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
+        return self._pool(hidden, mask)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if mask is None:  # ViT: every patch token is real
+            return hidden.mean(1)
+        # mean over real tokens: (batch, width, hidden) -> (batch, hidden)
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        # pixels: (batch, 1 or 3, h, w) uint8 -> (batch, 3, S, S) normalised floats
+        x = pixels.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std
+        out = self.encoder(pixel_values=x) if hasattr(self.encoder.config, "patch_size") else self.encoder(x)
+        if isinstance(out, torch.Tensor):  # EfficientNet: already pooled (batch, 1280)
+            return out
+        return self._pool(out.last_hidden_state)
+
+
+class AdapterModel(PooledFeatures, nn.Module):
     """`floral` given: FLoRAL's router-mixed adaptors (models/mixture_lora.py) replace peft LoRA,
     on the encoder's target modules and on the head; the router is private client state, kept
     out of the adapter vector."""
@@ -45,11 +106,7 @@ class AdapterModel(nn.Module):
         # ExperimentConfig fills the family default; a bare ModelConfig may still hold None.
         targets = list(lora.target_modules or default_targets(model_config.name, modality))
         self.modality = modality
-        self.image_size = model_config.image_size or int(getattr(encoder.config, "image_size", 64))
-        # EfficientNet was trained on ImageNet statistics; ViT-in21k on mean = std = 0.5.
-        imagenet = getattr(encoder.config, "model_type", "") == "efficientnet-lite0"
-        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406] if imagenet else [0.5] * 3).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225] if imagenet else [0.5] * 3).view(1, 3, 1, 1), persistent=False)
+        self._register_pixel_statistics(encoder, model_config.image_size)
         for param in encoder.parameters():
             param.requires_grad_(False)
         # Seeded so that the initial adapter v^0 is a pure function of the config.
@@ -172,45 +229,6 @@ class AdapterModel(nn.Module):
     def forward(self, num_classes: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits (batch, num_classes) for a task that uses the first num_classes head rows."""
         return self.head(self.features(**inputs))[:, :num_classes]
-
-    def features(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """(batch, hidden) pooled features of the frozen body (with its LoRA)."""
-        if self.modality == "vector":
-            return self.encoder(inputs["features"].float())
-        if self.modality == "image":
-            return self._image_features(inputs["pixels"])
-        return self._text_features(inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids"))
-
-    def _text_features(self, input_ids, lengths, token_type_ids=None) -> torch.Tensor:
-        # input_ids: (batch, max_length); trim to the longest example of this batch
-        width = int(lengths.max())
-        input_ids = input_ids[:, :width].long()
-        mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
-        extra = {"token_type_ids": token_type_ids[:, :width].long()} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
-        return self._pool(hidden, mask)
-
-    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        if mask is None:  # ViT: every patch token is real
-            return hidden.mean(1)
-        # mean over real tokens: (batch, width, hidden) -> (batch, hidden)
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        # pixels: (batch, 1 or 3, h, w) uint8 -> (batch, 3, S, S) normalised floats
-        x = pixels.float() / 255.0
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = (x - self.pixel_mean) / self.pixel_std
-        out = self.encoder(pixel_values=x) if hasattr(self.encoder.config, "patch_size") else self.encoder(x)
-        if isinstance(out, torch.Tensor):  # EfficientNet: already pooled (batch, 1280)
-            return out
-        return self._pool(out.last_hidden_state)
 
     # --- causal LM ---------------------------------------------------------------------------
     def lm_scores(self, input_ids, lengths, prompt_lengths, **_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -90,7 +90,7 @@ def smollm2_dir() -> str:
     return str(target)
 
 
-def _source(name: str) -> str:
+def model_source(name: str) -> str:
     """Where from_pretrained loads `name` (tokenizer and weights): a local folder or a hub id."""
     if name in ("minilm", "tiny-random-bert", "tiny-random-llama"):
         return minilm_path()
@@ -104,7 +104,7 @@ def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_source(name))
+        tokenizer = AutoTokenizer.from_pretrained(model_source(name))
     except OSError as exc:
         raise ResourceUnavailableError(
             f"could not load the tokenizer of model {name!r} ({exc}); offline, use a packaged model "
@@ -185,7 +185,7 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
             return BertModel(config, add_pooling_layer=False)
         return _auto_class(modality).from_config(config)
     try:
-        model = _auto_class(modality).from_pretrained(_source(name))
+        model = _auto_class(modality).from_pretrained(model_source(name))
     except OSError as exc:
         raise ResourceUnavailableError(
             f"could not load model {name!r} ({exc}); offline, use a packaged model "
@@ -200,7 +200,7 @@ def model_config(name: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(_source(name))
+        return AutoConfig.from_pretrained(model_source(name))
     except (OSError, ValueError) as exc:
         if name in PAPER_ARCHITECTURES:
             import transformers
