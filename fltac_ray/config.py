@@ -327,6 +327,22 @@ class EngineConfig(_Section):
         return value
 
 
+class ReportConfig(_Section):
+    """What a run keeps for its report (fltac-ray report; reporting/)."""
+
+    adapter_snapshots: int = Field(
+        default=4, ge=0,
+        description="Rounds, evenly spaced with the first and last included, at which the "
+        "uploaded adapters are saved to snapshots/ for the report's UMAP figure (paper Fig. 4); "
+        "0: none.",
+    )
+    snapshot_max_adapters: int = Field(
+        default=500, ge=2,
+        description="Most adapters kept per snapshot; beyond it a seeded uniform sample (disk: "
+        "this x adapter size x 4 bytes per snapshot).",
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = Field(default="experiment", min_length=1, description="Names the run directory.")
     seed: int = Field(default=0, ge=0, description="Seeds the split, sampling, init and training.")
@@ -339,6 +355,7 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     floral: FloralConfig = Field(default_factory=FloralConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @field_validator("algorithm")
     @classmethod

@@ -6,7 +6,8 @@ import sys
 from typing import TextIO
 
 
-def _short(task: str) -> str:
+def short_task(task: str) -> str:
+    """A task name short enough for a terminal column or a plot label."""
     for prefix in ("wordnet_", "synthetic_"):
         task = task.removeprefix(prefix)
     return task.replace("supersense", "ss")
@@ -26,7 +27,7 @@ class Progress:
             print(message, file=self.stream, flush=True)
 
     def round_line(self, round_index: int, rounds: int, row: dict, task_accuracy: dict[str, float]) -> None:
-        accs = "  ".join(f"{_short(t)} {a:.3f}" for t, a in task_accuracy.items())
+        accs = "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
         mean = row.get("mean_accuracy")
         mean_text = f"mean {mean:.3f}" if mean == mean and mean is not None else "mean -"
         clustering = row["clustering_accuracy"]

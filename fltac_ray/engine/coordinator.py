@@ -15,6 +15,7 @@ from fltac_ray.algorithms.base import Uploads
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import AdapterKey, AggregationOutcome, UploadBatch
+from fltac_ray.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.uploads import upload_problem
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ class Coordinator:
         self.backend = resolve_backend(self.config.federation.clustering_backend)
         self.algorithm = create_algorithm(self.config, self.backend, adaptor_index)
         self.trim_heap = HeapTrimmer()
+        report = self.config.report
+        self.snapshot_rounds = set(snapshot_rounds(self.config.rounds, report.adapter_snapshots))
+        self.snapshot: dict | None = None  # the newest round's kept uploads, until taken
 
     def clustering_backend(self) -> str:
         return self.backend
@@ -48,6 +52,11 @@ class Coordinator:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.algorithm.load_state(state)
+
+    def take_snapshot(self) -> dict | None:
+        """The uploads kept at a snapshot round (report.adapter_snapshots), handed over once."""
+        snapshot, self.snapshot = self.snapshot, None
+        return snapshot
 
     def aggregate(self, round_index: int, expected: list[AdapterKey], *batches: UploadBatch) -> AggregationOutcome:
         """Algorithm 3 over every upload of the round. `expected`: the (client, slot) keys the
@@ -95,8 +104,17 @@ class Coordinator:
                          if self.algorithm.uses_mixture else None),
                 owned=True,  # np.stack above made it
             )
+            kept = None
+            if round_index in self.snapshot_rounds:  # copied first: aggregation may reuse the matrix
+                kept = sample_rows(len(keys), self.config.report.snapshot_max_adapters,
+                                   self.config.seed, round_index)
+                kept_vectors = uploads.vectors[kept].copy()
             result = self.algorithm.aggregate(uploads, round_index)
             del uploads
+            if kept is not None:
+                self.snapshot = {"round": round_index, "adapters": kept_vectors,
+                                 "keys": np.asarray(keys, dtype=np.int64)[kept].reshape(-1, 2),
+                                 "labels": np.asarray(result.labels, dtype=np.int64)[kept]}
             outcome = AggregationOutcome(keys, result.labels, result.adapters, result.weights,
                                          rejected, self.backend)
         del accepted

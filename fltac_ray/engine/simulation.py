@@ -38,6 +38,7 @@ from fltac_ray.engine.ray_session import cluster_totals, ray_session
 from fltac_ray.errors import ConfigError, ConfigIssue, EngineError
 from fltac_ray.outputs import RunWriter, make_run_dir
 from fltac_ray.progress import Progress
+from fltac_ray.snapshots import snapshot_rounds
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
 
@@ -248,6 +249,7 @@ class Simulation:
         self._base_ref = self._put_base_weights()
         self.workers = [self._start_worker(index, data) for index in range(n_workers)]
         worker_of = {c: w for w, clients in enumerate(self.placement) for c in clients}
+        self.snapshot_rounds = set(snapshot_rounds(config.rounds, config.report.adapter_snapshots))
         try:
             described = self._get([w.describe.remote() for w in self.workers], "starting client workers")
             self.worker_pids = [d["pid"] for d in described]
@@ -396,6 +398,8 @@ class Simulation:
                 f"round {round_index} aggregation")
             for key, problem in outcome.rejected:
                 say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
+            if round_index in self.snapshot_rounds:
+                self._save_snapshot(round_index, reports, writer)
         aggregated = time.perf_counter()
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
         shared_outcome = ray.put(outcome) if outcome is not None else None
@@ -422,6 +426,19 @@ class Simulation:
         committed = {"adapters": outcome.adapters, "labels": np.asarray(outcome.labels, dtype=np.int64),
                      "keys": np.asarray(outcome.keys, dtype=np.int64).reshape(-1, 2)}
         return committed, row, task_rows
+
+    def _save_snapshot(self, round_index: int, reports: list[TrainReport], writer: RunWriter) -> None:
+        """The round's uploads (as the coordinator kept them) with their true tasks, for the report."""
+        from fltac_ray.snapshots import Snapshot, write_snapshot
+
+        kept = self._get(self.coordinator.take_snapshot.remote(), f"round {round_index} adapter snapshot")
+        if kept is None or not len(kept["keys"]):
+            return
+        task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+        keys = kept["keys"]
+        write_snapshot(writer.run_dir, Snapshot(
+            round_index, kept["adapters"], keys[:, 0], keys[:, 1], kept["labels"],
+            [task_of[(int(c), int(s))] for c, s in keys]))
 
     def _round_row(self, round_index, sampled, failed, reports, outcome, algorithm, adapter_size,
                    task_accuracy, started, trained, aggregated, status) -> dict:

@@ -1,0 +1,267 @@
+"""The report's figures, drawn with matplotlib from run tables (no file IO here).
+
+Each function returns a Figure, or None with nothing to draw (e.g. no algorithm in the run
+clusters). Tasks keep one colour across figures; runs (algorithms) keep one colour and marker.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, works without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from fltac_ray.progress import short_task  # noqa: E402
+from fltac_ray.reporting.runs import RunTables  # noqa: E402
+from fltac_ray.snapshots import Snapshot  # noqa: E402
+
+MARKERS = "osD^vP*Xh<>"
+
+
+def task_colours(tasks: list[str]) -> dict[str, tuple]:
+    palette = plt.get_cmap("tab10" if len(tasks) <= 10 else "tab20")
+    return {task: palette(i % palette.N) for i, task in enumerate(tasks)}
+
+
+def run_styles(runs: list[RunTables]) -> dict[str, dict]:
+    palette = plt.get_cmap("tab10")
+    return {run.label: {"color": palette(i % 10), "marker": MARKERS[i % len(MARKERS)]}
+            for i, run in enumerate(runs)}
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.3, columns: int = 3) -> tuple[Figure, list]:
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _tasks(runs: list[RunTables]) -> list[str]:
+    seen: list[str] = []
+    for run in runs:
+        for task in run.tasks or run.metrics.get("task", pd.Series(dtype=str)).unique().tolist():
+            if task not in seen:
+                seen.append(task)
+    return seen
+
+
+def _metric_name(runs: list[RunTables]) -> str:
+    generation = any(run.metrics.get("rouge_l", pd.Series(dtype=float)).notna().any() for run in runs)
+    return "accuracy (next-token, response)" if generation else "test accuracy"
+
+
+def task_accuracy_over_rounds(runs: list[RunTables]) -> Figure | None:
+    """One panel per task: accuracy after each evaluated round, one line per run; the
+    majority-class rate as a dashed grey line."""
+    tasks = _tasks(runs)
+    if not tasks or all(run.metrics.empty for run in runs):
+        return None
+    styles = run_styles(runs)
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks, strict=True):
+        for run in runs:
+            rows = run.metrics[run.metrics["task"] == task] if not run.metrics.empty else run.metrics
+            if rows.empty:
+                continue
+            ax.plot(rows["round"], rows["accuracy"], label=run.label, markersize=4, **styles[run.label])
+            majority = rows["majority_accuracy"].dropna()
+            if len(majority):
+                ax.axhline(float(majority.iloc[0]), color="0.6", linestyle="--", linewidth=1)
+        ax.set_title(task)
+        ax.set_xlabel("round")
+        ax.set_ylabel(_metric_name(runs))
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(plt.Line2D([], [], color="0.6", linestyle="--", linewidth=1))
+    labels.append("majority class")
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    fig.suptitle("Per-task accuracy over rounds")
+    fig.tight_layout(rect=(0, 0.08 if len(tasks) <= 3 else 0.05, 1, 1))
+    return fig
+
+
+def clustering_over_rounds(runs: list[RunTables]) -> Figure | None:
+    """Clustering accuracy (Hungarian-matched) and adjusted Rand index of the server's grouping
+    against the hidden tasks, per round, for runs whose algorithm groups uploads."""
+    clustered = [run for run in runs if "clustering_accuracy" in run.rounds
+                 and run.rounds["clustering_accuracy"].notna().any()]
+    if not clustered:
+        return None
+    styles = run_styles(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, column, title in ((axes[0], "clustering_accuracy", "clustering accuracy"),
+                              (axes[1], "ari", "adjusted Rand index")):
+        for run in clustered:
+            rows = run.rounds[run.rounds[column].notna()]
+            ax.plot(rows["round"], rows[column], label=run.label, markersize=4, **styles[run.label])
+        ax.set_xlabel("round")
+        ax.set_ylabel(title)
+        ax.set_ylim(-0.05 if column == "clustering_accuracy" else -0.55, 1.05)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].legend(loc="lower right")
+    fig.suptitle("How well the server's grouping recovers the hidden tasks")
+    fig.tight_layout()
+    return fig
+
+
+def adapter_projection(run: RunTables, snapshots: list[Snapshot], points: list[np.ndarray],
+                       method: str) -> Figure | None:
+    """Paper Fig. 4: each snapshot round's uploaded adapters in 2-D, coloured by true task,
+    marker = the server's assignment (K-means cluster, IFCA choice)."""
+    if not snapshots:
+        return None
+    tasks = [t for t in _tasks([run])]
+    tasks += sorted({t for snap in snapshots for t in snap.tasks} - set(tasks))  # FedIT "a+b"
+    colours = task_colours(tasks)
+    fig, axes = _grid(len(snapshots), width=4.0, height=3.8, columns=4)
+    for ax, snap, xy in zip(axes, snapshots, points, strict=True):
+        for task in tasks:
+            for label in np.unique(snap.labels):
+                pick = np.array([t == task for t in snap.tasks]) & (snap.labels == label)
+                if pick.any():
+                    ax.scatter(xy[pick, 0], xy[pick, 1], color=colours[task], s=36, alpha=0.85,
+                               marker=MARKERS[int(label) % len(MARKERS)], edgecolors="black", linewidths=0.4)
+        accuracy = run.rounds.loc[run.rounds["round"] == snap.round, "clustering_accuracy"]
+        note = f", clustering acc {float(accuracy.iloc[0]):.2f}" if len(accuracy) and accuracy.notna().all() else ""
+        ax.set_title(f"round {snap.round} ({len(snap.tasks)} adapters{note})", fontsize=10)
+        ax.set_xlabel(f"{method} 1")
+        ax.set_ylabel(f"{method} 2")
+        ax.tick_params(labelsize=7)
+    task_handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[t], label=short_task(t))
+                    for t in tasks if any(t in snap.tasks for snap in snapshots)]
+    labels = sorted({int(label) for snap in snapshots for label in snap.labels})
+    cluster_handles = [plt.Line2D([], [], linestyle="", marker=MARKERS[k % len(MARKERS)], color="0.4",
+                                  label=f"cluster {k}") for k in labels[:8]]
+    fig.legend(handles=task_handles + cluster_handles, loc="lower center",
+               ncol=min(len(task_handles) + len(cluster_handles), 7), frameon=False,
+               title="colour: true task   marker: server's assignment", fontsize=9)
+    fig.suptitle(f"{run.label}: uploaded adapters projected with {method}")
+    fig.tight_layout(rect=(0, 0.16 if len(snapshots) <= 4 else 0.1, 1, 1))
+    return fig
+
+
+def _final_scores(runs: list[RunTables], tasks: list[str]) -> dict[str, list[float]]:
+    scores = {}
+    for run in runs:
+        if run.metrics.empty:
+            continue
+        last = run.metrics[run.metrics["round"] == run.metrics["round"].max()].set_index("task")
+        scores[run.label] = [float(last["accuracy"].get(task, np.nan)) for task in tasks]
+    return scores
+
+
+def task_radar(runs: list[RunTables]) -> Figure | None:
+    """Paper Fig. 2b: final accuracy per task, one polygon per run (bars below 3 tasks, where a
+    radar has no area)."""
+    tasks = _tasks(runs)
+    scores = _final_scores(runs, tasks)
+    if not scores:
+        return None
+    styles = run_styles(runs)
+    labels = [short_task(t) for t in tasks]
+    if len(tasks) < 3:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = 0.8 / len(scores)
+        for i, (label, values) in enumerate(scores.items()):
+            ax.bar(np.arange(len(tasks)) + i * width, values, width, label=label, color=styles[label]["color"])
+        ax.set_xticks(np.arange(len(tasks)) + width * (len(scores) - 1) / 2, labels)
+        ax.set_ylabel(f"final {_metric_name(runs)}")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.set_title("Final accuracy per task")
+        fig.tight_layout()
+        return fig
+    angles = np.linspace(0, 2 * np.pi, len(tasks), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), subplot_kw={"projection": "polar"})
+    for label, values in scores.items():
+        closed = values + values[:1]
+        ax.plot(angles + angles[:1], closed, label=label, color=styles[label]["color"],
+                marker=styles[label]["marker"], markersize=4)
+        ax.fill(angles + angles[:1], np.nan_to_num(closed), color=styles[label]["color"], alpha=0.08)
+    ax.set_xticks(angles, labels)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=7)
+    ax.set_title(f"Final {_metric_name(runs)} per task", pad=18)
+    fig.legend(loc="lower center", ncol=min(len(scores), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(scores) / 4), 1, 1))
+    return fig
+
+
+def client_task_shares(run: RunTables) -> Figure | None:
+    """Paper Fig. 2a: each client's training examples per task after the Dirichlet split
+    (shares below data.min_share dropped)."""
+    partition = run.partition
+    if partition.empty:
+        return None
+    tasks = _tasks([run])
+    colours = task_colours(tasks)
+    counts = partition.pivot_table(index="client", columns="task", values="train_samples",
+                                   aggfunc="sum", fill_value=0).reindex(columns=tasks, fill_value=0)
+    data = run.config.get("data", {})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(counts) + 3), 4))
+    bottom = np.zeros(len(counts))
+    for task in tasks:
+        ax.bar(counts.index, counts[task], bottom=bottom, color=colours[task], label=short_task(task),
+               width=0.85 if len(counts) < 60 else 1.0)
+        bottom += counts[task].to_numpy()
+    ax.set_xlabel("client")
+    ax.set_ylabel("training examples")
+    if len(counts) <= 30:
+        ax.set_xticks(counts.index)
+    ax.legend(title="task", fontsize=8)
+    ax.set_title(f"Training examples per client and task\nDirichlet(alpha = {data.get('dirichlet_alpha', '?')}) "
+                 f"split per task, shares below {data.get('min_share', '?')} dropped", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_bytes(runs: list[RunTables]) -> Figure | None:
+    """Mean accuracy after each evaluated round against the bytes communicated so far (up and
+    down, log scale); runs that communicate nothing (local, centralized) as horizontal lines."""
+    styles = run_styles(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    drawn = False
+    for run in runs:
+        rounds = run.rounds
+        if rounds.empty or "mean_accuracy" not in rounds:
+            continue
+        sent = (rounds["bytes_up"] + rounds["bytes_down"]).cumsum() / 1e6
+        evaluated = rounds["mean_accuracy"].notna()
+        if not evaluated.any():
+            continue
+        drawn = True
+        style = styles[run.label]
+        if sent.iloc[-1] <= 0:
+            ax.axhline(float(rounds.loc[evaluated, "mean_accuracy"].iloc[-1]), color=style["color"],
+                       linestyle=":", label=f"{run.label} (no communication)")
+            continue
+        ax.plot(sent[evaluated], rounds.loc[evaluated, "mean_accuracy"], color=style["color"],
+                alpha=0.5, linewidth=1, marker=".", markersize=5)
+        ax.plot(sent[evaluated].iloc[-1], rounds.loc[evaluated, "mean_accuracy"].iloc[-1],
+                linestyle="", markersize=9, label=f"{run.label} (final)", **style)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.set_xlabel("bytes communicated so far, up + down (MB, log scale)")
+    ax.set_ylabel("mean accuracy over tasks")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Accuracy against communication (line: rounds; marker: final)")
+    fig.tight_layout()
+    return fig

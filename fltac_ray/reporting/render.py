@@ -1,0 +1,167 @@
+"""`fltac-ray report RUN_DIR`: every figure as a PNG in RUN_DIR/report/ plus report.html, one
+self-contained page (images embedded) with the figures and the final numbers."""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.reporting import figures
+from fltac_ray.reporting.projection import METHODS, project, umap_available
+from fltac_ray.reporting.runs import RunTables, read_runs
+from fltac_ray.snapshots import read_snapshots
+
+
+@dataclass
+class Report:
+    html: Path
+    figures: dict[str, Path] = field(default_factory=dict)  # figure name -> PNG
+    skipped: dict[str, str] = field(default_factory=dict)  # figure name -> why not drawn
+
+
+def check_projection(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError([ConfigIssue("--projection", method, f"use one of {list(METHODS)}")])
+    if method == "umap" and not umap_available():
+        raise ConfigError([ConfigIssue("--projection", method, "umap-learn is not installed "
+                                       "(pip install 'fltac-ray[umap]'); use auto or pca")])
+
+
+def render_report(path: str | Path, projection: str = "auto") -> Report:
+    """Draw every figure of the run (or comparison) at `path`; returns what was written."""
+    import matplotlib.pyplot as plt
+
+    check_projection(projection)
+    kind, runs = read_runs(path)
+    root = Path(path)
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    report = Report(html=root / "report.html")
+    drawn: dict[str, tuple[str, str]] = {}  # name -> (title, caption)
+
+    def save(name: str, fig, title: str, caption: str, missing: str) -> None:
+        if fig is None:
+            report.skipped[name] = missing
+            return
+        target = out / f"{name}.png"
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        report.figures[name] = target
+        drawn[name] = (title, caption)
+
+    save("task_accuracy", figures.task_accuracy_over_rounds(runs), "Per-task accuracy over rounds",
+         "Each client's current adapter on its own test examples, pooled per task; dashed: "
+         "always predicting the most frequent class.", "no evaluated rounds yet")
+    save("clustering", figures.clustering_over_rounds(runs), "Clustering accuracy and ARI",
+         "Hungarian-matched accuracy and adjusted Rand index of the server's grouping of the "
+         "uploads against the true tasks (which the server never sees).",
+         "no algorithm in this run groups uploads by task")
+    for run in runs:
+        name = "adapters" if kind == "run" else f"adapters_{_slug(run.label)}"
+        fig, note = _projection_figure(run, projection)
+        save(name, fig, f"Uploaded adapters ({run.label})", note, note)
+    save("task_radar", figures.task_radar(runs), "Final accuracy per task",
+         "The last evaluated round, by algorithm (paper Fig. 2b).", "no evaluated rounds yet")
+    save("client_tasks", figures.client_task_shares(runs[0]), "Training examples per client and task",
+         "The federation's Dirichlet split (paper Fig. 2a); every run of a comparison shares it.",
+         "no partition.csv")
+    save("accuracy_vs_bytes", figures.accuracy_vs_bytes(runs), "Accuracy against communication",
+         "Mean accuracy over tasks after each evaluated round against the bytes sent so far, up "
+         "and down (float32 adapters).", "no evaluated rounds yet")
+    report.html.write_text(_page(kind, root, runs, report, drawn))
+    return report
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def _projection_figure(run: RunTables, method: str):
+    snapshots = read_snapshots(run.run_dir)
+    if not snapshots:
+        why = ("its algorithm uploads nothing" if run.algorithm in ("local", "centralized")
+               else "the run saved no adapter snapshots (report.adapter_snapshots = 0)")
+        return None, f"{run.label}: no projection, {why}"
+    points, used = [], "PCA"
+    for snap in snapshots:
+        xy, used = project(snap.adapters, method, seed=int(run.config.get("seed", 0)))
+        points.append(xy)
+    caption = (f"Each round's uploads projected with {used} (computed per round), coloured by "
+               "true task; the marker is the server's assignment (paper Fig. 4).")
+    if used == "PCA" and method == "auto":
+        caption += " Install umap-learn for UMAP."
+    return figures.adapter_projection(run, snapshots, points, used), caption
+
+
+def final_table(runs: list[RunTables]) -> pd.DataFrame:
+    """One row per run: final accuracy per task, their mean, clustering accuracy, bytes sent."""
+    rows = []
+    for run in runs:
+        row: dict[str, object] = {"run": run.label, "algorithm": run.algorithm,
+                                  "rank": run.config.get("model", {}).get("lora", {}).get("rank")}
+        if not run.metrics.empty:
+            last = run.metrics[run.metrics["round"] == run.metrics["round"].max()]
+            row.update({figures.short_task(t): a for t, a in zip(last["task"], last["accuracy"], strict=True)})
+            row["mean"] = float(last["accuracy"].mean())
+        if not run.rounds.empty:
+            row["cluster acc"] = float(run.rounds["clustering_accuracy"].iloc[-1])
+            row["MB sent"] = float((run.rounds["bytes_up"] + run.rounds["bytes_down"]).sum() / 1e6)
+            row["rounds"] = int(run.rounds["round"].max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "-" if np.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:,.1f}"
+        return html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _page(kind: str, root: Path, runs: list[RunTables], report: Report,
+          drawn: dict[str, tuple[str, str]]) -> str:
+    first = runs[0].config
+    data = first.get("data", {})
+    title = f"fltac-ray report: {first.get('name', root.name)}"
+    summary = (f"{kind} of {len(runs)} runs" if kind == "comparison" else f"algorithm {runs[0].algorithm}")
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(summary)}; model {html.escape(str(first.get('model', {}).get('name')))}, "
+        f"{len(data.get('tasks', []))} tasks, {data.get('num_clients')} clients. "
+        f"Folder: <code>{html.escape(str(root))}</code>. Made {time.strftime('%Y-%m-%d %H:%M')}.</p>",
+        "<h2>Final results</h2>", _table_html(final_table(runs)),
+    ]
+    for name, path in report.figures.items():
+        heading, caption = drawn[name]
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(caption)}</p>",
+                  f'<img alt="{html.escape(heading)}" src="data:image/png;base64,{encoded}">']
+    adapters = [dict(entry, run=run.label) for run in runs for entry in run.adapters]
+    if adapters:
+        frame = pd.DataFrame(adapters)
+        columns = [c for c in ("run", "cluster", "members", "majority_task", "purity", "folder", "format")
+                   if c in frame]
+        parts += ["<h2>Exported adapters</h2>",
+                  "<p>The final global adapter of every cluster, under each run's <code>adapters/</code> "
+                  "(peft layout: <code>PeftModel.from_pretrained(fltac_ray.export.load_base(folder), "
+                  "folder)</code>).</p>", _table_html(frame[columns])]
+    if report.skipped:
+        parts += ["<h2>Not drawn</h2>", "<ul>" + "".join(
+            f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in report.skipped.items()) + "</ul>"]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

@@ -1,0 +1,80 @@
+"""Read what a run directory (or a comparison of several) holds, for the report and the API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from fltac_ray.errors import ConfigError, ConfigIssue
+
+
+@dataclass
+class RunTables:
+    label: str  # the comparison label, or the run's algorithm
+    run_dir: Path
+    config: dict[str, Any]  # config.yaml as saved (defaults filled in)
+    metrics: pd.DataFrame  # one row per (round, task)
+    rounds: pd.DataFrame  # one row per round
+    clients: pd.DataFrame  # one row per (round, client, task)
+    partition: pd.DataFrame  # one row per (client, task)
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # adapters/index.json
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.config.get("algorithm", "?"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config.get("data", {}).get("tasks", []))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "rounds.csv").is_file()
+
+
+def read_run(run_dir: str | Path, label: str | None = None) -> RunTables:
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise ConfigError([ConfigIssue("run directory", str(run_dir),
+                                       "is not a run directory (needs config.yaml and rounds.csv)")])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+
+    def table(name: str) -> pd.DataFrame:
+        path = run_dir / name
+        return pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame()
+
+    index = run_dir / "adapters" / "index.json"
+    return RunTables(
+        label=label or str(config.get("algorithm", run_dir.name)),
+        run_dir=run_dir,
+        config=config,
+        metrics=table("metrics.csv"),
+        rounds=table("rounds.csv"),
+        clients=table("clients.csv"),
+        partition=table("partition.csv"),
+        adapters=json.loads(index.read_text()) if index.is_file() else [],
+    )
+
+
+def read_runs(path: str | Path) -> tuple[str, list[RunTables]]:
+    """("run", [one]) for a run directory, ("comparison", [each entry in order]) for a
+    comparison folder (summary.csv's order, else sorted sub-folders)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError([ConfigIssue("RUN_DIR", str(path), "does not exist or is not a folder")])
+    if is_run_dir(path):
+        return "run", [read_run(path)]
+    summary = path / "summary.csv"
+    labels = (pd.read_csv(summary)["label"].astype(str).tolist() if summary.is_file()
+              else sorted(p.name for p in path.iterdir() if is_run_dir(p)))
+    runs = [read_run(path / label, label) for label in labels if is_run_dir(path / label)]
+    if not runs:
+        raise ConfigError([ConfigIssue(
+            "RUN_DIR", str(path), "is neither a run directory (config.yaml, rounds.csv) nor a "
+            "comparison folder holding run directories")])
+    return "comparison", runs
