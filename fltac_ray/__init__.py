@@ -1,0 +1,20 @@
+"""fltac-ray: federated multi-task fine-tuning with low-rank adapters, simulated on Ray.
+
+`fltac_ray.run(config) -> Result` runs an experiment from Python (see fltac_ray/api.py);
+`fltac_ray.load_result(run_dir)` reads one back. The command line is `fltac-ray` (cli.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ComparisonResult", "Result", "load_result", "resume", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: Ray workers import fltac_ray.* modules and should not pay for the API's imports.
+    if name in __all__:
+        from fltac_ray import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fltac_ray' has no attribute {name!r}")

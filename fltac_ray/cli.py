@@ -1,4 +1,4 @@
-"""`fltac-ray run | validate | params | tune | toy | tasks` — the command-line entry point."""
+"""`fltac-ray run | report | validate | params | tune | toy | tasks` — the command-line entry point."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its newest valid checkpoint")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip the figures and report.html at the end (fltac-ray report draws them later)")
+    run.add_argument("--projection", default="auto", choices=["auto", "umap", "pca"],
+                     help="how the report projects adapters to 2-D (auto: UMAP when umap-learn is installed)")
+
+    report = commands.add_parser(
+        "report", help="draw a run's (or comparison's) figures as PNGs and one self-contained report.html")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a comparison folder")
+    report.add_argument("--projection", default="auto", choices=["auto", "umap", "pca"],
+                        help="adapter projection (auto: UMAP when umap-learn is installed, else PCA)")
 
     validate = commands.add_parser("validate", help="check an experiment file and print the resolved config")
     experiment_args(validate)
@@ -66,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
             widths = [int(w) for w in args.widths.split(",") if w.strip()]
             run_toy_study(args.out, widths, args.seeds, args.epochs)
             return 0
+        if args.command == "report":
+            from fltac_ray.reporting.render import render_report
+
+            drawn = render_report(args.run_dir, args.projection)
+            for name, path in drawn.figures.items():
+                print(f"  {name:<20} {path}")
+            for name, why in drawn.skipped.items():
+                print(f"  {name:<20} not drawn: {why}")
+            print(f"report: {drawn.html}")
+            return 0
         if args.command == "tune":
             from fltac_ray.errors import ConfigError, ConfigIssue
             from fltac_ray.progress import Progress
@@ -78,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import yaml
 
+        from fltac_ray.api import finish_with_report
         from fltac_ray.compare import load_variants, run_comparison
         from fltac_ray.config import load_config
         from fltac_ray.errors import ConfigError, ConfigIssue
@@ -90,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.overrides or args.out:
                 raise ConfigError([ConfigIssue("--resume", args.resume,
                                                "continues the run's saved config: no --set or --out")])
-            from fltac_ray.engine.simulation import Simulation
+            from fltac_ray.api import resume
 
-            Simulation.resume(args.resume, progress=Progress(quiet=args.quiet)).run()
+            resume(args.resume, quiet=args.quiet, report=not args.no_report, projection=args.projection)
             return 0
         variants = load_variants(args.experiment, args.overrides)
         if variants is not None:  # a comparison file (`compare:` list)
@@ -101,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.command == "params":
                 return _print_params([v.config for v in variants])
-            run_comparison(variants, args.out, Progress(quiet=args.quiet))
+            progress = Progress(quiet=args.quiet)
+            run_dir, _ = run_comparison(variants, args.out, progress)
+            if not args.no_report:
+                finish_with_report(run_dir, args.projection, progress)
             return 0
         config = load_config(args.experiment, args.overrides)
         if args.command == "validate":
@@ -111,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             return _print_params([config])
         from fltac_ray.engine.simulation import Simulation
 
-        Simulation(config, out=args.out, progress=Progress(quiet=args.quiet)).run()
+        progress = Progress(quiet=args.quiet)
+        run_dir = Simulation(config, out=args.out, progress=progress).run().run_dir
+        if not args.no_report:
+            finish_with_report(run_dir, args.projection, progress)
         return 0
     except FltacError as exc:
         print(f"fltac-ray: error: {exc}", file=sys.stderr)

@@ -39,7 +39,13 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_variants(path: str | Path, overrides: list[str] | None = None) -> list[Variant] | None:
     """The variants of a comparison file, or None when the file holds a single experiment."""
-    raw = read_yaml(path)
+    return variants_from_raw(read_yaml(path), overrides, str(path))
+
+
+def variants_from_raw(raw: dict[str, Any], overrides: list[str] | None = None,
+                      path: str = "<config>") -> list[Variant] | None:
+    """The variants of a comparison mapping (`compare:` list), or None for a single experiment."""
+    raw = copy.deepcopy(raw)
     entries = raw.pop("compare", None)
     if entries is None:
         return None

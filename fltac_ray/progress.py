@@ -1,9 +1,16 @@
-"""Terminal output of a run: a banner, one line per round, a final summary. `quiet` mutes it."""
+"""Terminal output of a run: a banner, one line per round, a live progress bar on a terminal,
+and a final summary table. `quiet` mutes all of it (errors still go to stderr)."""
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from typing import TextIO
+
+import pandas as pd
+
+BAR_WIDTH = 24
 
 
 def short_task(task: str) -> str:
@@ -17,23 +24,136 @@ def _megabytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 class Progress:
-    def __init__(self, quiet: bool = False, stream: TextIO | None = None) -> None:
+    """`bar`: draw a live bar over rounds under the round lines (default: when the stream is a
+    terminal; a log file gets the round lines only, never carriage returns)."""
+
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None, bar: bool | None = None) -> None:
         self.quiet = quiet
         self.stream = stream or sys.stdout
+        if bar is None:
+            bar = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = bar and not quiet
+        self._total = 0
+        self._done = 0
+        self._first = 1
+        self._status = ""
+        self._mean: float | None = None
+        self._cluster: float | None = None
+        self._sent = 0.0
+        self._started = 0.0
+        self._drawn = False
 
     def say(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=self.stream, flush=True)
+        if self.quiet:
+            return
+        self._clear()
+        print(message, file=self.stream, flush=True)
+        self._draw()
 
+    # --- the bar --------------------------------------------------------------------------
+    def start_rounds(self, total: int, first: int = 1, sent_so_far: float = 0.0) -> None:
+        """The run's rounds begin at `first` (after a resume, rounds before it are done)."""
+        self._total, self._first, self._done = total, first, first - 1
+        self._sent = sent_so_far
+        self._started = time.perf_counter()
+        self._draw()
+
+    def phase(self, text: str) -> None:
+        """What the current round is doing (training, aggregating, evaluating)."""
+        self._status = text
+        self._draw()
+
+    def finish(self) -> None:
+        self._clear()
+        self._total = 0
+
+    def _bar_text(self) -> str:
+        total = max(self._total, 1)
+        filled = int(BAR_WIDTH * self._done / total)
+        elapsed = time.perf_counter() - self._started
+        finished_here = self._done - self._first + 1
+        eta = (f" eta {_clock(elapsed / finished_here * (self._total - self._done))}"
+               if finished_here > 0 and self._done < self._total else "")
+        mean = f"  mean {self._mean:.3f}" if _finite(self._mean) else ""
+        cluster = f"  cluster {self._cluster:.2f}" if _finite(self._cluster) else ""
+        status = f"  [{self._status}]" if self._status else ""
+        return (f"|{'#' * filled}{'.' * (BAR_WIDTH - filled)}| {self._done}/{self._total} rounds{mean}"
+                f"{cluster}  sent {_megabytes(self._sent)}  {_clock(elapsed)}{eta}{status}")
+
+    def _draw(self) -> None:
+        if not self.bar or not self._total:
+            return
+        self.stream.write("\r\033[K" + self._bar_text())
+        self.stream.flush()
+        self._drawn = True
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._drawn = False
+
+    # --- round lines and the summary -----------------------------------------------------------
     def round_line(self, round_index: int, rounds: int, row: dict, task_accuracy: dict[str, float]) -> None:
-        accs = "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
+        self._done = round_index
+        self._status = ""
+        self._sent += float(row.get("bytes_up", 0)) + float(row.get("bytes_down", 0))
         mean = row.get("mean_accuracy")
-        mean_text = f"mean {mean:.3f}" if mean == mean and mean is not None else "mean -"
+        if _finite(mean):
+            self._mean = mean
         clustering = row["clustering_accuracy"]
+        if _finite(clustering):
+            self._cluster = clustering
+        accs = "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
+        mean_text = f"mean {mean:.3f}" if _finite(mean) else "mean -"
         cluster_text = (f"  | cluster acc {clustering:.2f} ARI {row['ari']:.2f}"
-                        if clustering == clustering else "")  # NaN: the algorithm does not cluster
+                        if _finite(clustering) else "")  # NaN: the algorithm does not cluster
         self.say(
             f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}"
             f"  | up {_megabytes(row['bytes_up'])}  {row['seconds']:.1f}s"
         )
+
+
+def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
+    """The end-of-run table: per task the final and best accuracy (and its round) against the
+    majority-class rate, then the run's totals."""
+    lines = []
+    if not metrics.empty:
+        last_round = int(metrics["round"].max())
+        rows = []
+        for task, group in metrics.groupby("task", sort=False):
+            best = group.loc[group["accuracy"].idxmax()]
+            final = group[group["round"] == last_round]["accuracy"]
+            rows.append({"task": task,
+                         "final": float(final.iloc[0]) if len(final) else float("nan"),
+                         "best": float(best["accuracy"]), "best round": int(best["round"]),
+                         "majority class": float(group["majority_accuracy"].iloc[0]),
+                         "test examples": int(group["test_samples"].iloc[-1])})
+        table = pd.DataFrame(rows)
+        mean = {"task": "mean", "final": table["final"].mean(), "best": float("nan"),
+                "best round": "", "majority class": table["majority class"].mean(), "test examples": ""}
+        table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+        for column in ("final", "best", "majority class"):
+            table[column] = table[column].map(lambda v: "-" if not _finite(v) else f"{v:.3f}")
+        lines.append(table.to_string(index=False))
+    if not rounds.empty:
+        ok = rounds[rounds["status"] == "ok"] if "status" in rounds else rounds
+        clustering = rounds["clustering_accuracy"].dropna()
+        parts = [f"{len(rounds)} rounds ({len(rounds) - len(ok)} rejected)",
+                 f"sent {_megabytes(rounds['bytes_up'].sum())} up, {_megabytes(rounds['bytes_down'].sum())} down"]
+        if len(clustering):
+            parts.append(f"final clustering accuracy {clustering.iloc[-1]:.2f} (ARI {rounds['ari'].dropna().iloc[-1]:.2f})")
+        parts.append(f"mean round {rounds['seconds'].mean():.1f}s")
+        lines.append("; ".join(parts))
+    return "\n".join(lines)

@@ -37,7 +37,7 @@ from fltac_ray.engine.placement import assign_clients, plan_worker_count
 from fltac_ray.engine.ray_session import cluster_totals, ray_session
 from fltac_ray.errors import ConfigError, ConfigIssue, EngineError
 from fltac_ray.outputs import RunWriter, make_run_dir
-from fltac_ray.progress import Progress
+from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.snapshots import snapshot_rounds
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
@@ -177,6 +177,7 @@ class Simulation:
         wall = time.perf_counter() - started
         metrics = pd.read_csv(run_dir / "metrics.csv")
         rounds = pd.read_csv(run_dir / "rounds.csv")
+        say("\n" + format_run_summary(metrics, rounds))
         say(f"[fltac-ray] done in {wall:.1f}s; results in {run_dir}")
         return RunResult(run_dir, metrics, rounds, wall)
 
@@ -281,6 +282,9 @@ class Simulation:
                     callback.on_start(self)
             outcome = self.state.groups.get("outcome")
             first = self.state.round + 1
+            done = pd.read_csv(writer.rounds_path)  # a resumed run's earlier rounds
+            self.progress.start_rounds(config.rounds, first,
+                                       float((done["bytes_up"] + done["bytes_down"]).sum()) if len(done) else 0.0)
             self.last_checkpoint = self.state.path
             for round_index in range(first, config.rounds + 1):
                 committed, row, task_rows = self._round(algorithm, round_index, worker_of, active,
@@ -297,6 +301,7 @@ class Simulation:
             if outcome is not None and len(outcome["labels"]):
                 self._export(outcome, data, algorithm, layout, writer)
         finally:
+            self.progress.finish()
             for actor in self.workers:
                 ray.kill(actor)
             if self.coordinator is not None:
@@ -373,6 +378,7 @@ class Simulation:
         config, say = self.config, self.progress.say
         started = time.perf_counter()
         sampled = sample_clients(config.seed, round_index, active, config.federation.client_fraction)
+        self.progress.phase(f"round {round_index}: training {len(sampled)} clients")
         by_worker: dict[int, list[int]] = defaultdict(list)
         for client in sampled:
             by_worker[worker_of[client]].append(client)
@@ -392,6 +398,7 @@ class Simulation:
             return None, row, []
         outcome: AggregationOutcome | None = None
         if algorithm.communicates:
+            self.progress.phase(f"round {round_index}: aggregating")
             expected = [key for rep in reports for key in rep.keys]
             outcome = self._get(
                 self.coordinator.aggregate.remote(round_index, expected, *[u for u, _ in done.values()]),
@@ -402,6 +409,7 @@ class Simulation:
                 self._save_snapshot(round_index, reports, writer)
         aggregated = time.perf_counter()
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
+        self.progress.phase(f"round {round_index}: {'evaluating' if evaluate else 'committing'}")
         shared_outcome = ray.put(outcome) if outcome is not None else None
         records: list[EvalRecord] = [
             r for batch in self._get([w.download.remote(shared_outcome, evaluate) for w in self.workers],

@@ -31,7 +31,7 @@ def check_projection(method: str) -> None:
         raise ConfigError([ConfigIssue("--projection", method, f"use one of {list(METHODS)}")])
     if method == "umap" and not umap_available():
         raise ConfigError([ConfigIssue("--projection", method, "umap-learn is not installed "
-                                       "(pip install 'fltac-ray[umap]'); use auto or pca")])
+                                       "(pip install 'fltac-ray[plot]'); use auto or pca")])
 
 
 def render_report(path: str | Path, projection: str = "auto") -> Report:

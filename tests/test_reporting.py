@@ -1,0 +1,158 @@
+"""Reports, snapshots, the Python API and the terminal output."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fltac_ray
+from fltac_ray.cli import main
+from fltac_ray.progress import Progress, format_run_summary
+from fltac_ray.reporting.projection import pca_2d, project, umap_available
+from fltac_ray.snapshots import sample_rows, snapshot_rounds
+
+from .conftest import TINY_EXPERIMENT
+
+FIGURES = {"task_accuracy", "clustering", "adapters", "task_radar", "client_tasks", "accuracy_vs_bytes"}
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+def test_snapshot_rounds_are_evenly_spaced_with_first_and_last():
+    assert snapshot_rounds(8, 4) == [1, 3, 6, 8]  # linspace(1, 8, 4) = 1, 3.33, 5.67, 8
+    assert snapshot_rounds(2, 4) == [1, 2]
+    assert snapshot_rounds(5, 1) == [5]
+    assert snapshot_rounds(5, 0) == []
+
+
+def test_snapshot_sample_is_seeded_sorted_and_bounded():
+    assert sample_rows(5, 10, seed=0, round_index=1).tolist() == [0, 1, 2, 3, 4]
+    rows = sample_rows(100, 7, seed=0, round_index=3)
+    assert len(rows) == 7 == len(set(rows.tolist())) and (np.diff(rows) > 0).all()
+    assert rows.tolist() == sample_rows(100, 7, seed=0, round_index=3).tolist()
+    assert rows.tolist() != sample_rows(100, 7, seed=0, round_index=4).tolist()
+
+
+def test_pca_puts_collinear_points_on_the_first_axis():
+    points = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [3.0, 3.0, 0.0]])
+    xy = pca_2d(points)
+    # centred at mean (4/3, 4/3): distances along the line are -4/3, -1/3, 5/3 times sqrt(2)
+    np.testing.assert_allclose(np.abs(xy[:, 0]), np.sqrt(2) * np.array([4, 1, 5]) / 3, atol=1e-12)
+    np.testing.assert_allclose(xy[:, 1], 0.0, atol=1e-12)
+    assert project(points, "pca")[1] == "PCA"
+    assert project(points[:3], "auto")[1] == "PCA"  # too few points for UMAP
+
+
+def test_run_summary_table_from_hand_made_rows():
+    metrics = pd.DataFrame({"round": [1, 1, 2, 2], "task": ["a", "b", "a", "b"],
+                            "accuracy": [0.5, 0.9, 0.7, 0.8], "majority_accuracy": [0.25, 0.5, 0.25, 0.5],
+                            "test_samples": [10, 20, 10, 20]})
+    rounds = pd.DataFrame({"round": [1, 2], "status": ["ok", "rejected"], "clustering_accuracy": [1.0, 0.5],
+                           "ari": [1.0, 0.0], "bytes_up": [2e6, 1e6], "bytes_down": [1e6, 0.0],
+                           "seconds": [3.0, 5.0]})
+    text = format_run_summary(metrics, rounds)
+    lines = text.splitlines()
+    assert re.search(r"\ba\s+0\.700\s+0\.700\s+2\s+0\.250\s+10", lines[1])
+    assert re.search(r"\bb\s+0\.800\s+0\.900\s+1\s+0\.500\s+20", lines[2])
+    assert re.search(r"mean\s+0\.750", lines[3])
+    assert lines[-1] == ("2 rounds (1 rejected); sent 3.00 MB up, 1.00 MB down; final clustering accuracy "
+                         "0.50 (ARI 0.00); mean round 4.0s")
+
+
+def test_progress_bar_only_on_a_terminal_and_never_when_quiet():
+    row = {"bytes_up": 1e6, "bytes_down": 5e5, "mean_accuracy": 0.5, "clustering_accuracy": 1.0,
+           "ari": 1.0, "seconds": 1.0}
+    stream = io.StringIO()
+    bar = Progress(stream=stream, bar=True)
+    bar.start_rounds(2)
+    bar.phase("round 1: training")
+    bar.round_line(1, 2, row, {"a": 0.5})
+    bar.finish()
+    out = stream.getvalue()
+    assert "\r\x1b[K|" in out and "[round 1: training]" in out
+    assert "1/2 rounds  mean 0.500  cluster 1.00  sent 1.50 MB" in out
+    assert out.endswith("\r\x1b[K")  # the bar is cleared at the end
+    log = io.StringIO()  # a StringIO is not a terminal: round lines only
+    plain = Progress(stream=log)
+    plain.start_rounds(2)
+    plain.round_line(1, 2, row, {"a": 0.5})
+    assert "\r" not in log.getvalue() and log.getvalue().startswith("round   1/2  a 0.500")
+    quiet = io.StringIO()
+    muted = Progress(quiet=True, stream=quiet, bar=True)
+    muted.start_rounds(2)
+    muted.round_line(1, 2, row, {"a": 0.5})
+    assert quiet.getvalue() == ""
+
+
+def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "RUN_DIR" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(umap_available(), reason="umap-learn is installed here")
+def test_umap_without_umap_learn_is_refused_before_anything_runs(tmp_path, capsys):
+    from fltac_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="umap-learn is not installed"):
+        fltac_ray.run(TINY_EXPERIMENT, out=tmp_path / "never", projection="umap")
+    assert not (tmp_path / "never").exists()
+
+
+# --- end to end --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def api_run(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "run"
+    return fltac_ray.run(TINY_EXPERIMENT, overrides=["rounds=3"], out=out, quiet=True)
+
+
+def test_api_returns_the_run_as_dataframes(api_run):
+    result = api_run
+    assert isinstance(result, fltac_ray.Result)
+    assert result.rounds["round"].tolist() == [1, 2, 3]
+    assert len(result.metrics) == 3 * 3 and set(result.final.index) == set(TINY_EXPERIMENT["data"]["tasks"])
+    assert math.isclose(result.mean_accuracy, result.final["accuracy"].mean())
+    pd.testing.assert_frame_equal(result.metrics, pd.read_csv(result.run_dir / "metrics.csv"))
+    assert len(result.adapters) == 3 and all((result.run_dir / "adapters" / f).is_dir()
+                                            for f in result.adapters["folder"])
+    model = result.load_adapter(int(result.adapters["cluster"].iloc[0]))
+    assert type(model).__name__ == "PeftModel"
+    again = fltac_ray.load_result(result.run_dir)
+    pd.testing.assert_frame_equal(again.rounds, result.rounds)
+
+
+def test_every_run_leaves_the_report_with_all_six_figures(api_run):
+    report = api_run.report
+    assert report is not None and report.name == "report.html"
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES)  # self-contained: images inline
+    assert {p.stem for p in (api_run.run_dir / "report").glob("*.png")} == FIGURES
+    for png in (api_run.run_dir / "report").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Exported adapters" in page and "Not drawn" not in page
+    # snapshots at rounds 1, 2, 3 (report.adapter_snapshots = 4 > rounds) of 3 x n uploads
+    assert sorted(p.name for p in (api_run.run_dir / "snapshots").iterdir()) == [
+        f"round_0000{r}.safetensors" for r in (1, 2, 3)]
+
+
+def test_report_command_redraws_a_finished_run(api_run, capsys):
+    assert main(["report", str(api_run.run_dir), "--projection", "pca"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in FIGURES) and "not drawn" not in out
+
+
+def test_comparison_report_draws_each_algorithm_and_says_what_it_skips(ray_cluster, tmp_path):
+    raw = dict(TINY_EXPERIMENT, rounds=2, compare=[{"algorithm": "fltac"}, {"algorithm": "local"}])
+    result = fltac_ray.run(raw, out=tmp_path / "cmp", quiet=True)
+    assert isinstance(result, fltac_ray.ComparisonResult)
+    assert list(result.runs) == ["fltac", "local"] and list(result.summary["label"]) == ["fltac", "local"]
+    assert result.runs["local"].adapters.empty  # nothing is federated, nothing exported
+    names = {p.stem for p in (tmp_path / "cmp" / "report").glob("*.png")}
+    assert names == (FIGURES - {"adapters"}) | {"adapters_fltac"}
+    page = result.report.read_text()
+    assert "local: no projection, its algorithm uploads nothing" in page
