@@ -23,6 +23,17 @@ def test_run_with_overrides(tiny_yaml, tmp_path, capsys):
     assert "round   1/1" in printed and "cluster acc" in printed
     assert len(pd.read_csv(out / "rounds.csv")) == 1
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["local_steps"] == 1
+    # the final summary table and the report
+    assert "best round" in printed and "1 rounds (0 rejected)" in printed
+    assert f"[fltac-ray] report: {out / 'report.html'}" in printed and (out / "report.html").is_file()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_quiet_run_without_report_prints_nothing(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_yaml), "--set", "rounds=1", "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert capsys.readouterr().out == ""
+    assert (out / "rounds.csv").is_file() and not (out / "report.html").exists()
 
 
 def test_bad_config_exits_2_naming_the_field(tiny_yaml, capsys):

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from fltac_ray.progress import short_task  # noqa: E402
 from fltac_ray.reporting.runs import RunTables  # noqa: E402
@@ -256,6 +256,7 @@ def accuracy_vs_bytes(runs: list[RunTables]) -> Figure | None:
         plt.close(fig)
         return None
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels within a decade too
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     ax.set_xlabel("bytes communicated so far, up + down (MB, log scale)")

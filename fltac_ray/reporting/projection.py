@@ -26,11 +26,16 @@ def project(vectors: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[n
         return np.zeros((0, 2)), "none"
     use_umap = method == "umap" or (method == "auto" and umap_available())
     if use_umap and n >= 4:
+        import warnings
+
         import umap
 
         reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,
                             init="random" if n < 10 else "spectral")
-        return np.asarray(reducer.fit_transform(vectors)), "UMAP"
+        with warnings.catch_warnings():
+            # a seeded UMAP runs single-threaded and says so on every call
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return np.asarray(reducer.fit_transform(vectors)), "UMAP"
     return pca_2d(vectors), "PCA"
 
 
