@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -53,13 +54,17 @@ class Progress:
         self._sent = 0.0
         self._started = 0.0
         self._drawn = False
+        # the bar's clock ticks once a second while a round runs (a daemon thread redraws it)
+        self._lock = threading.Lock()
+        self._stop_ticking: threading.Event | None = None
 
     def say(self, message: str) -> None:
         if self.quiet:
             return
-        self._clear()
-        print(message, file=self.stream, flush=True)
-        self._draw()
+        with self._lock:
+            self._clear()
+            print(message, file=self.stream, flush=True)
+            self._draw()
 
     # --- the bar --------------------------------------------------------------------------
     def start_rounds(self, total: int, first: int = 1, sent_so_far: float = 0.0) -> None:
@@ -67,16 +72,38 @@ class Progress:
         self._total, self._first, self._done = total, first, first - 1
         self._sent = sent_so_far
         self._started = time.perf_counter()
-        self._draw()
+        self._redraw()
+        if self.bar and self._stop_ticking is None:
+            self._stop_ticking = threading.Event()
+            threading.Thread(target=self._tick, args=(self._stop_ticking,), daemon=True,
+                             name="fltac-progress").start()
+
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            self._redraw()
 
     def phase(self, text: str) -> None:
         """What the current round is doing (training, aggregating, evaluating)."""
         self._status = text
-        self._draw()
+        self._redraw()
+
+    def _redraw(self) -> None:
+        with self._lock:
+            self._draw()
+
+    def advance(self, round_index: int) -> None:
+        """Round `round_index` is over (round_line does this; a rejected round has no line)."""
+        self._done = round_index
+        self._status = ""
+        self._redraw()
 
     def finish(self) -> None:
-        self._clear()
-        self._total = 0
+        if self._stop_ticking is not None:
+            self._stop_ticking.set()
+            self._stop_ticking = None
+        with self._lock:
+            self._clear()
+            self._total = 0
 
     def _bar_text(self) -> str:
         total = max(self._total, 1)

@@ -23,3 +23,11 @@ def test_offline_default_learns_every_task_and_recovers_the_clusters(tmp_path):
     for row in final.itertuples():
         assert row.accuracy > row.majority_accuracy + 0.1, row
     assert result.rounds["clustering_accuracy"].iloc[-1] == 1.0
+
+    # `fltac-ray report` draws every figure of the issue from this run
+    from fltac_ray.cli import main
+
+    assert main(["report", str(result.run_dir)]) == 0
+    pngs = {p.stem for p in (result.run_dir / "report").glob("*.png")}
+    assert pngs == {"task_accuracy", "clustering", "adapters", "task_radar", "client_tasks", "accuracy_vs_bytes"}
+    assert "Not drawn" not in (result.run_dir / "report.html").read_text()

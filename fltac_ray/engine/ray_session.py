@@ -70,7 +70,15 @@ def ray_session(engine: EngineConfig) -> Iterator[bool]:
     else:
         if engine.dashboard and not is_loopback(engine.dashboard_host):
             print(EXPOSED_DASHBOARD_WARNING.format(host=engine.dashboard_host), file=sys.stderr, flush=True)
-        context = ray.init(**ray_init_kwargs(engine), **kwargs)
+        # The Ray we start listens on 127.0.0.1 with token authentication (token in
+        # ~/.ray/auth_token, see the README); Ray's notice saying so on every start is noise here.
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = notice.level
+        notice.setLevel(logging.ERROR)
+        try:
+            context = ray.init(**ray_init_kwargs(engine), **kwargs)
+        finally:
+            notice.setLevel(level)
         if engine.dashboard and context.dashboard_url:
             print(f"  Ray dashboard: http://{context.dashboard_url}", flush=True)
     try:

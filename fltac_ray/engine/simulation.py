@@ -395,6 +395,7 @@ class Simulation:
             row = self._round_row(round_index, sampled, failed, reports, None, algorithm,
                                   adapter_size, {}, started, trained, trained, "rejected")
             writer.append_round(row)
+            self.progress.advance(round_index)
             return None, row, []
         outcome: AggregationOutcome | None = None
         if algorithm.communicates:
@@ -405,9 +406,9 @@ class Simulation:
                 f"round {round_index} aggregation")
             for key, problem in outcome.rejected:
                 say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
-            if round_index in self.snapshot_rounds:
-                self._save_snapshot(round_index, reports, writer)
         aggregated = time.perf_counter()
+        if outcome is not None and round_index in self.snapshot_rounds:  # not in aggregate_seconds
+            self._save_snapshot(round_index, reports, writer)
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
         self.progress.phase(f"round {round_index}: {'evaluating' if evaluate else 'committing'}")
         shared_outcome = ray.put(outcome) if outcome is not None else None

@@ -31,9 +31,33 @@ def task_colours(tasks: list[str]) -> dict[str, tuple]:
 
 
 def run_styles(runs: list[RunTables]) -> dict[str, dict]:
+    """Colour, marker and line width per run. Earlier runs draw thicker lines, so two runs with
+    identical curves (FL-TAC and the oracle when K-means is perfect) both stay visible."""
     palette = plt.get_cmap("tab10")
-    return {run.label: {"color": palette(i % 10), "marker": MARKERS[i % len(MARKERS)]}
+    n = max(len(runs) - 1, 1)
+    return {run.label: {"color": palette(i % 10), "marker": MARKERS[i % len(MARKERS)],
+                        "linewidth": 1.2 + 1.8 * (1 - i / n) if len(runs) > 1 else 1.6}
             for i, run in enumerate(runs)}
+
+
+def short_group(tasks: str) -> str:
+    """A "+"-joined task group (FedIT's multi-task adapters) with every part shortened."""
+    return "+".join(short_task(t) for t in tasks.split("+"))
+
+
+def legend_below(fig: Figure, handles: list, title: str | None = None, fontsize: float = 9) -> None:
+    """A legend under the axes in as many columns as the figure's width holds, and the layout
+    tightened above it (rows of long labels never cover axis labels)."""
+    width_in, height_in = fig.get_size_inches()
+    longest = max((len(h.get_label()) for h in handles), default=1)
+    # ~0.55 em per character plus the marker and spacing, in inches
+    per_column = (0.55 * longest + 3.5) * fontsize / 72
+    ncol = max(1, min(len(handles), int(width_in / per_column)))
+    rows = math.ceil(len(handles) / ncol) + (1 if title else 0)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, title=title,
+               fontsize=fontsize, title_fontsize=fontsize)
+    bottom = (rows * 1.9 * fontsize / 72 + 0.1) / height_in
+    fig.tight_layout(rect=(0, min(bottom, 0.6), 1, 1))
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.3, columns: int = 3) -> tuple[Figure, list]:
@@ -82,12 +106,10 @@ def task_accuracy_over_rounds(runs: list[RunTables]) -> Figure | None:
         ax.set_ylabel(_metric_name(runs))
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    handles, labels = axes[0].get_legend_handles_labels()
-    handles.append(plt.Line2D([], [], color="0.6", linestyle="--", linewidth=1))
-    labels.append("majority class")
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    handles = [plt.Line2D([], [], label=run.label, markersize=4, **styles[run.label]) for run in runs]
+    handles.append(plt.Line2D([], [], color="0.6", linestyle="--", linewidth=1, label="majority class"))
     fig.suptitle("Per-task accuracy over rounds")
-    fig.tight_layout(rect=(0, 0.08 if len(tasks) <= 3 else 0.05, 1, 1))
+    legend_below(fig, handles)
     return fig
 
 
@@ -139,16 +161,13 @@ def adapter_projection(run: RunTables, snapshots: list[Snapshot], points: list[n
         ax.set_xlabel(f"{method} 1")
         ax.set_ylabel(f"{method} 2")
         ax.tick_params(labelsize=7)
-    task_handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[t], label=short_task(t))
+    task_handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[t], label=short_group(t))
                     for t in tasks if any(t in snap.tasks for snap in snapshots)]
     labels = sorted({int(label) for snap in snapshots for label in snap.labels})
     cluster_handles = [plt.Line2D([], [], linestyle="", marker=MARKERS[k % len(MARKERS)], color="0.4",
                                   label=f"cluster {k}") for k in labels[:8]]
-    fig.legend(handles=task_handles + cluster_handles, loc="lower center",
-               ncol=min(len(task_handles) + len(cluster_handles), 7), frameon=False,
-               title="colour: true task   marker: server's assignment", fontsize=9)
     fig.suptitle(f"{run.label}: uploaded adapters projected with {method}")
-    fig.tight_layout(rect=(0, 0.16 if len(snapshots) <= 4 else 0.1, 1, 1))
+    legend_below(fig, task_handles + cluster_handles, title="colour: true task   marker: server's assignment")
     return fig
 
 
@@ -189,13 +208,14 @@ def task_radar(runs: list[RunTables]) -> Figure | None:
         closed = values + values[:1]
         ax.plot(angles + angles[:1], closed, label=label, color=styles[label]["color"],
                 marker=styles[label]["marker"], markersize=4)
-        ax.fill(angles + angles[:1], np.nan_to_num(closed), color=styles[label]["color"], alpha=0.08)
+        ax.fill(angles + angles[:1], np.nan_to_num(closed), color=styles[label]["color"],
+                alpha=0.3 / len(scores))
     ax.set_xticks(angles, labels)
     ax.set_ylim(0, 1)
     ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=7)
+    ax.set_rlabel_position(math.degrees(angles[1]) / 2)  # between the first two task axes
     ax.set_title(f"Final {_metric_name(runs)} per task", pad=18)
-    fig.legend(loc="lower center", ncol=min(len(scores), 4), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(scores) / 4), 1, 1))
+    legend_below(fig, ax.get_legend_handles_labels()[0], fontsize=8)
     return fig
 
 
@@ -262,7 +282,6 @@ def accuracy_vs_bytes(runs: list[RunTables]) -> Figure | None:
     ax.set_xlabel("bytes communicated so far, up + down (MB, log scale)")
     ax.set_ylabel("mean accuracy over tasks")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
     ax.set_title("Accuracy against communication (line: rounds; marker: final)")
-    fig.tight_layout()
+    legend_below(fig, ax.get_legend_handles_labels()[0], fontsize=8)
     return fig
