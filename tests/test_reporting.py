@@ -156,3 +156,44 @@ def test_comparison_report_draws_each_algorithm_and_says_what_it_skips(ray_clust
     assert names == (FIGURES - {"adapters"}) | {"adapters_fltac"}
     page = result.report.read_text()
     assert "local: no projection, its algorithm uploads nothing" in page
+
+
+def _hand_made_run(folder, algorithm: str, rouge: bool):
+    """A run directory written by hand: 2 tasks, 2 rounds, no clustering, no snapshots."""
+    import yaml
+
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(
+        {"name": "hand", "algorithm": algorithm, "seed": 0,
+         "data": {"tasks": ["t1", "t2"], "num_clients": 2, "dirichlet_alpha": 0.5, "min_share": 0.01},
+         "model": {"name": "m", "lora": {"rank": 1}}}))
+    nan = float("nan")
+    pd.DataFrame({"round": [1, 1, 2, 2], "task": ["t1", "t2"] * 2, "accuracy": [0.1, 0.2, 0.3, 0.4],
+                  "loss": [1.0] * 4, "clients": [2] * 4, "test_samples": [5] * 4,
+                  "majority_accuracy": [nan] * 4 if rouge else [0.5] * 4,
+                  "rouge_l": [0.05, 0.1, 0.15, 0.2] if rouge else [nan] * 4}).to_csv(folder / "metrics.csv", index=False)
+    pd.DataFrame({"round": [1, 2], "status": ["ok", "ok"], "clustering_accuracy": [nan, nan], "ari": [nan, nan],
+                  "bytes_up": [100.0, 100.0], "bytes_down": [100.0, 100.0], "mean_accuracy": [0.15, 0.35],
+                  "seconds": [1.0, 1.0]}).to_csv(folder / "rounds.csv", index=False)
+    pd.DataFrame({"client": [0, 0, 1, 1], "task": ["t1", "t2"] * 2, "share": [0.5] * 4,
+                  "train_samples": [3, 4, 5, 0], "test_samples": [1] * 4}).to_csv(folder / "partition.csv", index=False)
+    return folder
+
+
+def test_instruction_runs_get_a_rouge_figure_and_missing_figures_say_why(tmp_path):
+    from fltac_ray.reporting.figures import task_rouge_over_rounds
+    from fltac_ray.reporting.render import render_report
+    from fltac_ray.reporting.runs import read_run
+
+    run = read_run(_hand_made_run(tmp_path / "lm", "fedit", rouge=True))
+    fig = task_rouge_over_rounds([run])
+    lines = [ax.get_lines()[0] for ax in fig.axes if ax.get_lines()]
+    assert [line.get_ydata().tolist() for line in lines] == [[0.05, 0.15], [0.1, 0.2]]
+    report = render_report(run.run_dir)
+    assert "task_rouge" in report.figures
+    assert report.skipped == {
+        "clustering": "no algorithm in this run groups uploads by task",
+        "adapters": "fedit: no projection, the run saved no adapter snapshots (report.adapter_snapshots = 0)"}
+    classification = read_run(_hand_made_run(tmp_path / "cls", "fedit", rouge=False))
+    assert task_rouge_over_rounds([classification]) is None
+    assert "task_rouge" not in render_report(classification.run_dir).figures

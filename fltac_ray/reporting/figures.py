@@ -87,28 +87,44 @@ def _metric_name(runs: list[RunTables]) -> str:
 def task_accuracy_over_rounds(runs: list[RunTables]) -> Figure | None:
     """One panel per task: accuracy after each evaluated round, one line per run; the
     majority-class rate as a dashed grey line."""
+    return _task_metric_over_rounds(runs, "accuracy", _metric_name(runs), "Per-task accuracy over rounds")
+
+
+def task_rouge_over_rounds(runs: list[RunTables]) -> Figure | None:
+    """Instruction tasks: ROUGE-L F of greedy answers against the references, per round (None
+    when no run has generation tasks)."""
+    if not any("rouge_l" in run.metrics and run.metrics["rouge_l"].notna().any() for run in runs):
+        return None
+    return _task_metric_over_rounds(runs, "rouge_l", "ROUGE-L F (greedy answers)", "Per-task ROUGE-L over rounds")
+
+
+def _task_metric_over_rounds(runs: list[RunTables], column: str, ylabel: str, title: str) -> Figure | None:
     tasks = _tasks(runs)
     if not tasks or all(run.metrics.empty for run in runs):
         return None
     styles = run_styles(runs)
     fig, axes = _grid(len(tasks))
+    baseline = False
     for ax, task in zip(axes, tasks, strict=True):
         for run in runs:
             rows = run.metrics[run.metrics["task"] == task] if not run.metrics.empty else run.metrics
+            rows = rows[rows[column].notna()] if column in rows else rows.iloc[0:0]
             if rows.empty:
                 continue
-            ax.plot(rows["round"], rows["accuracy"], label=run.label, markersize=4, **styles[run.label])
-            majority = rows["majority_accuracy"].dropna()
+            ax.plot(rows["round"], rows[column], label=run.label, markersize=4, **styles[run.label])
+            majority = rows["majority_accuracy"].dropna() if column == "accuracy" else ()
             if len(majority):
+                baseline = True
                 ax.axhline(float(majority.iloc[0]), color="0.6", linestyle="--", linewidth=1)
         ax.set_title(task)
         ax.set_xlabel("round")
-        ax.set_ylabel(_metric_name(runs))
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     handles = [plt.Line2D([], [], label=run.label, markersize=4, **styles[run.label]) for run in runs]
-    handles.append(plt.Line2D([], [], color="0.6", linestyle="--", linewidth=1, label="majority class"))
-    fig.suptitle("Per-task accuracy over rounds")
+    if baseline:
+        handles.append(plt.Line2D([], [], color="0.6", linestyle="--", linewidth=1, label="majority class"))
+    fig.suptitle(title)
     legend_below(fig, handles)
     return fig
 

@@ -59,6 +59,10 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
     save("task_accuracy", figures.task_accuracy_over_rounds(runs), "Per-task accuracy over rounds",
          "Each client's current adapter on its own test examples, pooled per task; dashed: "
          "always predicting the most frequent class.", "no evaluated rounds yet")
+    rouge = figures.task_rouge_over_rounds(runs)
+    if rouge is not None:  # instruction tasks only; never listed as missing for classification
+        save("task_rouge", rouge, "Per-task ROUGE-L over rounds",
+             "Instruction tasks: ROUGE-L F of greedy answers against the reference responses.", "")
     save("clustering", figures.clustering_over_rounds(runs), "Clustering accuracy and ARI",
          "Hungarian-matched accuracy and adjusted Rand index of the server's grouping of the "
          "uploads against the true tasks (which the server never sees).",
