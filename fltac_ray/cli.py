@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="sweep folder (new or empty); default: <output_dir>/<name>-<time>")
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
     tune.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    tune.add_argument("--no-report", action="store_true", help="skip the sweep's figures and report.html")
+    tune.add_argument("--projection", default="auto", choices=["auto", "umap", "pca"],
+                      help="adapter projection of the report (auto: UMAP when umap-learn is installed)")
 
     params = commands.add_parser(
         "params", help="trainable and per-round communicated parameters of a client holding every "
@@ -94,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             if (args.sweep is None) == (args.resume is None):
                 raise ConfigError([ConfigIssue("tune", args.sweep or args.resume,
                                                "give either SWEEP.yaml or --resume SWEEP_DIR")])
-            run_sweep(args.sweep, args.out, Progress(quiet=args.quiet), resume=args.resume)
+            progress = Progress(quiet=args.quiet)
+            sweep_dir, _, _ = run_sweep(args.sweep, args.out, progress, resume=args.resume)
+            if not args.no_report:
+                from fltac_ray.api import finish_with_report
+
+                finish_with_report(sweep_dir, args.projection, progress)
             return 0
         import yaml
 

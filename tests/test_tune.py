@@ -52,6 +52,17 @@ def test_tiny_sweep_reports_every_round_and_resumes(tmp_path):
     # every trial kept its engine checkpoints and wrote its own run directory
     trials = sorted((out / "trials").iterdir())
     assert len(trials) == 2 and all((t / "checkpoints").is_dir() for t in trials)
+    # the sweep's report: one line per trial, labelled by its searched values, and the sweep figure
+    from fltac_ray.reporting.figures import final_metric
+    from fltac_ray.reporting.render import render_report
+    from fltac_ray.reporting.runs import read_runs
+
+    kind, runs = read_runs(out)
+    assert kind == "sweep" and [r.label for r in runs] == ["rank=1", "rank=2"]
+    finals = saved.sort_values("round").groupby("model.lora.rank").tail(1).set_index("model.lora.rank")
+    assert [final_metric(r, "mean_accuracy") for r in runs] == pytest.approx(finals.loc[[1, 2], "mean_accuracy"].tolist())
+    report = render_report(out)
+    assert {"sweep", "task_accuracy", "clustering", "adapters_rank_1", "adapters_rank_2"} <= set(report.figures)
     # resuming a finished sweep restores it and reproduces the table
     _, again, _ = run_sweep(None, None, Progress(quiet=True), resume=str(out))
     pd.testing.assert_frame_equal(again.sort_values(["trial", "round"]).reset_index(drop=True),

@@ -301,3 +301,46 @@ def accuracy_vs_bytes(runs: list[RunTables]) -> Figure | None:
     ax.set_title("Accuracy against communication (line: rounds; marker: final)")
     legend_below(fig, ax.get_legend_handles_labels()[0], fontsize=8)
     return fig
+
+
+def final_metric(run: RunTables, metric: str) -> float:
+    """A run's last value of a sweep metric: a rounds.csv column (mean_accuracy,
+    clustering_accuracy, train_loss, ...) or `accuracy/<task>`."""
+    if metric.startswith("accuracy/"):
+        rows = run.metrics[run.metrics["task"] == metric.split("/", 1)[1]] if not run.metrics.empty else run.metrics
+        return float(rows["accuracy"].iloc[-1]) if len(rows) else float("nan")
+    if metric not in run.rounds:
+        return float("nan")
+    values = run.rounds[metric].dropna()
+    return float(values.iloc[-1]) if len(values) else float("nan")
+
+
+def sweep_by_parameter(runs: list[RunTables], metric: str) -> Figure | None:
+    """Ray Tune sweeps: each trial's final `metric` against each searched value (one panel per
+    searched key; the line joins the mean over the other keys at each value)."""
+    keys = list(runs[0].params) if runs else []
+    if not keys:
+        return None
+    fig, axes = _grid(len(keys), width=5.2, height=3.6)
+    finals = np.array([final_metric(run, metric) for run in runs])
+    for ax, key in zip(axes, keys, strict=True):
+        values = [run.params[key] for run in runs]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        levels = sorted(set(values), key=lambda v: (float(v), "") if numeric else (0.0, str(v)))
+        x = np.array([float(v) for v in values]) if numeric else np.array([levels.index(v) for v in values])
+        ax.scatter(x, finals, color="tab:blue", alpha=0.7, s=30, label="trial")
+        centres = [float(levels[i]) if numeric else i for i in range(len(levels))]
+        means = [np.nanmean(finals[x == c]) if np.isfinite(finals[x == c]).any() else np.nan for c in centres]
+        ax.plot(centres, means, color="tab:orange", marker="_", markersize=14, label="mean over other keys")
+        if not numeric:
+            ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+        elif len(levels) > 2 and min(levels) > 0 and max(levels) / min(levels) >= 100:
+            ax.set_xscale("log")
+        elif len(levels) <= 10:  # a grid: tick exactly the searched values
+            ax.set_xticks([float(v) for v in levels], [f"{v:g}" for v in levels])
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"final {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Sweep: each trial's final {metric}")
+    legend_below(fig, axes[0].get_legend_handles_labels()[0])
+    return fig

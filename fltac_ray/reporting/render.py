@@ -15,8 +15,10 @@ import pandas as pd
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.reporting import figures
 from fltac_ray.reporting.projection import METHODS, project, umap_available
-from fltac_ray.reporting.runs import RunTables, read_runs
+from fltac_ray.reporting.runs import RunTables, read_runs, read_sweep
 from fltac_ray.snapshots import read_snapshots
+
+MAX_PROJECTED_RUNS = 12  # one projection PNG per run; a large sweep would drown the page
 
 
 @dataclass
@@ -56,6 +58,11 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
         report.figures[name] = target
         drawn[name] = (title, caption)
 
+    if kind == "sweep":
+        metric = str(read_sweep(root)[1].get("metric", "mean_accuracy"))
+        save("sweep", figures.sweep_by_parameter(runs, metric), f"Final {metric} by searched value",
+             "Each trial's last reported value (ASHA may stop a trial early) against each searched key.",
+             "the sweep searched no keys")
     save("task_accuracy", figures.task_accuracy_over_rounds(runs), "Per-task accuracy over rounds",
          "Each client's current adapter on its own test examples, pooled per task; dashed: "
          "always predicting the most frequent class.", "no evaluated rounds yet")
@@ -67,14 +74,18 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
          "Hungarian-matched accuracy and adjusted Rand index of the server's grouping of the "
          "uploads against the true tasks (which the server never sees).",
          "no algorithm in this run groups uploads by task")
-    for run in runs:
+    if len(runs) > MAX_PROJECTED_RUNS:
+        report.skipped["adapters"] = (f"{len(runs)} runs, more than {MAX_PROJECTED_RUNS}: run "
+                                      "`fltac-ray report` on one run's folder for its projection")
+    for run in runs if len(runs) <= MAX_PROJECTED_RUNS else []:
         name = "adapters" if kind == "run" else f"adapters_{_slug(run.label)}"
         fig, note = _projection_figure(run, projection)
         save(name, fig, f"Uploaded adapters ({run.label})", note, note)
     save("task_radar", figures.task_radar(runs), "Final accuracy per task",
          "The last evaluated round, by algorithm (paper Fig. 2b).", "no evaluated rounds yet")
     save("client_tasks", figures.client_task_shares(runs[0]), "Training examples per client and task",
-         "The federation's Dirichlet split (paper Fig. 2a); every run of a comparison shares it.",
+         "The federation's Dirichlet split (paper Fig. 2a); every run of a comparison shares it "
+         "(a sweep shows its first trial's).",
          "no partition.csv")
     save("accuracy_vs_bytes", figures.accuracy_vs_bytes(runs), "Accuracy against communication",
          "Mean accuracy over tasks after each evaluated round against the bytes sent so far, up "
@@ -139,7 +150,8 @@ def _page(kind: str, root: Path, runs: list[RunTables], report: Report,
     first = runs[0].config
     data = first.get("data", {})
     title = f"fltac-ray report: {first.get('name', root.name)}"
-    summary = (f"{kind} of {len(runs)} runs" if kind == "comparison" else f"algorithm {runs[0].algorithm}")
+    summary = {"comparison": f"comparison of {len(runs)} runs", "sweep": f"Ray Tune sweep of {len(runs)} trials"
+               }.get(kind, f"algorithm {runs[0].algorithm}")
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(summary)}; model {html.escape(str(first.get('model', {}).get('name')))}, "

@@ -23,6 +23,7 @@ class RunTables:
     clients: pd.DataFrame  # one row per (round, client, task)
     partition: pd.DataFrame  # one row per (client, task)
     adapters: list[dict[str, Any]] = field(default_factory=list)  # adapters/index.json
+    params: dict[str, Any] = field(default_factory=dict)  # a sweep trial's searched values
 
     @property
     def algorithm(self) -> str:
@@ -61,14 +62,50 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunTables:
     )
 
 
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """`model.lora.rank` -> config["model"]["lora"]["rank"] (None when absent)."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def read_sweep(path: Path) -> tuple[list[RunTables], dict[str, Any]]:
+    """Every trial of a Ray Tune sweep folder (trials/<id>/), labelled by its searched values
+    and ordered by them; and the sweep spec (sweep.yaml)."""
+    spec = (yaml.safe_load((path / "sweep.yaml").read_text()) or {}).get("sweep", {})
+    keys = list(spec.get("search", {}))
+    trials = sorted(p for p in (path / "trials").iterdir() if is_run_dir(p)) if (path / "trials").is_dir() else []
+    runs = []
+    for trial in trials:
+        run = read_run(trial)
+        run.params = {key: config_value(run.config, key) for key in keys}
+        run.label = " ".join(f"{key.rsplit('.', 1)[-1]}={value:g}" if isinstance(value, float)
+                             else f"{key.rsplit('.', 1)[-1]}={value}" for key, value in run.params.items())
+        runs.append(run)
+    runs.sort(key=lambda r: tuple((0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
+                                  for v in r.params.values()))
+    labels = [r.label for r in runs]
+    for run in runs:  # random search may repeat values: the trial id tells them apart
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({run.run_dir.name[-5:]})"
+    return runs, spec
+
+
 def read_runs(path: str | Path) -> tuple[str, list[RunTables]]:
     """("run", [one]) for a run directory, ("comparison", [each entry in order]) for a
-    comparison folder (summary.csv's order, else sorted sub-folders)."""
+    comparison folder (summary.csv's order, else sorted sub-folders), ("sweep", [each trial])
+    for a Ray Tune sweep folder."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError([ConfigIssue("RUN_DIR", str(path), "does not exist or is not a folder")])
     if is_run_dir(path):
         return "run", [read_run(path)]
+    if (path / "sweep.yaml").is_file():
+        runs, _ = read_sweep(path)
+        if not runs:
+            raise ConfigError([ConfigIssue("RUN_DIR", str(path), "is a sweep folder without finished trials")])
+        return "sweep", runs
     summary = path / "summary.csv"
     labels = (pd.read_csv(summary)["label"].astype(str).tolist() if summary.is_file()
               else sorted(p.name for p in path.iterdir() if is_run_dir(p)))
