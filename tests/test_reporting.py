@@ -197,3 +197,24 @@ def test_instruction_runs_get_a_rouge_figure_and_missing_figures_say_why(tmp_pat
     classification = read_run(_hand_made_run(tmp_path / "cls", "fedit", rouge=False))
     assert task_rouge_over_rounds([classification]) is None
     assert "task_rouge" not in render_report(classification.run_dir).figures
+
+
+def test_sweep_figure_averages_each_searched_value(tmp_path):
+    from fltac_ray.reporting.figures import final_metric, sweep_by_parameter
+    from fltac_ray.reporting.runs import read_run
+
+    runs = []
+    for i, (rank, weighting) in enumerate([(1, "samples"), (1, "uniform"), (4, "samples")]):
+        run = read_run(_hand_made_run(tmp_path / f"t{i}", "fltac", rouge=False))
+        run.rounds.loc[1, "mean_accuracy"] = 0.2 * (i + 1)  # finals 0.2, 0.4, 0.6
+        run.params = {"model.lora.rank": rank, "federation.weighting": weighting}
+        runs.append(run)
+    assert [final_metric(r, "mean_accuracy") for r in runs] == pytest.approx([0.2, 0.4, 0.6])
+    assert final_metric(runs[0], "accuracy/t2") == pytest.approx(0.4)
+    fig = sweep_by_parameter(runs, "mean_accuracy")
+    rank_axis, weighting_axis = fig.axes[:2]
+    means = rank_axis.get_lines()[0]
+    assert means.get_xdata().tolist() == [1.0, 4.0]
+    assert means.get_ydata().tolist() == pytest.approx([0.3, 0.6])  # rank 1: mean of 0.2 and 0.4
+    assert [t.get_text() for t in weighting_axis.get_xticklabels()] == ["samples", "uniform"]
+    assert weighting_axis.get_lines()[0].get_ydata().tolist() == pytest.approx([0.4, 0.4])
