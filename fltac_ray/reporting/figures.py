@@ -50,8 +50,9 @@ def legend_below(fig: Figure, handles: list, title: str | None = None, fontsize:
     tightened above it (rows of long labels never cover axis labels)."""
     width_in, height_in = fig.get_size_inches()
     longest = max((len(h.get_label()) for h in handles), default=1)
-    # ~0.55 em per character plus the marker and spacing, in inches
-    per_column = (0.55 * longest + 3.5) * fontsize / 72
+    # ~0.62 em per character plus ~5 em of marker and spacing, in inches (generous: a legend
+    # wider than the figure is cut off, a narrower one only wraps earlier)
+    per_column = (0.62 * longest + 5.0) * fontsize / 72
     ncol = max(1, min(len(handles), int(width_in / per_column)))
     rows = math.ceil(len(handles) / ncol) + (1 if title else 0)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False, title=title,
