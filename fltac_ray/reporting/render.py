@@ -37,7 +37,8 @@ def check_projection(method: str) -> None:
 
 
 def render_report(path: str | Path, projection: str = "auto") -> Report:
-    """Draw every figure of the run (or comparison) at `path`; returns what was written."""
+    """Draw every figure of the run, comparison or sweep at `path`; returns what was written.
+    PNGs of an earlier report in `path/report/` are replaced (the folder is the report's)."""
     import matplotlib.pyplot as plt
 
     check_projection(projection)
@@ -45,6 +46,8 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
     root = Path(path)
     out = root / "report"
     out.mkdir(exist_ok=True)
+    for stale in out.glob("*.png"):  # a figure not drawn this time must not linger
+        stale.unlink()
     report = Report(html=root / "report.html")
     drawn: dict[str, tuple[str, str]] = {}  # name -> (title, caption)
 
