@@ -86,7 +86,8 @@ class ComparisonResult:
 
 
 def load_result(run_dir: str | Path) -> Result | ComparisonResult:
-    """Read a finished (or interrupted) run directory, or a comparison folder."""
+    """Read a finished (or interrupted) run directory; a comparison or sweep folder gives a
+    ComparisonResult (for a sweep: `runs` by trial label, `comparison` = sweep.csv)."""
     kind, tables = read_runs(run_dir)
     if kind == "run":
         return Result.from_tables(tables[0])
@@ -96,7 +97,9 @@ def load_result(run_dir: str | Path) -> Result | ComparisonResult:
         return pd.read_csv(root / name) if (root / name).is_file() else pd.DataFrame()
 
     report = root / "report.html"
-    return ComparisonResult(root, {t.label: Result.from_tables(t) for t in tables}, csv("comparison.csv"),
+    # a sweep folder reads as a comparison of its trials (labelled by their searched values)
+    side_by_side = csv("sweep.csv") if kind == "sweep" else csv("comparison.csv")
+    return ComparisonResult(root, {t.label: Result.from_tables(t) for t in tables}, side_by_side,
                             csv("summary.csv"), report if report.is_file() else None)
 
 
