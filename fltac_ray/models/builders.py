@@ -159,6 +159,25 @@ def _tiny_config(name: str, vocab_size: int) -> Any:
                        max_position_embeddings=512, tie_word_embeddings=False)
 
 
+def _tiny_backbone(name: str, modality: str, seed: int | None) -> Any:
+    """A 2-layer random test model, drawn from `seed`; `seed=None`: on the meta device (no
+    weights: the architecture only)."""
+    import contextlib
+
+    import torch
+
+    vocab = 0 if name == "tiny-random-vit" else load_tokenizer(name).vocab_size
+    config = _tiny_config(name, vocab)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device("meta") if seed is None else contextlib.nullcontext():
+        if name == "tiny-random-bert":
+            from transformers import BertModel
+
+            return BertModel(config, add_pooling_layer=False)
+        return _auto_class(modality).from_config(config)
+
+
 def _auto_class(modality: str) -> Any:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -167,7 +186,6 @@ def _auto_class(modality: str) -> Any:
 
 def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16) -> Any:
     """The frozen body shared by a worker's clients (weights loaded once per worker)."""
-    import torch
 
     if name == "efficientnet-lite0":
         from fltac_ray.models.efficientnet import load_efficientnet_lite0
@@ -176,14 +194,7 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
     if name == "random-mlp":
         return RandomMLP.build(feature_dim, seed)
     if name.startswith("tiny-random-"):
-        vocab = 0 if name == "tiny-random-vit" else load_tokenizer(name).vocab_size
-        config = _tiny_config(name, vocab)
-        torch.manual_seed(seed)
-        if name == "tiny-random-bert":
-            from transformers import BertModel
-
-            return BertModel(config, add_pooling_layer=False)
-        return _auto_class(modality).from_config(config)
+        return _tiny_backbone(name, modality, seed)
     try:
         model = _auto_class(modality).from_pretrained(model_source(name))
     except OSError as exc:
@@ -220,14 +231,7 @@ def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
         with torch.device("meta"):
             return EfficientNetLite0() if name == "efficientnet-lite0" else RandomMLP.build(feature_dim, 0)
     if name.startswith("tiny-random-"):
-        vocab = 0 if name == "tiny-random-vit" else load_tokenizer(name).vocab_size
-        config = _tiny_config(name, vocab)
-        with torch.device("meta"):
-            if name == "tiny-random-bert":
-                from transformers import BertModel
-
-                return BertModel(config, add_pooling_layer=False)
-            return _auto_class(modality).from_config(config)
+        return _tiny_backbone(name, modality, seed=None)
     if name == "smollm2-135m":
         from transformers import AutoConfig
 
