@@ -33,7 +33,7 @@ from torch import nn
 
 from fltac_ray.config import ExperimentConfig
 from fltac_ray.errors import ConfigError, ConfigIssue
-from fltac_ray.models.adapter_model import PooledFeatures
+from fltac_ray.models.adapter_model import PooledFeatures, split_adapter
 
 INFO_FILE = "fltac_ray.json"
 # Our training model names LoRA tensors `encoder.base_model.model.<path>.lora_A.default.weight`
@@ -79,18 +79,6 @@ def peft_tensor_name(name: str, causal_lm: bool) -> str:
     raise ValueError(f"adapter tensor {name!r} is neither LoRA nor head; cannot export it to peft")
 
 
-def split_adapter(vector: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    """(adapter_size,) flat adapter -> its named tensors, in layout order."""
-    tensors, offset = {}, 0
-    for name, shape in layout:
-        size = int(np.prod(shape))
-        tensors[name] = np.ascontiguousarray(vector[offset:offset + size].reshape(shape), dtype=np.float32)
-        offset += size
-    if offset != vector.size:
-        raise ValueError(f"adapter has {vector.size} values, layout describes {offset}")
-    return tensors
-
-
 def write_peft_adapter(folder: Path, vector: np.ndarray, layout: list[tuple[str, tuple[int, ...]]],
                        config: ExperimentConfig, info: dict[str, Any]) -> None:
     """One adapter as a peft folder: adapter_config.json, adapter_model.safetensors, fltac_ray.json."""
@@ -101,7 +89,7 @@ def write_peft_adapter(folder: Path, vector: np.ndarray, layout: list[tuple[str,
     causal_lm = config.data.modality == "causal_lm"
     lora = config.model.lora
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {peft_tensor_name(name, causal_lm): value
+    tensors = {peft_tensor_name(name, causal_lm): np.ascontiguousarray(value, dtype=np.float32)
                for name, value in split_adapter(vector, layout).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft_config = LoraConfig(
@@ -139,7 +127,9 @@ def export_adapters(run_dir: Path, adapters: np.ndarray, layout: list[tuple[str,
         index.append(entry)
         if not peft_layout:
             (folder / name).mkdir(exist_ok=True)
-            save_file(split_adapter(vector, layout), str(folder / name / "adapter.safetensors"),
+            tensors = {key: np.ascontiguousarray(value, dtype=np.float32)
+                       for key, value in split_adapter(vector, layout).items()}
+            save_file(tensors, str(folder / name / "adapter.safetensors"),
                       metadata={k: str(v) for k, v in entry.items()})
             continue
         write_peft_adapter(folder / name, vector, layout, config, {

@@ -25,6 +25,19 @@ from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures
 from fltac_ray.models.registry import default_targets
 
 
+def split_adapter(vectors: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    """(..., adapter_size) flat adapters -> each layout entry as a (..., *shape) view, in layout
+    order (the inverse of AdapterModel.get_adapter's flattening)."""
+    lead, tensors, offset = vectors.shape[:-1], {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        tensors[name] = vectors[..., offset:offset + size].reshape(*lead, *shape)
+        offset += size
+    if offset != vectors.shape[-1]:
+        raise ValueError(f"adapter has {vectors.shape[-1]} values, layout describes {offset}")
+    return tensors
+
+
 class PooledFeatures:
     """Pooled (batch, hidden) features of `self.encoder` for every modality. Shared by the
     training model and the exported classifier (fltac_ray/export.py), so both read inputs alike.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layers
 
-from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.adapter_model import AdapterModel, split_adapter
 
 
 class UnsupportedBatching(ValueError):
@@ -43,13 +43,10 @@ class StackedAdapters:
         self.count = vectors.shape[0]
         self.names = [name for name, _ in layout]
         self.tensors: dict[str, torch.Tensor] = {}
-        source = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        offset = 0
-        for name, shape in layout:
-            size = int(np.prod(shape))
-            block = source[:, offset:offset + size].reshape(self.count, *shape)
-            self.tensors[name] = block.to(device).clone().requires_grad_(True)
-            offset += size
+        blocks = split_adapter(np.asarray(vectors, dtype=np.float32), layout)  # name -> (n, *shape)
+        for name, block in blocks.items():
+            source = torch.from_numpy(np.ascontiguousarray(block))
+            self.tensors[name] = source.to(device).clone().requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.tensors[name] for name in self.names]
