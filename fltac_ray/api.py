@@ -25,6 +25,7 @@ import pandas as pd
 
 from fltac_ray.config import ExperimentConfig, apply_overrides, build_config, read_yaml
 from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.outputs import final_round_metrics
 from fltac_ray.progress import Progress
 from fltac_ray.reporting.runs import RunTables, read_runs
 
@@ -56,8 +57,7 @@ class Result:
         """The last evaluated round: one row per task (accuracy, loss, majority_accuracy, ...)."""
         if self.metrics.empty:
             return self.metrics
-        last = self.metrics[self.metrics["round"] == self.metrics["round"].max()]
-        return last.set_index("task").drop(columns=["round"])
+        return final_round_metrics(self.metrics).set_index("task").drop(columns=["round"])
 
     @property
     def mean_accuracy(self) -> float:

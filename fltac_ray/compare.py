@@ -18,6 +18,7 @@ import pandas as pd
 
 from fltac_ray.config import ExperimentConfig, apply_overrides, build_config, read_yaml
 from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.outputs import final_round_metrics
 from fltac_ray.progress import Progress
 
 
@@ -92,7 +93,7 @@ def comparison_tables(results: dict[str, Any], variants: list[Variant]) -> tuple
         per_task.insert(0, "algorithm", config.algorithm)
         per_task.insert(0, "label", variant.label)
         frames.append(per_task)
-        last = result.metrics[result.metrics["round"] == result.metrics["round"].max()]
+        last = final_round_metrics(result.metrics)
         row: dict[str, Any] = {"label": variant.label, "algorithm": config.algorithm,
                                "lora_rank": config.model.lora.rank}
         row.update({task: acc for task, acc in zip(last["task"], last["accuracy"], strict=True)})

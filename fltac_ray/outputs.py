@@ -22,6 +22,13 @@ ROUNDS_COLUMNS = [
 ]
 
 
+def final_round_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The metrics.csv rows of the last evaluated round, one per task (empty before any)."""
+    if metrics.empty:
+        return metrics
+    return metrics[metrics["round"] == metrics["round"].max()]
+
+
 def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
     """`out` as given (must be new or empty, so no earlier results are overwritten), or
     `<output_dir>/<name>-<timestamp>` (runs, comparisons and sweeps alike)."""

@@ -11,6 +11,8 @@ from typing import TextIO
 
 import pandas as pd
 
+from fltac_ray.outputs import final_round_metrics
+
 BAR_WIDTH = 24
 
 
@@ -157,13 +159,12 @@ def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
     majority-class rate, then the run's totals."""
     lines = []
     if not metrics.empty:
-        last_round = int(metrics["round"].max())
+        final = final_round_metrics(metrics).set_index("task")["accuracy"]
         rows = []
         for task, group in metrics.groupby("task", sort=False):
             best = group.loc[group["accuracy"].idxmax()]
-            final = group[group["round"] == last_round]["accuracy"]
             rows.append({"task": task,
-                         "final": float(final.iloc[0]) if len(final) else float("nan"),
+                         "final": float(final.get(task, float("nan"))),
                          "best": float(best["accuracy"]), "best round": int(best["round"]),
                          "majority class": float(group["majority_accuracy"].iloc[0]),
                          "test examples": int(group["test_samples"].iloc[-1])})

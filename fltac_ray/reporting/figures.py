@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
+from fltac_ray.outputs import final_round_metrics  # noqa: E402
 from fltac_ray.progress import short_task  # noqa: E402
 from fltac_ray.reporting.runs import RunTables  # noqa: E402
 from fltac_ray.snapshots import Snapshot  # noqa: E402
@@ -193,7 +194,7 @@ def _final_scores(runs: list[RunTables], tasks: list[str]) -> dict[str, list[flo
     for run in runs:
         if run.metrics.empty:
             continue
-        last = run.metrics[run.metrics["round"] == run.metrics["round"].max()].set_index("task")
+        last = final_round_metrics(run.metrics).set_index("task")
         scores[run.label] = [float(last["accuracy"].get(task, np.nan)) for task in tasks]
     return scores
 

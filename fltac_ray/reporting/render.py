@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.outputs import final_round_metrics
 from fltac_ray.reporting import figures
 from fltac_ray.reporting.projection import METHODS, project, umap_available
 from fltac_ray.reporting.runs import RunTables, read_runs, read_sweep
@@ -125,7 +126,7 @@ def final_table(runs: list[RunTables]) -> pd.DataFrame:
         row: dict[str, object] = {"run": run.label, "algorithm": run.algorithm,
                                   "rank": run.config.get("model", {}).get("lora", {}).get("rank")}
         if not run.metrics.empty:
-            last = run.metrics[run.metrics["round"] == run.metrics["round"].max()]
+            last = final_round_metrics(run.metrics)
             row.update({figures.short_task(t): a for t, a in zip(last["task"], last["accuracy"], strict=True)})
             row["mean"] = float(last["accuracy"].mean())
         if not run.rounds.empty:
