@@ -106,11 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import yaml
 
-        from fltac_ray.api import finish_with_report
-        from fltac_ray.compare import load_variants, run_comparison
+        from fltac_ray.compare import load_variants
         from fltac_ray.config import load_config
         from fltac_ray.errors import ConfigError, ConfigIssue
-        from fltac_ray.progress import Progress
 
         if args.command == "run" and (args.resume is not None) == (args.experiment is not None):
             raise ConfigError([ConfigIssue("run", args.experiment or args.resume,
@@ -123,31 +121,23 @@ def main(argv: list[str] | None = None) -> int:
 
             resume(args.resume, quiet=args.quiet, report=not args.no_report, projection=args.projection)
             return 0
+        if args.command == "run":  # a run or a comparison, as fltac_ray.run does it
+            from fltac_ray.api import run
+
+            run(args.experiment, args.overrides, out=args.out, quiet=args.quiet, report=not args.no_report,
+                projection=args.projection)
+            return 0
         variants = load_variants(args.experiment, args.overrides)
         if variants is not None:  # a comparison file (`compare:` list)
             if args.command == "validate":
                 print(yaml.safe_dump({v.label: v.config.resolved() for v in variants}, sort_keys=False), end="")
                 return 0
-            if args.command == "params":
-                return _print_params([v.config for v in variants])
-            progress = Progress(quiet=args.quiet)
-            run_dir, _ = run_comparison(variants, args.out, progress)
-            if not args.no_report:
-                finish_with_report(run_dir, args.projection, progress)
-            return 0
+            return _print_params([v.config for v in variants])
         config = load_config(args.experiment, args.overrides)
         if args.command == "validate":
             print(yaml.safe_dump(config.resolved(), sort_keys=False), end="")
             return 0
-        if args.command == "params":
-            return _print_params([config])
-        from fltac_ray.engine.simulation import Simulation
-
-        progress = Progress(quiet=args.quiet)
-        run_dir = Simulation(config, out=args.out, progress=progress).run().run_dir
-        if not args.no_report:
-            finish_with_report(run_dir, args.projection, progress)
-        return 0
+        return _print_params([config])
     except FltacError as exc:
         print(f"fltac-ray: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
