@@ -51,13 +51,13 @@ class SequentialLoop:
         self.algorithm = create_algorithm(self.config)
         data, self.active = prepare_data(self.config, self.algorithm)
         self.data = data
-        self.worker = ClientWorker(0, self.config.resolved(), [data.clients[c] for c in self.active],
+        self.worker = ClientWorker(0, raw, [data.clients[c] for c in self.active],
                                    data.tasks, data.head_classes, threads or torch.get_num_threads())
         # the reference loop keeps glibc's default behaviour: no heap trimming (engine/memory.py)
         self.worker.trim_heap = lambda: False
         described = self.worker.describe()
         adaptor_index = self.worker.adaptor_index() if self.algorithm.uses_mixture else None
-        self.coordinator = Coordinator(self.config.resolved(), described["adapter_size"], adaptor_index)
+        self.coordinator = Coordinator(raw, described["adapter_size"], adaptor_index)
         initial = self.worker.initial_adapters(self.algorithm.num_global_adapters())
         self.worker.set_initial_adapters(initial)
         self.coordinator.set_initial_adapters(initial)

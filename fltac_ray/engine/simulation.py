@@ -32,7 +32,7 @@ from fltac_ray.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from fltac_ray.clustering import adjusted_rand, hungarian_accuracy
 from fltac_ray.config import ExperimentConfig, load_config
 from fltac_ray.data.federated import FederatedData, build_federated_data
-from fltac_ray.engine.messages import AggregationOutcome, EvalRecord, TrainReport
+from fltac_ray.engine.messages import AdapterKey, AggregationOutcome, EvalRecord, TrainReport
 from fltac_ray.engine.placement import assign_clients, plan_worker_count
 from fltac_ray.engine.ray_session import cluster_totals, ray_session
 from fltac_ray.errors import ConfigError, ConfigIssue, EngineError
@@ -62,6 +62,11 @@ def sample_clients(seed: int, round_index: int, active: list[int], fraction: flo
         return list(active)
     rng = np.random.default_rng([seed, 4, round_index])
     return sorted(int(c) for c in rng.choice(active, size=count, replace=False))
+
+
+def _tasks_by_key(reports: list[TrainReport]) -> dict[AdapterKey, str]:
+    """(client, slot) -> the "+"-joined true tasks its upload trained on (metrics only)."""
+    return {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
 
 
 def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm) -> tuple[FederatedData, list[int]]:
@@ -443,7 +448,7 @@ class Simulation:
         kept = self._get(self.coordinator.take_snapshot.remote(), f"round {round_index} adapter snapshot")
         if kept is None or not len(kept["keys"]):
             return
-        task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+        task_of = _tasks_by_key(reports)
         keys = kept["keys"]
         write_snapshot(writer.run_dir, Snapshot(
             round_index, kept["adapters"], keys[:, 0], keys[:, 1], kept["labels"],
@@ -451,7 +456,7 @@ class Simulation:
 
     def _round_row(self, round_index, sampled, failed, reports, outcome, algorithm, adapter_size,
                    task_accuracy, started, trained, aggregated, status) -> dict:
-        task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+        task_of = _tasks_by_key(reports)
         losses = [loss for rep in reports for loss in rep.losses]
         nan = float("nan")
         uploads = params_down = 0
