@@ -162,7 +162,7 @@ def adapter_projection(run: RunTables, snapshots: list[Snapshot], points: list[n
     marker = the server's assignment (K-means cluster, IFCA choice)."""
     if not snapshots:
         return None
-    tasks = [t for t in _tasks([run])]
+    tasks = _tasks([run])
     tasks += sorted({t for snap in snapshots for t in snap.tasks} - set(tasks))  # FedIT "a+b"
     colours = task_colours(tasks)
     fig, axes = _grid(len(snapshots), width=4.0, height=3.8, columns=4)

@@ -16,7 +16,7 @@ from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.outputs import final_round_metrics
 from fltac_ray.reporting import figures
 from fltac_ray.reporting.projection import METHODS, project, umap_available
-from fltac_ray.reporting.runs import RunTables, read_runs, read_sweep
+from fltac_ray.reporting.runs import RunTables, read_runs, sweep_spec
 from fltac_ray.snapshots import read_snapshots
 
 MAX_PROJECTED_RUNS = 12  # one projection PNG per run; a large sweep would drown the page
@@ -63,7 +63,7 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
         drawn[name] = (title, caption)
 
     if kind == "sweep":
-        metric = str(read_sweep(root)[1].get("metric", "mean_accuracy"))
+        metric = str(sweep_spec(root).get("metric", "mean_accuracy"))  # the trials are read already
         save("sweep", figures.sweep_by_parameter(runs, metric), f"Final {metric} by searched value",
              "Each trial's last reported value (ASHA may stop a trial early) against each searched key.",
              "the sweep searched no keys")

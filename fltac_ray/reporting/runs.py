@@ -70,10 +70,15 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def sweep_spec(path: Path) -> dict[str, Any]:
+    """The `sweep:` part of a sweep folder's sweep.yaml (search space, metric, ...)."""
+    return (yaml.safe_load((path / "sweep.yaml").read_text()) or {}).get("sweep", {})
+
+
 def read_sweep(path: Path) -> tuple[list[RunTables], dict[str, Any]]:
     """Every trial of a Ray Tune sweep folder (trials/<id>/), labelled by its searched values
     and ordered by them; and the sweep spec (sweep.yaml)."""
-    spec = (yaml.safe_load((path / "sweep.yaml").read_text()) or {}).get("sweep", {})
+    spec = sweep_spec(path)
     keys = list(spec.get("search", {}))
     trials = sorted(p for p in (path / "trials").iterdir() if is_run_dir(p)) if (path / "trials").is_dir() else []
     runs = []
