@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
-from fltac_ray.training import _NOT_TENSORS, BatchCursor, TrainOutcome
+from fltac_ray.training import _NOT_TENSORS, BatchCursor, FrozenEntries, TrainOutcome
 
 
 @dataclass
@@ -149,9 +149,11 @@ def _job_losses(model: AdapterModel, stacked: StackedAdapters, jobs: list[Adapte
 
 
 def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, lr: float,
-                  weight_decay: float, device: torch.device) -> list[TrainOutcome]:
+                  weight_decay: float, device: torch.device, frozen: np.ndarray | None = None
+                  ) -> list[TrainOutcome]:
     """Train every job's adapter from its start; outcomes in the order of `jobs`. All jobs must
-    share one signature() (the caller groups them)."""
+    share one signature() (the caller groups them). `frozen`: (adapter_size,) bool, entries
+    held at their start values (FFA-LoRA's A)."""
     if not jobs:
         return []
     if len({job.signature() for job in jobs}) > 1:
@@ -160,6 +162,7 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     ordered = [jobs[j] for j in order]
     stacked = StackedAdapters(model, np.stack([job.start for job in ordered]), device)
     optimizer = BatchedAdamW(stacked.parameters(), lr, weight_decay)
+    hold = FrozenEntries(stacked.parameters(), model.adapter_layout(), frozen)
     cursors = [BatchCursor(job.indices, batch_size, job.rng) for job in ordered]
     history: list[list[float]] = [[] for _ in ordered]
     model.train()
@@ -172,6 +175,7 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
         # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
         losses.sum().backward()
         optimizer.step(active)
+        hold.restore()
         for j, value in enumerate(losses.detach().cpu().tolist()):
             history[j].append(value)
     vectors = stacked.to_numpy()

@@ -154,7 +154,7 @@ def _print_params(configs: list) -> int:
 
 
 def _list_registries() -> int:
-    from fltac_ray.algorithms.registry import ALGORITHMS
+    from fltac_ray.algorithms import algorithm_summaries
     from fltac_ray.data.registry import TASKS
     from fltac_ray.models.registry import MODELS
 
@@ -166,7 +166,7 @@ def _list_registries() -> int:
     for name, spec in MODELS.items():
         print(f"  {name:<30} {spec.modality:<11} {spec.description}")
     print("algorithms:")
-    for name, text in ALGORITHMS.items():
+    for name, text in algorithm_summaries().items():
         print(f"  {name:<26} {text}")
     return 0
 

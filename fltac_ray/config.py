@@ -15,10 +15,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fltac_ray.algorithms.registry import ALGORITHM_OPTIONS, ALGORITHMS
+from fltac_ray.algorithms.registry import UnknownAlgorithm, resolve_algorithm
 from fltac_ray.data.registry import TASKS
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.models.registry import MODELS, default_targets, is_known_model
+
+# Options that only some algorithms read (each algorithm class lists those it reads in
+# `options`). Setting one explicitly for another algorithm is an error, so that a sweep or a typo
+# never silently changes nothing.
+ALGORITHM_OPTIONS = (
+    "federation.n_clusters", "federation.clustering_backend", "federation.kmeans_n_init",
+    "federation.weighting", "federation.aggregation", "federation.trim_fraction", "floral",
+)
 
 
 class _Section(BaseModel):
@@ -258,6 +266,11 @@ class FloralConfig(_Section):
 
 
 class EngineConfig(_Section):
+    backend: Literal["ray", "local"] = Field(
+        default="ray",
+        description="ray: workers and the server as Ray actors; local: the same round loop in "
+        "this process without Ray (debugging, the sequential baseline). Same results.",
+    )
     ray_address: str | None = Field(
         default=None, description="Existing Ray cluster to join; None starts Ray on 127.0.0.1."
     )
@@ -291,6 +304,12 @@ class EngineConfig(_Section):
         default=32, ge=1,
         description="Most adapters per combined pass (activations: this x train.batch_size examples).",
     )
+    min_passes: int | None = Field(
+        default=None, ge=1,
+        description="Cut each round's training into at least this many passes (batched "
+        "training), so that many workers share it. Default: the number of workers at the start, "
+        "written to config.yaml. Results depend on the passes, never on which worker runs them.",
+    )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs per client worker.")
     gpus_per_worker: float = Field(
         default=0.0, ge=0, description="Ray GPUs per client worker; fractions share one GPU."
@@ -306,11 +325,12 @@ class EngineConfig(_Section):
     )
     checkpoint_every: int = Field(
         default=1, ge=0,
-        description="Checkpoint every k rounds (0: never). Also what a restarted worker restores.",
+        description="Checkpoint every k rounds (0: never); what --resume continues from.",
     )
     keep_checkpoints: int = Field(default=2, ge=1, description="Newest checkpoints kept on disk.")
     max_retries: int = Field(
-        default=1, ge=0, description="Restarts of a failed worker per round before its clients count as failed."
+        default=1, ge=0,
+        description="Retries of a lost worker's pass (on another worker) before its clients count as failed."
     )
     kill_worker_at: tuple[int, int] | None = Field(
         default=None,
@@ -346,7 +366,11 @@ class ReportConfig(_Section):
 class ExperimentConfig(_Section):
     name: str = Field(default="experiment", min_length=1, description="Names the run directory.")
     seed: int = Field(default=0, ge=0, description="Seeds the split, sampling, init and training.")
-    algorithm: str = Field(default="fltac", description="Federated algorithm name.")
+    algorithm: str = Field(
+        default="fltac",
+        description="A built-in algorithm (fltac-ray tasks lists them), one registered with "
+        "fltac_ray.register_algorithm, or 'package.module:ClassName'.",
+    )
     rounds: int = Field(default=8, ge=1, description="Communication rounds T.")
     output_dir: str = Field(default="runs", description="Parent folder of run directories.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -360,21 +384,29 @@ class ExperimentConfig(_Section):
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, name: str) -> str:
-        if name not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm; known algorithms: {sorted(ALGORITHMS)}")
+        try:
+            resolve_algorithm(name)
+        except UnknownAlgorithm as exc:
+            raise ValueError(str(exc)) from None
         return name
+
+    @property
+    def algorithm_class(self):
+        """The FederatedAlgorithm subclass `algorithm` names."""
+        return resolve_algorithm(self.algorithm)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
-        for option, users in ALGORITHM_OPTIONS.items():
+        reads = self.algorithm_class.options
+        for option in ALGORITHM_OPTIONS:
             section, _, field = option.partition(".")
             explicit = (field in getattr(self, section).model_fields_set if field
                         else section in self.model_fields_set)
-            if explicit and self.algorithm not in users:
+            if explicit and option not in reads:
                 value = getattr(getattr(self, section), field) if field else "{...}"
                 raise ValueError(
                     f"{option} = {value!r}: not used by algorithm '{self.algorithm}' "
-                    f"(only by {', '.join(sorted(users))}); remove it"
+                    f"(it reads {sorted(reads) or 'none of the optional settings'}); remove it"
                 )
         modality = self.data.modality
         spec = MODELS.get(self.model.name)
@@ -409,6 +441,10 @@ class ExperimentConfig(_Section):
                 f"federation.trim_fraction = {fed.trim_fraction}: only used with "
                 f"federation.aggregation: trimmed_mean (here {fed.aggregation!r})"
             )
+        if self.engine.kill_worker_at is not None and self.engine.backend != "ray":
+            raise ValueError(
+                f"engine.kill_worker_at = {list(self.engine.kill_worker_at)}: fault injection needs "
+                "engine.backend: ray (the local backend has no workers to lose)")
         cpa = self.engine.clients_per_actor
         if cpa is not None and self.engine.num_workers is not None:
             raise ValueError(
@@ -438,13 +474,14 @@ class ExperimentConfig(_Section):
         out = self.model_dump(mode="json")
         out["federation"]["n_clusters"] = self.resolved_n_clusters
         # Drop options this algorithm does not read, so the saved file loads back as it is.
-        if self.algorithm == "floral":
+        if "floral" in self.algorithm_class.options:
             out["floral"]["num_adaptors"] = self.resolved_num_adaptors
         if self.federation.aggregation != "trimmed_mean":
             out["federation"].pop("trim_fraction")
-        for option, users in ALGORITHM_OPTIONS.items():
+        reads = self.algorithm_class.options
+        for option in ALGORITHM_OPTIONS:
             section, _, field = option.partition(".")
-            if self.algorithm not in users:
+            if option not in reads:
                 if field:
                     out[section].pop(field, None)
                 else:

@@ -106,16 +106,17 @@ def write_peft_adapter(folder: Path, vector: np.ndarray, layout: list[tuple[str,
 
 def export_adapters(run_dir: Path, adapters: np.ndarray, layout: list[tuple[str, tuple[int, ...]]],
                     clusters: list[dict[str, Any]], config: ExperimentConfig,
-                    class_names: Mapping[str, list[str]], assignments: list[dict[str, Any]]) -> Path:
+                    class_names: Mapping[str, list[str]], assignments: list[dict[str, Any]],
+                    peft_layout: bool = True) -> Path:
     """Every final global adapter (one per cluster) under run_dir/adapters, plus index.json.
 
     `clusters[k]`: cluster, members, majority_task, purity (from the hidden task labels, for the
     user: the server never saw them). `class_names`: task -> its class names ([] for
     instruction tasks). `assignments`: one row per final-round upload (client, slot, tasks,
-    cluster), written to assignments.csv: which adapter each client's task ended with."""
+    cluster), written to assignments.csv: which adapter each client's task ended with.
+    `peft_layout` False: adapters that are no peft LoRA (FLoRAL's mixtures), saved as tensors."""
     folder = run_dir / "adapters"
     folder.mkdir(exist_ok=True)
-    peft_layout = config.algorithm != "floral"
     head_rows = next((shape[0] for name, shape in layout if name == "head.weight"), 0)
     index = []
     for info, vector in zip(clusters, adapters, strict=True):

@@ -11,17 +11,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fltac_ray.engine.callbacks import Callback, RoundContext, RunInfo
+
 
 def _finite(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-class DashboardMetrics:
+class DashboardMetrics(Callback):
     def __init__(self, experiment: str) -> None:
         self.experiment = experiment
         self.tags = {"experiment": experiment}
 
-    def on_start(self, simulation) -> None:
+    def on_start(self, run: RunInfo) -> None:
         from ray.util.metrics import Counter, Gauge
 
         keys = ("experiment",)
@@ -39,10 +41,10 @@ class DashboardMetrics:
         self.clients = Counter("fltac_clients_trained", "client trainings completed", tag_keys=keys)
         self.rejected = Counter("fltac_rejected_uploads", "uploads rejected by the server", tag_keys=keys)
 
-    def on_round_end(self, simulation, round_index: int, row: dict, task_rows: list[dict]) -> None:
-        tags = self.tags
-        self.round.set(round_index, tags=tags)
-        for task_row in task_rows:
+    def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
+        tags, row = self.tags, ctx.row
+        self.round.set(ctx.round_index, tags=tags)
+        for task_row in ctx.task_rows:
             task_tags = {**tags, "task": task_row["task"]}
             self.task_accuracy.set(task_row["accuracy"], tags=task_tags)
             self.task_loss.set(task_row["loss"], tags=task_tags)

@@ -73,9 +73,12 @@ def train_adapter(
     weight_decay: float,
     rng: np.random.Generator,
     device: torch.device,
+    frozen: np.ndarray | None = None,
 ) -> TrainOutcome:
-    """Run `steps` AdamW steps from `start` on batches of `indices` (reshuffled every epoch)."""
+    """Run `steps` AdamW steps from `start` on batches of `indices` (reshuffled every epoch).
+    `frozen`: (adapter_size,) bool, entries held at their start value (FFA-LoRA's A)."""
     model.set_adapter(start)
+    hold = FrozenEntries(model.adapter_parameters(), model.adapter_layout(), frozen)
     model.train()
     # A fresh optimizer per (client, task, round), as in the reference implementation.
     optimizer = torch.optim.AdamW(model.optimizer_groups(lr), lr=lr, weight_decay=weight_decay)
@@ -89,8 +92,34 @@ def train_adapter(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        hold.restore()
         losses.append(loss.item())
     return TrainOutcome(model.get_adapter(), float(np.mean(losses)))
+
+
+class FrozenEntries:
+    """Holds chosen adapter entries at their current values across optimizer steps: restore()
+    after each step undoes whatever the step (gradient and weight decay) did to them. Works on
+    plain parameters (shape) and stacked ones (n, *shape), the same entries in every row."""
+
+    def __init__(self, params: list[torch.Tensor], layout: list[tuple[str, tuple[int, ...]]],
+                 frozen: np.ndarray | None) -> None:
+        self.held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if frozen is None or not frozen.any():
+            return
+        from fltac_ray.models.adapter_model import split_adapter
+
+        masks = split_adapter(np.asarray(frozen, dtype=bool), layout)
+        for param, (name, _) in zip(params, layout, strict=True):
+            mask = torch.from_numpy(np.ascontiguousarray(masks[name])).to(param.device)
+            if mask.any():
+                self.held.append((param, mask, param.detach().clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, mask, start in self.held:
+            # mask: shape; param/start: shape or (n, *shape): broadcast over the leading axis
+            param.copy_(torch.where(mask, start, param))
 
 
 @dataclass

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fltac_ray.config import apply_overrides, build_config, read_yaml
+from fltac_ray.engine.callbacks import Callback, RoundContext, RunInfo
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.progress import Progress
 
@@ -128,22 +129,22 @@ def _space(spec: SweepSpec) -> dict:
     return {key: makers[kind](values) for key, dist in spec.search.items() for kind, values in dist.items()}
 
 
-class _TuneReporter:
+class _TuneReporter(Callback):
     """Round callback: one tune.report per round, with the round's engine checkpoint."""
 
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
 
-    def on_round_end(self, simulation, round_index: int, row: dict, task_rows: list[dict]) -> None:
+    def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
         from ray import tune
 
-        metrics = {key: float(row[key]) for key in REPORTED if key in row}
-        for task_row in task_rows:
+        metrics = {key: float(ctx.row[key]) for key in REPORTED if key in ctx.row}
+        for task_row in ctx.task_rows:
             metrics[f"accuracy/{task_row['task']}"] = float(task_row["accuracy"])
         # A rejected round has no evaluation: repeat the last values so schedulers can compare.
         metrics = {**self.last, **{k: v for k, v in metrics.items() if v == v}}
         self.last = metrics
-        path = simulation.last_checkpoint
+        path = ctx.artifacts.get("checkpoint")
         checkpoint = tune.Checkpoint.from_directory(str(path)) if path is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 

@@ -1,92 +1,248 @@
-"""The small interface every federated algorithm implements, and the shared FedAvg arithmetic.
+"""A federated algorithm is one class holding both halves, plus its traffic accounting.
 
-The engine owns the round loop; an algorithm decides
-  (1) which of a client's tasks each of its adapters trains on (`client_adapters`),
-  (2) how the server turns one round's uploads into the adapters it sends back (`aggregate`),
-and declares, through class attributes, what the engine must do around those two hooks.
-No Ray in here: algorithms are plain, testable numpy code.
+The engine owns the round loop (engine/loop.py) and asks the algorithm at every step where
+methods differ; each hook has a default, so a method overrides only what it changes:
+
+  client side (runs in a worker, once per (client, adapter slot) job)
+    client_adapters  which of a client's tasks each of its adapters trains on
+    trainable_entries  which adapter entries local training may change (FFA-LoRA: not A)
+    start            which state local training starts from (IFCA: the best-fitting global)
+    upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
+    merge            how the server's answer becomes the client's new adapter (FedSA: B kept)
+  server side (runs in the coordinator)
+    broadcast        the adapters every sampled client receives before training (v^0; IFCA: K)
+    aggregate        one round's accepted uploads -> the answers sent back
+    state/load_state what a checkpoint must hold to continue
+  traffic
+    Upload.params    parameters one upload really sends
+    download_params  parameters the clients of a round really receive
+
+No Ray in here: algorithms are plain numpy code, tested as pure functions
+(tests/test_algorithms.py). DESIGN.md §5 has the picture; the README a worked example.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fltac_ray.config import ExperimentConfig
+    from fltac_ray.data.federated import FederatedData
+
+AdapterKey = tuple[int, int]  # (client id, adapter slot on that client)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The flat adapter every job trains: its layout, (name, shape) in flattening order, e.g.
+    `encoder...query.lora_A.default.weight` (r, d_in), `...lora_B...` (d_out, r), `head.weight`
+    (classes, hidden); FLoRAL adds `adaptor_index`, the mixture adaptor of each entry (-1: shared)."""
+
+    layout: tuple[tuple[str, tuple[int, ...]], ...]
+    adaptor_index: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(sum(int(np.prod(shape)) for _, shape in self.layout))
+
+    def entries(self, keep) -> np.ndarray:
+        """(size,) bool: the entries of every layout tensor whose name satisfies `keep(name)`."""
+        return np.concatenate([np.full(int(np.prod(shape)), bool(keep(name)))
+                               for name, shape in self.layout]) if self.layout else np.zeros(0, bool)
+
+    def lora_a(self) -> np.ndarray:
+        return self.entries(lambda name: "lora_A" in name)
+
+    def lora_b(self) -> np.ndarray:
+        return self.entries(lambda name: "lora_B" in name)
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One (client, slot) of a round, as its client sees it: its own tasks and example count."""
+
+    key: AdapterKey
+    tasks: tuple[str, ...]
+    num_samples: int
+
+
+@dataclass
+class Upload:
+    """What one (client, slot) sends the server in a round: the only message type going up.
+
+    `vector` is what the algorithm sends of the adapter (all of it, or a part); `extras` are
+    further float arrays sent and counted as parameters (FLoRAL's mixture weights); `meta` is
+    side information that is no model parameter (IFCA's choice; the oracle's true task)."""
+
+    key: AdapterKey
+    vector: np.ndarray  # (p,) float32
+    num_samples: int
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return int(self.vector.size + sum(np.size(v) for v in self.extras.values()))
 
 
 @dataclass
 class Uploads:
-    """One round's accepted uploads, sorted by (client, slot)."""
+    """One round's accepted uploads, sorted by (client, slot): what `aggregate` reads."""
 
-    vectors: np.ndarray  # (n, d) float32 adapters
-    num_samples: np.ndarray  # (n,) training examples behind each adapter
-    task_labels: list[str] | None = None  # true tasks: filled only for needs_task_labels
-    choices: np.ndarray | None = None  # (n,) global adapter each client started from (IFCA)
-    mixture: np.ndarray | None = None  # (n, C) router mixture weights behind each upload (FLoRAL)
+    vectors: np.ndarray  # (n, p) float32
+    num_samples: np.ndarray  # (n,)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, ...)
+    meta: dict[str, list] = field(default_factory=dict)  # name -> n values
     owned: bool = False  # `vectors` is the server's own scratch copy (clustering may centre it in place)
 
 
 @dataclass
 class Aggregate:
+    """The server's answer to one round: the only message type coming down."""
+
     labels: np.ndarray  # (n,) which row of `adapters` each upload receives back
-    adapters: np.ndarray  # (k, d) float32 adapters the server holds after the round
+    adapters: np.ndarray  # (k, p) float32 answers
     weights: np.ndarray  # (k,) total aggregation weight behind each row (0: kept unchanged)
+    # True when `labels` is the server's attempt to recover the tasks (FL-TAC, IFCA, oracle):
+    # the engine then scores it against the true tasks (clustering accuracy, ARI)
+    groups_tasks: bool = False
+    # what the round's K-means ran on, for the run's tables ("" where none ran)
+    kmeans_backend: str = ""
 
 
-class FederatedAlgorithm(ABC):
-    name: str = "base"
-    #: False for algorithms that never talk to a server (local-only, centralized)
-    communicates: bool = True
-    #: uploads carry each adapter's true task (only the oracle may see them)
-    needs_task_labels: bool = False
-    #: clients receive every global adapter and start from the one that fits them best (IFCA)
-    client_selects_global: bool = False
-    #: the server's grouping is meant to recover tasks: report clustering accuracy / ARI
-    clusters_tasks: bool = False
-    #: all clients' data pooled into one client (centralized reference)
-    pools_data: bool = False
-    #: uploads carry their router's mixture weights; models carry private routers (FLoRAL)
-    uses_mixture: bool = False
+class FederatedAlgorithm:
+    """Defaults: one adapter per task, trained whole from the client's committed adapter (v^0
+    at first), uploaded whole, replaced by the server's answer. Subclasses override `aggregate`
+    and whatever else differs."""
 
-    def __init__(self, weighting: str = "samples", aggregation: str = "mean", trim: float = 0.0) -> None:
-        self.weighting = weighting
-        self.aggregation = aggregation  # inside each cluster: mean, median or trimmed_mean
-        self.trim = trim
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: config options beyond the common ones that this algorithm reads (config validation
+    #: rejects the others when set explicitly): see config.ALGORITHM_OPTIONS for the names
+    options: ClassVar[frozenset[str]] = frozenset()
 
+    def __init__(self, config: ExperimentConfig, kmeans_backend: str = "sklearn") -> None:
+        self.config = config
+        fed = config.federation
+        self.weighting = fed.weighting
+        self.aggregation = fed.aggregation  # inside each group: mean, median or trimmed_mean
+        self.trim = fed.trim_fraction
+        self.kmeans_backend = kmeans_backend
+        self.spec: AdapterSpec | None = None
+        self.initial: np.ndarray | None = None  # (K, d) what the server drew before round 1
+
+    # --- set-up -----------------------------------------------------------------------------
+    def setup(self, spec: AdapterSpec) -> None:
+        """Both halves learn the adapter layout before round 1."""
+        self.spec = spec
+
+    def model_options(self) -> dict[str, Any]:
+        """Extra arguments of models.adapter_model.AdapterModel (FLoRAL: its mixture layers)."""
+        return {}
+
+    def federate(self, data: FederatedData) -> FederatedData:
+        """The clients' data as this algorithm sees it (centralized: pooled into one client)."""
+        return data
+
+    # --- client side ------------------------------------------------------------------------
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:
         """Group a client's tasks into adapters (default: one adapter per task, as in FL-TAC)."""
         return [[task] for task in tasks]
 
-    def num_global_adapters(self) -> int:
+    def trainable_entries(self) -> np.ndarray | None:
+        """(d,) bool: adapter entries local training changes; None: all of them."""
+        return None
+
+    def shared_entries(self) -> np.ndarray | None:
+        """(d,) bool: the adapter entries a client sends and the server answers; None: all."""
+        return None
+
+    def start(self, job: ClientJob, committed: np.ndarray | None, broadcast: np.ndarray,
+              probe_loss) -> tuple[np.ndarray, dict[str, Any]]:
+        """The adapter local training starts from, and meta to remember for the upload.
+        `committed`: the client's adapter after its last round (None: never trained);
+        `broadcast`: (K, d) what the server sent; `probe_loss(vector)`: the client's loss with
+        that adapter on a fixed probe of its training data (IFCA uses it)."""
+        return (committed if committed is not None else broadcast[0]), {}
+
+    def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
+               meta: dict[str, Any]) -> Upload | None:
+        """What leaves the client after local training (None: nothing is sent)."""
+        shared = self.shared_entries()
+        vector = trained if shared is None else trained[shared]
+        return Upload(job.key, vector, job.num_samples, meta=dict(meta))
+
+    def merge(self, trained: np.ndarray, answer: np.ndarray | None) -> np.ndarray:
+        """The client's adapter after the round, from its trained adapter and the server's
+        answer to its upload (None: it sent nothing, or the server sent nothing back)."""
+        if answer is None:
+            return trained
+        shared = self.shared_entries()
+        if shared is None:
+            return answer
+        merged = trained.copy()
+        merged[shared] = answer
+        return merged
+
+    # --- server side ------------------------------------------------------------------------
+    def num_initial_adapters(self) -> int:
         """How many distinct initial adapters the server draws (IFCA: one per cluster)."""
         return 1
 
-    def set_globals(self, adapters: np.ndarray) -> None:
-        """Receive the server's initial adapters (K, d); stateless algorithms ignore them."""
+    def set_initial(self, adapters: np.ndarray) -> None:
+        """The server's initial adapters (K, d), drawn before round 1."""
+        self.initial = np.array(adapters, dtype=np.float32)
+
+    def broadcast(self) -> np.ndarray:
+        """(K, d) what every sampled client receives before training: v^0 (a never-trained
+        client starts from it), or IFCA's K current global adapters."""
+        return self.initial
+
+    def upload_width(self) -> int:
+        """Length of Upload.vector, which the server checks before aggregating."""
+        shared = self.shared_entries()
+        return self.spec.size if shared is None else int(shared.sum())
+
+    def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
+        """Turn one round's accepted uploads into the answers sent back (default: FedAvg)."""
+        labels = np.zeros(len(uploads.vectors), dtype=np.int64)
+        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)
+
+    def global_adapters(self, outcome: Aggregate) -> np.ndarray | None:
+        """(k, d) whole adapters the server holds after a round, for export; None: none (the
+        adapters are personal)."""
+        if outcome.adapters.shape[1] == self.spec.size:
+            return outcome.adapters
         return None
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Server state a checkpoint must hold to continue the run."""
+        return {"initial": self.initial} if self.initial is not None else {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what state() returned."""
+        if "initial" in state:
+            self.set_initial(state["initial"])
+
+    # --- traffic ----------------------------------------------------------------------------
+    def download_params(self, outcome: Aggregate, clients: int) -> int:
+        """Parameters sent down in a round: each accepted upload receives its answer row.
+        `clients`: the sampled clients that delivered."""
+        return int(len(outcome.labels) * outcome.adapters.shape[1])
+
+    # --- shared arithmetic ------------------------------------------------------------------
     def weights(self, num_samples: np.ndarray) -> np.ndarray:
         """FedAvg weights: sample counts (the authors' code) or uniform (the FL-TAC paper)."""
         return np.asarray(num_samples, dtype=np.float64) if self.weighting == "samples" else np.ones(len(num_samples))
 
-    @abstractmethod
-    def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
-        """Turn one round's uploads into the adapters the server sends back."""
-
     def cluster_means(self, vectors: np.ndarray, labels: np.ndarray, num_samples: np.ndarray) -> Aggregate:
-        """Each cluster's aggregate by the configured rule (FedAvg or a robust one)."""
+        """Each group's aggregate by the configured rule (FedAvg or a robust one)."""
         from fltac_ray.algorithms.robust import cluster_aggregate
 
         return cluster_aggregate(vectors, labels, self.weights(num_samples), self.aggregation, self.trim)
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Server state a checkpoint must hold to continue the run (stateless: nothing)."""
-        return {}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what state() returned."""
-        return None
 
 
 # Rows per float64 block of the weighted sums: bounds the server's extra memory to a few MB

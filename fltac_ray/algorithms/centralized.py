@@ -8,9 +8,17 @@ holds everything, so nothing is communicated.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fltac_ray.algorithms.local import LocalOnly
+
+if TYPE_CHECKING:
+    from fltac_ray.data.federated import FederatedData
 
 
 class Centralized(LocalOnly):
     name = "centralized"
-    pools_data = True
+    summary = "centralized LoRA: all data pooled, per-task adapters, same step budget (upper reference)"
+
+    def federate(self, data: FederatedData) -> FederatedData:
+        return data.pooled(self.config.train.local_steps, self.config.federation.client_fraction)

@@ -2,22 +2,19 @@
 "Towards Building the Federated GPT", arXiv 2305.05644).
 
 Each client trains a single adapter over all its tasks in turn (as in the FL-TAC authors'
-baseline) and the server averages every upload, weighted by the client's example count.
+baseline) and the server averages every upload, weighted by the client's example count (the
+default aggregate).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
+from fltac_ray.algorithms.base import FederatedAlgorithm
 
 
 class FedIT(FederatedAlgorithm):
     name = "fedit"
+    summary = "FedIT: one adapter per client trained over all its tasks; FedAvg"
+    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
 
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:
         return [list(tasks)]  # one adapter, trained on each task in turn
-
-    def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
-        labels = np.zeros(len(uploads.vectors), dtype=np.int64)
-        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)

@@ -5,16 +5,17 @@ The lower reference line: what a client reaches with its own data alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
+from fltac_ray.algorithms.base import ClientJob, FederatedAlgorithm, Upload
 
 
 class LocalOnly(FederatedAlgorithm):
     name = "local"
-    communicates = False
+    summary = "local only: per-task adapters, never communicated (lower reference)"
 
-    def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
-        # Identity: each adapter is returned to its owner unchanged (the engine skips the call).
-        n = len(uploads.vectors)
-        return Aggregate(np.arange(n), uploads.vectors.astype(np.float32), self.weights(uploads.num_samples))
+    def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
+               meta: dict[str, Any]) -> Upload | None:
+        return None  # nothing leaves the client; merge() then keeps the trained adapter

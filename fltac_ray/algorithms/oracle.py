@@ -1,23 +1,32 @@
 """Oracle clustering: FL-TAC's aggregation with K-means replaced by the true task ids.
 
 Not a deployable method (the server would need task labels): it is the ceiling for FL-TAC's
-clustering step. Same per-task adapters, same sample-weighted per-cluster FedAvg.
+clustering step. Same per-task adapters, same sample-weighted per-cluster FedAvg; each upload
+carries its true task as meta (no model parameter, so not counted as traffic).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
+from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Upload, Uploads
 
 
 class OracleClustering(FederatedAlgorithm):
     name = "oracle"
-    needs_task_labels = True
-    clusters_tasks = True
+    summary = "FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step)"
+    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+
+    def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
+               meta: dict[str, Any]) -> Upload | None:
+        return Upload(job.key, trained, job.num_samples, meta={"task": "+".join(job.tasks)})
 
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
-        if uploads.task_labels is None:
+        if "task" not in uploads.meta:
             raise ValueError("oracle clustering needs the uploads' true task labels")
-        _, labels = np.unique(np.asarray(uploads.task_labels), return_inverse=True)
-        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)
+        _, labels = np.unique(np.asarray(uploads.meta["task"]), return_inverse=True)
+        result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)
+        result.groups_tasks = True
+        return result

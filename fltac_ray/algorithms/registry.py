@@ -1,25 +1,86 @@
-"""Names and options of the federated algorithms, importable without torch (validation stays fast)."""
+"""Where algorithms come from: the built-in ones, ones registered by the user's code, and any
+class named as `package.module:ClassName` in an experiment's `algorithm:` field.
+
+Resolving a name imports only the algorithm's own module (numpy, no torch), so config
+validation stays fast.
+"""
 
 from __future__ import annotations
 
-ALGORITHMS: dict[str, str] = {
-    "fltac": "FL-TAC: one low-rank adapter per (client, task); server K-means + per-cluster FedAvg",
-    "fedit": "FedIT: one adapter per client trained over all its tasks; FedAvg",
-    "oracle": "FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step)",
-    "ifca": "IFCA: K global adapters; each client task starts from the lowest-loss one",
-    "local": "local only: per-task adapters, never communicated (lower reference)",
-    "centralized": "centralized LoRA: all data pooled, per-task adapters, same step budget (upper reference)",
-    "floral": "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router",
-}
+import importlib
+from typing import TYPE_CHECKING
 
-# Options that only some algorithms read. Setting one explicitly for another algorithm is an
-# error, so that a sweep or a typo never silently changes nothing.
-ALGORITHM_OPTIONS: dict[str, set[str]] = {
-    "federation.n_clusters": {"fltac", "ifca"},
-    "federation.clustering_backend": {"fltac"},
-    "federation.kmeans_n_init": {"fltac"},
-    "federation.weighting": {"fltac", "fedit", "oracle", "ifca", "floral"},
-    "federation.aggregation": {"fltac", "fedit", "oracle", "ifca"},
-    "federation.trim_fraction": {"fltac", "fedit", "oracle", "ifca"},
-    "floral": {"floral"},  # the whole section
+if TYPE_CHECKING:
+    from fltac_ray.algorithms.base import FederatedAlgorithm
+
+BUILTIN: dict[str, str] = {
+    "fltac": "fltac_ray.algorithms.fltac:FLTAC",
+    "fedit": "fltac_ray.algorithms.fedit:FedIT",
+    "oracle": "fltac_ray.algorithms.oracle:OracleClustering",
+    "ifca": "fltac_ray.algorithms.ifca:IFCA",
+    "floral": "fltac_ray.algorithms.floral:FLoRAL",
+    "fedsa": "fltac_ray.algorithms.fedsa:FedSALoRA",
+    "ffa": "fltac_ray.algorithms.ffa:FFALoRA",
+    "local": "fltac_ray.algorithms.local:LocalOnly",
+    "centralized": "fltac_ray.algorithms.centralized:Centralized",
 }
+_REGISTERED: dict[str, type[FederatedAlgorithm]] = {}
+
+
+class UnknownAlgorithm(ValueError):
+    """The `algorithm:` field names nothing that resolves to an algorithm class."""
+
+
+def register_algorithm(cls: type[FederatedAlgorithm]) -> type[FederatedAlgorithm]:
+    """Class decorator: make `cls` available as `algorithm: <cls.name>` in this process.
+
+        @register_algorithm
+        class FedProx(FederatedAlgorithm):
+            name = "fedprox"
+            ...
+    """
+    from fltac_ray.algorithms.base import FederatedAlgorithm
+
+    if not (isinstance(cls, type) and issubclass(cls, FederatedAlgorithm)):
+        raise TypeError(f"register_algorithm needs a FederatedAlgorithm subclass, got {cls!r}")
+    if not cls.name or not cls.name.isidentifier():
+        raise ValueError(f"{cls.__name__}.name = {cls.name!r}: needs a name made of letters, digits and _")
+    if cls.name in BUILTIN:
+        raise ValueError(f"{cls.__name__}.name = {cls.name!r}: taken by a built-in algorithm")
+    _REGISTERED[cls.name] = cls
+    return cls
+
+
+def _import(path: str) -> type[FederatedAlgorithm]:
+    from fltac_ray.algorithms.base import FederatedAlgorithm
+
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownAlgorithm(f"cannot import module {module_name!r} ({exc})") from exc
+    cls = getattr(module, attribute, None)
+    if cls is None:
+        raise UnknownAlgorithm(f"module {module_name!r} has no attribute {attribute!r}")
+    if not (isinstance(cls, type) and issubclass(cls, FederatedAlgorithm)):
+        raise UnknownAlgorithm(f"{path} is not a subclass of fltac_ray.algorithms.FederatedAlgorithm")
+    return cls
+
+
+def resolve_algorithm(name: str) -> type[FederatedAlgorithm]:
+    """The class behind an `algorithm:` value; UnknownAlgorithm says what is allowed."""
+    if name in BUILTIN:
+        return _import(BUILTIN[name])
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    module, sep, attribute = name.partition(":")
+    if sep and module and attribute.isidentifier():
+        return _import(name)
+    raise UnknownAlgorithm(
+        f"unknown algorithm; use one of {sorted(BUILTIN) + sorted(_REGISTERED)}, a class registered "
+        "with fltac_ray.register_algorithm, or 'package.module:ClassName'")
+
+
+def algorithm_summaries() -> dict[str, str]:
+    """name -> one-line summary of every built-in and registered algorithm."""
+    return {name: resolve_algorithm(name).summary for name in [*BUILTIN, *_REGISTERED]}

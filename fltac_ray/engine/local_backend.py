@@ -1,90 +1,87 @@
-"""A plain sequential loop in one process, no Ray: the reference implementations' approach.
+"""The local backend: the same round loop in one process, without Ray.
 
-One ClientWorker hosts every client and trains their adapters one after another (one adapter per
-forward/backward, torch's default threads); the Coordinator aggregates in the same process. The
-local steps, data, seeds, client sampling and aggregation are the engine's own, so per-round
-results match the Ray engine run with `engine.batched_training: false` (tests/test_engine.py).
-
-Used as the baseline of `benchmarks/run.py` and for debugging an algorithm without Ray:
-
-    loop = SequentialLoop(load_config("experiments/offline_text.yaml"))
-    for round_index in range(1, 4):
-        print(loop.run_round(round_index))
+One ClientWorker runs every pass one after another and the Server aggregates in the same
+process; the loop, the jobs, the seeds and the passes are the Ray backend's, so both write the
+same metrics for the same config (tests/test_backends.py). Use it to debug an algorithm with
+pdb or a profiler (`engine.backend: local`), and as the benchmark's sequential baseline.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from fltac_ray.config import ExperimentConfig
-from fltac_ray.engine.client_worker import ClientWorker
-from fltac_ray.engine.coordinator import Coordinator
+from fltac_ray.data.federated import FederatedData
+from fltac_ray.engine.messages import (
+    EvalJob,
+    EvalRecord,
+    PassReport,
+    PassResult,
+    RoundOutcome,
+    TrainJob,
+)
 
 
-@dataclass
-class LoopRound:
-    round: int
-    clients: int
-    adapters: int
-    train_loss: float
-    step_seconds: float  # inside local training steps
-    train_seconds: float  # the whole client phase (steps plus IFCA probes, packing)
-    aggregate_seconds: float
-    seconds: float  # the round, evaluation excluded
+class LocalBackend:
+    name = "local"
 
+    def __init__(self, config: ExperimentConfig, algorithm_class: type, data: FederatedData,
+                 active: list[int], say: Callable[[str], None]) -> None:
+        self.config, self.algorithm_class, self.data, self.active, self.say = (
+            config, algorithm_class, data, active, say)
 
-class SequentialLoop:
-    def __init__(self, config: ExperimentConfig, threads: int | None = None,
-                 batched: bool = False) -> None:
-        import torch
+    def start(self) -> dict[str, Any]:
+        from fltac_ray.engine.client_worker import ClientWorker
+        from fltac_ray.engine.server import Server
 
-        from fltac_ray.algorithms import create_algorithm
-        from fltac_ray.engine.simulation import preflight, prepare_data
-
-        preflight(config)
-        raw = config.resolved()
-        raw["engine"]["batched_training"] = batched
-        self.config = ExperimentConfig.model_validate(raw)
-        self.algorithm = create_algorithm(self.config)
-        data, self.active = prepare_data(self.config, self.algorithm)
-        self.data = data
-        self.worker = ClientWorker(0, raw, [data.clients[c] for c in self.active],
-                                   data.tasks, data.head_classes, threads or torch.get_num_threads())
-        # the reference loop keeps glibc's default behaviour: no heap trimming (engine/memory.py)
-        self.worker.trim_heap = lambda: False
+        engine = self.config.engine
+        # the threads a Ray worker gets, so both backends compute alike
+        self.worker = ClientWorker(0, self.config, self.algorithm_class, self.data.clients, self.data.tasks,
+                                   self.data.head_classes, max(1, int(engine.cpus_per_worker)))
         described = self.worker.describe()
-        adaptor_index = self.worker.adaptor_index() if self.algorithm.uses_mixture else None
-        self.coordinator = Coordinator(raw, described["adapter_size"], adaptor_index)
-        initial = self.worker.initial_adapters(self.algorithm.num_global_adapters())
-        self.worker.set_initial_adapters(initial)
-        self.coordinator.set_initial_adapters(initial)
+        self.server = Server(self.config, self.algorithm_class, described["spec"])
+        return {"workers": 1, "device": described["device"], "batched": described["batched"],
+                "spec": described["spec"], "kmeans_backend": self.server.clustering_backend(),
+                "resources": "in-process, no Ray"}
 
-    def run_round(self, round_index: int) -> LoopRound:
-        """Algorithm 1's round: sampled clients train one by one, the server aggregates, every
-        client commits its answer."""
-        from fltac_ray.engine.simulation import sample_clients
+    def initialise(self, count: int) -> None:
+        self.server.set_initial(self.worker.initial_adapters(count))
 
-        started = time.perf_counter()
-        sampled = sample_clients(self.config.seed, round_index, self.active,
-                                 self.config.federation.client_fraction)
-        upload, report = self.worker.train(round_index, sampled)
-        trained = time.perf_counter()
-        outcome = None
-        if self.algorithm.communicates:
-            outcome = self.coordinator.aggregate(round_index, report.keys, upload)
-        aggregated = time.perf_counter()
-        self.worker.download(outcome, evaluate=False)
-        return LoopRound(round_index, len(sampled), len(report.keys),
-                         float(np.mean(report.losses)) if report.losses else float("nan"),
-                         report.step_seconds, trained - started, aggregated - trained,
-                         time.perf_counter() - started)
+    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.server.state()
 
-    def evaluate(self) -> dict[str, float]:
-        """Accuracy per task of every client's current adapter on its own test examples."""
-        from fltac_ray.engine.simulation import Simulation
+    def load_server_state(self, groups: dict[str, dict[str, np.ndarray]]) -> None:
+        self.server.load_state(groups)
 
-        _, accuracy = Simulation._task_rows(0, self.worker.evaluate(), self.data)
-        return accuracy
+    def take_snapshot(self) -> dict | None:
+        return self.server.take_snapshot()
+
+    def export_outcome(self) -> dict | None:
+        return self.server.export_outcome()
+
+    def process_ids(self) -> dict[str, int]:
+        return {"driver": os.getpid()}
+
+    def kill_worker(self, index: int) -> None:
+        raise RuntimeError("engine.kill_worker_at needs engine.backend: ray")  # validation says so first
+
+    def shutdown(self) -> None:
+        return None
+
+    def train(self, round_index: int, passes: list[list[TrainJob]], after_submit=None
+              ) -> tuple[list[PassResult], list[PassReport], list[TrainJob]]:
+        state = self.server.state_view()
+        done = [self.worker.train(round_index, jobs, state) for jobs in passes]
+        return [result for result, _ in done], [report for _, report in done], []
+
+    def close_round(self, round_index: int, expected: list, clients: int, results: list[PassResult]
+                    ) -> RoundOutcome:
+        return self.server.close_round(round_index, expected, clients, *results)
+
+    def evaluate(self, round_index: int, chunks: list[list[EvalJob]]) -> list[EvalRecord]:
+        state = self.server.state_view()
+        return [record for jobs in chunks for record in self.worker.evaluate(jobs, state)]

@@ -1,4 +1,6 @@
-"""What crosses actor boundaries: plain dataclasses of numpy arrays (never torch tensors)."""
+"""What crosses between the round loop, the workers and the server: plain dataclasses of numpy
+arrays (never torch tensors). One type per concept: a job, an upload (algorithms/base.Upload),
+an answer (algorithms/base.Aggregate, summarised here as RoundOutcome), an evaluation record."""
 
 from __future__ import annotations
 
@@ -6,44 +8,87 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-AdapterKey = tuple[int, int]  # (client id, adapter slot on that client)
+from fltac_ray.algorithms.base import AdapterKey, Upload
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One (client, slot) adapter to train in a round: the unit of client work."""
+
+    key: AdapterKey
+    tasks: tuple[str, ...]  # trained in this order (FedIT: several)
+    num_samples: int  # training examples behind the adapter
+    steps: tuple[int, ...]  # local steps per task
+
+    @property
+    def cost(self) -> int:
+        """Expected work: local steps (each one batch of train.batch_size)."""
+        return sum(self.steps)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One (client, slot) whose committed adapter is evaluated on the client's test examples."""
+
+    key: AdapterKey
+    tasks: tuple[str, ...]
+    cost: int  # test examples
 
 
 @dataclass
-class UploadBatch:
-    """One worker's uploads for a round: what the server sees (no task names)."""
+class StateView:
+    """The committed client state at the start of a round, as every worker reads it: distinct
+    adapter rows plus an index (FL-TAC: K rows for all clients), private state per key, and the
+    server's broadcast. A key missing from `index` has never been trained."""
 
+    rows: np.ndarray  # (m, d) float32, m = distinct committed adapters
+    index: dict[AdapterKey, int]
+    private: dict[AdapterKey, np.ndarray]
+    broadcast: np.ndarray  # (K, d)
+
+    def adapter(self, key: AdapterKey) -> np.ndarray | None:
+        row = self.index.get(key)
+        return None if row is None else self.rows[row]
+
+
+@dataclass
+class PassResult:
+    """A training pass as the server receives it: the uploads (what the clients send) and, kept
+    apart, each job's trained adapter and private state, which stay the clients' (the server
+    side only stores them: the simulation keeps client state with the server, DESIGN.md §5)."""
+
+    uploads: list[Upload]
     keys: list[AdapterKey]
-    vectors: np.ndarray  # (n, adapter_size) float32
-    num_samples: np.ndarray  # (n,) int64 training examples behind each adapter
-    task_labels: list[str] | None = None  # true tasks, sent only for the oracle baseline
-    choices: np.ndarray | None = None  # (n,) index of the global adapter each started from (IFCA)
-    mixture: np.ndarray | None = None  # (n, C) router mixture weights (FLoRAL); the router stays
+    trained: np.ndarray  # (n, d) float32, rows in the order of keys
+    private: dict[AdapterKey, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
-class TrainReport:
-    """Private to the simulation (metrics only): which tasks each uploaded adapter trained on."""
+class PassReport:
+    """Private to the round loop (metrics only): which tasks each trained adapter saw."""
 
     keys: list[AdapterKey]
     tasks: list[str]  # "+"-joined task names of each adapter
     losses: list[float]
     seconds: float  # the whole train() call
     step_seconds: float = 0.0  # of which local training steps (the rest: IFCA probes, packing)
+    worker: int = -1
 
 
 @dataclass
-class AggregationOutcome:
-    keys: list[AdapterKey]  # accepted uploads, in the order of `labels`
-    labels: np.ndarray  # (n,) row of `adapters` each accepted upload receives
-    adapters: np.ndarray  # (k, adapter_size) float32 adapters the server holds
-    weights: np.ndarray  # (k,)
-    rejected: list[tuple[AdapterKey, str]] = field(default_factory=list)
-    backend: str = "sklearn"
-    seconds: float = 0.0
+class RoundOutcome:
+    """The server's summary of a closed round, for the round loop's tables."""
 
-    def assignment(self) -> dict[AdapterKey, int]:
-        return {key: int(label) for key, label in zip(self.keys, self.labels, strict=True)}
+    keys: list[AdapterKey]  # accepted uploads, in the order of labels
+    labels: np.ndarray  # (n,) answer row each accepted upload received
+    clusters: int  # answer rows
+    groups_tasks: bool  # labels try to recover tasks: score them
+    kmeans_backend: str
+    rejected: list[tuple[AdapterKey, str]]
+    params_up: int  # what the clients really sent (every upload received)
+    params_down: int  # what they really received
+    uploads: int  # uploads received
+    seconds: float = 0.0
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How many worker actors to start and which simulated clients each one hosts. Pure functions."""
+"""How many worker actors to start. Pure function (which jobs each runs: engine/scheduling.py)."""
 
 from __future__ import annotations
 
@@ -34,16 +34,3 @@ def plan_worker_count(num_clients: int, engine: EngineConfig, cpus: float, gpus:
             "engine.gpus_per_worker (fractions are fine) or use fewer workers",
         )])
     return min(wanted, num_clients)
-
-
-def assign_clients(loads: dict[int, int], num_workers: int, capacity: int | None = None) -> list[list[int]]:
-    """Spread clients over workers, heaviest first onto the least-loaded worker (LPT), so a worker
-    with many multi-task clients does not hold up the round. `capacity` caps clients per worker."""
-    bins: list[list[int]] = [[] for _ in range(num_workers)]
-    totals = [0] * num_workers
-    for client in sorted(loads, key=lambda c: (-loads[c], c)):
-        open_bins = [w for w in range(num_workers) if capacity is None or len(bins[w]) < capacity]
-        target = min(open_bins, key=lambda w: (totals[w], len(bins[w]), w))
-        bins[target].append(client)
-        totals[target] += loads[client]
-    return [sorted(b) for b in bins]

@@ -23,10 +23,10 @@ class ParameterCount:
     lora_per_adapter: int
     head_per_adapter: int
     router_per_adapter: int  # FLoRAL's private router (never sent)
-    mixture_per_adapter: int  # FLoRAL's mixture weights sent with each upload
+    trainable_per_adapter: int  # adapter entries local training changes (FFA-LoRA: not A)
+    up_per_round: int  # what the algorithm's upload() sends for every adapter
+    down_per_round: int  # what its download_params() counts for the answers
     base_parameters: int  # frozen
-    communicates: bool
-    downloads_all_globals: int  # IFCA: the client receives all K global adapters
 
     @property
     def adapter_size(self) -> int:
@@ -42,25 +42,17 @@ class ParameterCount:
 
     @property
     def trainable(self) -> int:
-        return self.adapters * (self.adapter_size + self.router_per_adapter)
-
-    @property
-    def up_per_round(self) -> int:
-        return self.adapters * (self.adapter_size + self.mixture_per_adapter) if self.communicates else 0
-
-    @property
-    def down_per_round(self) -> int:
-        if not self.communicates:
-            return 0
-        if self.downloads_all_globals:
-            return self.downloads_all_globals * self.adapter_size
-        return self.adapters * self.adapter_size
+        return self.adapters * (self.trainable_per_adapter + self.router_per_adapter)
 
 
 def count_parameters(config: ExperimentConfig) -> ParameterCount:
+    """Counted from what the algorithm's hooks really send for a client holding every task:
+    its upload() of each adapter and its download_params() for the answers."""
+    import numpy as np
     import torch
 
-    from fltac_ray.algorithms import create_algorithm
+    from fltac_ray.algorithms import AdapterSpec, ClientJob, create_algorithm
+    from fltac_ray.algorithms.base import Aggregate
     from fltac_ray.models.adapter_model import AdapterModel
     from fltac_ray.models.builders import build_on_meta
 
@@ -70,24 +62,39 @@ def count_parameters(config: ExperimentConfig) -> ParameterCount:
     head_classes = max(TASKS[base_task[t]].num_classes for t in tasks)
     backbone = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
     base_parameters = sum(p.numel() for p in backbone.parameters())
-    floral = config.floral if algorithm.uses_mixture else None
     with torch.device("meta"):
-        model = AdapterModel(backbone, config.model, head_classes, config.seed, floral=floral,
-                             num_adaptors=config.resolved_num_adaptors, modality=config.data.modality)
+        model = AdapterModel(backbone, config.model, head_classes, config.seed,
+                             modality=config.data.modality, **algorithm.model_options())
+    spec = AdapterSpec(tuple(model.adapter_layout()), model.adaptor_index())
+    algorithm.setup(spec)
     head = sum(shape_numel(shape) for name, shape in model.adapter_layout() if name.startswith("head."))
-    router = config.resolved_num_adaptors if algorithm.uses_mixture else 0
+    router = int(model.router.weight.numel()) if model.router is not None else 0
+    groups = algorithm.client_adapters(tasks)
+    zeros = np.zeros(spec.size, np.float32)
+    uploads = [algorithm.upload(ClientJob((0, slot), tuple(group), 1), zeros, np.zeros(router, np.float32), {})
+               for slot, group in enumerate(groups)]
+    sent = [u for u in uploads if u is not None]
+    down = 0
+    if sent:
+        # what the server answers: its broadcast's K adapters, cut to what it really sends
+        answers = algorithm.num_initial_adapters()
+        width = algorithm.upload_width()
+        algorithm.set_initial(np.zeros((answers, spec.size), np.float32))
+        down = algorithm.download_params(Aggregate(np.zeros(len(sent), np.int64),
+                                                   np.zeros((answers, width), np.float32), np.ones(answers)), 1)
     return ParameterCount(
         algorithm=config.algorithm,
         model=config.model.name,
         tasks=len(tasks),
-        adapters=len(algorithm.client_adapters(tasks)),
+        adapters=len(groups),
         lora_per_adapter=model.adapter_size - head,
         head_per_adapter=head,
         router_per_adapter=router,
-        mixture_per_adapter=router,
+        trainable_per_adapter=int(algorithm.trainable_entries().sum()) if algorithm.trainable_entries() is not None
+        else spec.size,
+        up_per_round=sum(u.params for u in sent),
+        down_per_round=down,
         base_parameters=base_parameters,
-        communicates=algorithm.communicates,
-        downloads_all_globals=algorithm.num_global_adapters() if algorithm.client_selects_global else 0,
     )
 
 

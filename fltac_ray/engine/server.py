@@ -1,0 +1,174 @@
+"""The server side: checks uploads, runs the algorithm's aggregation, keeps the client-state
+store (engine/state_store.py) and commits each round's results into it.
+
+The Ray backend runs it as the coordinator actor, the local backend in-process. The algorithm's
+server half sees only uploads (client ids and adapter slots, no task names). The store holds
+what the simulated clients keep between rounds; committing applies the algorithm's client-side
+`merge` for each client, as the client would on receiving the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from fltac_ray.algorithms import create_algorithm
+from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload, Uploads
+from fltac_ray.config import ExperimentConfig
+from fltac_ray.engine.memory import HeapTrimmer
+from fltac_ray.engine.messages import PassResult, RoundOutcome, StateView
+from fltac_ray.engine.state_store import ClientStateStore
+from fltac_ray.snapshots import sample_rows, snapshot_rounds
+from fltac_ray.uploads import upload_problem
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    def __init__(self, config: ExperimentConfig, algorithm_class: type, spec: AdapterSpec) -> None:
+        from fltac_ray.clustering import resolve_backend
+
+        self.config = config
+        # Resolved here, where the server runs: that is where a GPU must be visible.
+        self.backend = resolve_backend(config.federation.clustering_backend)
+        self.algorithm = create_algorithm(config, self.backend, cls=algorithm_class)
+        self.algorithm.setup(spec)
+        self.spec = spec
+        self.store = ClientStateStore(spec.size)
+        self.trim_heap = HeapTrimmer()
+        self.snapshot_rounds = set(snapshot_rounds(config.rounds, config.report.adapter_snapshots))
+        self.snapshot: dict | None = None  # the newest round's kept uploads, until taken
+        self.exported: dict[str, np.ndarray] | None = None  # the newest whole global adapters
+
+    def clustering_backend(self) -> str:
+        return self.backend
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_initial(self, adapters: np.ndarray) -> None:
+        self.algorithm.set_initial(adapters)
+
+    def state_view(self) -> StateView:
+        """The committed client state and the broadcast, for the round's workers."""
+        return self.store.view(self.algorithm.broadcast())
+
+    def take_snapshot(self) -> dict | None:
+        """The uploads kept at a snapshot round (report.adapter_snapshots), handed over once."""
+        snapshot, self.snapshot = self.snapshot, None
+        return snapshot
+
+    def export_outcome(self) -> dict[str, np.ndarray] | None:
+        """The newest round's whole global adapters with the keys and labels that received them."""
+        return self.exported
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        groups = self.store.to_groups()
+        groups["server"] = self.algorithm.state()
+        if self.exported is not None:
+            groups["outcome"] = self.exported
+        return groups
+
+    def load_state(self, groups: dict[str, dict[str, np.ndarray]]) -> None:
+        self.store.load_groups(groups)
+        self.algorithm.load_state(groups.get("server", {}))
+        self.exported = groups.get("outcome")
+
+    # --- a round ----------------------------------------------------------------------------
+    def _accept(self, round_index: int, expected: set[AdapterKey], uploads: list[Upload]
+                ) -> tuple[list[Upload], list[tuple[AdapterKey, str]]]:
+        """Uploads that pass the checks, sorted by (client, slot), and the rejected ones with the
+        reason. Anything not expected, or a key seen twice, is rejected, so each (round, client,
+        slot) update is aggregated at most once."""
+        width = self.algorithm.upload_width()
+        seen: set[AdapterKey] = set()
+        accepted, rejected = [], []
+        for upload in uploads:
+            key = tuple(upload.key)
+            if key not in expected:
+                problem = "unexpected (client, slot) for this round"
+            elif key in seen:
+                problem = "duplicate upload in this round"
+            else:
+                problem = upload_problem(upload.vector, int(upload.num_samples), width)
+            seen.add(key)
+            if problem is not None:
+                log.warning("round %d: rejected upload of client %d slot %d: %s", round_index, key[0], key[1], problem)
+                rejected.append((key, problem))
+                continue
+            accepted.append(upload)
+        # Sorted by (client, slot): K-means and the float sums then see the same order whatever
+        # the number of workers or their finishing order, so runs are reproducible.
+        accepted.sort(key=lambda u: tuple(u.key))
+        return accepted, rejected
+
+    def _aggregate(self, round_index: int, accepted: list[Upload]) -> Aggregate:
+        uploads = Uploads(
+            vectors=np.stack([u.vector for u in accepted]),
+            num_samples=np.asarray([u.num_samples for u in accepted]),
+            extras={name: np.stack([u.extras[name] for u in accepted]) for name in accepted[0].extras},
+            meta={name: [u.meta.get(name) for u in accepted] for name in accepted[0].meta},
+            owned=True,  # np.stack above made it
+        )
+        kept = None
+        if round_index in self.snapshot_rounds:  # copied first: aggregation may reuse the matrix
+            kept = sample_rows(len(accepted), self.config.report.snapshot_max_adapters,
+                               self.config.seed, round_index)
+            kept_vectors = uploads.vectors[kept].copy()
+        result = self.algorithm.aggregate(uploads, round_index)
+        if kept is not None:
+            keys = np.asarray([u.key for u in accepted], dtype=np.int64)
+            self.snapshot = {"round": round_index, "adapters": kept_vectors,
+                             "keys": keys[kept].reshape(-1, 2),
+                             "labels": np.asarray(result.labels, dtype=np.int64)[kept]}
+        return result
+
+    def close_round(self, round_index: int, expected: list[AdapterKey], clients: int,
+                    *results: PassResult) -> RoundOutcome:
+        """Check and aggregate every upload of the round's passes, then commit each trained job:
+        an accepted upload takes the algorithm's merge of its trained adapter with its answer, a
+        job that sent nothing keeps its trained adapter (merge with no answer), a rejected
+        upload leaves the client's adapter as it was. `clients`: sampled clients that delivered."""
+        started = time.perf_counter()
+        uploads = [upload for result in results for upload in result.uploads]
+        accepted, rejected = self._accept(round_index, {tuple(k) for k in expected}, uploads)
+        outcome = None
+        if accepted:
+            outcome = self._aggregate(round_index, accepted)
+        answer_of = {}
+        if outcome is not None:
+            answer_of = {tuple(u.key): outcome.adapters[label] for u, label in zip(accepted, outcome.labels, strict=True)}
+        refused = {key for key, _ in rejected}
+        algorithm, adapters, private = self.algorithm, {}, {}
+        for result in results:
+            for row, key in enumerate(result.keys):
+                key = tuple(key)
+                if key in refused:
+                    continue  # the server refused it: the client rolls back to its committed state
+                adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
+                if key in result.private:
+                    private[key] = result.private[key]
+        self.store.commit(adapters, private)
+        if outcome is not None:
+            whole = algorithm.global_adapters(outcome)
+            if whole is not None:
+                self.exported = {"adapters": np.asarray(whole, dtype=np.float32),
+                                 "labels": np.asarray(outcome.labels, dtype=np.int64),
+                                 "keys": np.asarray([u.key for u in accepted], dtype=np.int64).reshape(-1, 2)}
+        self.trim_heap()  # the round's stacked uploads (engine/memory.py)
+        return RoundOutcome(
+            keys=[tuple(u.key) for u in accepted],
+            labels=np.asarray(outcome.labels, dtype=np.int64) if outcome is not None else np.zeros(0, np.int64),
+            clusters=len(outcome.adapters) if outcome is not None else 0,
+            groups_tasks=bool(outcome is not None and outcome.groups_tasks),
+            kmeans_backend=outcome.kmeans_backend if outcome is not None else "",
+            rejected=rejected,
+            params_up=sum(u.params for u in uploads),
+            params_down=algorithm.download_params(outcome, clients) if outcome is not None else 0,
+            uploads=len(uploads),
+            seconds=time.perf_counter() - started,
+        )
