@@ -3,8 +3,14 @@ import pytest
 
 from fltac_ray.algorithms.base import Uploads, weighted_cluster_means
 from fltac_ray.algorithms.fltac import FLTAC
+from fltac_ray.config import build_config
 from fltac_ray.uploads import upload_problem
 
+
+def _fltac(k: int, weighting: str, n_init: int) -> FLTAC:
+    return FLTAC(build_config({"seed": 0, "data": {"num_clients": 4, "tasks": ["synthetic_sentiment", "synthetic_topic",
+                                                                              "synthetic_tense"]},
+                               "federation": {"n_clusters": k, "weighting": weighting, "kmeans_n_init": n_init}}))
 
 def test_weighted_cluster_means_hand_computed():
     vectors = np.array([[1.0, 0.0], [3.0, 2.0], [10.0, 10.0], [20.0, 0.0]])
@@ -33,8 +39,7 @@ def _two_task_uploads():
 
 def test_fltac_aggregates_each_cluster_by_sample_count():
     vectors, samples, truth = _two_task_uploads()
-    result = FLTAC(n_clusters=2, weighting="samples", backend="sklearn", n_init=5, seed=0).aggregate(
-        Uploads(vectors, samples), round_index=1)
+    result = _fltac(2, "samples", 5).aggregate(Uploads(vectors, samples), round_index=1)
     # every member of a task lands in the same cluster and receives its sample-weighted mean
     assert len(set(result.labels[:3])) == 1 and len(set(result.labels[3:])) == 1
     assert result.labels[0] != result.labels[3]
@@ -46,13 +51,13 @@ def test_fltac_aggregates_each_cluster_by_sample_count():
 
 def test_fltac_uniform_weighting_is_the_papers_plain_mean():
     vectors, samples, _ = _two_task_uploads()
-    result = FLTAC(2, "uniform", "sklearn", 5, 0).aggregate(Uploads(vectors, samples), 1)
+    result = _fltac(2, "uniform", 5).aggregate(Uploads(vectors, samples), 1)
     np.testing.assert_allclose(result.adapters[result.labels[0]], vectors[:3].mean(0), rtol=1e-6)
 
 
 def test_fltac_with_fewer_adapters_than_clusters_keeps_each_adapter():
     vectors = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
-    result = FLTAC(3, "samples", "sklearn", 1, 0).aggregate(Uploads(vectors, np.array([1, 1])), 1)
+    result = _fltac(3, "samples", 1).aggregate(Uploads(vectors, np.array([1, 1])), 1)
     np.testing.assert_allclose(result.adapters[result.labels], vectors)
 
 

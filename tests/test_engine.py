@@ -11,7 +11,6 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fltac_ray.engine.local_backend import SequentialLoop
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
 from fltac_ray.outputs import METRICS_COLUMNS, ROUNDS_COLUMNS
@@ -67,23 +66,6 @@ def test_run_writes_config_metrics_rounds_and_adapters(tiny_run):
 def test_result_frames_match_the_files(tiny_run):
     pd.testing.assert_frame_equal(tiny_run.metrics, pd.read_csv(tiny_run.run_dir / "metrics.csv"))
     assert tiny_run.wall_seconds > 0
-
-
-def test_results_do_not_depend_on_worker_placement(tmp_path):
-    # Seeds are per (round, client, task), so one worker gives the same numbers as two. (Batched
-    # training packs a worker's adapters into one pass, so its dropout streams follow the packing:
-    # the exact comparison is made one by one; batched equivalence is tests/test_batched.py.)
-    single = _run(tiny_config(engine={"num_workers": 1, "batched_training": False}), tmp_path / "one")
-    double = _run(tiny_config(engine={"num_workers": 2, "batched_training": False}), tmp_path / "two")
-    cols = ["accuracy", "loss"]
-    np.testing.assert_allclose(single.metrics[cols], double.metrics[cols], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(single.rounds["train_loss"], double.rounds["train_loss"], rtol=1e-4)
-    # ... and the plain sequential loop without Ray (the benchmark baseline) takes the same steps
-    loop = SequentialLoop(tiny_config())
-    losses = [loop.run_round(r).train_loss for r in (1, 2)]
-    np.testing.assert_allclose(losses, double.rounds["train_loss"], rtol=1e-4)
-    final = double.metrics[double.metrics["round"] == 2].set_index("task")["accuracy"]
-    assert loop.evaluate() == pytest.approx(final.to_dict(), abs=1e-6)
 
 
 def test_one_actor_per_client_on_fractional_gpus(tmp_path):

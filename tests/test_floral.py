@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fltac_ray.algorithms.base import Uploads
+from fltac_ray.algorithms.base import AdapterSpec, Uploads
 from fltac_ray.algorithms.floral import FLoRAL
 from fltac_ray.config import FloralConfig, ModelConfig, build_config
 from fltac_ray.errors import ConfigError
@@ -125,10 +125,11 @@ def test_private_state_round_trip():
 
 def test_floral_aggregation_hand_computed():
     # d = 3 entries: one shared (-1), one of adaptor 0, one of adaptor 1
-    algorithm = FLoRAL("samples", adaptor_index=np.array([-1, 0, 1]))
+    algorithm = FLoRAL(build_config({"algorithm": "floral"}))
+    algorithm.setup(AdapterSpec((("head.bias", (1,)), ("a.lora_A", (2, 1))), np.array([-1, 0, 1])))
     vectors = np.array([[1.0, 10.0, 100.0], [3.0, 20.0, 300.0]], dtype=np.float32)
     mixture = np.array([[0.9, 0.1], [0.2, 0.8]])
-    result = algorithm.aggregate(Uploads(vectors, np.array([1, 3]), mixture=mixture), 1)
+    result = algorithm.aggregate(Uploads(vectors, np.array([1, 3]), extras={"mixture": mixture}), 1)
     # shared: (1*1 + 3*3) / 4 = 2.5
     # adaptor 0: weights 1*0.9, 3*0.2 -> (0.9*10 + 0.6*20) / 1.5 = 14
     # adaptor 1: weights 1*0.1, 3*0.8 -> (0.1*100 + 2.4*300) / 2.5 = 292

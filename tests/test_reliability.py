@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from fltac_ray.engine.coordinator import Coordinator
 from safetensors.numpy import load_file
 
 from fltac_ray.checkpoint import CheckpointError, read_checkpoint
 from fltac_ray.config import build_config
-from fltac_ray.engine.coordinator import Coordinator
 from fltac_ray.engine.messages import UploadBatch
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
@@ -71,7 +71,7 @@ def test_round_with_too_few_results_is_rejected_and_state_unchanged(tmp_path):
     assert 2 not in set(result.metrics["round"])
     before = read_checkpoint(result.run_dir / "checkpoints" / "round_00001").groups
     after = read_checkpoint(result.run_dir / "checkpoints" / "round_00002").groups
-    for group in ("adapters", "globals"):
+    for group in ("clients", "server"):
         assert before[group].keys() == after[group].keys()
         for key in before[group]:
             np.testing.assert_array_equal(before[group][key], after[group][key])
@@ -115,7 +115,7 @@ def test_driver_killed_with_sigkill_resumes_to_the_same_results(ray_cluster, ref
 @pytest.mark.usefixtures("ray_cluster")
 def test_damaged_newest_checkpoint_falls_back_and_redoes_the_round(reference, tmp_path, capsys):
     result = _run(tiny_config(rounds=3, engine={"num_workers": 2}), tmp_path / "run")
-    newest = result.run_dir / "checkpoints" / "round_00003" / "adapters.safetensors"
+    newest = result.run_dir / "checkpoints" / "round_00003" / "clients.safetensors"
     newest.write_bytes(newest.read_bytes()[:50])
     resumed = Simulation.resume(result.run_dir, progress=Progress()).run()
     out = capsys.readouterr().out
@@ -131,34 +131,47 @@ def test_resume_without_checkpoint_or_run_dir_is_a_clear_error(tmp_path):
         Simulation.resume(tmp_path, progress=Progress(quiet=True)).run()
 
 
-def _batch(keys, vectors, samples):
-    return UploadBatch(keys, np.asarray(vectors), np.asarray(samples, dtype=np.int64))
+def _server(config, size: int) -> Server:
+    layout = (("layer.lora_A.default.weight", (size,)),)
+    server = Server(config, config.algorithm_class, AdapterSpec(layout))
+    server.set_initial(np.zeros((1, size), np.float32))
+    return server
 
 
-def test_coordinator_rejects_bad_uploads_before_clustering():
-    config = build_config({"algorithm": "fedit"})
-    coordinator = Coordinator(config.resolved(), adapter_size=3)
+def _result(uploads: list[Upload], size: int) -> PassResult:
+    keys = [u.key for u in uploads]
+    return PassResult(uploads, keys, np.zeros((len(keys), size), np.float32))
+
+
+def test_server_rejects_bad_uploads_before_aggregating_and_keeps_their_state():
+    server = _server(build_config({"algorithm": "fedit"}), 3)
     good = np.ones(3, np.float32)
-    batch = UploadBatch(
-        keys=[(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (9, 0)],
-        vectors=np.stack([good, [np.nan, 1, 1], [1, np.inf, 1], good * 3, good * 5, good]).astype(np.float32),
-        num_samples=np.array([2, 2, 2, 0, 2, 2]),
-    )
-    duplicate = _batch([(4, 0)], [good * 100], [2])
-    outcome = coordinator.aggregate(1, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)], batch, duplicate)
+    uploads = [Upload(key, vector.astype(np.float32), samples) for key, vector, samples in [
+        ((0, 0), good, 2), ((1, 0), np.array([np.nan, 1, 1]), 2), ((2, 0), np.array([1, np.inf, 1]), 2),
+        ((3, 0), good * 3, 0), ((4, 0), good * 5, 2), ((9, 0), good, 2)]]
+    duplicate = Upload((4, 0), good * 100, 2)
+    outcome = server.close_round(1, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)], 5,
+                                 _result(uploads, 3), _result([duplicate], 3))
     reasons = dict(outcome.rejected)
     assert "non-finite" in reasons[(1, 0)] and "non-finite" in reasons[(2, 0)]
     assert "sample count" in reasons[(3, 0)]
     assert "unexpected" in reasons[(9, 0)]
     assert "duplicate" in reasons[(4, 0)]
     assert outcome.keys == [(0, 0), (4, 0)]
-    np.testing.assert_allclose(outcome.adapters, [[3.0, 3.0, 3.0]])  # (1 + 5) / 2: the duplicate ignored
+    assert outcome.uploads == 7 and outcome.params_up == 7 * 3  # every upload received counts
+    # (1 + 5) / 2: the duplicate ignored; the accepted clients hold the answer (one stored row)
+    state = server.state_view()
+    np.testing.assert_allclose(state.adapter((0, 0)), [3.0, 3.0, 3.0])
+    np.testing.assert_allclose(state.adapter((4, 0)), [3.0, 3.0, 3.0])
+    assert state.adapter((1, 0)) is None  # rejected: as before the round (never trained)
+    assert len(state.rows) == 1
 
 
-def test_coordinator_rejects_wrong_shapes():
-    coordinator = Coordinator(build_config({"algorithm": "fedit"}).resolved(), adapter_size=4)
-    outcome = coordinator.aggregate(1, [(0, 0), (1, 0)], _batch([(0, 0)], [np.ones(3, np.float32)], [1]),
-                                    _batch([(1, 0)], [np.ones(4, np.float64)], [1]))
+def test_server_rejects_wrong_shapes():
+    server = _server(build_config({"algorithm": "fedit"}), 4)
+    outcome = server.close_round(1, [(0, 0), (1, 0)], 2,
+                                 _result([Upload((0, 0), np.ones(3, np.float32), 1)], 4),
+                                 _result([Upload((1, 0), np.ones(4, np.float64), 1)], 4))
     reasons = dict(outcome.rejected)
     assert "shape" in reasons[(0, 0)] and "dtype" in reasons[(1, 0)]
     assert outcome.keys == []
