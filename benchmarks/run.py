@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fltac_ray.config import ExperimentConfig, build_config  # noqa: E402
-from fltac_ray.engine.local_backend import SequentialLoop  # noqa: E402
+from fltac_ray.engine.callbacks import Callback  # noqa: E402
 from fltac_ray.engine.simulation import Simulation  # noqa: E402
 from fltac_ray.progress import Progress  # noqa: E402
 
@@ -76,7 +76,7 @@ def experiment(quick: bool, name: str, clients: int, rounds: int, local_steps: i
     return build_config(raw)
 
 
-class PeakMemory:
+class PeakMemory(Callback):
     """Simulation callback: samples the PSS of the driver, the coordinator and every client
     worker every `interval` seconds on a thread, and at the end of every round (so short runs
     are sampled too); `peak_mb` is the largest sum seen."""
@@ -90,10 +90,10 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
-    def on_start(self, simulation) -> None:
-        self.names.update({pid: name for name, pid in simulation.process_ids().items()})
+    def on_start(self, run) -> None:
+        self.names.update({pid: name for name, pid in run.process_ids().items()})
 
-    def on_round_end(self, simulation, round_index, row, task_rows) -> None:
+    def on_round_end(self, run, ctx) -> None:
         self._measure()
 
     def _measure(self) -> None:
@@ -131,21 +131,27 @@ def bench_loop(quick: bool) -> dict:
         f"model {config.model.name}; rounds {measured} measured")
     import torch
 
-    loop = SequentialLoop(config)
+    # The baseline: the same loop in one process (engine.backend: local), one adapter at a time
+    # (as the reference implementations train) on all of torch's threads.
     threads = torch.get_num_threads()
-    loop_rows = [loop.run_round(r) for r in range(1, rounds)]
-    loop_rows = [row for row in loop_rows if row.round in measured]
-    loop_seconds = float(np.mean([row.seconds for row in loop_rows]))
-    loop_steps = float(np.mean([row.step_seconds for row in loop_rows]))
+    baseline = config.model_copy(deep=True)
+    baseline.engine.backend, baseline.engine.batched_training = "local", False
+    baseline.engine.cpus_per_worker = float(threads)
+    loop_rows = run_engine(baseline).rounds
+    loop_rows = loop_rows[loop_rows["round"].isin(measured)]
+    # client work and aggregation (no round evaluates here: train.eval_every is past the run)
+    loop_seconds = float((loop_rows["train_seconds"] + loop_rows["aggregate_seconds"]).mean())
+    loop_steps = float(loop_rows["step_seconds"].mean())
     say(f"  sequential loop ({threads} torch threads): {loop_seconds:.2f} s/round, of which local "
-        f"steps {loop_steps:.2f} s; {loop_rows[0].adapters} adapters per round")
+        f"steps {loop_steps:.2f} s; {int(loop_rows['adapters'].iloc[0])} adapters per round")
     result = run_engine(config)
     rows = result.rounds[result.rounds["round"].isin(measured)]
-    engine_seconds = float(rows["seconds"].mean())
+    engine_seconds = float((rows["train_seconds"] + rows["aggregate_seconds"]).mean())
     engine_steps = float(rows["step_seconds"].mean())
     orchestration = 1 - engine_steps / engine_seconds
-    say(f"  Ray engine: {engine_seconds:.2f} s/round; slowest worker's local steps "
-        f"{engine_steps:.2f} s, aggregation {rows['aggregate_seconds'].mean():.2f} s")
+    say(f"  Ray engine: {engine_seconds:.2f} s/round; busiest worker's local steps "
+        f"{engine_steps:.2f} s, aggregation {rows['aggregate_seconds'].mean():.2f} s, worker "
+        f"utilisation {rows['worker_utilisation'].mean():.2f}")
     ratio = engine_seconds / loop_seconds
     say(f"  RATIO engine/loop seconds per round = {ratio:.2f}  (target <= 0.6)")
     say(f"  RATIO orchestration share of an engine round = {orchestration:.1%}  (target < 10%)")

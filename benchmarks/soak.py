@@ -27,21 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from fltac_ray.config import build_config  # noqa: E402
+from fltac_ray.engine.callbacks import Callback  # noqa: E402
 from fltac_ray.engine.simulation import Simulation  # noqa: E402
 from fltac_ray.progress import Progress  # noqa: E402
 
 
-class MemoryProbe:
+class MemoryProbe(Callback):
     """Round callback: RSS of the driver, the coordinator and each worker, in MB."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.started = time.perf_counter()
 
-    def on_start(self, simulation) -> None:
-        self.pids = simulation.process_ids()
+    def on_start(self, run) -> None:
+        self.pids = run.process_ids()
 
-    def on_round_end(self, simulation, round_index, row, task_rows) -> None:
+    def on_round_end(self, run, ctx) -> None:
+        round_index, row = ctx.round_index, ctx.row
         for name, pid in self.pids.items():
             try:
                 rss = psutil.Process(pid).memory_info().rss / 2**20

@@ -2,16 +2,23 @@
 
 `fltac_ray.run(config) -> Result` runs an experiment from Python (see fltac_ray/api.py);
 `fltac_ray.load_result(run_dir)` reads one back. The command line is `fltac-ray` (cli.py).
+`fltac_ray.FederatedAlgorithm` and `fltac_ray.register_algorithm` bring your own algorithm.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ComparisonResult", "Result", "load_result", "resume", "run"]
+__all__ = ["ComparisonResult", "FederatedAlgorithm", "Result", "load_result", "register_algorithm",
+           "resume", "run"]
+_ALGORITHMS = {"FederatedAlgorithm", "register_algorithm"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _ALGORITHMS:  # numpy only
+        from fltac_ray import algorithms
+
+        return getattr(algorithms, name)
     # Lazy: Ray workers import fltac_ray.* modules and should not pay for the API's imports.
     if name in __all__:
         from fltac_ray import api

@@ -363,7 +363,23 @@ class ReportConfig(_Section):
     )
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import the user's modules that register algorithms, tasks and models (their decorators
+    run on import). Called wherever a config is read: the driver and every worker."""
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)
+
+
 class ExperimentConfig(_Section):
+    # First field: pydantic validates in order, so the plug-ins are registered before `data`,
+    # `model` and `algorithm` are checked against the registries.
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported before the rest is read, to register your own "
+        "algorithms, tasks and models (register_algorithm / register_task / register_model).",
+    )
     name: str = Field(default="experiment", min_length=1, description="Names the run directory.")
     seed: int = Field(default=0, ge=0, description="Seeds the split, sampling, init and training.")
     algorithm: str = Field(
@@ -380,6 +396,16 @@ class ExperimentConfig(_Section):
     floral: FloralConfig = Field(default_factory=FloralConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, modules: list[str]) -> list[str]:
+        for module in modules:
+            try:
+                import_plugins([module])
+            except Exception as exc:  # noqa: BLE001 - any failure of the user's module, named
+                raise ValueError(f"cannot import plug-in module {module!r}: {type(exc).__name__}: {exc}") from None
+        return modules
 
     @field_validator("algorithm")
     @classmethod

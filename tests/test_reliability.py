@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from fltac_ray.engine.coordinator import Coordinator
 from safetensors.numpy import load_file
 
+from fltac_ray.algorithms import AdapterSpec, Upload
 from fltac_ray.checkpoint import CheckpointError, read_checkpoint
 from fltac_ray.config import build_config
-from fltac_ray.engine.messages import UploadBatch
+from fltac_ray.engine.messages import PassResult
+from fltac_ray.engine.server import Server
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
 from fltac_ray.progress import Progress

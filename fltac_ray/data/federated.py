@@ -110,6 +110,8 @@ def load_task(name: str, config: ExperimentConfig, rng: np.random.Generator,
     data = config.data
     n = data.train_per_task + data.test_per_task
     wn = data.wordnet_dir
+    if name in TASKS and TASKS[name].loader is not None:  # a plug-in (data/registry.register_task)
+        return _checked_plugin(TASKS[name], TASKS[name].loader(config, rng))
     if name in TASKS and TASKS[name].source == "hf":
         from fltac_ray.data.hf import load_hub_task
 
@@ -136,6 +138,21 @@ def load_task(name: str, config: ExperimentConfig, rng: np.random.Generator,
     if name not in loaders:  # a registry entry without a loader is a programming error
         raise RuntimeError(f"no loader for task {name!r}")
     return loaders[name]()
+
+
+def _checked_plugin(spec, loaded) -> Examples | tuple[Examples, Examples]:
+    """A plug-in loader's result, checked against what it registered."""
+    parts = loaded if isinstance(loaded, tuple) else (loaded,)
+    for part in parts:
+        if not isinstance(part, Examples):
+            raise ValueError(f"task {spec.name}: its loader returned {type(part).__name__}, expected "
+                             "Examples or a (train, test) pair of Examples (fltac_ray.data.types)")
+        if part.kind != spec.kind or len(part.class_names) != spec.num_classes:
+            raise ValueError(f"task {spec.name}: registered as {spec.kind} with {spec.num_classes} classes, "
+                             f"its loader returned {part.kind} with {len(part.class_names)} classes")
+        if len(part) and (part.labels.min() < 0 or (spec.num_classes and part.labels.max() >= spec.num_classes)):
+            raise ValueError(f"task {spec.name}: labels must be in 0..{spec.num_classes - 1}")
+    return loaded
 
 
 def _split_train_test(examples: Examples, n_train: int, n_test: int) -> tuple[Examples, Examples]:

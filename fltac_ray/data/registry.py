@@ -7,7 +7,9 @@ data (synthetic), or the Hugging Face hub / local files in the hub's format (hf)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fltac_ray.data.types import MODALITY
 
@@ -19,6 +21,8 @@ class TaskSpec:
     source: str
     description: str
     kind: str = "text"
+    # plug-in tasks: (config, rng) -> Examples in random order, or (train, test) Examples
+    loader: Callable[..., Any] | None = None
 
     @property
     def modality(self) -> str:
@@ -86,3 +90,32 @@ _SPECS = [
 ]
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def register_task(name: str, num_classes: int, kind: str = "text", description: str = ""):
+    """Decorator: make a loader function available as task `name` in `data.tasks`.
+
+        @register_task("my_reviews", num_classes=2, description="my product reviews -> stars")
+        def load_my_reviews(config, rng) -> Examples: ...
+
+    The loader gets the ExperimentConfig and a seeded numpy Generator and returns Examples
+    (data/types.py) in random order, which the engine cuts into data.train_per_task /
+    test_per_task, or a (train, test) pair of Examples. `num_classes` is the label space (0 for
+    instruction tasks); `kind` one of text, text_pair, image, vector, instruction. The module
+    must be imported before the config is read: list it in the config's `plugins`."""
+    if kind not in MODALITY:
+        raise ValueError(f"register_task({name!r}): kind {kind!r}; allowed: {sorted(MODALITY)}")
+    if not name or any(c in name for c in " @:/"):
+        raise ValueError(f"register_task({name!r}): a task name has no spaces, '@', ':' or '/'")
+    if name in TASKS and TASKS[name].loader is None:
+        raise ValueError(f"register_task({name!r}): taken by a built-in task")
+    if num_classes < 0 or (kind == "instruction") != (num_classes == 0):
+        raise ValueError(f"register_task({name!r}): num_classes = {num_classes}; instruction tasks "
+                         "have 0 classes, the others at least 1")
+
+    def decorate(loader: Callable[..., Any]) -> Callable[..., Any]:
+        TASKS[name] = TaskSpec(name, num_classes, "plugin", description or (loader.__doc__ or "").strip()
+                               .split("\n")[0], kind, loader)
+        return loader
+
+    return decorate

@@ -21,7 +21,7 @@ import numpy as np
 
 from fltac_ray.algorithms import ClientJob, create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
-from fltac_ray.config import ExperimentConfig
+from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.data.federated import ClientShard, TaskBundle
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import (
@@ -65,6 +65,7 @@ class ClientWorker:
         from fltac_ray.models.adapter_model import AdapterModel
         from fltac_ray.models.builders import backbone_from_weights, load_backbone
 
+        import_plugins(config.plugins)  # the user's tasks and models, in this process too
         self.worker_index = worker_index
         self.config = config
         torch.set_num_threads(max(1, threads))

@@ -17,7 +17,7 @@ import numpy as np
 
 from fltac_ray.algorithms import create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload, Uploads
-from fltac_ray.config import ExperimentConfig
+from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassResult, RoundOutcome, StateView
 from fltac_ray.engine.state_store import ClientStateStore
@@ -31,6 +31,7 @@ class Server:
     def __init__(self, config: ExperimentConfig, algorithm_class: type, spec: AdapterSpec) -> None:
         from fltac_ray.clustering import resolve_backend
 
+        import_plugins(config.plugins)  # the user's tasks and models, in this process too
         self.config = config
         # Resolved here, where the server runs: that is where a GPU must be visible.
         self.backend = resolve_backend(config.federation.clustering_backend)
@@ -142,7 +143,7 @@ class Server:
         answer_of = {}
         if outcome is not None:
             answer_of = {tuple(u.key): outcome.adapters[label] for u, label in zip(accepted, outcome.labels, strict=True)}
-        refused = {key for key, _ in rejected}
+        refused = {key for key, _ in rejected} - set(answer_of)  # a duplicate's first copy counts
         algorithm, adapters, private = self.algorithm, {}, {}
         for result in results:
             for row, key in enumerate(result.keys):

@@ -90,8 +90,17 @@ def smollm2_dir() -> str:
     return str(target)
 
 
+def _plugin(name: str):
+    from fltac_ray.models.registry import MODELS
+
+    spec = MODELS.get(name)
+    return spec if spec is not None and spec.build is not None else None
+
+
 def model_source(name: str) -> str:
     """Where from_pretrained loads `name` (tokenizer and weights): a local folder or a hub id."""
+    if (plugin := _plugin(name)) is not None:
+        return plugin.tokenizer or name
     if name in ("minilm", "tiny-random-bert", "tiny-random-llama"):
         return minilm_path()
     if name == "smollm2-135m":
@@ -186,6 +195,8 @@ def _auto_class(modality: str) -> Any:
 
 def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16) -> Any:
     """The frozen body shared by a worker's clients (weights loaded once per worker)."""
+    if (plugin := _plugin(name)) is not None:
+        return plugin.build(seed=seed, feature_dim=feature_dim)
 
     if name == "efficientnet-lite0":
         from fltac_ray.models.efficientnet import load_efficientnet_lite0
@@ -225,6 +236,9 @@ def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
     workers that attach the shared base weights (models/shared_weights.py)."""
     import torch
 
+    if (plugin := _plugin(name)) is not None:
+        with torch.device("meta"):
+            return plugin.build(seed=0, feature_dim=feature_dim)
     if name in ("efficientnet-lite0", "random-mlp"):
         from fltac_ray.models.efficientnet import EfficientNetLite0
 

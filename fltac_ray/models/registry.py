@@ -7,15 +7,21 @@ folder the modality follows from the experiment's tasks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     modality: str  # text | image | vector | causal_lm
-    family: str  # decides default LoRA targets: bert | vit | efficientnet | mlp | llama
+    family: str  # decides default LoRA targets: bert | vit | efficientnet | mlp | llama | plugin
     description: str
+    # plug-in models (register_model): the builder, its LoRA targets and its tokenizer's source
+    build: Callable[..., Any] | None = None
+    targets: tuple[str, ...] = ()
+    tokenizer: str | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -51,6 +57,8 @@ DEFAULT_TARGETS_BY_MODALITY = {"text": DEFAULT_TARGETS["bert"], "image": DEFAULT
 
 
 def default_targets(name: str, modality: str) -> list[str]:
+    if name in MODELS and MODELS[name].build is not None:
+        return list(MODELS[name].targets)
     if name in MODELS:
         return list(DEFAULT_TARGETS[MODELS[name].family])
     return list(DEFAULT_TARGETS_BY_MODALITY[modality])
@@ -67,3 +75,36 @@ def is_known_model(name: str) -> bool:
         return True
     org, sep, repo = name.partition("/")
     return bool(sep and org and repo and "/" not in repo)
+
+
+MODALITIES = ("text", "image", "vector", "causal_lm")
+
+
+def register_model(name: str, modality: str, targets: list[str], tokenizer: str | None = None,
+                   description: str = ""):
+    """Decorator: make a backbone builder available as `model.name: <name>`.
+
+        @register_model("my-mlp", modality="vector", targets=["fc1", "fc2"])
+        def build_my_mlp(seed: int, feature_dim: int) -> torch.nn.Module: ...
+
+    The builder returns the frozen body with its weights (it is also called under
+    `torch.device("meta")` to count parameters without memory). Its `config.hidden_size` sizes
+    the classifier head; it reads what its modality's tasks give it: `input_ids` and
+    `attention_mask` (text, returning `.last_hidden_state`; `tokenizer` names a Hugging Face
+    tokenizer folder or id), `pixel_values` (image) or a (batch, feature_dim) tensor (vector).
+    `targets` are its default LoRA target modules. List the module in the config's `plugins`."""
+    if modality not in MODALITIES:
+        raise ValueError(f"register_model({name!r}): modality {modality!r}; allowed: {list(MODALITIES)}")
+    if name in MODELS and MODELS[name].build is None:
+        raise ValueError(f"register_model({name!r}): taken by a built-in model")
+    if not targets:
+        raise ValueError(f"register_model({name!r}): give the default LoRA target modules")
+    if modality in ("text", "causal_lm") and tokenizer is None:
+        raise ValueError(f"register_model({name!r}): a {modality} model needs a tokenizer (folder or hub id)")
+
+    def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
+        MODELS[name] = ModelSpec(modality, "plugin", description or (build.__doc__ or "").strip().split("\n")[0],
+                                 build, tuple(targets), tokenizer)
+        return build
+
+    return decorate
