@@ -1,17 +1,24 @@
 """fltac-ray benchmark suite: every figure is measured here, side by side in one run.
 
-    python benchmarks/run.py                      # all four sections (~15 min on 2 cores)
+    python benchmarks/run.py                      # every section (~40 min on 2 cores)
     python benchmarks/run.py --only loop,kmeans   # some sections
     python benchmarks/run.py --quick              # tiny model and sizes: checks the suite works
 
 Sections (run in this order)
-  scale    10, 100, 500 and 1000 clients per round on the engine: seconds per round, and the peak
+  scale    10, 100, 500 and 1000 clients per round on the engine: seconds per round, the peak
            memory of the driver (this process) plus every actor (sum of PSS, so the shared base
-           model and object-store pages count once), and the memory each extra client adds.
-  loop     the Ray engine against a plain sequential single-process loop
-           (engine/local_backend.py: same data, model, seeds and local steps, one adapter at a
-           time, torch's default threads), 100 clients: seconds per round and their ratio, and
-           the share of a round that is orchestration (everything but the local training steps).
+           model and object-store pages count once), the memory each extra client adds, and
+           the checkpoint's bytes against one adapter copy per client.
+  partial  500 clients with data, 10% sampled per round: worker utilisation (mean worker step
+           time / slowest) measured here, and by the cost model for 16 and 64 workers, against
+           the previous engine's static placement of clients on workers.
+  memory   peak memory of the engine (driver + coordinator + workers: sums of PSS and of RSS)
+           against the sequential loop on 100 clients, 10 local steps of batch 16, 20,000
+           examples per task, each in a fresh process.
+  loop     the Ray engine against the sequential single-process loop (engine.backend: local,
+           one adapter at a time, torch's default threads; same data, model, seeds and steps),
+           100 clients: seconds per round and their ratio, and the share of a round that is
+           orchestration (everything but the local training steps).
   batched  batched multi-adapter training against one-by-one training of the same jobs, in one
            process on one thread: speedup.
   kmeans   FL-TAC's server clustering of 1000 MiniLM rank-1 adapters (scikit-learn; cuML when a
@@ -26,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported
@@ -42,6 +51,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fltac_ray.config import ExperimentConfig, build_config  # noqa: E402
 from fltac_ray.engine.callbacks import Callback  # noqa: E402
+from fltac_ray.engine.messages import TrainJob  # noqa: E402
+from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation  # noqa: E402
 from fltac_ray.engine.simulation import Simulation  # noqa: E402
 from fltac_ray.progress import Progress  # noqa: E402
 
@@ -64,7 +75,7 @@ def base_experiment(quick: bool) -> dict:
 
 
 def experiment(quick: bool, name: str, clients: int, rounds: int, local_steps: int, batch_size: int,
-               train_per_task: int, **engine) -> ExperimentConfig:
+               train_per_task: int, client_fraction: float = 1.0, **engine) -> ExperimentConfig:
     raw = base_experiment(quick)
     raw.update(name=name, rounds=rounds, output_dir=tempfile.mkdtemp(prefix="fltac-bench-"))
     # The paper's 0.01 share threshold is for 10 clients; scaled (0.1 / clients) so that large
@@ -73,19 +84,22 @@ def experiment(quick: bool, name: str, clients: int, rounds: int, local_steps: i
                        test_per_task=300)
     raw["train"] = {"local_steps": local_steps, "batch_size": batch_size, "eval_every": NO_EVAL}
     raw["engine"] = {"checkpoint_every": 0, "metrics": False, **engine}
+    raw["federation"] = {"client_fraction": client_fraction}
     return build_config(raw)
 
 
 class PeakMemory(Callback):
     """Simulation callback: samples the PSS of the driver, the coordinator and every client
     worker every `interval` seconds on a thread, and at the end of every round (so short runs
-    are sampled too); `peak_mb` is the largest sum seen."""
+    are sampled too); `peak_mb` is the largest sum seen, `peak_rss_mb` the largest sum of RSS
+    (shared pages counted in every process that maps them, as peers report it)."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self.names = {os.getpid(): "driver"}  # pid -> process name
         self.process_peaks: dict[str, float] = {}  # each process's own peak
         self.peak_mb = 0.0
+        self.peak_rss_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -97,13 +111,16 @@ class PeakMemory(Callback):
         self._measure()
 
     def _measure(self) -> None:
-        total = 0.0
+        total = rss_total = 0.0
         for pid, name in list(self.names.items()):
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                pss = psutil.Process(pid).memory_full_info().pss / 2**20
+                info = psutil.Process(pid).memory_full_info()
+                pss = info.pss / 2**20
                 total += pss
+                rss_total += info.rss / 2**20
                 self.process_peaks[name] = max(self.process_peaks.get(name, 0.0), pss)
         self.peak_mb = max(self.peak_mb, total)
+        self.peak_rss_mb = max(self.peak_rss_mb, rss_total)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -214,7 +231,7 @@ def bench_scale(quick: bool, sizes: tuple[int, ...] | None = None) -> dict:
     rows = {}
     for clients in sizes:
         config = experiment(quick, f"bench_scale_{clients}", clients=clients, rounds=2, local_steps=1,
-                            batch_size=4, train_per_task=2000 if quick else 10_000)
+                            batch_size=4, train_per_task=2000 if quick else 10_000, checkpoint_every=1)
         probe = PeakMemory()
         began = time.perf_counter()
         result = run_engine(config, probe)
@@ -224,17 +241,128 @@ def bench_scale(quick: bool, sizes: tuple[int, ...] | None = None) -> dict:
                          "step_seconds": float(first["step_seconds"]),
                          "aggregate_seconds": float(first["aggregate_seconds"]),
                          "peak_memory_mb": peak, "process_peaks_mb": dict(probe.process_peaks),
-                         "wall_seconds": time.perf_counter() - began}
+                         "wall_seconds": time.perf_counter() - began, **checkpoint_sizes(result.run_dir)}
         say(f"  {clients:>5} clients ({rows[clients]['adapters']} adapters): {first['seconds']:.1f} s/round "
             f"(steps {first['step_seconds']:.1f} s, K-means+aggregation {first['aggregate_seconds']:.1f} s), "
             f"peak memory {peak:,.0f} MiB")
         say("        per process (own peak, MiB): " + ", ".join(
             f"{name} {mb:,.0f}" for name, mb in sorted(probe.process_peaks.items())))
+    say("  checkpoint bytes per round (one copy per (client, slot) -> deduplicated store):")
+    for clients in sizes:
+        row = rows[clients]
+        say(f"  {clients:>5} clients: {row['checkpoint_per_client_copy_bytes'] / 2**20:,.2f} MiB -> "
+            f"{row['checkpoint_bytes'] / 2**20:,.2f} MiB on disk ({row['checkpoint_rows']} distinct adapters "
+            f"for {row['checkpoint_keys']} client adapters)")
     low, high = (sizes[1] if len(sizes) > 2 else sizes[0]), sizes[-1]
     per_client = (rows[high]["peak_memory_mb"] - rows[low]["peak_memory_mb"]) / (high - low)
     say(f"  RATIO memory added per extra client ({low} -> {high}) = {per_client * 1024:.0f} KiB  (target < 1 MB)")
     say(f"  {high} clients per round: peak {rows[high]['peak_memory_mb'] / 1024:.2f} GiB  (must fit in 24 GiB)")
     return {"per_size": rows, "memory_per_client_mb": per_client}
+
+
+def checkpoint_sizes(run_dir: Path) -> dict:
+    """The newest checkpoint's bytes on disk, and what one adapter copy per (client, slot) (the
+    previous checkpoint format) would take for the same state."""
+    from fltac_ray.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir / "checkpoints", warn=lambda _: None)
+    on_disk = sum(f.stat().st_size for f in checkpoint.path.iterdir())
+    rows, index = checkpoint.groups["clients"]["rows"], checkpoint.groups["clients"]["index"]
+    return {"checkpoint_bytes": on_disk, "checkpoint_rows": len(rows), "checkpoint_keys": len(index),
+            "checkpoint_per_client_copy_bytes": on_disk - rows.nbytes + len(index) * rows.shape[1] * 4}
+
+
+def static_placement_utilisation(costs: dict[int, float], sampled: list[int], workers: int) -> float:
+    """The previous engine: every client pinned to one worker for the whole run (LPT by cost at
+    the start); a round's utilisation is mean over max of the sampled clients' cost per worker."""
+    load = [0.0] * workers
+    home = {}
+    for client in sorted(costs, key=lambda c: (-costs[c], c)):
+        target = min(range(workers), key=lambda w: (load[w], w))
+        home[client], load[target] = target, load[target] + costs[client]
+    busy = [0.0] * workers
+    for client in sampled:
+        busy[home[client]] += costs[client]
+    return utilisation(busy)
+
+
+def bench_partial(quick: bool) -> dict:
+    """500 clients with data, 10% sampled per round: how evenly the round's work is spread."""
+    from fltac_ray.algorithms import create_algorithm
+    from fltac_ray.engine.simulation import prepare_data, sample_clients
+
+    clients = 100 if quick else 500
+    config = experiment(quick, "bench_partial", clients=clients, rounds=3, local_steps=2, batch_size=8,
+                        train_per_task=2000 if quick else 10_000, client_fraction=0.1)
+    say(f"[partial] {clients} clients (data.min_share {config.data.min_share:g}), client_fraction 0.1, "
+        f"{config.train.local_steps} local steps per task")
+    result = run_engine(config)
+    measured = float(result.rounds["worker_utilisation"].mean())
+    workers = int(build_config(yaml.safe_load((result.run_dir / "config.yaml").read_text())).engine.min_passes)
+    data, active = prepare_data(config, create_algorithm(config))
+    say(f"  {len(active)} clients hold data ({sum(len(data.clients[c].tasks) for c in active)} adapters)")
+    cost = {c: float(len(data.clients[c].tasks) * config.train.local_steps) for c in active}
+    planned: dict[str, dict[str, float]] = {}
+    for pool in (workers, 16, 64):
+        static, per_round = [], []
+        for round_index in range(1, 11):
+            sampled = sample_clients(config.seed, round_index, active, 0.1)
+            jobs = [TrainJob((c, slot), (task,), 1, (config.train.local_steps,))
+                    for c in sampled for slot, task in enumerate(data.clients[c].tasks)]
+            passes = plan_passes(jobs, config.engine.max_batched_adapters, pool, batched=True)
+            plan = assign_lpt([sum(j.cost for j in p) for p in passes], list(range(pool)))
+            per_round.append(utilisation([sum(sum(j.cost for j in passes[i]) for i in items)
+                                          for items in plan.values()]))
+            static.append(static_placement_utilisation(cost, sampled, pool))
+        planned[str(pool)] = {"per_round_scheduling": float(np.mean(per_round)),
+                              "static_placement": float(np.mean(static))}
+        say(f"  {pool:>3} workers, by the cost model (10 rounds): per-round scheduling "
+            f"{np.mean(per_round):.2f}, static placement {np.mean(static):.2f}")
+    say(f"  RATIO worker utilisation measured here ({workers} workers, mean step time / slowest) = "
+        f"{measured:.2f}  (target >= 0.9; static placement on the same rounds: "
+        f"{planned[str(workers)]['static_placement']:.2f})")
+    return {"clients_with_data": len(active), "workers": workers, "measured_utilisation": measured,
+            "planned": planned}
+
+
+def memory_workload(quick: bool, backend: str) -> ExperimentConfig:
+    """100 clients, 10 local steps of batch 16 per task, 20,000 examples per task."""
+    engine = {"backend": "local", "batched_training": False, "cpus_per_worker": float(os.cpu_count())} \
+        if backend == "local" else {"num_cpus": os.cpu_count()}
+    return experiment(quick, f"bench_memory_{backend}", clients=20 if quick else 100, rounds=2,
+                      local_steps=2 if quick else 10, batch_size=16,
+                      train_per_task=2000 if quick else 20_000, **engine)
+
+
+def memory_child(quick: bool, backend: str) -> int:
+    """One run in a fresh process: prints its peak memory (driver plus its own actors) as JSON."""
+    probe = PeakMemory()
+    run_engine(memory_workload(quick, backend), probe)
+    probe.stop()
+    print(json.dumps({"pss_mb": probe.peak_mb, "rss_mb": probe.peak_rss_mb, "per_process": probe.process_peaks}))
+    return 0
+
+
+def bench_memory(quick: bool) -> dict:
+    config = memory_workload(quick, "ray")
+    say(f"[memory] {config.data.num_clients} clients, {config.train.local_steps} local steps of batch "
+        f"{config.train.batch_size} per task, {config.data.train_per_task:,} examples per task; each "
+        "run in a fresh process")
+    out = {}
+    for backend, label in (("local", "sequential loop (one process, engine.backend: local)"),
+                           ("ray", "Ray engine (driver + coordinator + workers, its own Ray)")):
+        command = [sys.executable, __file__, "--memory-child", backend] + (["--quick"] if quick else [])
+        env = {**os.environ, "RAY_ADDRESS": ""}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory run ({backend}) failed:\n{done.stderr[-3000:]}")
+        out[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+        say(f"  {label}: peak PSS sum {out[backend]['pss_mb']:,.0f} MiB, RSS sum {out[backend]['rss_mb']:,.0f} MiB")
+        say("        per process (own peak PSS, MiB): " + ", ".join(
+            f"{name} {mb:,.0f}" for name, mb in sorted(out[backend]["per_process"].items())))
+    ratio = out["ray"]["pss_mb"] / out["local"]["pss_mb"]
+    say(f"  RATIO engine/loop peak PSS = {ratio:.2f}  (target <= 1.5); RSS sums {out['ray']['rss_mb'] / out['local']['rss_mb']:.2f}")
+    return {**out, "pss_ratio": ratio}
 
 
 def bench_kmeans(quick: bool) -> dict:
@@ -262,7 +390,8 @@ def bench_kmeans(quick: bool) -> dict:
 
 # scale first: its memory figures count this process as the driver, before other sections load
 # models and data into it
-SECTIONS = {"scale": bench_scale, "loop": bench_loop, "batched": bench_batched, "kmeans": bench_kmeans}
+SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
+            "batched": bench_batched, "kmeans": bench_kmeans}
 
 
 def main() -> int:
@@ -271,7 +400,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes (checks the suite)")
     parser.add_argument("--out", default="runs/benchmarks", help="folder for results.json")
     parser.add_argument("--sizes", default=None, help="scale: comma-separated client counts (default 10,100,500,1000)")
+    parser.add_argument("--memory-child", choices=["local", "ray"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.quick, args.memory_child)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:

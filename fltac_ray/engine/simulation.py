@@ -41,7 +41,7 @@ from fltac_ray.engine.callbacks import (
     SnapshotWriter,
 )
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
-from fltac_ray.engine.scheduling import assign_lpt, plan_passes
+from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.outputs import RunWriter, make_run_dir
 from fltac_ray.progress import Progress, format_run_summary
@@ -207,7 +207,7 @@ class Simulation:
                 # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
                 config.engine.min_passes = info["workers"]
                 save_config(config, run_dir / "config.yaml")
-            self.batched = info["batched"]
+            self.batched, self.worker_count = info["batched"], info["workers"]
             kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
                 in config.algorithm_class.options else ""
             say(f"  backend {backend.name}: {info['workers']} client workers ({info['resources']}, device "
@@ -325,10 +325,10 @@ class Simulation:
                 clustering_accuracy = hungarian_accuracy(truth, outcome.labels)
                 ari = adjusted_rand(truth, outcome.labels)
         accuracies = list(task_accuracy.values())
-        # each worker's time inside local training steps, summed over its passes
-        busy: dict[int, float] = defaultdict(float)
+        # each worker's time inside local training steps, summed over its passes (0: idle)
+        busy: dict[int, float] = dict.fromkeys(range(self.worker_count), 0.0)
         for rep in reports:
-            busy[rep.worker] += rep.step_seconds
+            busy[rep.worker] = busy.get(rep.worker, 0.0) + rep.step_seconds
         finished = time.perf_counter()
         return {
             "round": round_index,
@@ -352,8 +352,7 @@ class Simulation:
             # the busiest worker's time inside local training steps: the round's compute floor
             "step_seconds": max(busy.values(), default=0.0),
             # mean over max of the workers' step time: how evenly the round's work was spread
-            "worker_utilisation": (sum(busy.values()) / len(busy) / max(busy.values())
-                                   if busy and max(busy.values()) > 0 else nan),
+            "worker_utilisation": utilisation(list(busy.values())) if any(busy.values()) else nan,
             "aggregate_seconds": aggregated - trained,
             "eval_seconds": finished - aggregated,
             "seconds": finished - started,

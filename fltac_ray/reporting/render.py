@@ -105,7 +105,8 @@ def _slug(label: str) -> str:
 def _projection_figure(run: RunTables, method: str):
     snapshots = read_snapshots(run.run_dir)
     if not snapshots:
-        uploads_nothing = not run.rounds.empty and (run.rounds["params_up"] == 0).all()
+        sent = run.rounds.get("params_up")
+        uploads_nothing = sent is not None and len(sent) > 0 and bool((sent == 0).all())
         why = ("its algorithm uploads nothing" if uploads_nothing
                else "the run saved no adapter snapshots (report.adapter_snapshots = 0)")
         return None, f"{run.label}: no projection, {why}"
