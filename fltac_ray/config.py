@@ -292,7 +292,9 @@ class EngineConfig(_Section):
         default=None, ge=1, description="Client worker actors; default: as many as resources allow."
     )
     clients_per_actor: int | None = Field(
-        default=None, ge=1, description="Fix clients per worker actor (1 = one actor per client)."
+        default=None, ge=1,
+        description="Size the pool as one worker per this many active clients (1: one actor per "
+        "client); workers hold no client state, so any worker runs any client's jobs."
     )
     batched_training: bool = Field(
         default=True,
@@ -303,6 +305,12 @@ class EngineConfig(_Section):
     max_batched_adapters: int = Field(
         default=32, ge=1,
         description="Most adapters per combined pass (activations: this x train.batch_size examples).",
+    )
+    max_pass_examples: int = Field(
+        default=128, ge=1,
+        description="Most examples in one batched training step (adapters in a pass x "
+        "train.batch_size): bounds a worker's activation memory (MiniLM at 32 tokens: ~5 MiB "
+        "per example); a pass then holds fewer adapters than max_batched_adapters.",
     )
     min_passes: int | None = Field(
         default=None, ge=1,

@@ -1,1 +1,3 @@
-"""The Ray engine: client worker actors, the coordinator actor and the round loop driver."""
+"""The engine: the round loop (simulation.py) over two backends (ray_backend.py: worker and
+coordinator actors; local_backend.py: one process), stateless client workers, the server side
+with its client-state store, per-round scheduling, and the callbacks for side concerns."""

@@ -159,7 +159,7 @@ class RayBackend:
             ray.kill(self.coordinator)
 
     # --- running units of work on the live workers ----------------------------------------------
-    def _replace(self, index: int, what: str) -> None:
+    def _replace(self, index: int) -> None:
         import ray
 
         ray.kill(self.workers[index], no_restart=True)
@@ -209,7 +209,7 @@ class RayBackend:
                 pass
             if generation == self.generation[worker]:  # the first sign of this loss: replace it
                 self.say(f"  {what}: worker {worker} lost; starting a replacement")
-                self._replace(worker, what)
+                self._replace(worker)
             attempts[unit] += 1
             if attempts[unit] > engine.max_retries:
                 failed.append(unit)

@@ -259,13 +259,19 @@ class Simulation:
         chunks = assign_lpt([job.cost for job in jobs], list(range(min(len(jobs), 2 * workers))))
         return [[jobs[i] for i in sorted(items)] for _, items in sorted(chunks.items()) if items]
 
+    def _adapters_per_pass(self) -> int:
+        """engine.max_batched_adapters, fewer when a step of that many would exceed
+        engine.max_pass_examples examples (each adapter brings train.batch_size)."""
+        engine = self.config.engine
+        return max(1, min(engine.max_batched_adapters, engine.max_pass_examples // self.config.train.batch_size))
+
     def _round(self, run: RunInfo, algorithm: FederatedAlgorithm, round_index: int, active: list[int]
                ) -> RoundContext:
         config, say, backend = self.config, self.progress.say, run.backend
         started = time.perf_counter()
         sampled = sample_clients(config.seed, round_index, active, config.federation.client_fraction)
         jobs = self._jobs(algorithm, run.data, sampled)
-        passes = plan_passes(jobs, config.engine.max_batched_adapters, config.engine.min_passes, self.batched)
+        passes = plan_passes(jobs, self._adapters_per_pass(), config.engine.min_passes, self.batched)
         self.progress.phase(f"round {round_index}: training {len(sampled)} clients ({len(passes)} passes)")
 
         def submitted() -> None:
@@ -297,7 +303,7 @@ class Simulation:
         task_rows, client_rows, task_accuracy = [], [], {}
         if evaluate:
             self.progress.phase(f"round {round_index}: evaluating")
-            chunks = self._eval_chunks(algorithm, run.data, active, max(1, config.engine.min_passes))
+            chunks = self._eval_chunks(algorithm, run.data, active, self.worker_count)
             records = backend.evaluate(round_index, chunks)
             task_rows, task_accuracy = self._task_rows(round_index, records, run.data)
             client_rows = [{"round": round_index, "client": r.client_id, "task": r.task,
