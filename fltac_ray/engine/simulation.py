@@ -127,7 +127,7 @@ class Simulation:
         callbacks: list[Callback] | tuple = (),
         resume_dir: Path | None = None,
     ):
-        self.config = config
+        self.config = config.model_copy(deep=True)  # the run resolves engine.min_passes in its copy
         self.out = out
         self.progress = progress or Progress()
         self.callbacks = list(callbacks)
