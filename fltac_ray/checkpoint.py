@@ -1,9 +1,9 @@
 """Atomic per-round checkpoints in safetensors + JSON (never pickle).
 
 A checkpoint is a folder `checkpoints/round_NNNNN/` holding one safetensors file per state group
-(client adapters, private client state such as FLoRAL routers, the clients' copy of the global
-adapters, the server's state) and `state.json` with the round, the format version and the
-SHA-256 of every file. It is written into a temporary folder and renamed into place, so a crash
+(the deduplicated client store: distinct adapter rows and the (client, slot) index; private
+client state such as FLoRAL routers; the algorithm's server state; the newest global adapters)
+and `state.json` with the round, the format version and the SHA-256 of every file. It is written into a temporary folder and renamed into place, so a crash
 leaves either the whole checkpoint or none; a damaged one (truncated, edited) fails its checksum
 and the previous one is used instead.
 
@@ -25,7 +25,8 @@ from safetensors.numpy import load_file, save_file
 
 from fltac_ray.errors import FltacError
 
-FORMAT_VERSION = 1
+# 2: the server side's deduplicated client store (clients: rows + index), no per-worker groups
+FORMAT_VERSION = 2
 StateGroup = dict[str, np.ndarray]
 
 
@@ -80,7 +81,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         state = json.loads((path / "state.json").read_text())
         if state.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format {state.get('format')}, expected {FORMAT_VERSION}")
+            raise CheckpointError(f"{path}: checkpoint format {state.get('format')}, this fltac-ray reads "
+                                  f"format {FORMAT_VERSION} (written by another version; start the run anew)")
         groups = {}
         for name, info in state["files"].items():
             file = path / info["file"]
