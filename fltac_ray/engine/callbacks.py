@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
-from fltac_ray.engine.messages import PassReport, RoundOutcome
+from fltac_ray.engine.messages import PassReport, RoundOutcome, tasks_by_key
 
 if TYPE_CHECKING:
     from fltac_ray.config import ExperimentConfig
     from fltac_ray.data.federated import FederatedData
+    from fltac_ray.engine.backend import Backend
     from fltac_ray.outputs import RunWriter
 
 
@@ -35,7 +36,7 @@ class RunInfo:
     run_dir: Path
     data: FederatedData
     spec: AdapterSpec
-    backend: Any  # engine/ray_backend.RayBackend or engine/local_backend.LocalBackend
+    backend: Backend  # engine/ray_backend.RayBackend or engine/local_backend.LocalBackend
     say: Callable[[str], None]
 
     def process_ids(self) -> dict[str, int]:
@@ -60,7 +61,7 @@ class RoundContext:
 
     def true_tasks(self) -> dict[AdapterKey, str]:
         """(client, slot) -> the "+"-joined true tasks its adapter trained on (metrics only)."""
-        return {key: task for rep in self.reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+        return tasks_by_key(self.reports)
 
 
 class Callback:
@@ -141,8 +142,8 @@ class Exporter(Callback):
     """At the end: the server's whole global adapters in peft layout (export.py), each with the
     tasks of the uploads that received it (from the partition: metrics only)."""
 
-    def __init__(self, group_tasks: Callable[[list[str]], list[list[str]]]) -> None:
-        self.group_tasks = group_tasks  # the algorithm's client_adapters
+    def __init__(self, groups: Mapping[int, list[list[str]]]) -> None:
+        self.groups = groups  # client -> its adapters' task groups (the algorithm's client_adapters)
 
     def on_end(self, run: RunInfo) -> None:
         from fltac_ray.export import export_adapters
@@ -150,8 +151,7 @@ class Exporter(Callback):
         outcome = run.backend.export_outcome()
         if outcome is None or not len(outcome["labels"]):
             return
-        groups = {c.client_id: self.group_tasks(list(c.tasks)) for c in run.data.clients}
-        truth = ["+".join(groups[int(c)][int(s)]) for c, s in outcome["keys"]]
+        truth = ["+".join(self.groups[int(c)][int(s)]) for c, s in outcome["keys"]]
         clusters = []
         for cluster in range(len(outcome["adapters"])):
             members = [t for t, label in zip(truth, outcome["labels"], strict=True) if label == cluster]

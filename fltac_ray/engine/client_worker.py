@@ -235,8 +235,8 @@ class ClientWorker:
         algorithm = self.algorithm
         starts = np.empty((len(jobs), self.spec.size), np.float32)
         metas, private = [], {}
-        for row, job in enumerate(jobs):
-            client_job = ClientJob(job.key, job.tasks, job.num_samples)
+        client_jobs = [ClientJob(job.key, job.tasks, job.num_samples) for job in jobs]  # the clients' view
+        for row, (job, client_job) in enumerate(zip(jobs, client_jobs, strict=True)):
             starts[row], meta = algorithm.start(client_job, state.adapter(job.key), state.broadcast,
                                                 self._probe_loss(job))
             metas.append(meta)
@@ -251,9 +251,8 @@ class ClientWorker:
             losses = self._train_one_by_one(round_index, jobs, starts, private, trained)
         step_seconds = time.perf_counter() - stepping
         uploads = []
-        for row, job in enumerate(jobs):
-            upload = algorithm.upload(ClientJob(job.key, job.tasks, job.num_samples), trained[row],
-                                      private[job.key], metas[row])
+        for row, (job, client_job) in enumerate(zip(jobs, client_jobs, strict=True)):
+            upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
             if upload is not None:
                 uploads.append(upload)
         keys = [job.key for job in jobs]

@@ -9,13 +9,11 @@ pdb or a profiler (`engine.backend: local`), and as the benchmark's sequential b
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fltac_ray.config import ExperimentConfig
-from fltac_ray.data.federated import FederatedData
+from fltac_ray.engine.backend import Backend
 from fltac_ray.engine.messages import (
     EvalJob,
     EvalRecord,
@@ -26,13 +24,8 @@ from fltac_ray.engine.messages import (
 )
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     name = "local"
-
-    def __init__(self, config: ExperimentConfig, algorithm_class: type, data: FederatedData,
-                 active: list[int], say: Callable[[str], None]) -> None:
-        self.config, self.algorithm_class, self.data, self.active, self.say = (
-            config, algorithm_class, data, active, say)
 
     def start(self) -> dict[str, Any]:
         from fltac_ray.engine.client_worker import ClientWorker

@@ -75,6 +75,11 @@ class PassReport:
     worker: int = -1
 
 
+def tasks_by_key(reports: list[PassReport] | tuple[PassReport, ...]) -> dict[AdapterKey, str]:
+    """(client, slot) -> the "+"-joined true tasks its adapter trained on (metrics only)."""
+    return {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+
+
 @dataclass
 class RoundOutcome:
     """The server's summary of a closed round, for the round loop's tables."""

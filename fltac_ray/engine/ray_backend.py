@@ -11,13 +11,12 @@ state, so the retried work gives exactly the same result (engine.max_retries tim
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fltac_ray.config import ExperimentConfig
-from fltac_ray.data.federated import FederatedData
+from fltac_ray.engine.backend import Backend
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
 from fltac_ray.errors import EngineError
@@ -38,13 +37,11 @@ def ship_by_value(cls: type) -> None:
     cloudpickle.register_pickle_by_value(module)
 
 
-class RayBackend:
+class RayBackend(Backend):
     name = "ray"
 
-    def __init__(self, config: ExperimentConfig, algorithm_class: type, data: FederatedData,
-                 active: list[int], say: Callable[[str], None]) -> None:
-        self.config, self.algorithm_class, self.data, self.active, self.say = (
-            config, algorithm_class, data, active, say)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.workers: list[Any] = []
         self.coordinator: Any = None
         self.worker_pids: list[int] = []

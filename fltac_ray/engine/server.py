@@ -37,7 +37,6 @@ class Server:
         self.backend = resolve_backend(config.federation.clustering_backend)
         self.algorithm = create_algorithm(config, self.backend, cls=algorithm_class)
         self.algorithm.setup(spec)
-        self.spec = spec
         self.store = ClientStateStore(spec.size)
         self.trim_heap = HeapTrimmer()
         self.snapshot_rounds = set(snapshot_rounds(config.rounds, config.report.adapter_snapshots))

@@ -16,6 +16,7 @@ nothing is committed, so the state stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -40,7 +41,14 @@ from fltac_ray.engine.callbacks import (
     RunInfo,
     SnapshotWriter,
 )
-from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
+from fltac_ray.engine.messages import (
+    EvalJob,
+    EvalRecord,
+    PassReport,
+    RoundOutcome,
+    TrainJob,
+    tasks_by_key,
+)
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.outputs import RunWriter, make_run_dir
@@ -182,12 +190,11 @@ class Simulation:
             from fltac_ray.telemetry import DashboardMetrics
 
             callbacks.append(DashboardMetrics(config.name))
-        callbacks.append(Exporter(algorithm.client_adapters))
+        # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
+        self.groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
+        callbacks.append(Exporter(self.groups))
         self.all_callbacks = callbacks + self.callbacks
-        if config.engine.backend == "ray":
-            with ray_session(config.engine):
-                self._run(algorithm, data, active, writer, checkpoint, run_dir)
-        else:
+        with ray_session(config.engine) if config.engine.backend == "ray" else contextlib.nullcontext():
             self._run(algorithm, data, active, writer, checkpoint, run_dir)
         wall = time.perf_counter() - started
         metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -238,23 +245,22 @@ class Simulation:
             backend.shutdown()
 
     # --- one round ----------------------------------------------------------------------------
-    def _jobs(self, algorithm: FederatedAlgorithm, data: FederatedData, clients: list[int]) -> list[TrainJob]:
+    def _jobs(self, data: FederatedData, clients: list[int]) -> list[TrainJob]:
         local_steps, jobs = self.config.train.local_steps, []
         for client in clients:
             shard = data.clients[client]
-            for slot, group in enumerate(algorithm.client_adapters(list(shard.tasks))):
+            for slot, group in enumerate(self.groups[client]):
                 jobs.append(TrainJob((client, slot), tuple(group), sum(shard.num_train(t) for t in group),
                                      tuple(shard.steps.get(t, local_steps) for t in group)))
         return jobs
 
-    def _eval_chunks(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
-                     workers: int) -> list[list[EvalJob]]:
+    def _eval_chunks(self, data: FederatedData, active: list[int], workers: int) -> list[list[EvalJob]]:
         """Every active client's adapters to evaluate, in about 2 chunks per worker of equal
         test-example counts (a chunk is one call on one worker)."""
         jobs = []
         for client in active:
             shard = data.clients[client]
-            for slot, group in enumerate(algorithm.client_adapters(list(shard.tasks))):
+            for slot, group in enumerate(self.groups[client]):
                 jobs.append(EvalJob((client, slot), tuple(group), sum(len(shard.tasks[t][1]) for t in group)))
         chunks = assign_lpt([job.cost for job in jobs], list(range(min(len(jobs), 2 * workers))))
         return [[jobs[i] for i in sorted(items)] for _, items in sorted(chunks.items()) if items]
@@ -270,7 +276,7 @@ class Simulation:
         config, say, backend = self.config, self.progress.say, run.backend
         started = time.perf_counter()
         sampled = sample_clients(config.seed, round_index, active, config.federation.client_fraction)
-        jobs = self._jobs(algorithm, run.data, sampled)
+        jobs = self._jobs(run.data, sampled)
         passes = plan_passes(jobs, self._adapters_per_pass(), config.engine.min_passes, self.batched)
         self.progress.phase(f"round {round_index}: training {len(sampled)} clients ({len(passes)} passes)")
 
@@ -303,7 +309,7 @@ class Simulation:
         task_rows, client_rows, task_accuracy = [], [], {}
         if evaluate:
             self.progress.phase(f"round {round_index}: evaluating")
-            chunks = self._eval_chunks(algorithm, run.data, active, self.worker_count)
+            chunks = self._eval_chunks(run.data, active, self.worker_count)
             records = backend.evaluate(round_index, chunks)
             task_rows, task_accuracy = self._task_rows(round_index, records, run.data)
             client_rows = [{"round": round_index, "client": r.client_id, "task": r.task,
@@ -319,7 +325,7 @@ class Simulation:
     def _round_row(self, round_index: int, sampled: list[int], failed: list[int], reports: list[PassReport],
                    outcome: RoundOutcome | None, task_accuracy: dict[str, float], started: float,
                    trained: float, aggregated: float, status: str) -> dict:
-        task_of = {key: task for rep in reports for key, task in zip(rep.keys, rep.tasks, strict=True)}
+        task_of = tasks_by_key(reports)
         losses = [loss for rep in reports for loss in rep.losses]
         nan = float("nan")
         clustering_accuracy = ari = nan
