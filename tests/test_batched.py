@@ -144,6 +144,38 @@ def test_batched_causal_lm_matches_one_by_one():
                  _one_by_one(model, _jobs(model, splits, [3, 3]), 4, 1e-2, 0.0))
 
 
+def test_denominators_are_examples_or_response_tokens_known_before_the_forward_pass():
+    """Per-bucket backward divides each sample's loss by its job's denominator up front."""
+    from fltac_ray.batched_training import _denominators
+
+    classify = AdapterJob(np.zeros(1, np.float32), EncodedSplit({}, np.zeros(4, np.int64)),
+                          np.arange(4), 3, 1, np.random.default_rng(0))
+    assert _denominators([classify, classify], [np.array([0, 1, 2]), np.array([3])], False).tolist() == [3.0, 1.0]
+    # position t predicts token t+1, counted when prompt_length <= t+1 < length (t+1 >= 1):
+    # (length 5, prompt 2) -> 3 tokens; (3, 0) -> 2; (2, 4) -> 0; a job with none divides by 1
+    inputs = {"lengths": np.array([5, 3, 2]), "prompt_lengths": np.array([2, 0, 4])}
+    generate = AdapterJob(np.zeros(1, np.float32), EncodedSplit(inputs, np.zeros(3, np.int64)),
+                          np.arange(3), 0, 1, np.random.default_rng(0))
+    assert _denominators([generate, generate], [np.array([0, 1]), np.array([2])], True).tolist() == [5.0, 1.0]
+
+
+def test_response_token_counts_match_the_models_scored_positions():
+    from fltac_ray.batched_training import _denominators
+    from fltac_ray.data.encoding import encode_instructions
+    from fltac_ray.models.builders import eos_token_id, load_tokenizer
+
+    model = _model("tiny-random-llama", "causal_lm", head_classes=0)
+    tokenizer = load_tokenizer("tiny-random-llama")
+    prompts = [f"say {i} " * (1 + i % 4) for i in range(6)]
+    inputs = encode_instructions(tokenizer, prompts, [f"answer {i}" for i in range(6)], 12, eos_token_id(tokenizer))
+    job = AdapterJob(model.initial, EncodedSplit(inputs, np.zeros(6, np.int64)), np.arange(6), 0, 1,
+                     np.random.default_rng(0))
+    tensors = {key: torch.from_numpy(inputs[key]) for key in ("input_ids", "lengths", "prompt_lengths")}
+    with torch.no_grad():
+        _, _, scored = model.lm_token_scores(**tensors)
+    assert _denominators([job], [np.arange(6)], True).tolist() == [float(scored.sum())]
+
+
 def test_batched_adamw_is_torch_adamw_per_row_and_skips_inactive_rows():
     torch.manual_seed(0)
     rows = torch.randn(3, 4, 2)

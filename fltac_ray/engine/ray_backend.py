@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.engine.backend import Backend
+from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
 from fltac_ray.errors import EngineError
@@ -75,8 +76,10 @@ class RayBackend(Backend):
         backbone = load_backbone(config.model.name, config.data.modality, seed=config.seed,
                                  feature_dim=config.data.feature_dim)
         weights = export_weights(backbone)
-        ref = ray.put(weights)
-        self.say(f"  base model {config.model.name}: {weights.nbytes / 2**20:,.1f} MiB, "
+        ref, size = ray.put(weights), weights.nbytes
+        del backbone, weights  # the driver keeps no copy: only the object store's
+        release_free_memory()
+        self.say(f"  base model {config.model.name}: {size / 2**20:,.1f} MiB, "
                  "shared by the workers through the object store")
         return ref
 

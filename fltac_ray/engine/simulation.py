@@ -17,6 +17,7 @@ nothing is committed, so the state stays as it was.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections import defaultdict
@@ -41,6 +42,7 @@ from fltac_ray.engine.callbacks import (
     RunInfo,
     SnapshotWriter,
 )
+from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.engine.messages import (
     EvalJob,
     EvalRecord,
@@ -82,6 +84,10 @@ def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm) -> tup
     data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
     _check_data(config, data)
     data = algorithm.federate(data)
+    # The raw text, the tokenizer's buffers and the parsed sources are garbage now; glibc keeps
+    # their pages unless asked (offline default, 20k examples per task: 533 -> 428 MiB resident).
+    gc.collect()
+    release_free_memory()
     return data, [c.client_id for c in data.clients if c.tasks]
 
 
