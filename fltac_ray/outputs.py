@@ -18,7 +18,8 @@ CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
     "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
     "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
-    "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "eval_seconds", "seconds",
+    "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "evaluated_adapters", "eval_seconds",
+    "seconds",
 ]
 
 

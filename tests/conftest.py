@@ -19,6 +19,7 @@ TINY_EXPERIMENT = {
     "data": {
         "tasks": ["synthetic_sentiment", "synthetic_topic", "synthetic_tense"],
         "num_clients": 4,
+        "min_share": 0.01,  # fixed, not 0.1 / num_clients: expectations are computed on this split
         "train_per_task": 64,
         "test_per_task": 32,
         "max_length": 16,

@@ -81,3 +81,45 @@ def test_checkpoints_hold_each_distinct_adapter_once(tmp_path):
     assert len(index) == result.rounds.loc[0, "adapters"] == 11
     assert len(rows) == result.rounds.loc[0, "clusters"] == 3
     assert sorted(set(index[:, 2].tolist())) == [0, 1, 2]
+
+
+def test_the_driver_never_loads_the_base_the_workers_map_it_from_the_node_cache(tmp_path, monkeypatch):
+    import fltac_ray.models.builders as builders
+    from fltac_ray.models.base_cache import BaseDescription, cache_key
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver loaded the base model")
+
+    monkeypatch.setattr(builders, "load_backbone", refuse)  # this process only: workers are others
+    cache = tmp_path / "bases"
+    result = _run(tmp_path, "run", engine={"num_workers": 2, "base_cache_dir": str(cache)})
+    assert len(result.metrics) > 0
+    key = cache_key(BaseDescription("tiny-random-bert", "text", 0, 16))
+    assert (cache / key / "manifest.json").is_file()
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [key]
+
+
+class _EvaluateEverything(Simulation):
+    """Forgets every earlier evaluation: each evaluating round evaluates every adapter."""
+
+    def _evaluate(self, *args, **kwargs):
+        self.evaluated.clear()
+        return super()._evaluate(*args, **kwargs)
+
+
+def test_unchanged_adapters_are_not_reevaluated_and_their_records_are_reused(tmp_path):
+    # half the clients train each round; under local training the others' adapters stay as they were
+    config = tiny_config(rounds=3, algorithm="local", data={"num_clients": 6},
+                         federation={"client_fraction": 0.5}, engine={"backend": "local"})
+    reused = Simulation(config, out=str(tmp_path / "reused"), progress=Progress(quiet=True)).run()
+    full = _EvaluateEverything(config, out=str(tmp_path / "full"), progress=Progress(quiet=True)).run()
+    pd.testing.assert_frame_equal(reused.metrics[COMPARED], full.metrics[COMPARED], check_exact=True)
+    clients = ["round", "client", "task", "accuracy", "loss", "test_samples"]
+    pd.testing.assert_frame_equal(pd.read_csv(reused.run_dir / "clients.csv")[clients],
+                                  pd.read_csv(full.run_dir / "clients.csv")[clients], check_exact=True)
+    every = int(full.rounds["evaluated_adapters"].iloc[0])
+    assert full.rounds["evaluated_adapters"].tolist() == [every] * 3
+    # round 1 evaluates everything (v^0 counts as changed from nothing); later rounds only what trained
+    assert reused.rounds["evaluated_adapters"].iloc[0] == every
+    assert (reused.rounds["evaluated_adapters"].iloc[1:] == reused.rounds["adapters"].iloc[1:]).all()
+    assert (reused.rounds["adapters"].iloc[1:] < every).all()

@@ -60,8 +60,14 @@ def test_cross_field_message_names_field_and_value():
 
 def test_defaults_follow_the_paper_federation():
     config = ExperimentConfig()
-    assert (config.data.num_clients, config.data.dirichlet_alpha, config.data.min_share) == (10, 0.5, 0.01)
+    assert (config.data.num_clients, config.data.dirichlet_alpha, config.data.resolved_min_share) == (10, 0.5, 0.01)
     assert config.resolved_n_clusters == len(config.data.tasks) == 3
+
+
+def test_share_threshold_scales_with_the_federation_unless_set():
+    assert build_config({"data": {"num_clients": 500}}).data.resolved_min_share == pytest.approx(0.0002)
+    assert build_config({"data": {"num_clients": 500, "min_share": 0.01}}).data.resolved_min_share == 0.01
+    assert ExperimentConfig().resolved()["data"]["min_share"] == 0.01  # written out, as run
 
 
 def test_yaml_overrides_and_round_trip(tmp_path):
@@ -71,7 +77,9 @@ def test_yaml_overrides_and_round_trip(tmp_path):
     assert (config.name, config.rounds, config.train.lr, config.data.tasks) == ("demo", 3, 1e-3, ["wordnet_pos"])
     save_config(config, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
-    assert again == config.model_copy(update={"federation": config.federation.model_copy(update={"n_clusters": 1})})
+    # written as run: K and the share threshold resolved
+    assert again == config.model_copy(update={"federation": config.federation.model_copy(update={"n_clusters": 1}),
+                                              "data": config.data.model_copy(update={"min_share": 0.01})})
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,23 @@ def test_partial_participation_samples_clients(tmp_path):
     assert (result.rounds["clients"] <= 3).all()
 
 
+def test_a_run_says_how_many_clients_its_split_left_empty(tmp_path):
+    import io
+
+    # a share threshold above 1 / clients empties some clients of every task
+    config = tiny_config(rounds=1, data={"num_clients": 12, "min_share": 0.12},
+                         federation={"client_fraction": 0.5}, engine={"backend": "local"})
+    printed = io.StringIO()
+    result = Simulation(config, out=str(tmp_path / "run"), progress=Progress(stream=printed, bar=False)).run()
+    partition = pd.read_csv(result.run_dir / "partition.csv")
+    holding = partition.loc[partition["train_samples"] > 0, "client"].nunique()
+    assert 0 < holding < 12
+    text = printed.getvalue()
+    assert f"{12 - holding} of 12 clients hold no data after the split (data.min_share = 0.12" in text
+    assert f"for {holding} clients ({-(-holding // 2)} sampled per round)" in text
+    assert (result.rounds["clients"] == -(-holding // 2)).all()
+
+
 def test_too_many_actors_fail_before_any_actor_starts(tmp_path):
     config = tiny_config(engine={"clients_per_actor": 1, "cpus_per_worker": 1.0})
     with pytest.raises(ConfigError, match="engine.clients_per_actor"):

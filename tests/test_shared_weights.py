@@ -27,7 +27,7 @@ def test_attach_is_zero_copy_and_outputs_match():
     loaded = load_backbone("tiny-random-bert", "text").eval()
     weights = export_weights(loaded)
     for array in weights.arrays.values():
-        array.flags.writeable = False  # as the object store hands them out
+        array.flags.writeable = False  # as the memory maps hand them out
     attached = backbone_from_weights("tiny-random-bert", "text", weights)
     embedding = attached.embeddings.word_embeddings.weight
     array = weights.arrays["embeddings.word_embeddings.weight"]

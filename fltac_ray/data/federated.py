@@ -222,7 +222,7 @@ def build_federated_data(config: ExperimentConfig, featurize: Featurizer) -> Fed
         # Train and test sets are cut with the same shares, so a client tests on its own mix.
         rng = np.random.default_rng([config.seed, 2, task_index])
         if data.concept_shift is None:
-            shares[task_index] = dirichlet_shares(rng, num_clients, data.dirichlet_alpha, data.min_share)
+            shares[task_index] = dirichlet_shares(rng, num_clients, data.dirichlet_alpha, data.resolved_min_share)
         train_parts = split_indices(rng.permutation(len(train)), split_counts(len(train), shares[task_index]))
         test_parts = split_indices(rng.permutation(len(test)), split_counts(len(test), shares[task_index]))
         for client, train_idx, test_idx in zip(clients, train_parts, test_parts, strict=True):

@@ -54,15 +54,17 @@ class ClientWorker:
         tasks: dict[str, TaskBundle],
         head_classes: int,
         threads: int,
-        base_weights=None,
+        node_cache: bool = False,
     ) -> None:
         """`clients`: every client's shard (indices only, small); `tasks`: the encoded data
-        (read-only arrays shared through the object store); `base_weights`: the frozen base as
-        shared numpy arrays (models/shared_weights.py), None loads the base here."""
+        (read-only arrays shared through the object store); `node_cache`: map the base from this
+        node's cache (engine.base_cache_dir, models/base_cache.py: the first worker of a node
+        loads it there, the others map it), else load it into this process."""
         _quiet_libraries()
         import torch
 
         from fltac_ray.models.adapter_model import AdapterModel
+        from fltac_ray.models.base_cache import BaseDescription, node_base_weights
         from fltac_ray.models.builders import backbone_from_weights, load_backbone
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
@@ -76,10 +78,15 @@ class ClientWorker:
         self.algorithm = create_algorithm(config, cls=algorithm_class)  # its client hooks
         modality = config.data.modality
         name, feature_dim = config.model.name, config.data.feature_dim
-        if base_weights is not None:
-            encoder = backbone_from_weights(name, modality, base_weights, feature_dim)
+        self.loaded_base = not node_cache
+        if node_cache:
+            description = BaseDescription(name, modality, config.seed, feature_dim)
+            weights, self.loaded_base = node_base_weights(description, config.engine.base_cache_dir)
+            encoder = backbone_from_weights(name, modality, weights, feature_dim)
         else:
             encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim)
+        tensors = {t.data_ptr(): t.numel() * t.element_size() for t in encoder.state_dict().values()}
+        self.base_bytes = sum(tensors.values())  # tied tensors once
         self.model = AdapterModel(encoder, config.model, head_classes, config.seed, modality=modality,
                                   **self.algorithm.model_options())
         self.model.to(self.device)
@@ -125,6 +132,8 @@ class ClientWorker:
             "device": str(self.device),
             "spec": self.spec,
             "batched": self.batched,
+            "loaded_base": self.loaded_base,  # False: mapped the node's copy another worker wrote
+            "base_bytes": self.base_bytes,
         }
 
     def initial_adapters(self, count: int) -> np.ndarray:
@@ -272,8 +281,7 @@ class ClientWorker:
         for job in jobs:
             client_id = job.key[0]
             shard = self.shards[client_id]
-            vector = state.adapter(job.key)
-            vector = state.broadcast[0] if vector is None else vector
+            vector = state.evaluated_adapter(job.key)
             self.model.set_private(state.private.get(job.key))
             for task in job.tasks:
                 bundle = self.tasks[task]

@@ -75,6 +75,9 @@ class LocalBackend(Backend):
                     ) -> RoundOutcome:
         return self.server.close_round(round_index, expected, clients, *results)
 
+    def evaluation_digests(self, keys: list) -> dict:
+        return self.server.evaluation_digests(keys)
+
     def evaluate(self, round_index: int, chunks: list[list[EvalJob]]) -> list[EvalRecord]:
         state = self.server.state_view()
         return [record for jobs in chunks for record in self.worker.evaluate(jobs, state)]

@@ -4,6 +4,7 @@ an answer (algorithms/base.Aggregate, summarised here as RoundOutcome), an evalu
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,20 @@ class StateView:
     def adapter(self, key: AdapterKey) -> np.ndarray | None:
         row = self.index.get(key)
         return None if row is None else self.rows[row]
+
+    def evaluated_adapter(self, key: AdapterKey) -> np.ndarray:
+        """What evaluation tests for a key: its committed adapter, v^0 if never trained."""
+        vector = self.adapter(key)
+        return self.broadcast[0] if vector is None else vector
+
+    def evaluation_digest(self, key: AdapterKey) -> bytes:
+        """A digest of everything a key's evaluation reads from the state (its adapter and private
+        state): equal digests give equal evaluation records."""
+        digest = hashlib.blake2b(np.ascontiguousarray(self.evaluated_adapter(key)).tobytes(), digest_size=16)
+        private = self.private.get(key)
+        if private is not None:
+            digest.update(np.ascontiguousarray(private).tobytes())
+        return digest.digest()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.engine.backend import Backend
-from fltac_ray.engine.memory import release_free_memory
+from fltac_ray.engine.client_worker import ClientWorker
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
 from fltac_ray.errors import EngineError
@@ -38,6 +38,15 @@ def ship_by_value(cls: type) -> None:
     cloudpickle.register_pickle_by_value(module)
 
 
+class RayClientWorker(ClientWorker):
+    """The client worker as a Ray actor: it also says which node it runs on."""
+
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        return {**super().describe(), "node": ray.get_runtime_context().get_node_id()}
+
+
 class RayBackend(Backend):
     name = "ray"
 
@@ -46,6 +55,7 @@ class RayBackend(Backend):
         self.workers: list[Any] = []
         self.coordinator: Any = None
         self.worker_pids: list[int] = []
+        self.worker_nodes: list[str] = []
 
     # --- set-up -----------------------------------------------------------------------------
     def _get(self, refs, what: str):
@@ -62,37 +72,14 @@ class RayBackend(Backend):
         except RayTaskError as exc:
             raise EngineError(f"{what} failed: {exc}") from exc
 
-    def _put_base_weights(self):
-        """The frozen base, loaded once here and put in the object store as numpy: workers attach
-        it without a copy, so the workers of a node share one copy of the base in memory."""
-        import ray
-        from transformers.utils import logging as hf_logging
-
-        from fltac_ray.models.builders import load_backbone
-        from fltac_ray.models.shared_weights import export_weights
-
-        hf_logging.disable_progress_bar()  # the progress output is ours
-        config = self.config
-        backbone = load_backbone(config.model.name, config.data.modality, seed=config.seed,
-                                 feature_dim=config.data.feature_dim)
-        weights = export_weights(backbone)
-        ref, size = ray.put(weights), weights.nbytes
-        del backbone, weights  # the driver keeps no copy: only the object store's
-        release_free_memory()
-        self.say(f"  base model {config.model.name}: {size / 2**20:,.1f} MiB, "
-                 "shared by the workers through the object store")
-        return ref
-
     def _start_worker(self, index: int):
         import ray
 
-        from fltac_ray.engine.client_worker import ClientWorker
-
         engine = self.config.engine
-        return ray.remote(ClientWorker).options(
+        return ray.remote(RayClientWorker).options(
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
         ).remote(index, self.config, self.algorithm_class, self._clients_ref, self._tasks_ref,
-                 self.data.head_classes, max(1, int(engine.cpus_per_worker)), self._base_ref)
+                 self.data.head_classes, max(1, int(engine.cpus_per_worker)), True)
 
     def start(self) -> dict[str, Any]:
         import ray
@@ -107,11 +94,15 @@ class RayBackend(Backend):
         ship_by_value(self.algorithm_class)
         self._tasks_ref = ray.put(self.data.tasks)  # shipped once, zero-copy numpy in every worker
         self._clients_ref = ray.put(self.data.clients)
-        self._base_ref = self._put_base_weights()
         self.workers = [self._start_worker(index) for index in range(count)]
         self.generation = [0] * count  # bumped when a worker is replaced
         described = self._get([w.describe.remote() for w in self.workers], "starting client workers")
         self.worker_pids = [d["pid"] for d in described]
+        self.worker_nodes = [d["node"] for d in described]  # Ray node id of each worker
+        nodes = set(self.worker_nodes)
+        self.say(f"  base model {self.config.model.name} ({described[0]['base_bytes'] / 2**20:,.1f} MiB): loaded by {sum(d['loaded_base'] for d in described)} "
+                 f"of {count} workers on {len(nodes)} node(s), memory-mapped by the rest from "
+                 f"{engine.base_cache_dir or '<node temp dir>/fltac-ray/bases'} (the driver never loads it)")
         spec = described[0]["spec"]
         self.coordinator = ray.remote(Server).options(num_cpus=engine.coordinator_cpus).remote(
             self.config, self.algorithm_class, spec)
@@ -167,6 +158,7 @@ class RayBackend(Backend):
         self.generation[index] += 1
         described = self._get(self.workers[index].describe.remote(), f"restarting worker {index}")
         self.worker_pids[index] = described["pid"]
+        self.worker_nodes[index] = described["node"]
 
     def _execute(self, costs: Sequence[float], submit, what: str, after_submit=None
                  ) -> tuple[dict[int, Any], list[int]]:
@@ -237,6 +229,9 @@ class RayBackend(Backend):
     def close_round(self, round_index: int, expected: list, clients: int, results: list[Any]) -> RoundOutcome:
         return self._get(self.coordinator.close_round.remote(round_index, expected, clients, *results),
                          f"round {round_index} aggregation")
+
+    def evaluation_digests(self, keys: list) -> dict:
+        return self._get(self.coordinator.evaluation_digests.remote(keys), "asking which adapters changed")
 
     def evaluate(self, round_index: int, chunks: list[list[EvalJob]]) -> list[EvalRecord]:
         state = self.coordinator.state_view.remote()

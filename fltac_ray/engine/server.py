@@ -56,6 +56,11 @@ class Server:
         """The committed client state and the broadcast, for the round's workers."""
         return self.store.view(self.algorithm.broadcast())
 
+    def evaluation_digests(self, keys: list) -> dict:
+        """{key: digest of what its evaluation reads}: the driver re-evaluates only changed keys."""
+        view = self.state_view()
+        return {key: view.evaluation_digest(key) for key in keys}
+
     def take_snapshot(self) -> dict | None:
         """The uploads kept at a snapshot round (report.adapter_snapshots), handed over once."""
         snapshot, self.snapshot = self.snapshot, None

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from fltac_ray.algorithms import FederatedAlgorithm, create_algorithm
+from fltac_ray.algorithms.base import AdapterKey
 from fltac_ray.checkpoint import Checkpoint, latest_checkpoint
 from fltac_ray.clustering import adjusted_rand, hungarian_accuracy
 from fltac_ray.config import ExperimentConfig, load_config, save_config
@@ -67,9 +68,14 @@ class RunResult:
     wall_seconds: float
 
 
+def clients_per_round(active: int, fraction: float) -> int:
+    """ceil(fraction * active), at least one."""
+    return max(1, math.ceil(fraction * active))
+
+
 def sample_clients(seed: int, round_index: int, active: list[int], fraction: float) -> list[int]:
     """Seeded choice of ceil(fraction * |active|) clients for one round (all when fraction = 1)."""
-    count = max(1, math.ceil(fraction * len(active)))
+    count = clients_per_round(len(active), fraction)
     if count >= len(active):
         return list(active)
     rng = np.random.default_rng([seed, 4, round_index])
@@ -171,6 +177,10 @@ class Simulation:
         if len(data.clients) == 1 and len(active) == 1 and config.data.num_clients > 1:
             say("  all clients' data pooled into one client; per-round steps per task "
                 f"{data.clients[0].steps}")
+        elif len(active) < len(data.clients):
+            say(f"  {len(data.clients) - len(active)} of {len(data.clients)} clients hold no data after "
+                f"the split (data.min_share = {config.data.resolved_min_share:g}, data.dirichlet_alpha = "
+                f"{config.data.dirichlet_alpha:g}): they are never sampled")
         checkpoint = None
         if self.resume_dir is not None:
             run_dir = self.resume_dir
@@ -198,6 +208,8 @@ class Simulation:
             callbacks.append(DashboardMetrics(config.name))
         # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
         self.groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
+        # key -> (digest of its evaluated state, its records): reused while the state is unchanged
+        self.evaluated: dict[AdapterKey, tuple[bytes, list[EvalRecord]]] = {}
         callbacks.append(Exporter(self.groups))
         self.all_callbacks = callbacks + self.callbacks
         with ray_session(config.engine) if config.engine.backend == "ray" else contextlib.nullcontext():
@@ -223,8 +235,10 @@ class Simulation:
             self.batched, self.worker_count = info["batched"], info["workers"]
             kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
                 in config.algorithm_class.options else ""
+            fraction = config.federation.client_fraction
+            sampled = f" ({clients_per_round(len(active), fraction)} sampled per round)" if fraction < 1 else ""
             say(f"  backend {backend.name}: {info['workers']} client workers ({info['resources']}, device "
-                f"{info['device']}) for {len(active)} clients; adapter size {info['spec'].size:,} "
+                f"{info['device']}) for {len(active)} clients{sampled}; adapter size {info['spec'].size:,} "
                 f"parameters{kmeans}")
             run = RunInfo(config, run_dir, data, info["spec"], backend, say)
             self.run_info = run
@@ -260,16 +274,41 @@ class Simulation:
                                      tuple(shard.steps.get(t, local_steps) for t in group)))
         return jobs
 
-    def _eval_chunks(self, data: FederatedData, active: list[int], workers: int) -> list[list[EvalJob]]:
-        """Every active client's adapters to evaluate, in about 2 chunks per worker of equal
-        test-example counts (a chunk is one call on one worker)."""
+    def _eval_jobs(self, data: FederatedData, active: list[int]) -> list[EvalJob]:
+        """Every active client's adapters, each with its tasks and test-example count."""
         jobs = []
         for client in active:
             shard = data.clients[client]
             for slot, group in enumerate(self.groups[client]):
                 jobs.append(EvalJob((client, slot), tuple(group), sum(len(shard.tasks[t][1]) for t in group)))
+        return jobs
+
+    @staticmethod
+    def _eval_chunks(jobs: list[EvalJob], workers: int) -> list[list[EvalJob]]:
+        """About 2 chunks per worker of equal test-example counts (a chunk is one call on one
+        worker)."""
         chunks = assign_lpt([job.cost for job in jobs], list(range(min(len(jobs), 2 * workers))))
         return [[jobs[i] for i in sorted(items)] for _, items in sorted(chunks.items()) if items]
+
+    def _evaluate(self, round_index: int, backend, data: FederatedData, active: list[int]
+                  ) -> tuple[list[EvalRecord], int]:
+        """Every active adapter's records, evaluating only the adapters whose committed state
+        (adapter and private state, by digest) changed since their last evaluation: the others'
+        records are reused, which gives the same records (evaluation is deterministic: eval mode,
+        fixed test examples). Returns (records, adapters evaluated now)."""
+        jobs = self._eval_jobs(data, active)
+        digests = backend.evaluation_digests([job.key for job in jobs])
+        stale = [job for job in jobs if self.evaluated.get(job.key, (None,))[0] != digests[job.key]]
+        self.progress.phase(f"round {round_index}: evaluating {len(stale)} of {len(jobs)} adapters "
+                            "(the rest unchanged since their last evaluation)")
+        fresh: dict[AdapterKey, list[EvalRecord]] = {job.key: [] for job in stale}
+        slot_of = {(job.key[0], task): job.key for job in stale for task in job.tasks}
+        if stale:
+            for record in backend.evaluate(round_index, self._eval_chunks(stale, self.worker_count)):
+                fresh[slot_of[(record.client_id, record.task)]].append(record)
+        for key, records in fresh.items():
+            self.evaluated[key] = (digests[key], records)
+        return [record for job in jobs for record in self.evaluated[job.key][1]], len(stale)
 
     def _adapters_per_pass(self) -> int:
         """engine.max_batched_adapters, fewer when a step of that many would exceed
@@ -312,25 +351,23 @@ class Simulation:
             say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
         aggregated = time.perf_counter()
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
-        task_rows, client_rows, task_accuracy = [], [], {}
+        task_rows, client_rows, task_accuracy, evaluated = [], [], {}, 0
         if evaluate:
-            self.progress.phase(f"round {round_index}: evaluating")
-            chunks = self._eval_chunks(run.data, active, self.worker_count)
-            records = backend.evaluate(round_index, chunks)
+            records, evaluated = self._evaluate(round_index, backend, run.data, active)
             task_rows, task_accuracy = self._task_rows(round_index, records, run.data)
             client_rows = [{"round": round_index, "client": r.client_id, "task": r.task,
                             "accuracy": r.correct / r.scored, "loss": r.loss_sum / r.scored,
                             "test_samples": r.count}
                            for r in sorted(records, key=lambda r: (r.client_id, r.task))]
         row = self._round_row(round_index, sampled, failed, reports, outcome, task_accuracy, started,
-                              trained, aggregated, "ok")
+                              trained, aggregated, "ok", evaluated)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
         return RoundContext(round_index, "ok", row, tuple(task_rows), tuple(client_rows), outcome,
                             tuple(reports))
 
     def _round_row(self, round_index: int, sampled: list[int], failed: list[int], reports: list[PassReport],
                    outcome: RoundOutcome | None, task_accuracy: dict[str, float], started: float,
-                   trained: float, aggregated: float, status: str) -> dict:
+                   trained: float, aggregated: float, status: str, evaluated: int = 0) -> dict:
         task_of = tasks_by_key(reports)
         losses = [loss for rep in reports for loss in rep.losses]
         nan = float("nan")
@@ -372,6 +409,7 @@ class Simulation:
             # mean over max of the workers' step time: how evenly the round's work was spread
             "worker_utilisation": utilisation(list(busy.values())) if any(busy.values()) else nan,
             "aggregate_seconds": aggregated - trained,
+            "evaluated_adapters": evaluated,  # the others' records reused (unchanged since evaluated)
             "eval_seconds": finished - aggregated,
             "seconds": finished - started,
         }

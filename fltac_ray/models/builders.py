@@ -260,8 +260,8 @@ def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
 
 
 def backbone_from_weights(name: str, modality: str, weights: Any, feature_dim: int = 16) -> Any:
-    """The frozen body over shared base weights (no copy): what a worker builds from the driver's
-    `ray.put(export_weights(load_backbone(...)))`."""
+    """The frozen body over shared base weights (no copy): what a worker builds from its node's
+    memory-mapped copy of `export_weights(load_backbone(...))` (models/base_cache.py)."""
     from fltac_ray.models.shared_weights import attach_weights
 
     model = attach_weights(build_on_meta(name, modality, feature_dim), weights)

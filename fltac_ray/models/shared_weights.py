@@ -1,11 +1,12 @@
-"""The frozen base model's weights as plain numpy arrays, shared through Ray's object store.
+"""The frozen base model's weights as plain numpy arrays, attached to a model without a copy.
 
-The driver loads the base once and `ray.put`s `export_weights(model)`; every worker builds the
+`export_weights(model)` turns a loaded base into arrays (models/base_cache.py writes them once per
+node as .npy files and every worker of the node memory-maps them); every worker builds the
 architecture on the meta device (no memory) and `attach_weights` points its parameters and
-buffers at the object-store arrays without copying. Workers on one node then share one physical
-copy of the base (the object store maps it into each process), and no torch object is pickled.
+buffers at those arrays without copying, so the workers of a node share one physical copy of the
+base, and no torch object is pickled.
 
-The arrays are read-only shared memory: the base must stay frozen (it is: LoRA trains beside it,
+The arrays are read-only maps: the base must stay frozen (it is: LoRA trains beside it,
 EfficientNet's BatchNorm stays in eval mode). On CUDA the worker's `.to(device)` makes its own copy.
 """
 
@@ -66,7 +67,7 @@ def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
     import warnings
 
     with warnings.catch_warnings():
-        # the object store's arrays are read-only; the base is never written (see module doc)
+        # memory-mapped arrays are read-only; the base is never written (see module doc)
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(array)
     if dtype == "bfloat16":
