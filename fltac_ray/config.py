@@ -341,6 +341,12 @@ class EngineConfig(_Section):
     actor_timeout_s: float = Field(
         default=1800.0, gt=0, description="Longest wait for one actor call before the run fails."
     )
+    reserve_timeout_s: float = Field(
+        default=900.0, gt=0,
+        description="Longest wait for the cluster to provide the worker pool (a placement group of "
+        "one bundle per worker) before the run fails; on a cluster joined with engine.ray_address "
+        "the autoscaler adds nodes meanwhile.",
+    )
     base_cache_dir: str | None = Field(
         default=None,
         description="Folder on each node where its first worker writes the frozen base for the "

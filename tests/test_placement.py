@@ -26,6 +26,17 @@ def test_one_actor_per_client_needs_enough_resources():
         plan_worker_count(10, EngineConfig(clients_per_actor=1), cpus=2, gpus=0)
 
 
+def test_a_cluster_that_may_grow_is_asked_for_the_pool_not_checked_against_its_nodes_now():
+    gpu_workers = EngineConfig(num_workers=8, gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match="engine.num_workers"):  # a Ray we started cannot grow
+        plan_worker_count(100, gpu_workers, cpus=2, gpus=0)
+    assert plan_worker_count(100, gpu_workers, cpus=2, gpus=0, elastic=True) == 8  # waited for
+    assert plan_worker_count(5, gpu_workers, cpus=2, gpus=0, elastic=True) == 5  # one per client at most
+    # automatic size: what fits now, at least one worker (scale from zero)
+    assert plan_worker_count(100, EngineConfig(gpus_per_worker=1.0), cpus=4, gpus=0, elastic=True) == 1
+    assert plan_worker_count(100, EngineConfig(), cpus=6, gpus=0, elastic=True) == 6
+
+
 def _jobs(costs):
     return [TrainJob((client, 0), ("t",), 1, (cost,)) for client, cost in enumerate(costs)]
 

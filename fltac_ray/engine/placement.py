@@ -8,8 +8,14 @@ from fltac_ray.config import EngineConfig
 from fltac_ray.errors import ConfigError, ConfigIssue
 
 
-def plan_worker_count(num_clients: int, engine: EngineConfig, cpus: float, gpus: float) -> int:
-    """Workers that fit the cluster's CPUs/GPUs (after the coordinator), at most one per client."""
+def plan_worker_count(num_clients: int, engine: EngineConfig, cpus: float, gpus: float,
+                      elastic: bool = False) -> int:
+    """Workers that fit the cluster's CPUs/GPUs (after the coordinator), at most one per client.
+
+    `elastic` (joining a cluster that may grow: engine.ray_address set): an explicit pool
+    (engine.num_workers, engine.clients_per_actor) is not checked against what the cluster has
+    now, since the backend waits for it (engine.reserve_timeout_s); the automatic pool is what
+    fits now, at least one worker."""
     free_cpus = cpus - engine.coordinator_cpus
     fit = math.floor(free_cpus / engine.cpus_per_worker + 1e-9)
     if engine.gpus_per_worker > 0:
@@ -21,7 +27,9 @@ def plan_worker_count(num_clients: int, engine: EngineConfig, cpus: float, gpus:
         wanted = engine.num_workers
         field, value = "engine.num_workers", engine.num_workers
     else:
-        wanted, field, value = min(num_clients, fit), None, None
+        wanted, field, value = min(num_clients, max(fit, 1) if elastic else fit), None, None
+    if elastic and wanted >= 1:
+        return min(wanted, num_clients)
     if wanted < 1 or wanted > fit:
         need = f"{wanted} workers x {engine.cpus_per_worker} CPU"
         if engine.gpus_per_worker > 0:

@@ -11,6 +11,7 @@ state, so the retried work gives exactly the same result (engine.max_retries tim
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ from fltac_ray.engine.client_worker import ClientWorker
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
 from fltac_ray.errors import EngineError
+
+RESERVE_REPORT_S = 10.0  # a progress line this often while the pool is waited for
 
 
 class WorkerLost(EngineError):
@@ -56,6 +59,7 @@ class RayBackend(Backend):
         self.coordinator: Any = None
         self.worker_pids: list[int] = []
         self.worker_nodes: list[str] = []
+        self.group: Any = None  # the pool's placement group
 
     # --- set-up -----------------------------------------------------------------------------
     def _get(self, refs, what: str):
@@ -72,12 +76,51 @@ class RayBackend(Backend):
         except RayTaskError as exc:
             raise EngineError(f"{what} failed: {exc}") from exc
 
+    def _reserve(self, count: int):
+        """The worker pool as a placement group, one bundle per worker, waited for: an autoscaler
+        sees the whole demand at once and adds nodes meanwhile. Fails after
+        engine.reserve_timeout_s, before any worker starts, saying what the cluster has."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        from fltac_ray.engine.ray_session import cluster_totals
+
+        engine = self.config.engine
+        bundle = {"CPU": engine.cpus_per_worker}
+        if engine.gpus_per_worker > 0:
+            bundle["GPU"] = engine.gpus_per_worker
+        shape = " + ".join(f"{amount:g} {name}" for name, amount in bundle.items())
+        group = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
+        ready = group.ready()
+        began, step = time.monotonic(), 1.0  # the first line after a second, then every RESERVE_REPORT_S
+        while True:
+            left = engine.reserve_timeout_s - (time.monotonic() - began)
+            done, _ = ray.wait([ready], timeout=max(0.0, min(step, left)))
+            step = RESERVE_REPORT_S
+            if done:
+                return group
+            cpus, gpus = cluster_totals()
+            if time.monotonic() - began >= engine.reserve_timeout_s:
+                remove_placement_group(group)
+                raise EngineError(
+                    f"the cluster did not provide {count} worker(s) of {shape} within "
+                    f"engine.reserve_timeout_s = {engine.reserve_timeout_s:g}s (it has {cpus:g} CPU, "
+                    f"{gpus:g} GPU now, some perhaps on nodes too small for one worker); add nodes, "
+                    "lower engine.num_workers / engine.cpus_per_worker / engine.gpus_per_worker, "
+                    "or allow a longer wait")
+            self.say(f"  waiting for the worker pool: {count} x ({shape}), "
+                     f"{time.monotonic() - began:.0f}s of engine.reserve_timeout_s = "
+                     f"{engine.reserve_timeout_s:g}s; the cluster has {cpus:g} CPU, {gpus:g} GPU now")
+
     def _start_worker(self, index: int):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         engine = self.config.engine
         return ray.remote(RayClientWorker).options(
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
+            # the worker's own bundle: a replacement takes the place its predecessor held
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
         ).remote(index, self.config, self.algorithm_class, self._clients_ref, self._tasks_ref,
                  self.data.head_classes, max(1, int(engine.cpus_per_worker)), True)
 
@@ -90,7 +133,9 @@ class RayBackend(Backend):
 
         engine = self.config.engine
         cpus, gpus = cluster_totals()
-        count = plan_worker_count(len(self.active), engine, cpus, gpus)
+        # Joining a cluster (engine.ray_address): it may grow, so the pool is waited for.
+        count = plan_worker_count(len(self.active), engine, cpus, gpus, elastic=engine.ray_address is not None)
+        self.group = self._reserve(count)
         ship_by_value(self.algorithm_class)
         self._tasks_ref = ray.put(self.data.tasks)  # shipped once, zero-copy numpy in every worker
         self._clients_ref = ray.put(self.data.clients)
@@ -148,6 +193,11 @@ class RayBackend(Backend):
             ray.kill(actor)
         if self.coordinator is not None:
             ray.kill(self.coordinator)
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None
 
     # --- running units of work on the live workers ----------------------------------------------
     def _replace(self, index: int) -> None:
