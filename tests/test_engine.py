@@ -100,6 +100,17 @@ def test_a_run_says_how_many_clients_its_split_left_empty(tmp_path):
     assert (result.rounds["clients"] == -(-holding // 2)).all()
 
 
+def test_an_unusable_base_cache_dir_fails_before_any_actor_starts(tmp_path):
+    (tmp_path / "file").write_text("not a folder")  # (permissions would not stop root)
+    config = tiny_config(engine={"base_cache_dir": str(tmp_path / "file" / "bases")})
+    with pytest.raises(ConfigError) as info:
+        _run(config, tmp_path / "run")
+    issue = info.value.issues[0]
+    assert (issue.field, issue.value) == ("engine.base_cache_dir", str(tmp_path / "file" / "bases"))
+    assert "cannot create or write" in issue.allowed and "writable node-local folder" in issue.allowed
+    assert not (tmp_path / "run").exists()
+
+
 def test_too_many_actors_fail_before_any_actor_starts(tmp_path):
     config = tiny_config(engine={"clients_per_actor": 1, "cpus_per_worker": 1.0})
     with pytest.raises(ConfigError, match="engine.clients_per_actor"):

@@ -145,9 +145,11 @@ class RayBackend(Backend):
         self.worker_pids = [d["pid"] for d in described]
         self.worker_nodes = [d["node"] for d in described]  # Ray node id of each worker
         nodes = set(self.worker_nodes)
-        self.say(f"  base model {self.config.model.name} ({described[0]['base_bytes'] / 2**20:,.1f} MiB): loaded by {sum(d['loaded_base'] for d in described)} "
-                 f"of {count} workers on {len(nodes)} node(s), memory-mapped by the rest from "
-                 f"{engine.base_cache_dir or '<node temp dir>/fltac-ray/bases'} (the driver never loads it)")
+        loaded = sum(d["loaded_base"] for d in described)
+        how = f"loaded by {loaded} of {count} workers" if loaded else "found in the node cache"
+        self.say(f"  base model {self.config.model.name} ({described[0]['base_bytes'] / 2**20:,.1f} MiB): "
+                 f"{how}, memory-mapped by the workers on {len(nodes)} node(s) from "
+                 f"{engine.base_cache_dir or '<node temp dir>/fltac-ray/bases'}; the driver never loads it")
         spec = described[0]["spec"]
         self.coordinator = ray.remote(Server).options(num_cpus=engine.coordinator_cpus).remote(
             self.config, self.algorithm_class, spec)

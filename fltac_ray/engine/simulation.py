@@ -115,6 +115,11 @@ def preflight(config: ExperimentConfig) -> None:
         raise ConfigError([ConfigIssue("engine.device", "cuda", "no CUDA device here; use auto or cpu")])
     check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
                          config.data.feature_dim)
+    if local and engine.backend == "ray":  # every node is this machine: its cache folder is checked here
+        from fltac_ray.models.base_cache import cache_dir_problem
+
+        if (problem := cache_dir_problem(engine.base_cache_dir)) is not None:
+            raise ConfigError([ConfigIssue("engine.base_cache_dir", engine.base_cache_dir, problem)])
 
 
 def _check_data(config: ExperimentConfig, data: FederatedData) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fltac_ray.errors import ResourceUnavailableError
 from fltac_ray.models.shared_weights import BaseWeights
 
 MANIFEST = "manifest.json"
@@ -97,6 +98,27 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "fltac-ray" / "bases"
 
 
+def cache_dir_problem(cache_dir: str | Path | None) -> str | None:
+    """None when this node can create and write the cache folder, else what is wrong."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(f"{root} is not writable")
+    except OSError as exc:
+        return f"cannot create or write {root} ({exc}); give a writable node-local folder"
+    return None
+
+
+def writable_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache folder (created); ResourceUnavailableError naming engine.base_cache_dir when this
+    node cannot write there."""
+    problem = cache_dir_problem(cache_dir)
+    if problem is not None:
+        raise ResourceUnavailableError(f"engine.base_cache_dir = {cache_dir!r} on this node: {problem}")
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
 def node_base_weights(description: BaseDescription, cache_dir: str | Path | None = None
                       ) -> tuple[BaseWeights, bool]:
     """(the base, mapped from this node's cache; True when this call loaded and wrote it).
@@ -104,8 +126,7 @@ def node_base_weights(description: BaseDescription, cache_dir: str | Path | None
     from fltac_ray.models.builders import load_backbone
     from fltac_ray.models.shared_weights import export_weights
 
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = writable_cache_dir(cache_dir)
     folder = root / cache_key(description)
     loaded = False
     with open(root / f"{folder.name}.lock", "w") as lock:
@@ -114,7 +135,12 @@ def node_base_weights(description: BaseDescription, cache_dir: str | Path | None
             shutil.rmtree(folder, ignore_errors=True)  # never complete without its manifest
             backbone = load_backbone(description.name, description.modality, seed=description.seed,
                                      feature_dim=description.feature_dim)
-            write_weights(export_weights(backbone), folder)
+            try:
+                write_weights(export_weights(backbone), folder)
+            except OSError as exc:  # a full disk, most likely: the base is as large as on disk
+                raise ResourceUnavailableError(
+                    f"engine.base_cache_dir: could not write the base ({description.name}) to "
+                    f"{folder} on this node: {exc}") from exc
             del backbone
             loaded = True
     return read_weights(folder), loaded
