@@ -319,8 +319,9 @@ class EngineConfig(_Section):
     max_pass_examples: int = Field(
         default=128, ge=1,
         description="Most examples in one batched training step (adapters in a pass x "
-        "train.batch_size): bounds a worker's activation memory (MiniLM at 32 tokens: ~5 MiB "
-        "per example); a pass then holds fewer adapters than max_batched_adapters.",
+        "train.batch_size): bounds a worker's activation memory (a step's length buckets run "
+        "their backward passes one after another); a pass then holds fewer adapters than "
+        "max_batched_adapters.",
     )
     min_passes: int | None = Field(
         default=None, ge=1,
