@@ -117,10 +117,12 @@ class RayBackend(Backend):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         engine = self.config.engine
+        placement = {}
+        if self.group is not None:  # the worker's own bundle: a replacement takes its predecessor's
+            placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=index)
         return ray.remote(RayClientWorker).options(
-            num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
-            # the worker's own bundle: a replacement takes the place its predecessor held
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
+            num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, **placement,
         ).remote(index, self.config, self.algorithm_class, self._clients_ref, self._tasks_ref,
                  self.data.head_classes, max(1, int(engine.cpus_per_worker)), True)
 
@@ -135,7 +137,12 @@ class RayBackend(Backend):
         cpus, gpus = cluster_totals()
         # Joining a cluster (engine.ray_address): it may grow, so the pool is waited for.
         count = plan_worker_count(len(self.active), engine, cpus, gpus, elastic=engine.ray_address is not None)
-        self.group = self._reserve(count)
+        from ray.util import get_current_placement_group
+
+        if get_current_placement_group() is None:
+            self.group = self._reserve(count)
+        # else inside a placement group (a Ray Tune trial): the workers' bundles are already held
+        # there, and the workers are placed in it (a second group would wait for what it holds)
         ship_by_value(self.algorithm_class)
         self._tasks_ref = ray.put(self.data.tasks)  # shipped once, zero-copy numpy in every worker
         self._clients_ref = ray.put(self.data.clients)
