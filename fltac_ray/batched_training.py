@@ -12,8 +12,9 @@ base (models/multi_adapter.py routes each sample through its own adapter). It re
 Text batches are regrouped into buckets of similar length, so a pass pads less than the
 one-by-one batches do (fewer FLOPs for the same steps), and each bucket runs its own forward and
 backward (gradients accumulate), so only one bucket's activations are alive at a time (offline
-default, 8 adapters x batch 16: the pass's peak over the built worker fell from +620 to +365 MiB). What differs is floating-point order
-(larger matmuls, other padding) and the random streams of dropout layers: with
+default, 8 adapters x batch 16: the pass's peak over the built worker fell from +620 to +365
+MiB). What differs is floating-point order (larger matmuls, other padding) and the random streams
+of dropout layers: with
 dropout off, results agree with the one-by-one path to float32 rounding (tests/test_batched.py
 states the tolerance); with dropout on they agree in distribution.
 """

@@ -75,14 +75,6 @@ class DataConfig(_Section):
         description="Folder of Fashion-MNIST's four IDX .gz files.",
     )
     feature_dim: int = Field(default=16, ge=1, description="Input size of the synthetic vector tasks.")
-
-    @property
-    def resolved_min_share(self) -> float:
-        """data.min_share, or 0.1 / num_clients when unset: a client's expected share of a task
-        is 1 / num_clients, and a fixed threshold (0.01) would empty most clients of a large
-        federation (500 clients, Dirichlet(0.5), 5 tasks of 20,000 examples: 63 of 500 clients
-        keep data at 0.01, 499 at 0.1 / 500)."""
-        return self.min_share if self.min_share is not None else 0.1 / self.num_clients
     files: dict[str, dict[str, str]] = Field(
         default_factory=dict,
         description="Hub tasks from local files instead of the hub: {task: {train: path, test: "
@@ -91,6 +83,14 @@ class DataConfig(_Section):
     concept_shift: ConceptShiftConfig | None = Field(
         default=None, description="FLoRAL's concept-shift scenario over a single base task."
     )
+
+    @property
+    def resolved_min_share(self) -> float:
+        """data.min_share, or 0.1 / num_clients when unset: a client's expected share of a task
+        is 1 / num_clients, and a fixed threshold (0.01) would empty most clients of a large
+        federation (500 clients, Dirichlet(0.5), 5 tasks of 20,000 examples: 63 of 500 clients
+        keep data at 0.01, 499 at 0.1 / 500)."""
+        return self.min_share if self.min_share is not None else 0.1 / self.num_clients
 
     @field_validator("tasks")
     @classmethod

@@ -17,18 +17,23 @@ import pytest
 pytestmark = pytest.mark.slow
 COMPARED = ["round", "task", "accuracy", "loss", "clients", "test_samples"]
 
-CHILD = textwrap.dedent("""
-    import json, os, sys
+# Both children: a head with no CPU (driver and coordinator only), argv: output folder, base cache
+PRELUDE = textwrap.dedent("""
+    import json, os, sys, threading, time
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
 
     from fltac_ray.engine.simulation import Simulation
+    from fltac_ray.errors import EngineError
     from fltac_ray.progress import Progress
     from tests.conftest import tiny_config
 
     out, cache = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # driver and coordinator
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+""")
+
+CHILD = PRELUDE + textwrap.dedent("""
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -63,19 +68,7 @@ def test_workers_spread_over_nodes_and_results_equal_a_single_process_run(tmp_pa
     pd.testing.assert_frame_equal(cluster[COMPARED], local[COMPARED], check_exact=True)
 
 
-GROWING = textwrap.dedent("""
-    import json, os, sys, threading, time
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from fltac_ray.engine.simulation import Simulation
-    from fltac_ray.errors import EngineError
-    from fltac_ray.progress import Progress
-    from tests.conftest import tiny_config
-
-    out, cache = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+GROWING = PRELUDE + textwrap.dedent("""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR")

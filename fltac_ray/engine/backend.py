@@ -4,9 +4,9 @@ local_backend.LocalBackend (one process) and ray_backend.RayBackend (actors).
 A backend starts the workers and the server (`start` -> workers, device, batched, spec,
 kmeans_backend, resources), draws v^0 (`initialise`), runs a round's passes (`train` -> result
 handles, reports, failed jobs), closes the round on the server (`close_round`), runs evaluation
-chunks (`evaluate`) and says which keys' evaluated state changed (`evaluation_digests`), and hands over the server's state (`server_state`, `load_server_state`,
-`take_snapshot`, `export_outcome`), its process ids, fault injection (`kill_worker`) and
-`shutdown`.
+chunks (`evaluate`) and says which keys' evaluated state changed (`evaluation_digests`), and
+hands over the server's state (`server_state`, `load_server_state`, `take_snapshot`,
+`export_outcome`), its process ids, fault injection (`kill_worker`) and `shutdown`.
 """
 
 from __future__ import annotations

@@ -56,14 +56,27 @@ class StateView:
         vector = self.adapter(key)
         return self.broadcast[0] if vector is None else vector
 
-    def evaluation_digest(self, key: AdapterKey) -> bytes:
-        """A digest of everything a key's evaluation reads from the state (its adapter and private
-        state): equal digests give equal evaluation records."""
-        digest = hashlib.blake2b(np.ascontiguousarray(self.evaluated_adapter(key)).tobytes(), digest_size=16)
-        private = self.private.get(key)
-        if private is not None:
-            digest.update(np.ascontiguousarray(private).tobytes())
-        return digest.digest()
+    def evaluation_digests(self, keys: list[AdapterKey]) -> dict[AdapterKey, bytes]:
+        """{key: digest of everything its evaluation reads from the state (its adapter and private
+        state)}: equal digests give equal evaluation records. Each distinct adapter row is hashed
+        once (under FL-TAC K rows serve every client)."""
+        row_digests: dict[int | None, bytes] = {}
+        out = {}
+        for key in keys:
+            row = self.index.get(key)  # None: v^0
+            if row not in row_digests:
+                row_digests[row] = content_digest(self.evaluated_adapter(key))
+            private = self.private.get(key)
+            out[key] = row_digests[row] if private is None else content_digest(row_digests[row], private)
+        return out
+
+
+def content_digest(*parts: np.ndarray | bytes) -> bytes:
+    """A 16-byte BLAKE2 digest of the parts' bytes (arrays as their contiguous bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).tobytes())
+    return digest.digest()
 
 
 @dataclass

@@ -58,8 +58,7 @@ class Server:
 
     def evaluation_digests(self, keys: list) -> dict:
         """{key: digest of what its evaluation reads}: the driver re-evaluates only changed keys."""
-        view = self.state_view()
-        return {key: view.evaluation_digest(key) for key in keys}
+        return self.state_view().evaluation_digests(keys)
 
     def take_snapshot(self) -> dict | None:
         """The uploads kept at a snapshot round (report.adapter_snapshots), handed over once."""

@@ -10,16 +10,10 @@ Private state (FLoRAL's routers) is small and kept per key. Pure numpy, no Ray.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from fltac_ray.algorithms.base import AdapterKey
-from fltac_ray.engine.messages import StateView
-
-
-def _digest(row: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+from fltac_ray.engine.messages import StateView, content_digest
 
 
 class ClientStateStore:
@@ -47,7 +41,7 @@ class ClientStateStore:
         row_of: dict[bytes, int] = {}
 
         def place(vector: np.ndarray) -> int:
-            digest = _digest(vector)
+            digest = content_digest(vector)
             if digest not in row_of:
                 row_of[digest] = len(kept)
                 kept.append(np.asarray(vector, dtype=np.float32))

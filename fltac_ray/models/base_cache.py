@@ -98,9 +98,13 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "fltac-ray" / "bases"
 
 
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
 def cache_dir_problem(cache_dir: str | Path | None) -> str | None:
     """None when this node can create and write the cache folder, else what is wrong."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = _cache_root(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if not os.access(root, os.W_OK):
@@ -116,7 +120,7 @@ def writable_cache_dir(cache_dir: str | Path | None) -> Path:
     problem = cache_dir_problem(cache_dir)
     if problem is not None:
         raise ResourceUnavailableError(f"engine.base_cache_dir = {cache_dir!r} on this node: {problem}")
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _cache_root(cache_dir)
 
 
 def node_base_weights(description: BaseDescription, cache_dir: str | Path | None = None
