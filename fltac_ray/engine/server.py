@@ -19,7 +19,7 @@ from fltac_ray.algorithms import create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload, Uploads
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
-from fltac_ray.engine.messages import PassResult, RoundOutcome, StateView
+from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
 from fltac_ray.engine.state_store import ClientStateStore
 from fltac_ray.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.uploads import upload_problem
@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class Server:
-    def __init__(self, config: ExperimentConfig, algorithm_class: type, spec: AdapterSpec) -> None:
+    def __init__(self, config: ExperimentConfig, algorithm_class: type, spec: AdapterSpec | None = None) -> None:
+        """`spec`: the adapter layout; the Ray backend starts the coordinator before any worker
+        (so it takes its place on the driver's node first) and hands the layout over with
+        `setup` once a worker has built the model."""
         from fltac_ray.clustering import resolve_backend
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
@@ -36,18 +39,30 @@ class Server:
         # Resolved here, where the server runs: that is where a GPU must be visible.
         self.backend = resolve_backend(config.federation.clustering_backend)
         self.algorithm = create_algorithm(config, self.backend, cls=algorithm_class)
-        self.algorithm.setup(spec)
-        self.store = ClientStateStore(spec.size)
+        self.received: dict[int, PassResult] = {}  # this round's pass results, by pass index
+        self.receiving_round = 0
+        if spec is not None:
+            self.setup(spec)
         self.trim_heap = HeapTrimmer()
         self.snapshot_rounds = set(snapshot_rounds(config.rounds, config.report.adapter_snapshots))
         self.snapshot: dict | None = None  # the newest round's kept uploads, until taken
         self.exported: dict[str, np.ndarray] | None = None  # the newest whole global adapters
+
+    def setup(self, spec: AdapterSpec) -> None:
+        self.algorithm.setup(spec)
+        self.store = ClientStateStore(spec.size)
 
     def clustering_backend(self) -> str:
         return self.backend
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this coordinator runs on (Ray backend only)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def set_initial(self, adapters: np.ndarray) -> None:
         self.algorithm.set_initial(adapters)
@@ -131,13 +146,27 @@ class Server:
                              "labels": np.asarray(result.labels, dtype=np.int64)[kept]}
         return result
 
-    def close_round(self, round_index: int, expected: list[AdapterKey], clients: int,
-                    *results: PassResult) -> RoundOutcome:
-        """Check and aggregate every upload of the round's passes, then commit each trained job:
-        an accepted upload takes the algorithm's merge of its trained adapter with its answer, a
-        job that sent nothing keeps its trained adapter (merge with no answer), a rejected
-        upload leaves the client's adapter as it was. `clients`: sampled clients that delivered."""
+    def receive(self, round_index: int, unit: int, result: PassResult, report: PassReport) -> PassReport:
+        """Take one pass's result as soon as it exists (Ray resolves `result` from the worker's
+        node into this process), so a worker node lost later costs nothing already trained.
+        Results of an earlier round that was never closed (rejected) are dropped. Returns the
+        pass's report: the driver learns the pass is safe here."""
+        if round_index != self.receiving_round:
+            self.received, self.receiving_round = {}, round_index
+        self.received[unit] = result
+        return report
+
+    def close_round(self, round_index: int, expected: list[AdapterKey], clients: int) -> RoundOutcome:
+        """Check and aggregate every upload of the round's received passes, then commit each
+        trained job: an accepted upload takes the algorithm's merge of its trained adapter with
+        its answer, a job that sent nothing keeps its trained adapter (merge with no answer), a
+        rejected upload leaves the client's adapter as it was. `clients`: sampled clients that
+        delivered."""
         started = time.perf_counter()
+        if round_index != self.receiving_round:
+            self.received = {}
+        results = [self.received[unit] for unit in sorted(self.received)]  # pass order: reproducible
+        self.received = {}
         uploads = [upload for result in results for upload in result.uploads]
         accepted, rejected = self._accept(round_index, {tuple(k) for k in expected}, uploads)
         outcome = None

@@ -237,7 +237,7 @@ class Simulation:
                 # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
                 config.engine.min_passes = info["workers"]
                 save_config(config, run_dir / "config.yaml")
-            self.batched, self.worker_count = info["batched"], info["workers"]
+            self.batched = info["batched"]
             kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
                 in config.algorithm_class.options else ""
             fraction = config.federation.client_fraction
@@ -309,7 +309,10 @@ class Simulation:
         fresh: dict[AdapterKey, list[EvalRecord]] = {job.key: [] for job in stale}
         slot_of = {(job.key[0], task): job.key for job in stale for task in job.tasks}
         if stale:
-            for record in backend.evaluate(round_index, self._eval_chunks(stale, self.worker_count)):
+            # chunks cut by the run's fixed pass count, not the live pool: the same records
+            # whichever workers are up
+            chunks = self._eval_chunks(stale, self.config.engine.min_passes)
+            for record in backend.evaluate(round_index, chunks):
                 fresh[slot_of[(record.client_id, record.task)]].append(record)
         for key, records in fresh.items():
             self.evaluated[key] = (digests[key], records)
@@ -325,6 +328,8 @@ class Simulation:
                ) -> RoundContext:
         config, say, backend = self.config, self.progress.say, run.backend
         started = time.perf_counter()
+        backend.replan(round_index)  # workers that came up join, lost ones are gone
+        self.round_workers = backend.live_workers()
         sampled = sample_clients(config.seed, round_index, active, config.federation.client_fraction)
         jobs = self._jobs(run.data, sampled)
         passes = plan_passes(jobs, self._adapters_per_pass(), config.engine.min_passes, self.batched)
@@ -334,7 +339,7 @@ class Simulation:
             for callback in self.all_callbacks:
                 callback.on_training_submitted(run, round_index)
 
-        results, reports, failed_jobs = backend.train(round_index, passes, submitted)
+        reports, failed_jobs = backend.train(round_index, passes, submitted)
         trained = time.perf_counter()
         failed = sorted({job.key[0] for job in failed_jobs})
         if failed:
@@ -350,8 +355,7 @@ class Simulation:
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         self.progress.phase(f"round {round_index}: aggregating")
         expected = [key for report in reports for key in report.keys]
-        outcome = backend.close_round(round_index, expected, len(sampled) - len(failed), results)
-        del results
+        outcome = backend.close_round(round_index, expected, len(sampled) - len(failed))
         for key, problem in outcome.rejected:
             say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
         aggregated = time.perf_counter()
@@ -386,7 +390,7 @@ class Simulation:
                 ari = adjusted_rand(truth, outcome.labels)
         accuracies = list(task_accuracy.values())
         # each worker's time inside local training steps, summed over its passes (0: idle)
-        busy: dict[int, float] = dict.fromkeys(range(self.worker_count), 0.0)
+        busy: dict[int, float] = dict.fromkeys(self.round_workers, 0.0)
         for rep in reports:
             busy[rep.worker] = busy.get(rep.worker, 0.0) + rep.step_seconds
         finished = time.perf_counter()
