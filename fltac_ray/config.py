@@ -309,8 +309,9 @@ class EngineConfig(_Section):
     batched_training: bool = Field(
         default=True,
         description="Train the adapters a worker hosts together, one forward/backward per local "
-        "step over the shared base, each sample through its own adapter (FLoRAL always trains "
-        "one at a time). Same results to float rounding with dropout off; off: one by one.",
+        "step over the shared base, each sample through its own adapter, and evaluate "
+        "classification tasks the same way (FLoRAL always works one adapter at a time). Same "
+        "results to float rounding with dropout off; off: one by one.",
     )
     max_batched_adapters: int = Field(
         default=32, ge=1,
@@ -321,7 +322,7 @@ class EngineConfig(_Section):
         description="Most examples in one batched training step (adapters in a pass x "
         "train.batch_size): bounds a worker's activation memory (a step's length buckets run "
         "their backward passes one after another); a pass then holds fewer adapters than "
-        "max_batched_adapters.",
+        "max_batched_adapters. Also the examples of one batched evaluation forward pass.",
     )
     min_passes: int | None = Field(
         default=None, ge=1,

@@ -65,3 +65,23 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "round_00001" / "state.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(CheckpointError, match="format 99"):
         latest_checkpoint(tmp_path, warn=lambda _: None)
+
+
+def test_the_evaluation_cache_survives_a_checkpoint_exactly(tmp_path):
+    from dataclasses import asdict
+
+    from fltac_ray.engine.evaluation_cache import GROUP, EvaluationCache
+    from fltac_ray.engine.messages import EvalRecord
+
+    cache = EvaluationCache()
+    cache.put((3, 0), b"\x01" * 16, [EvalRecord(3, "b", 5, 2.718281828459045, 9),
+                                      EvalRecord(3, "a", 17, 0.1 + 0.2, 4, predictions=40, rouge_sum=1.25)])
+    cache.put((7, 1), b"\x02" * 16, [])  # evaluated, no test examples
+    empty = EvaluationCache().to_group(["a", "b"])  # a checkpoint before any evaluation
+    save_checkpoint(tmp_path, Checkpoint(2, {GROUP: cache.to_group(["a", "b"]), "other": empty}))
+    groups = latest_checkpoint(tmp_path).groups
+    back = EvaluationCache.from_group(groups[GROUP], ["a", "b"])
+    assert list(back.entries) == [(3, 0), (7, 1)]
+    assert back.is_current((3, 0), b"\x01" * 16) and not back.is_current((3, 0), b"\x02" * 16)
+    np.testing.assert_equal([asdict(r) for r in back.records((3, 0))], [asdict(r) for r in cache.records((3, 0))])
+    assert back.records((7, 1)) == [] and EvaluationCache.from_group(groups["other"], ["a", "b"]).entries == {}

@@ -259,3 +259,21 @@ def test_bad_configs_fail_before_ray_is_even_imported(tmp_path):
         assert field in err, (text, err)
         assert not ray_imported, text
     assert not any(tmp_path.glob("runs*"))  # no run directory was created
+
+
+def test_a_pass_result_sends_uploads_that_are_pieces_of_trained_rows_once():
+    import pickle
+
+    trained = np.arange(2 * 1000, dtype=np.float32).reshape(2, 1000)
+    copied = np.full(1000, 7.0, np.float32)  # not a view: travels as it is
+    result = PassResult([Upload((0, 0), trained[0], 3), Upload((1, 0), trained[1, 10:510], 4),
+                         Upload((1, 1), copied, 5)], [(0, 0), (1, 0)], trained)
+    blob = pickle.dumps(result, protocol=5)
+    assert len(blob) < trained.nbytes + copied.nbytes + 2_000  # the views are not sent again
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(back.uploads[0].vector, trained[0])
+    np.testing.assert_array_equal(back.uploads[1].vector, trained[1, 10:510])
+    np.testing.assert_array_equal(back.uploads[2].vector, copied)
+    assert np.shares_memory(back.uploads[0].vector, back.trained)  # a view again on arrival
+    assert [u.num_samples for u in back.uploads] == [3, 4, 5]
+    assert result.uploads[0].vector is not None and result.uploads[0].vector.size == 1000  # sender untouched

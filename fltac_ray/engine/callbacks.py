@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
+from fltac_ray.engine.evaluation_cache import GROUP as EVALUATED
+from fltac_ray.engine.evaluation_cache import EvaluationCache
 from fltac_ray.engine.messages import PassReport, RoundOutcome, tasks_by_key
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ class RunInfo:
     spec: AdapterSpec
     backend: Backend  # engine/ray_backend.RayBackend or engine/local_backend.LocalBackend
     say: Callable[[str], None]
+    evaluated: EvaluationCache | None = None  # the driver's evaluation records (checkpointed)
 
     def process_ids(self) -> dict[str, int]:
         """PIDs of the run's processes (driver, coordinator, workers), for memory probes."""
@@ -90,7 +93,8 @@ class CsvWriter(Callback):
 
 class Checkpointer(Callback):
     """Every engine.checkpoint_every rounds and after the last: the server side's state (the
-    deduplicated client store, the algorithm's server state, the newest global adapters)."""
+    deduplicated client store, the algorithm's server state, the newest global adapters) and
+    the driver's evaluation records (engine/evaluation_cache.py)."""
 
     def __init__(self) -> None:
         self.last_path: Path | None = None
@@ -101,7 +105,10 @@ class Checkpointer(Callback):
         every = run.config.engine.checkpoint_every
         if not every or (ctx.round_index % every and ctx.round_index != run.config.rounds):
             return
-        checkpoint = Checkpoint(ctx.round_index, run.backend.server_state(), {"config_name": run.config.name})
+        groups = run.backend.server_state()
+        if run.evaluated is not None:  # a resumed run then re-evaluates what this one would
+            groups[EVALUATED] = run.evaluated.to_group(list(run.data.tasks))
+        checkpoint = Checkpoint(ctx.round_index, groups, {"config_name": run.config.name})
         self.last_path = save_checkpoint(run.run_dir / "checkpoints", checkpoint,
                                          keep=run.config.engine.keep_checkpoints)
         ctx.artifacts["checkpoint"] = self.last_path

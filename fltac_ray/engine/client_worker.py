@@ -274,23 +274,41 @@ class ClientWorker:
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, jobs: list[EvalJob], state: StateView) -> list[EvalRecord]:
         """Each job's committed adapter (v^0 if never trained) on its client's own test
-        examples, per task."""
-        from fltac_ray.training import evaluate_adapter
+        examples, per task. Classification tasks of a batching worker go through the batched
+        (routed) path, many adapters per forward pass (batched_evaluation.py); instruction
+        tasks, and workers that train one adapter at a time, evaluate adapter by adapter."""
+        from fltac_ray.batched_evaluation import EvalItem, evaluate_batched
+        from fltac_ray.training import EvalOutcome, evaluate_adapter
 
-        records = []
-        for job in jobs:
-            client_id = job.key[0]
-            shard = self.shards[client_id]
+        engine, train = self.config.engine, self.config.train
+        outcomes: dict[tuple[int, str], EvalOutcome] = {}
+        batchable: dict[tuple, list[tuple[tuple[int, str], EvalItem]]] = {}  # by input signature
+        for position, job in enumerate(jobs):
+            shard = self.shards[job.key[0]]
             vector = state.evaluated_adapter(job.key)
-            self.model.set_private(state.private.get(job.key))
             for task in job.tasks:
-                bundle = self.tasks[task]
-                result = evaluate_adapter(
-                    self.model, vector, bundle.test, shard.tasks[task][1], bundle.num_classes,
-                    self.config.train.eval_batch_size, self.device, self.generation,
-                )
-                if result.count:
-                    records.append(EvalRecord(client_id, task, result.correct, result.loss_sum,
+                bundle, indices = self.tasks[task], shard.tasks[task][1]
+                if self.batched and bundle.num_classes > 0:
+                    if len(indices):
+                        item = EvalItem(vector, bundle.test, indices, bundle.num_classes)
+                        batchable.setdefault(item.signature(), []).append(((position, task), item))
+                    continue
+                self.model.set_private(state.private.get(job.key))
+                outcomes[position, task] = evaluate_adapter(
+                    self.model, vector, bundle.test, indices, bundle.num_classes, train.eval_batch_size,
+                    self.device, self.generation)
+        for group in batchable.values():
+            for lo in range(0, len(group), engine.max_batched_adapters):
+                part = group[lo:lo + engine.max_batched_adapters]
+                results = evaluate_batched(self.model, [item for _, item in part], engine.max_pass_examples,
+                                           self.device)
+                outcomes.update(zip([where for where, _ in part], results, strict=True))
+        records = []
+        for position, job in enumerate(jobs):  # the one-by-one order: job, then its tasks
+            for task in job.tasks:
+                result = outcomes.get((position, task))
+                if result is not None and result.count:
+                    records.append(EvalRecord(job.key[0], task, result.correct, result.loss_sum,
                                               result.count, result.predictions, result.rouge_sum,
                                               result.judge_sum))
         self.trim_heap()

@@ -5,7 +5,7 @@ an answer (algorithms/base.Aggregate, summarised here as RoundOutcome), an evalu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -89,6 +89,46 @@ class PassResult:
     keys: list[AdapterKey]
     trained: np.ndarray  # (n, d) float32, rows in the order of keys
     private: dict[AdapterKey, np.ndarray] = field(default_factory=dict)
+
+    # Pickled (from a worker to the coordinator, maybe across nodes): an upload whose vector is
+    # a contiguous piece of its job's trained row (FL-TAC's whole adapter, a view) travels as
+    # (row, start, stop) and is a view of `trained` again on arrival, instead of a second copy
+    # of the same floats (which doubled the bytes moved per round).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        row_of = {tuple(key): row for row, key in enumerate(self.keys)}
+        uploads, pieces = [], []
+        for upload in self.uploads:
+            piece = _row_piece(self.trained, row_of.get(tuple(upload.key)), upload.vector)
+            pieces.append(piece)
+            uploads.append(upload if piece is None else replace(upload, vector=np.empty(0, np.float32)))
+        state["uploads"], state["_pieces"] = uploads, pieces
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        pieces = state.pop("_pieces", None) or []
+        self.__dict__.update(state)
+        for index, piece in enumerate(pieces):
+            if piece is not None:
+                row, start, stop = piece
+                self.uploads[index] = replace(self.uploads[index], vector=self.trained[row, start:stop])
+
+
+def _row_piece(trained: np.ndarray, row: int | None, vector: np.ndarray) -> tuple[int, int, int] | None:
+    """(row, start, stop) when `vector` is trained[row, start:stop] in memory, else None."""
+    if row is None or vector.ndim != 1 or vector.dtype != trained.dtype or trained.ndim != 2:
+        return None
+    line = trained[row]
+    if line.strides != vector.strides and vector.size > 1:
+        return None
+    offset = vector.__array_interface__["data"][0] - line.__array_interface__["data"][0]
+    itemsize = trained.itemsize
+    if offset < 0 or offset % itemsize or offset // itemsize + vector.size > line.size:
+        return None
+    start = offset // itemsize
+    if not np.shares_memory(vector, line) and vector.size:
+        return None
+    return row, start, start + vector.size
 
 
 @dataclass

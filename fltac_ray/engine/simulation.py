@@ -43,6 +43,7 @@ from fltac_ray.engine.callbacks import (
     RunInfo,
     SnapshotWriter,
 )
+from fltac_ray.engine.evaluation_cache import GROUP, EvaluationCache
 from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.engine.messages import (
     EvalJob,
@@ -213,8 +214,10 @@ class Simulation:
             callbacks.append(DashboardMetrics(config.name))
         # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
         self.groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
-        # key -> (digest of its evaluated state, its records): reused while the state is unchanged
-        self.evaluated: dict[AdapterKey, tuple[bytes, list[EvalRecord]]] = {}
+        # each key's records, reused while its committed state is unchanged; in every checkpoint
+        self.evaluated = EvaluationCache()
+        if checkpoint is not None and GROUP in checkpoint.groups:
+            self.evaluated = EvaluationCache.from_group(checkpoint.groups.pop(GROUP), list(data.tasks))
         callbacks.append(Exporter(self.groups))
         self.all_callbacks = callbacks + self.callbacks
         with ray_session(config.engine) if config.engine.backend == "ray" else contextlib.nullcontext():
@@ -245,7 +248,7 @@ class Simulation:
             say(f"  backend {backend.name}: {info['workers']} client workers ({info['resources']}, device "
                 f"{info['device']}) for {len(active)} clients{sampled}; adapter size {info['spec'].size:,} "
                 f"parameters{kmeans}")
-            run = RunInfo(config, run_dir, data, info["spec"], backend, say)
+            run = RunInfo(config, run_dir, data, info["spec"], backend, say, self.evaluated)
             self.run_info = run
             if checkpoint is None:
                 # Algorithm 1: the server draws v^0 (IFCA: K of them) before round 1.
@@ -303,7 +306,7 @@ class Simulation:
         fixed test examples). Returns (records, adapters evaluated now)."""
         jobs = self._eval_jobs(data, active)
         digests = backend.evaluation_digests([job.key for job in jobs])
-        stale = [job for job in jobs if self.evaluated.get(job.key, (None,))[0] != digests[job.key]]
+        stale = [job for job in jobs if not self.evaluated.is_current(job.key, digests[job.key])]
         self.progress.phase(f"round {round_index}: evaluating {len(stale)} of {len(jobs)} adapters "
                             "(the rest unchanged since their last evaluation)")
         fresh: dict[AdapterKey, list[EvalRecord]] = {job.key: [] for job in stale}
@@ -315,8 +318,8 @@ class Simulation:
             for record in backend.evaluate(round_index, chunks):
                 fresh[slot_of[(record.client_id, record.task)]].append(record)
         for key, records in fresh.items():
-            self.evaluated[key] = (digests[key], records)
-        return [record for job in jobs for record in self.evaluated[job.key][1]], len(stale)
+            self.evaluated.put(key, digests[key], records)
+        return [record for job in jobs for record in self.evaluated.records(job.key)], len(stale)
 
     def _adapters_per_pass(self) -> int:
         """engine.max_batched_adapters, fewer when a step of that many would exceed
