@@ -32,6 +32,7 @@ from fltac_ray.engine.messages import (
     StateView,
     TrainJob,
 )
+from fltac_ray.models.model_files import ModelFiles
 
 
 def _quiet_libraries() -> None:
@@ -55,11 +56,14 @@ class ClientWorker:
         head_classes: int,
         threads: int,
         node_cache: bool = False,
+        model_files: ModelFiles | None = None,
     ) -> None:
         """`clients`: every client's shard (indices only, small); `tasks`: the encoded data
         (read-only arrays shared through the object store); `node_cache`: map the base from this
         node's cache (engine.base_cache_dir, models/base_cache.py: the first worker of a node
-        loads it there, the others map it), else load it into this process."""
+        loads it there, the others map it), else load it into this process; `model_files`: the
+        model's config and tokenizer from the driver (hub ids and folders), so this worker never
+        asks the hub (models/model_files.py)."""
         _quiet_libraries()
         import torch
 
@@ -68,6 +72,12 @@ class ClientWorker:
         from fltac_ray.models.builders import backbone_from_weights, load_backbone
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
+        if model_files is not None:
+            from fltac_ray.models.base_cache import writable_cache_dir
+            from fltac_ray.models.builders import use_shipped_files
+
+            folder = model_files.install(writable_cache_dir(config.engine.base_cache_dir))
+            use_shipped_files(model_files.name, folder, model_files.revision)
         self.worker_index = worker_index
         self.config = config
         torch.set_num_threads(max(1, threads))

@@ -87,6 +87,7 @@ class RayBackend(Backend):
         self.groups: list[Any] = []  # the pool's placement groups (the first, then growth)
         self.coordinator: Any = None
         self.coordinator_node = ""
+        self.model_files = None  # what describes a hub or folder model (models/model_files.py)
         self.elastic = self.config.engine.ray_address is not None  # a joined cluster may grow
         self.automatic = self.config.engine.num_workers is None and self.config.engine.clients_per_actor is None
 
@@ -171,7 +172,7 @@ class RayBackend(Backend):
         slot.actor = ray.remote(RayClientWorker).options(
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker, **placement,
         ).remote(slot.index, self.config, self.algorithm_class, self._clients_ref, self._tasks_ref,
-                 self.data.head_classes, max(1, int(engine.cpus_per_worker)), True)
+                 self.data.head_classes, max(1, int(engine.cpus_per_worker)), True, self.model_files)
         slot.starting, slot.up = slot.actor.describe.remote(), False
 
     def _came_up(self, slot: WorkerSlot, described: dict[str, Any]) -> None:
@@ -224,6 +225,15 @@ class RayBackend(Backend):
         # else inside a placement group (a Ray Tune trial): the workers' bundles are already held
         # there, and the workers are placed in it (a second group would wait for what it holds)
         ship_by_value(self.algorithm_class)
+        from fltac_ray.models.model_files import collect_model_files
+
+        self.model_files = collect_model_files(self.config.model.name)  # workers never ask the hub
+        if self.model_files is not None:
+            size = sum(len(content) for _, content in self.model_files.files)
+            at = f" at revision {self.model_files.revision}" if self.model_files.revision else ""
+            self.say(f"  model files of {self.config.model.name}{at} ({len(self.model_files.files)} files, "
+                     f"{size / 1024:,.0f} KiB: config, tokenizer) shipped to the workers; the weights "
+                     "come from each node's own copy")
         self._tasks_ref = ray.put(self.data.tasks)  # shipped once, zero-copy numpy in every worker
         self._clients_ref = ray.put(self.data.clients)
         self.slots = [WorkerSlot(index, group, index) for index in range(count)]

@@ -97,8 +97,44 @@ def _plugin(name: str):
     return spec if spec is not None and spec.build is not None else None
 
 
+# name -> (folder holding its config and tokenizer files, hub revision or None): filled in a
+# worker from the files the driver shipped (models/model_files.py), so nothing there asks the hub
+_SHIPPED: dict[str, tuple[str, str | None]] = {}
+
+
+def use_shipped_files(name: str, folder: str | Path, revision: str | None) -> None:
+    """From now on this process reads `name`'s config and tokenizer from `folder`, and its
+    weights from this node only (the local folder `name`, or the Hugging Face cache at
+    `revision`)."""
+    _SHIPPED[name] = (str(folder), revision)
+
+
+def _load_shipped(name: str, modality: str) -> Any:
+    from transformers import AutoConfig
+
+    folder, revision = _SHIPPED[name]
+    config = AutoConfig.from_pretrained(folder)
+    local = Path(name).expanduser()
+    try:
+        if local.is_dir():
+            return _auto_class(modality).from_pretrained(str(local), config=config)
+        return _auto_class(modality).from_pretrained(name, config=config, revision=revision, local_files_only=True)
+    except OSError as exc:
+        import socket
+
+        where = f"the folder {local}" if revision is None else f"this node's Hugging Face cache at revision {revision}"
+        raise ResourceUnavailableError(
+            f"model {name!r}: its weights are not in {where} on node {socket.gethostname()} ({exc}). "
+            "Workers never download: provide them on every node (cluster.yaml setup_commands: "
+            f"huggingface-cli download {name}{f' --revision {revision}' if revision else ''}), or give "
+            "model.name as a folder present on every node (a shared file system)") from exc
+
+
 def model_source(name: str) -> str:
-    """Where from_pretrained loads `name` (tokenizer and weights): a local folder or a hub id."""
+    """Where from_pretrained loads `name` (tokenizer and weights): a local folder or a hub id
+    (in a worker: the folder of the files the driver shipped, for config and tokenizer)."""
+    if name in _SHIPPED:
+        return _SHIPPED[name][0]
     if (plugin := _plugin(name)) is not None:
         return plugin.tokenizer or name
     if name in ("minilm", "tiny-random-bert", "tiny-random-llama"):
@@ -206,6 +242,11 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
         return RandomMLP.build(feature_dim, seed)
     if name.startswith("tiny-random-"):
         return _tiny_backbone(name, modality, seed)
+    if name in _SHIPPED:  # a hub id or folder (a plug-in returned above)
+        model = _load_shipped(name, modality)
+        if modality == "image" and hasattr(model, "pooler"):
+            model.pooler = None  # as below
+        return model
     try:
         model = _auto_class(modality).from_pretrained(model_source(name))
     except OSError as exc:
