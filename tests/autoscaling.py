@@ -5,7 +5,9 @@ AutoscalingCluster itself cannot be used as shipped in Ray 2.60: its base config
 (autoscaler/_private/fake_multi_node/example.yaml) is missing from the wheel, it binds the head
 to the fixed port 6379, and it starts and stops with `ray stop --force`, which would also kill
 the test suite's own Ray session. This one writes the whole config itself, takes free loopback
-ports, and on shutdown kills only the processes of its own session folder.
+ports, and on shutdown kills only the processes of its own session folder. `ray start` also
+records its address in <temp>/ray/ray_current_cluster, where every later `ray.init()` without
+an address would try to join it: shutdown puts back what the file said before.
 """
 
 from __future__ import annotations
@@ -59,8 +61,17 @@ class LocalAutoscalingCluster:
         }
         self.head_cpus = head_cpus
         self.session_dir: str | None = None
+        self.previous_address: str | None = None
+
+    @staticmethod
+    def _address_file() -> Path:
+        from ray._common.utils import get_ray_address_file
+
+        return Path(get_ray_address_file(None))
 
     def start(self) -> None:
+        address_file = self._address_file()
+        self.previous_address = address_file.read_text() if address_file.is_file() else None
         handle, path = tempfile.mkstemp(prefix="fltac-autoscaler-", suffix=".json")
         with os.fdopen(handle, "w") as file:
             json.dump(self.config, file)
@@ -85,6 +96,12 @@ class LocalAutoscalingCluster:
         marks = [f"127.0.0.1:{self.port}", f"--port={self.port}", f"--gcs_server_port={self.port}"]
         if self.session_dir:
             marks.append(self.session_dir)
+        address_file = self._address_file()
+        if address_file.is_file() and address_file.read_text().strip() == self.address:
+            if self.previous_address is None:
+                address_file.unlink()
+            else:
+                address_file.write_text(self.previous_address)
         mine = os.getpid()
         for _ in range(3):
             victims = []
