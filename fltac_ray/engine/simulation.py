@@ -293,8 +293,8 @@ class Simulation:
 
     @staticmethod
     def _eval_chunks(jobs: list[EvalJob], workers: int) -> list[list[EvalJob]]:
-        """About 2 chunks per worker of equal test-example counts (a chunk is one call on one
-        worker)."""
+        """About 2 chunks per worker (the run's fixed engine.min_passes) of equal test-example
+        counts (a chunk is one call on one worker)."""
         chunks = assign_lpt([job.cost for job in jobs], list(range(min(len(jobs), 2 * workers))))
         return [[jobs[i] for i in sorted(items)] for _, items in sorted(chunks.items()) if items]
 
@@ -302,8 +302,9 @@ class Simulation:
                   ) -> tuple[list[EvalRecord], int]:
         """Every active adapter's records, evaluating only the adapters whose committed state
         (adapter and private state, by digest) changed since their last evaluation: the others'
-        records are reused, which gives the same records (evaluation is deterministic: eval mode,
-        fixed test examples). Returns (records, adapters evaluated now)."""
+        records are reused (evaluation is deterministic: eval mode, fixed test examples; batched
+        evaluation to the last float bits of what shares its pass, which is why the cache goes
+        into checkpoints). Returns (records, adapters evaluated now)."""
         jobs = self._eval_jobs(data, active)
         digests = backend.evaluation_digests([job.key for job in jobs])
         stale = [job for job in jobs if not self.evaluated.is_current(job.key, digests[job.key])]
