@@ -47,9 +47,38 @@ class AdapterJob:
 
     def signature(self) -> tuple:
         """Jobs whose inputs concatenate into one batch (same per-example shapes and dtypes)."""
-        return (self.num_classes == 0,) + tuple(sorted(
-            (key, value.shape[1:], value.dtype.str) for key, value in self.split.inputs.items()
-            if key not in _NOT_TENSORS))
+        return (self.num_classes == 0,) + input_signature(self.split)
+
+
+def input_signature(split: EncodedSplit) -> tuple:
+    """The per-example shapes and dtypes of a split's tensor inputs: splits with equal signatures
+    concatenate into one batch."""
+    return tuple(sorted((key, value.shape[1:], value.dtype.str) for key, value in split.inputs.items()
+                        if key not in _NOT_TENSORS))
+
+
+def combine_inputs(parts: list[tuple[EncodedSplit, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The tensor inputs of (split, rows) parts concatenated in order: one combined batch."""
+    keys = [key for key in parts[0][0].inputs if key not in _NOT_TENSORS]
+    return {key: np.concatenate([split.inputs[key][rows] for split, rows in parts]) for key in keys}
+
+
+def bucket_positions(combined: dict[str, np.ndarray], count: int, device: torch.device) -> list[np.ndarray]:
+    """Positions of a combined batch grouped into length buckets (text), or all together
+    (images and vectors: every example has the same shape)."""
+    if "lengths" not in combined:
+        return [np.arange(count)]
+    return length_buckets(combined["lengths"], BUCKET_OVERHEAD_TOKENS.get(device.type, BUCKET_OVERHEAD_TOKENS["cpu"]))
+
+
+def task_logits(model: AdapterModel, stacked: StackedAdapters, inputs: dict[str, torch.Tensor],
+                route: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(batch, head_classes) logits, each sample through its own adapter and head; a task reads
+    its first num_classes head rows (`classes`: (batch,)), the rest are masked out of the
+    softmax. Call inside routed(model, stacked, route)."""
+    logits = routed_head(model.features(**inputs), stacked, route)
+    columns = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    return logits.masked_fill(columns >= classes[:, None], float("-inf"))
 
 
 class BatchedAdamW:
@@ -133,19 +162,14 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
     alive at a time (the peak is the largest bucket's, not the whole pass's)."""
     sizes = [len(c) for c in chosen]
     route_all = np.repeat(np.arange(len(jobs)), sizes)  # (batch,) job of each sample
-    combined = {key: np.concatenate([job.split.inputs[key][c] for job, c in zip(jobs, chosen, strict=True)])
-                for key in jobs[0].split.inputs if key not in _NOT_TENSORS}
+    combined = combine_inputs([(job.split, c) for job, c in zip(jobs, chosen, strict=True)])
     generation = jobs[0].num_classes == 0
     scale_all = 1.0 / _denominators(jobs, chosen, generation)[route_all]  # (batch,)
     if not generation:
         labels_all = np.concatenate([job.split.labels[c] for job, c in zip(jobs, chosen, strict=True)])
         classes_all = np.repeat([job.num_classes for job in jobs], sizes)
-    if "lengths" in combined:
-        buckets = length_buckets(combined["lengths"], BUCKET_OVERHEAD_TOKENS.get(device.type, BUCKET_OVERHEAD_TOKENS["cpu"]))
-    else:  # images and vectors: every example has the same shape
-        buckets = [np.arange(len(route_all))]
     means = torch.zeros(len(jobs), device=device)
-    for rows in buckets:
+    for rows in bucket_positions(combined, len(route_all), device):
         inputs = {key: torch.from_numpy(value[rows]).to(device) for key, value in combined.items()}
         route = torch.from_numpy(route_all[rows]).to(device)
         scale = torch.from_numpy(scale_all[rows]).to(device=device, dtype=torch.float32)
@@ -154,11 +178,7 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
                 token_losses, _, scored = model.lm_token_scores(**inputs)
                 sample_losses = (token_losses * scored).sum(1)
             else:
-                logits = routed_head(model.features(**inputs), stacked, route)  # (bucket, head_classes)
-                # a task reads its first num_classes head rows: mask the rest out of the softmax
-                columns = torch.arange(logits.shape[1], device=device)[None, :]
-                limit = torch.from_numpy(classes_all[rows]).to(device)[:, None]
-                logits = logits.masked_fill(columns >= limit, float("-inf"))
+                logits = task_logits(model, stacked, inputs, route, torch.from_numpy(classes_all[rows]).to(device))
                 labels = torch.from_numpy(labels_all[rows]).to(device)
                 sample_losses = F.cross_entropy(logits, labels, reduction="none")
             weighted = sample_losses.float() * scale  # (bucket,) each sample's share of its job's mean

@@ -80,6 +80,12 @@ PRELUDE = textwrap.dedent("""
     def local_run(name, rounds=2):
         Simulation(tiny_config(rounds=rounds, engine={"backend": "local", "min_passes": 2}),
                    out=f"{out}/{name}", progress=Progress(quiet=True)).run()
+
+    def finish(cluster, report, rounds):  # stop Ray and the cluster, run the same config in one process, report
+        ray.shutdown()
+        cluster.shutdown()
+        local_run("local", rounds)
+        print(json.dumps(report))
 """)
 HEAD = 'cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})\n'
 
@@ -144,10 +150,7 @@ GROWING = PRELUDE + HEAD + textwrap.dedent("""
     assert not failure, failure
     report["elastic_nodes"] = simulation.backend.worker_nodes
     report["elastic_lines"] = [line for line in lines if "grew" in line or "worker pool has" in line]
-    ray.shutdown()
-    cluster.shutdown()
-    local_run("local", rounds=3)
-    print(json.dumps(report))
+    finish(cluster, report, rounds=3)
 """)
 
 
@@ -222,10 +225,7 @@ LOSS = PRELUDE + HEAD + textwrap.dedent("""
     report = {"removed": loss.removed, **loss.started, "head": ray.get_runtime_context().get_node_id(),
               "lost": [line for line in lines if "lost (node" in line],
               "back": [line for line in lines if "takes work again" in line]}
-    ray.shutdown()
-    cluster.shutdown()
-    local_run("local", rounds=4)
-    print(json.dumps(report))
+    finish(cluster, report, rounds=4)
 """)
 
 

@@ -68,14 +68,19 @@ class ClientWorker:
         import torch
 
         from fltac_ray.models.adapter_model import AdapterModel
-        from fltac_ray.models.base_cache import BaseDescription, node_base_weights
-        from fltac_ray.models.builders import backbone_from_weights, load_backbone
+        from fltac_ray.models.base_cache import (
+            BaseDescription,
+            node_base_weights,
+            writable_cache_dir,
+        )
+        from fltac_ray.models.builders import (
+            backbone_from_weights,
+            load_backbone,
+            use_shipped_files,
+        )
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         if model_files is not None:
-            from fltac_ray.models.base_cache import writable_cache_dir
-            from fltac_ray.models.builders import use_shipped_files
-
             folder = model_files.install(writable_cache_dir(config.engine.base_cache_dir))
             use_shipped_files(model_files.name, folder, model_files.revision)
         self.worker_index = worker_index

@@ -119,14 +119,11 @@ def _row_piece(trained: np.ndarray, row: int | None, vector: np.ndarray) -> tupl
     if row is None or vector.ndim != 1 or vector.dtype != trained.dtype or trained.ndim != 2:
         return None
     line = trained[row]
-    if line.strides != vector.strides and vector.size > 1:
+    if vector.size > 1 and vector.strides != line.strides:
         return None
-    offset = vector.__array_interface__["data"][0] - line.__array_interface__["data"][0]
-    itemsize = trained.itemsize
-    if offset < 0 or offset % itemsize or offset // itemsize + vector.size > line.size:
-        return None
+    offset, itemsize = vector.ctypes.data - line.ctypes.data, trained.itemsize
     start = offset // itemsize
-    if not np.shares_memory(vector, line) and vector.size:
+    if offset < 0 or offset % itemsize or start + vector.size > line.size:
         return None
     return row, start, start + vector.size
 

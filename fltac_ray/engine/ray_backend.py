@@ -312,22 +312,20 @@ class RayBackend(Backend):
                  "workers and a replacement is requested")
         self._launch(slot)
 
-    def poll_replacements(self) -> list[WorkerSlot]:
-        """Slots whose actor came up since the last look (a failed start is retried, at most
-        engine.max_retries times in a row)."""
+    def poll_replacements(self) -> None:
+        """Take in the slots whose actor came up since the last look (a failed start is retried,
+        at most engine.max_retries times in a row)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         starting = {slot.starting: slot for slot in self.slots if slot.starting is not None}
         if not starting:
-            return []
+            return
         ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
-        joined = []
         for ref in ready:
             slot = starting[ref]
             try:
                 self._came_up(slot, ray.get(ref))
-                joined.append(slot)
                 self.say(f"  worker {slot.index} is up on node {slot.node[:8]}... and takes work again")
             except (RayActorError, RayTaskError) as exc:
                 slot.failed_starts += 1
@@ -337,7 +335,6 @@ class RayBackend(Backend):
                              f"its place stays empty: {exc}")
                 else:
                     self._launch(slot)
-        return joined
 
     def _await_live(self, what: str) -> list[int]:
         """The live workers; when none is left, wait (engine.reserve_timeout_s, progress lines)
@@ -397,8 +394,9 @@ class RayBackend(Backend):
     def _execute(self, costs: Sequence[float], submit, what: str, after_submit=None
                  ) -> tuple[dict[int, Any], list[int]]:
         """Run units 0..n-1 (submit(actor, unit) -> (reference to wait on, whether that task runs
-        on the coordinator)) on the live workers, LPT by cost. A unit whose worker died (or whose result was lost with its node) goes to
-        the least-loaded live worker. Returns ({unit: value}, units that failed every retry)."""
+        on the coordinator)) on the live workers, LPT by cost. A unit whose worker died (or whose
+        result was lost with its node) goes to the least-loaded live worker. Returns
+        ({unit: value}, units that failed every retry)."""
         import ray
         from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 

@@ -244,15 +244,13 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
         return _tiny_backbone(name, modality, seed)
     if name in _SHIPPED:  # a hub id or folder (a plug-in returned above)
         model = _load_shipped(name, modality)
-        if modality == "image" and hasattr(model, "pooler"):
-            model.pooler = None  # as below
-        return model
-    try:
-        model = _auto_class(modality).from_pretrained(model_source(name))
-    except OSError as exc:
-        raise ResourceUnavailableError(
-            f"could not load model {name!r} ({exc}); offline, use a packaged model "
-            "(minilm, efficientnet-lite0, smollm2-135m)") from exc
+    else:
+        try:
+            model = _auto_class(modality).from_pretrained(model_source(name))
+        except OSError as exc:
+            raise ResourceUnavailableError(
+                f"could not load model {name!r} ({exc}); offline, use a packaged model "
+                "(minilm, efficientnet-lite0, smollm2-135m)") from exc
     if modality == "image" and hasattr(model, "pooler"):
         model.pooler = None  # ViT's pooler is unused: CLS or mean pooling happens in AdapterModel
     return model

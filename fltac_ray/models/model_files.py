@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +61,7 @@ class ModelFiles:
         try:
             os.replace(staging, folder)
         except OSError:  # another worker of this node installed it first
-            for path in staging.iterdir():
-                path.unlink()
-            staging.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
         return folder
 
 
