@@ -21,6 +21,10 @@ Sections (run in this order)
            orchestration (everything but the local training steps).
   batched  batched multi-adapter training against one-by-one training of the same jobs, in one
            process on one thread: speedup.
+  precision  the frozen base in float32 against bfloat16 (model.dtype) on this CPU: step time of
+           batched and one-by-one training (one thread), and the engine's round at 100 clients
+           (10 local steps of batch 16, length 32) in both dtypes against the float32 sequential
+           loop, with each run's final accuracy.
   kmeans   FL-TAC's server clustering of 1000 MiniLM rank-1 adapters (scikit-learn; cuML when a
            GPU and cuML are present).
   multinode  the engine on a Ray cluster of a head (driver and coordinator, no CPU) and 3 nodes of
@@ -57,6 +61,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fltac_ray.config import ExperimentConfig, build_config  # noqa: E402
 from fltac_ray.engine.callbacks import Callback  # noqa: E402
+from fltac_ray.engine.gpu_fit import AUTO_ADAPTERS_CPU  # noqa: E402
 from fltac_ray.engine.messages import TrainJob  # noqa: E402
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation  # noqa: E402
 from fltac_ray.engine.simulation import Simulation  # noqa: E402
@@ -231,6 +236,88 @@ def bench_batched(quick: bool) -> dict:
     return out
 
 
+def precision_workload(quick: bool, dtype: str, **engine) -> ExperimentConfig:
+    """100 clients, 10 local steps of batch 16 per task, length 32 (the data default), 3 rounds:
+    round 1 warms up, round 2 is timed, round 3 is timed and evaluates every adapter."""
+    config = experiment(quick, f"bench_precision_{dtype}", clients=20 if quick else 100, rounds=3,
+                        local_steps=2 if quick else 10, batch_size=16, train_per_task=2000 if quick else 20_000,
+                        **engine)
+    config.model.dtype = dtype
+    return config
+
+
+def bench_precision(quick: bool) -> dict:
+    """float32 against bfloat16 for the frozen base (model.dtype), on this CPU: the step time of
+    batched and one-by-one training in one process on one thread, and the engine's round in
+    bfloat16 against the float32 sequential loop, with the final accuracy of each."""
+    import torch
+
+    from fltac_ray.batched_training import AdapterJob, train_batched
+    from fltac_ray.data.encoding import make_featurizer
+    from fltac_ray.data.federated import build_federated_data
+    from fltac_ray.models.adapter_model import AdapterModel
+    from fltac_ray.models.builders import load_backbone
+    from fltac_ray.precision import DTYPES
+    from fltac_ray.training import train_adapter
+
+    say(f"[precision] float32 vs bfloat16 base ({torch.backends.cpu.get_cpu_capability()} CPU)")
+    torch.set_num_threads(1)
+    config = precision_workload(quick, "float32")
+    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
+    names, cpu, steps, batch = list(data.tasks), torch.device("cpu"), config.train.local_steps, config.train.batch_size
+    adapters = 4 if quick else 8
+    out: dict = {"step_seconds": {}}
+    for dtype in ("float32", "bfloat16"):
+        model = AdapterModel(load_backbone(config.model.name, "text", dtype=DTYPES[dtype]), config.model,
+                             data.head_classes, 0)
+        start = model.get_adapter()
+        jobs = [AdapterJob(start, data.tasks[names[j % 3]].train, np.arange(j * 64, j * 64 + 64),
+                           data.tasks[names[j % 3]].num_classes, steps, np.random.default_rng(j)) for j in range(adapters)]
+        train_batched(model, jobs[:1], batch, config.train.lr, 0.0, cpu)  # warm-up (first-call kernels)
+        began = time.perf_counter()
+        batched = train_batched(model, jobs, batch, config.train.lr, 0.0, cpu)
+        batched_s = (time.perf_counter() - began) / steps
+        began = time.perf_counter()
+        for j, job in enumerate(jobs):
+            train_adapter(model, job.start, job.split, job.indices, job.num_classes, steps, batch, config.train.lr,
+                          0.0, np.random.default_rng(j), cpu)
+        single_s = (time.perf_counter() - began) / (steps * adapters)
+        loss = float(np.mean([o.mean_loss for o in batched]))
+        out["step_seconds"][dtype] = {"batched_step": batched_s, "one_adapter_step": single_s, "mean_loss": loss}
+        say(f"  {dtype}: batched step of {adapters} adapters x {batch} examples {batched_s * 1000:.0f} ms, "
+            f"one adapter's step {single_s * 1000:.1f} ms; mean training loss {loss:.4f}")
+    full, half = out["step_seconds"]["float32"], out["step_seconds"]["bfloat16"]
+    for kind in ("batched_step", "one_adapter_step"):
+        say(f"  RATIO bfloat16/float32 step time ({kind.replace('_', ' ')}) = {half[kind] / full[kind]:.2f}")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    # The engine's round against the float32 sequential loop (engine.backend local, one adapter
+    # at a time on all threads), same data, seeds and steps; rounds 2 and 3 timed.
+    threads = torch.get_num_threads()
+    runs = {"loop float32": precision_workload(quick, "float32", backend="local", batched_training=False,
+                                               cpus_per_worker=float(threads)),
+            "engine float32": precision_workload(quick, "float32"),
+            "engine bfloat16": precision_workload(quick, "bfloat16")}
+    seconds, accuracy = {}, {}
+    for label, workload in runs.items():
+        result = run_engine(workload)
+        timed = result.rounds[result.rounds["round"] >= 2]
+        seconds[label] = float((timed["train_seconds"] + timed["aggregate_seconds"]).mean())
+        final = result.metrics[result.metrics["round"] == result.metrics["round"].max()]
+        accuracy[label] = float(np.average(final["accuracy"], weights=final["test_samples"]))
+        say(f"  {label}: {seconds[label]:.2f} s/round (training + aggregation, rounds 2-3), final accuracy "
+            f"{accuracy[label]:.4f}")
+    base = seconds["loop float32"]
+    for label in ("engine float32", "engine bfloat16"):
+        say(f"  RATIO {label} / loop float32 seconds per round = {seconds[label] / base:.2f}"
+            + ("  (target <= 0.3)" if "bfloat16" in label else ""))
+    gap = 100 * (accuracy["engine bfloat16"] - accuracy["loop float32"])
+    say(f"  accuracy, engine bfloat16 - loop float32 = {gap:+.2f} points  (target within 1 point)")
+    out.update(seconds=seconds, accuracy=accuracy, engine_bf16_over_loop=seconds["engine bfloat16"] / base,
+               accuracy_gap_points=gap)
+    return out
+
+
 def bench_scale(quick: bool, sizes: tuple[int, ...] | None = None) -> dict:
     sizes = sizes or ((10, 50, 100) if quick else (10, 100, 500, 1000))
     say(f"[scale] clients per round {list(sizes)}: 1 local step of batch 4 per adapter, 2 rounds "
@@ -316,7 +403,7 @@ def bench_partial(quick: bool) -> dict:
             sampled = sample_clients(config.seed, round_index, active, 0.1)
             jobs = [TrainJob((c, slot), (task,), 1, (config.train.local_steps,))
                     for c in sampled for slot, task in enumerate(data.clients[c].tasks)]
-            passes = plan_passes(jobs, config.engine.max_batched_adapters, pool, batched=True)
+            passes = plan_passes(jobs, AUTO_ADAPTERS_CPU, pool, batched=True)  # max_batched_adapters: auto on a CPU
             plan = assign_lpt([sum(j.cost for j in p) for p in passes], list(range(pool)))
             per_round.append(utilisation([sum(sum(j.cost for j in passes[i]) for i in items)
                                           for items in plan.values()]))
@@ -523,7 +610,8 @@ def bench_multinode(quick: bool) -> dict:
 # scale first: its memory figures count this process as the driver, before other sections load
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
-            "batched": bench_batched, "kmeans": bench_kmeans, "multinode": bench_multinode}
+            "batched": bench_batched, "precision": bench_precision, "kmeans": bench_kmeans,
+            "multinode": bench_multinode}
 
 
 def main() -> int:

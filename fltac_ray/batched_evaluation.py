@@ -65,7 +65,7 @@ def evaluate_batched(model: AdapterModel, items: list[EvalItem], batch_examples:
     for rows in batches:
         inputs = {key: torch.from_numpy(value[rows]).to(device) for key, value in combined.items()}
         route = torch.from_numpy(route_all[rows]).to(device)
-        with routed(model, stacked, route):
+        with routed(model, stacked, route), model.autocast():
             logits = task_logits(model, stacked, inputs, route, torch.from_numpy(classes_all[rows]).to(device))
         labels = torch.from_numpy(labels_all[rows]).to(device)
         losses = F.cross_entropy(logits.float(), labels, reduction="none").double().cpu().numpy()

@@ -152,14 +152,16 @@ def _denominators(jobs: list[AdapterJob], chosen: list[np.ndarray], generation: 
 
 
 def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[AdapterJob],
-                     chosen: list[np.ndarray], device: torch.device) -> torch.Tensor:
+                     chosen: list[np.ndarray], device: torch.device, loss_scale: float = 1.0) -> torch.Tensor:
     """One step's gradients, accumulated into the stacked adapters; returns (len(jobs),) each
     job's mean loss on its own samples of the combined batch (detached).
 
     The objective is the sum of every job's own mean loss, so adapter j's gradient is exactly
     that of job j's mean. Each sample's loss is divided by its job's denominator up front, which
     lets every length bucket run its own forward and backward: only one bucket's activations are
-    alive at a time (the peak is the largest bucket's, not the whole pass's)."""
+    alive at a time (the peak is the largest bucket's, not the whole pass's). Forward passes
+    run under autocast to the base's dtype; `loss_scale` multiplies what is differentiated
+    (float16 loss scaling), not the returned means."""
     sizes = [len(c) for c in chosen]
     route_all = np.repeat(np.arange(len(jobs)), sizes)  # (batch,) job of each sample
     combined = combine_inputs([(job.split, c) for job, c in zip(jobs, chosen, strict=True)])
@@ -174,15 +176,17 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
         route = torch.from_numpy(route_all[rows]).to(device)
         scale = torch.from_numpy(scale_all[rows]).to(device=device, dtype=torch.float32)
         with routed(model, stacked, route):
-            if generation:  # causal LM: CE summed over each sample's response tokens
-                token_losses, _, scored = model.lm_token_scores(**inputs)
-                sample_losses = (token_losses * scored).sum(1)
-            else:
-                logits = task_logits(model, stacked, inputs, route, torch.from_numpy(classes_all[rows]).to(device))
-                labels = torch.from_numpy(labels_all[rows]).to(device)
-                sample_losses = F.cross_entropy(logits, labels, reduction="none")
+            with model.autocast():
+                if generation:  # causal LM: CE summed over each sample's response tokens
+                    token_losses, _, scored = model.lm_token_scores(**inputs)
+                    sample_losses = (token_losses * scored).sum(1)
+                else:
+                    logits = task_logits(model, stacked, inputs, route,
+                                         torch.from_numpy(classes_all[rows]).to(device))
+                    labels = torch.from_numpy(labels_all[rows]).to(device)
+                    sample_losses = F.cross_entropy(logits.float(), labels, reduction="none")
             weighted = sample_losses.float() * scale  # (bucket,) each sample's share of its job's mean
-            weighted.sum().backward()  # the bucket's graph is freed here
+            (weighted.sum() * loss_scale).backward()  # the bucket's graph is freed here
         means.index_add_(0, route, weighted.detach())
     return means
 
@@ -197,6 +201,8 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
         return []
     if len({job.signature() for job in jobs}) > 1:
         raise ValueError("train_batched needs jobs whose inputs share shapes and dtypes; group them by signature()")
+    from fltac_ray.precision import LossScale
+
     order = sorted(range(len(jobs)), key=lambda j: -jobs[j].steps)  # finished jobs drop off the end
     ordered = [jobs[j] for j in order]
     stacked = StackedAdapters(model, np.stack([job.start for job in ordered]), device)
@@ -204,6 +210,8 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     hold = FrozenEntries(stacked.parameters(), model.adapter_layout(), frozen)
     cursors = [BatchCursor(job.indices, batch_size, job.rng) for job in ordered]
     history: list[list[float]] = [[] for _ in ordered]
+    # float16: one loss scale for the pass (GradScaler's rule over all its adapters together)
+    scaling = LossScale.for_dtype(model.compute_dtype)
     model.train()
     for step in range(ordered[0].steps):
         active = sum(1 for job in ordered if job.steps > step)
@@ -211,8 +219,11 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
         for param in stacked.parameters():
             param.grad = None
         # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
-        losses = _accumulate_step(model, stacked, ordered[:active], chosen, device)
-        optimizer.step(active)
+        losses = _accumulate_step(model, stacked, ordered[:active], chosen, device, scaling.scale)
+        stepped = scaling.unscale(stacked.parameters())
+        if stepped:
+            optimizer.step(active)
+        scaling.update(stepped)
         hold.restore()
         for j, value in enumerate(losses.detach().cpu().tolist()):
             history[j].append(value)
@@ -221,3 +232,23 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     for position, j in enumerate(order):
         outcomes[j] = TrainOutcome(vectors[position], float(np.mean(history[position])))
     return outcomes  # type: ignore[return-value]
+
+
+def measure_bytes_per_example(model: AdapterModel, split: EncodedSplit, rows: np.ndarray, num_classes: int,
+                              device: torch.device) -> float:
+    """CUDA: peak activation bytes per example of one batched training step on `rows` (pick the
+    longest examples: buckets pad to their longest), what engine.max_batched_adapters: auto
+    divides the free memory by (engine/gpu_fit.adapters_that_fit)."""
+    if device.type != "cuda":
+        raise ValueError("measure_bytes_per_example reads CUDA's allocator statistics")
+    job = AdapterJob(model.get_adapter(), split, rows, num_classes, 1, np.random.default_rng(0))
+    stacked = StackedAdapters(model, job.start[None], device)
+    model.train()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _accumulate_step(model, stacked, [job], [rows], device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del stacked
+    return peak / max(len(rows), 1)

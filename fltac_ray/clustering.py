@@ -53,8 +53,10 @@ def kmeans_labels(vectors: np.ndarray, n_clusters: int, seed: int, n_init: int, 
     if backend == "cuml":
         from cuml.cluster import KMeans as CuKMeans
 
-        model = CuKMeans(n_clusters=n_clusters, random_state=seed, n_init=n_init)
-        return np.asarray(model.fit_predict(vectors.astype(np.float32))).astype(np.int64)
+        # cuML copies host arrays to the GPU; float32 C-order is its native layout (anything else
+        # costs a conversion pass there), and numpy output avoids a cupy round trip.
+        model = CuKMeans(n_clusters=n_clusters, random_state=seed, n_init=n_init, output_type="numpy")
+        return np.asarray(model.fit_predict(np.ascontiguousarray(vectors, dtype=np.float32))).astype(np.int64)
     from sklearn.cluster import KMeans
 
     in_place = scratch and vectors.flags.writeable and vectors.flags.c_contiguous

@@ -178,6 +178,22 @@ class ModelConfig(_Section):
         description="Side images are resized to (default: the model's own, 64 for EfficientNet).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Precision of the frozen base, which runs under autocast in it (adapters, "
+        "head and optimizer state stay float32; float16 trains with loss scaling). auto: "
+        "float32 on the CPU, bfloat16 on CUDA (float16 on GPUs without bfloat16).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute the base's layer activations in backward instead of keeping "
+        "them (Hugging Face models): less activation memory per token, ~1/3 more compute.",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none",
+        description="Load the frozen base's linear layers quantised with bitsandbytes (CUDA "
+        "only; pip install 'fltac-ray[gpu]'): 8bit ~1 byte, 4bit (NF4) ~0.5 byte per weight.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -313,9 +329,12 @@ class EngineConfig(_Section):
         "classification tasks the same way (FLoRAL always works one adapter at a time). Same "
         "results to float rounding with dropout off; off: one by one.",
     )
-    max_batched_adapters: int = Field(
-        default=32, ge=1,
-        description="Most adapters per combined pass (activations: this x train.batch_size examples).",
+    max_batched_adapters: int | Literal["auto"] = Field(
+        default="auto",
+        description="Most adapters per combined pass (activations: this x train.batch_size "
+        "examples). auto: 32 on the CPU; on CUDA as many as the GPU's free memory holds, from "
+        "the model's activation bytes per token measured by each worker at start "
+        "(engine/gpu_fit.py), recorded in config.yaml.",
     )
     max_pass_examples: int = Field(
         default=128, ge=1,
@@ -331,14 +350,30 @@ class EngineConfig(_Section):
         "written to config.yaml. Results depend on the passes, never on which worker runs them.",
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs per client worker.")
-    gpus_per_worker: float = Field(
-        default=0.0, ge=0, description="Ray GPUs per client worker; fractions share one GPU."
+    gpus_per_worker: float | None = Field(
+        default=None, ge=0,
+        description="Ray GPUs per client worker; fractions share one GPU, each with its own copy "
+        "of the base (a preflight refuses layouts that do not fit). Default: 1 (one worker per "
+        "GPU, training its adapters batched) when the cluster has GPUs, else 0.",
     )
     coordinator_cpus: float = Field(
         default=0.0, ge=0, description="Ray CPUs reserved for the coordinator actor."
     )
+    coordinator_gpus: float = Field(
+        default=0.0, ge=0,
+        description="Ray GPUs reserved for the coordinator (a fraction is fine): cuML K-means "
+        "runs on it (federation.clustering_backend auto/cuml); with 0 it sees no GPU.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None, gt=0,
+        description="Memory of one GPU of the worker nodes, for the fit preflight before any "
+        "actor starts; default: read from this machine's GPU or the nodes' accelerator type. "
+        "Workers check their real GPU again at start.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="Torch device in workers (auto: cuda when the worker has one)."
+        default="auto",
+        description="Torch device in workers: auto is cuda only when Ray assigned the worker a "
+        "GPU (workers without one see none).",
     )
     actor_timeout_s: float = Field(
         default=1800.0, gt=0, description="Longest wait for one actor call before the run fails."
@@ -370,11 +405,11 @@ class EngineConfig(_Section):
         "right after its training for that round is submitted.",
     )
 
-    @field_validator("gpus_per_worker")
+    @field_validator("gpus_per_worker", "coordinator_gpus")
     @classmethod
-    def _ray_gpu_fraction(cls, value: float) -> float:
+    def _ray_gpu_fraction(cls, value: float | None) -> float | None:
         # Ray accepts fractions below one GPU, or whole GPUs, never 1.5.
-        if value > 1 and not float(value).is_integer():
+        if value is not None and value > 1 and not float(value).is_integer():
             raise ValueError("must be a fraction in [0, 1] or a whole number of GPUs")
         return value
 
@@ -503,6 +538,15 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"engine.kill_worker_at = {list(self.engine.kill_worker_at)}: fault injection needs "
                 "engine.backend: ray (the local backend has no workers to lose)")
+        if self.model.quantization != "none" and self.engine.device == "cpu":
+            raise ValueError(
+                f"model.quantization = {self.model.quantization!r}: bitsandbytes quantisation runs on "
+                "CUDA only, and engine.device is 'cpu'; use model.quantization: none (model.dtype: "
+                "bfloat16 halves the base on the CPU)")
+        if self.model.quantization != "none" and modality not in ("text", "causal_lm"):
+            raise ValueError(
+                f"model.quantization = {self.model.quantization!r}: only for Hugging Face text and "
+                f"causal-LM models (this experiment's tasks are {modality})")
         cpa = self.engine.clients_per_actor
         if cpa is not None and self.engine.num_workers is not None:
             raise ValueError(

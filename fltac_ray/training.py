@@ -31,10 +31,11 @@ def batch_tensors(split: EncodedSplit, index: np.ndarray, device: torch.device) 
 
 def _batch_loss(model: AdapterModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
                 num_classes: int) -> torch.Tensor:
-    if num_classes == 0:  # instruction task: mean CE over this batch's response tokens
-        loss_sum, _, tokens = model.lm_scores(**inputs)
-        return loss_sum / max(tokens, 1)
-    return F.cross_entropy(model(**inputs, num_classes=num_classes), labels)
+    with model.autocast():  # the base's dtype; the loss itself on float32 logits
+        if num_classes == 0:  # instruction task: mean CE over this batch's response tokens
+            loss_sum, _, tokens = model.lm_scores(**inputs)
+            return loss_sum / max(tokens, 1)
+        return F.cross_entropy(model(**inputs, num_classes=num_classes).float(), labels)
 
 
 @dataclass
@@ -76,13 +77,19 @@ def train_adapter(
     frozen: np.ndarray | None = None,
 ) -> TrainOutcome:
     """Run `steps` AdamW steps from `start` on batches of `indices` (reshuffled every epoch).
-    `frozen`: (adapter_size,) bool, entries held at their start value (FFA-LoRA's A)."""
+    `frozen`: (adapter_size,) bool, entries held at their start value (FFA-LoRA's A). A float16
+    base trains with loss scaling (precision.LossScale): a step whose gradients overflow is
+    skipped, as torch's GradScaler does."""
+    from fltac_ray.precision import LossScale
+
     model.set_adapter(start)
     hold = FrozenEntries(model.adapter_parameters(), model.adapter_layout(), frozen)
     model.train()
     # A fresh optimizer per (client, task, round), as in the reference implementation.
     optimizer = torch.optim.AdamW(model.optimizer_groups(lr), lr=lr, weight_decay=weight_decay)
     batches = BatchCursor(indices, batch_size, rng)
+    scaling = LossScale.for_dtype(model.compute_dtype)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for _ in range(steps):
         chosen = batches.next()
@@ -90,8 +97,11 @@ def train_adapter(
         labels = torch.from_numpy(split.labels[chosen]).to(device)
         loss = _batch_loss(model, inputs, labels, num_classes)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        (loss * scaling.scale).backward()
+        stepped = scaling.unscale(trained)
+        if stepped:
+            optimizer.step()
+        scaling.update(stepped)
         hold.restore()
         losses.append(loss.item())
     return TrainOutcome(model.get_adapter(), float(np.mean(losses)))
@@ -177,7 +187,8 @@ def evaluate_adapter(
         chosen = indices[lo:lo + batch_size]
         inputs = batch_tensors(split, chosen, device)
         if num_classes == 0:
-            batch_loss, batch_correct, tokens = model.lm_scores(**inputs)
+            with model.autocast():
+                batch_loss, batch_correct, tokens = model.lm_scores(**inputs)
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
             scored += tokens
@@ -186,7 +197,8 @@ def evaluate_adapter(
                 rouge.extend(scores)
                 judged.extend(judge_scores)
             continue
-        logits = model(**inputs, num_classes=num_classes)
+        with model.autocast():
+            logits = model(**inputs, num_classes=num_classes).float()
         labels = torch.from_numpy(split.labels[chosen]).to(device)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == labels).sum())

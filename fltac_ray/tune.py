@@ -152,7 +152,10 @@ class _TuneReporter(Callback):
 def _trial(params: dict, spec_raw: dict, base_raw: dict, sweep_dir: str) -> None:
     from ray import tune
 
+    from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
     from fltac_ray.engine.simulation import Simulation
+
+    hide_unassigned_gpus()  # the trial's driver holds no GPU: its workers get theirs from Ray
 
     spec = SweepSpec.model_validate(spec_raw)
     trial_id = tune.get_context().get_trial_id()

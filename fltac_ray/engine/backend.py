@@ -33,6 +33,11 @@ class Backend:
     def replan(self, round_index: int) -> None:
         """At a round's start: take in workers that came up, drop lost ones (a fixed pool: none)."""
 
+    def pass_limits(self) -> tuple[int, int]:
+        """(engine.max_batched_adapters, engine.max_pass_examples) as the run resolved them at start."""
+        engine = self.config.engine
+        return int(engine.max_batched_adapters), engine.max_pass_examples
+
     def live_workers(self) -> list[int]:
         """The indices of the workers that take work now (reports name them)."""
         return [0]

@@ -34,6 +34,8 @@ from fltac_ray.engine.messages import (
 )
 from fltac_ray.models.model_files import ModelFiles
 
+TRIM_EVERY_ADAPTERS = 32  # one-by-one training gives freed memory back after this many adapters
+
 
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
@@ -78,6 +80,7 @@ class ClientWorker:
             load_backbone,
             use_shipped_files,
         )
+        from fltac_ray.precision import dtype_name, resolve_dtype
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         if model_files is not None:
@@ -86,30 +89,46 @@ class ClientWorker:
         self.worker_index = worker_index
         self.config = config
         torch.set_num_threads(max(1, threads))
+        # engine.device auto: CUDA when this process sees a GPU; a Ray worker without a GPU of
+        # its own sees none (engine/gpu_visibility.py hides the others before this runs).
         wants_cuda = config.engine.device in ("auto", "cuda")
         self.device = torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.tasks = tasks
         self.shards = {shard.client_id: shard for shard in clients}
         self.algorithm = create_algorithm(config, cls=algorithm_class)  # its client hooks
         modality = config.data.modality
         name, feature_dim = config.model.name, config.data.feature_dim
+        quantized = config.model.quantization != "none"
+        # A quantised base is bitsandbytes' own layout on the GPU: it cannot be exported to the
+        # node's cache, so each such worker loads its own.
+        node_cache = node_cache and not quantized
+        if self.device.type == "cuda":
+            from fltac_ray.engine.gpu_fit import check_worker_gpu
+
+            check_worker_gpu(config, self.device)  # before a byte of the base reaches the GPU
         self.loaded_base = not node_cache
         if node_cache:
-            description = BaseDescription(name, modality, config.seed, feature_dim)
+            description = BaseDescription(name, modality, config.seed, feature_dim, dtype_name(self.dtype))
             weights, self.loaded_base = node_base_weights(description, config.engine.base_cache_dir)
             encoder = backbone_from_weights(name, modality, weights, feature_dim)
         else:
-            encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim)
+            encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim, dtype=self.dtype,
+                                    quantization=config.model.quantization, device=self.device)
         tensors = {t.data_ptr(): t.numel() * t.element_size() for t in encoder.state_dict().values()}
         self.base_bytes = sum(tensors.values())  # tied tensors once
         self.model = AdapterModel(encoder, config.model, head_classes, config.seed, modality=modality,
                                   **self.algorithm.model_options())
-        self.model.to(self.device)
+        if not quantized:  # bitsandbytes placed the quantised base already
+            self.model.to(self.device)
+        else:
+            self.model.place_beside_quantized_base(self.device)
         self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index())
         self.algorithm.setup(self.spec)
         self.frozen = self._frozen_entries()
         self.batched = config.engine.batched_training and self._batchable()
         self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
+        self.adapters_fit = self._adapters_that_fit()
         self.generation = self._generation_settings() if modality == "causal_lm" else None
 
     def _frozen_entries(self) -> np.ndarray | None:
@@ -124,6 +143,29 @@ class ClientWorker:
         except UnsupportedBatching:
             return False  # e.g. FLoRAL: trains one adapter at a time (describe() says so)
         return True
+
+    def _adapters_that_fit(self) -> int | None:
+        """On CUDA, for engine.max_batched_adapters: auto: adapters of train.batch_size examples
+        whose batched step fits the free memory, from one measured step on the longest examples
+        of the widest task; None on the CPU (the driver then uses gpu_fit.AUTO_ADAPTERS_CPU)."""
+        if self.device.type != "cuda" or not self.batched or self.config.engine.max_batched_adapters != "auto":
+            return None
+        import torch
+
+        from fltac_ray.batched_training import measure_bytes_per_example
+        from fltac_ray.engine.gpu_fit import adapters_that_fit
+
+        def width(bundle: TaskBundle) -> int:
+            lengths = bundle.train.inputs.get("lengths")
+            return int(lengths.max()) if lengths is not None else 0
+
+        bundle = max(self.tasks.values(), key=width)
+        lengths = bundle.train.inputs.get("lengths")
+        count = min(4, len(bundle.train.labels))
+        rows = np.sort(np.argsort(-lengths, kind="stable")[:count]) if lengths is not None else np.arange(count)
+        per_example = measure_bytes_per_example(self.model, bundle.train, rows, bundle.num_classes, self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return adapters_that_fit(free, per_example, self.config.train.batch_size)
 
     def _generation_settings(self):
         from fltac_ray.models.builders import eos_token_id, load_tokenizer
@@ -141,14 +183,19 @@ class ClientWorker:
 
     # --- set-up -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
+        from fltac_ray.precision import dtype_name
+
         return {
             "worker": self.worker_index,
             "pid": os.getpid(),
             "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
             "spec": self.spec,
             "batched": self.batched,
             "loaded_base": self.loaded_base,  # False: mapped the node's copy another worker wrote
             "base_bytes": self.base_bytes,
+            "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # what Ray left this process
+            "adapters_fit": self.adapters_fit,  # engine.max_batched_adapters: auto on CUDA, else None
         }
 
     def initial_adapters(self, count: int) -> np.ndarray:
@@ -212,7 +259,7 @@ class ClientWorker:
             private[job.key] = self.model.get_private()
             out[row] = vector
             losses_of.append(losses)
-            if (row + 1) % self.config.engine.max_batched_adapters == 0:
+            if (row + 1) % TRIM_EVERY_ADAPTERS == 0:
                 self.trim_heap()  # one unit: as many adapters as a batched pass holds
         return losses_of
 
@@ -287,15 +334,18 @@ class ClientWorker:
         return result, report
 
     # --- evaluation -------------------------------------------------------------------------
-    def evaluate(self, jobs: list[EvalJob], state: StateView) -> list[EvalRecord]:
+    def evaluate(self, jobs: list[EvalJob], state: StateView, max_adapters: int,
+                 max_examples: int) -> list[EvalRecord]:
         """Each job's committed adapter (v^0 if never trained) on its client's own test
         examples, per task. Classification tasks of a batching worker go through the batched
         (routed) path, many adapters per forward pass (batched_evaluation.py); instruction
-        tasks, and workers that train one adapter at a time, evaluate adapter by adapter."""
+        tasks, and workers that train one adapter at a time, evaluate adapter by adapter.
+        `max_adapters`, `max_examples`: the run's resolved engine.max_batched_adapters and
+        engine.max_pass_examples (the driver's, so every worker cuts alike)."""
         from fltac_ray.batched_evaluation import EvalItem, evaluate_batched
         from fltac_ray.training import EvalOutcome, evaluate_adapter
 
-        engine, train = self.config.engine, self.config.train
+        train = self.config.train
         outcomes: dict[tuple[int, str], EvalOutcome] = {}
         batchable: dict[tuple, list[tuple[tuple[int, str], EvalItem]]] = {}  # by input signature
         for position, job in enumerate(jobs):
@@ -313,10 +363,9 @@ class ClientWorker:
                     self.model, vector, bundle.test, indices, bundle.num_classes, train.eval_batch_size,
                     self.device, self.generation)
         for group in batchable.values():
-            for lo in range(0, len(group), engine.max_batched_adapters):
-                part = group[lo:lo + engine.max_batched_adapters]
-                results = evaluate_batched(self.model, [item for _, item in part], engine.max_pass_examples,
-                                           self.device)
+            for lo in range(0, len(group), max_adapters):
+                part = group[lo:lo + max_adapters]
+                results = evaluate_batched(self.model, [item for _, item in part], max_examples, self.device)
                 outcomes.update(zip([where for where, _ in part], results, strict=True))
         records = []
         for position, job in enumerate(jobs):  # the one-by-one order: job, then its tasks

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.engine.backend import Backend
+from fltac_ray.engine.gpu_fit import resolve_pass_limits
 from fltac_ray.engine.messages import (
     EvalJob,
     EvalRecord,
@@ -35,6 +36,7 @@ class LocalBackend(Backend):
         self.worker = ClientWorker(0, self.config, self.algorithm_class, self.data.clients, self.data.tasks,
                                    self.data.head_classes, max(1, int(engine.cpus_per_worker)))
         described = self.worker.describe()
+        resolve_pass_limits(engine, [described["adapters_fit"]], self.config.train.batch_size)
         self.server = Server(self.config, self.algorithm_class, described["spec"])
         return {"workers": 1, "device": described["device"], "batched": described["batched"],
                 "spec": described["spec"], "kmeans_backend": self.server.clustering_backend(),
@@ -79,4 +81,4 @@ class LocalBackend(Backend):
 
     def evaluate(self, round_index: int, chunks: list[list[EvalJob]]) -> list[EvalRecord]:
         state = self.server.state_view()
-        return [record for jobs in chunks for record in self.worker.evaluate(jobs, state)]
+        return [record for jobs in chunks for record in self.worker.evaluate(jobs, state, *self.pass_limits())]

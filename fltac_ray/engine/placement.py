@@ -17,9 +17,11 @@ def plan_worker_count(num_clients: int, engine: EngineConfig, cpus: float, gpus:
     now, since the backend waits for it (engine.reserve_timeout_s); the automatic pool is what
     fits now, at least one worker."""
     free_cpus = cpus - engine.coordinator_cpus
+    free_gpus = gpus - engine.coordinator_gpus
+    gpus_per_worker = engine.gpus_per_worker or 0.0  # None (unresolved): the backend resolves it first
     fit = math.floor(free_cpus / engine.cpus_per_worker + 1e-9)
-    if engine.gpus_per_worker > 0:
-        fit = min(fit, math.floor(gpus / engine.gpus_per_worker + 1e-9))
+    if gpus_per_worker > 0:
+        fit = min(fit, math.floor(free_gpus / gpus_per_worker + 1e-9))
     if engine.clients_per_actor is not None:
         wanted = math.ceil(num_clients / engine.clients_per_actor)
         field, value = "engine.clients_per_actor", engine.clients_per_actor
@@ -32,12 +34,12 @@ def plan_worker_count(num_clients: int, engine: EngineConfig, cpus: float, gpus:
         return min(wanted, num_clients)
     if wanted < 1 or wanted > fit:
         need = f"{wanted} workers x {engine.cpus_per_worker} CPU"
-        if engine.gpus_per_worker > 0:
-            need += f" and x {engine.gpus_per_worker} GPU"
+        if gpus_per_worker > 0:
+            need += f" and x {gpus_per_worker} GPU"
         raise ConfigError([ConfigIssue(
             field or "engine.cpus_per_worker",
             value if field else engine.cpus_per_worker,
-            f"needs {need} (+ {engine.coordinator_cpus} CPU for the coordinator) but the Ray "
+            f"needs {need} (+ {engine.coordinator_cpus} CPU, {engine.coordinator_gpus} GPU for the coordinator) but the Ray "
             f"cluster has {cpus:g} CPU and {gpus:g} GPU; lower engine.cpus_per_worker / "
             "engine.gpus_per_worker (fractions are fine) or use fewer workers",
         )])

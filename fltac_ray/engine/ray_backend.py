@@ -29,11 +29,37 @@ import numpy as np
 
 from fltac_ray.engine.backend import Backend
 from fltac_ray.engine.client_worker import ClientWorker
+from fltac_ray.engine.gpu_fit import (
+    GIB,
+    GpuFit,
+    base_bytes_for,
+    check_layout,
+    default_gpus_per_worker,
+    gpu_memory_of,
+    resolve_pass_limits,
+    workers_per_gpu,
+)
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
+from fltac_ray.engine.server import Server
 from fltac_ray.errors import EngineError
 
 RESERVE_REPORT_S = 10.0  # a progress line this often while the pool is waited for
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _accelerator_types() -> list[str]:
+    """The GPU models Ray detected on the live nodes (its accelerator_type:<name> resources).
+    GPUs only declared to Ray (num_gpus on a machine without one: scheduling tests) have none."""
+    import ray
+
+    return sorted({key.split(":", 1)[1] for node in ray.nodes() if node["Alive"]
+                   for key in node["Resources"] if key.startswith("accelerator_type:")})
 
 
 class WorkerLost(EngineError):
@@ -52,12 +78,30 @@ def ship_by_value(cls: type) -> None:
 
 
 class RayClientWorker(ClientWorker):
-    """The client worker as a Ray actor: it also says which node it runs on."""
+    """The client worker as a Ray actor: it sees only the GPU Ray gave it (none with
+    engine.gpus_per_worker 0, so engine.device auto means the CPU), and says which node it runs on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
+
+        hide_unassigned_gpus()
+        super().__init__(*args, **kwargs)
 
     def describe(self) -> dict[str, Any]:
         import ray
 
         return {**super().describe(), "node": ray.get_runtime_context().get_node_id()}
+
+
+class Coordinator(Server):
+    """The server as a Ray actor: it sees only the GPU engine.coordinator_gpus reserved (cuML
+    K-means runs there), none without."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
+
+        hide_unassigned_gpus()
+        super().__init__(*args, **kwargs)
 
 
 @dataclass
@@ -188,22 +232,46 @@ class RayBackend(Backend):
         from ray.util import get_current_placement_group
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from fltac_ray.engine.server import Server
-
         engine = self.config.engine
-        options: dict[str, Any] = {"num_cpus": engine.coordinator_cpus}
+        options: dict[str, Any] = {"num_cpus": engine.coordinator_cpus, "num_gpus": engine.coordinator_gpus}
         driver_node = ray.get_runtime_context().get_node_id()
         if get_current_placement_group() is None:
-            node_cpus = next((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
-                              if node["NodeID"] == driver_node and node["Alive"]), 0.0)
-            if node_cpus >= engine.coordinator_cpus:
+            node = next((node["Resources"] for node in ray.nodes() if node["NodeID"] == driver_node and node["Alive"]), {})
+            node_cpus, node_gpus = node.get("CPU", 0.0), node.get("GPU", 0.0)
+            if node_cpus >= engine.coordinator_cpus and node_gpus >= engine.coordinator_gpus:
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(driver_node, soft=False)
             else:
-                self.say(f"  the driver's node has {node_cpus:g} CPU, less than engine.coordinator_cpus = "
-                         f"{engine.coordinator_cpus:g}: the coordinator runs on another node, and losing "
-                         "that node ends the run (give the head node CPUs to avoid this)")
-        self.coordinator = ray.remote(Server).options(**options).remote(self.config, self.algorithm_class)
+                self.say(f"  the driver's node has {node_cpus:g} CPU and {node_gpus:g} GPU, less than "
+                         f"engine.coordinator_cpus = {engine.coordinator_cpus:g} / engine.coordinator_gpus = "
+                         f"{engine.coordinator_gpus:g}: the coordinator runs on another node, and losing "
+                         "that node ends the run (give the head node those resources to avoid this)")
+        self.coordinator = ray.remote(Coordinator).options(**options).remote(self.config, self.algorithm_class)
         self.coordinator_node = self._get(self.coordinator.node.remote(), "starting the coordinator")
+
+    def _check_gpu_fit(self) -> None:
+        """Refuse, before any actor starts, a layout whose per-worker base copies cannot fit one
+        GPU, when the GPUs' memory is known here (engine.gpu_memory_gib, this machine's GPU,
+        or the nodes' Ray accelerator types); the workers check their real GPU again."""
+
+        engine = self.config.engine
+        if not engine.gpus_per_worker:
+            return
+        if engine.gpu_memory_gib is not None:
+            memory, source = engine.gpu_memory_gib, f"engine.gpu_memory_gib = {engine.gpu_memory_gib:g}"
+        elif not self.elastic and _local_cuda():
+            import torch
+
+            memory = torch.cuda.get_device_properties(0).total_memory / GIB
+            source = f"{torch.cuda.get_device_name(0)} on this machine"
+        else:
+            kinds = _accelerator_types()
+            memory, source = gpu_memory_of(kinds), f"accelerator type {'/'.join(kinds)}"
+            if memory is None:
+                return  # unknown here: each worker checks its own GPU before loading the base
+        dtype_bytes = 4 if self.config.model.dtype == "float32" else 2  # auto on CUDA: bfloat16 or float16
+        base = base_bytes_for(self.config, dtype_bytes)
+        fit = GpuFit(workers_per_gpu(engine.gpus_per_worker), base, int(memory * GIB))
+        check_layout(fit, engine.gpus_per_worker, source)
 
     def start(self) -> dict[str, Any]:
         import ray
@@ -214,6 +282,12 @@ class RayBackend(Backend):
 
         engine = self.config.engine
         cpus, gpus = cluster_totals()
+        if engine.gpus_per_worker is None:  # recorded in config.yaml by the run
+            engine.gpus_per_worker = default_gpus_per_worker(gpus, _local_cuda() or bool(_accelerator_types()))
+            if self.elastic and not gpus:
+                self.say("  engine.gpus_per_worker unset and the cluster has no GPU now: CPU workers; on a "
+                         "cluster that adds GPU nodes on demand, set engine.gpus_per_worker: 1")
+        self._check_gpu_fit()
         # Joining a cluster (engine.ray_address): it may grow, so the pool is waited for.
         count = plan_worker_count(len(self.active), engine, cpus, gpus, elastic=self.elastic)
         # The coordinator first: it takes its CPU on the driver's node before the pool's bundles.
@@ -245,10 +319,14 @@ class RayBackend(Backend):
         nodes = set(self.worker_nodes)
         loaded = sum(d["loaded_base"] for d in described)
         how = f"loaded by {loaded} of {count} workers" if loaded else "found in the node cache"
-        self.say(f"  base model {self.config.model.name} ({described[0]['base_bytes'] / 2**20:,.1f} MiB): "
-                 f"{how}, memory-mapped by the workers on {len(nodes)} node(s) from "
-                 f"{engine.base_cache_dir or '<node temp dir>/fltac-ray/bases'}; the driver never loads it")
+        first = described[0]
+        where = (f"copied to each worker's GPU ({first['device']})" if first["device"].startswith("cuda") else
+                 f"memory-mapped by the workers on {len(nodes)} node(s) from "
+                 f"{engine.base_cache_dir or '<node temp dir>/fltac-ray/bases'}")
+        self.say(f"  base model {self.config.model.name} ({first['base_bytes'] / 2**20:,.1f} MiB in {first['dtype']}): "
+                 f"{how}, {where}; the driver never loads it")
         spec = described[0]["spec"]
+        resolve_pass_limits(engine, [d["adapters_fit"] for d in described], self.config.train.batch_size)
         self._get(self.coordinator.setup.remote(spec), "setting up the coordinator")
         kmeans = self._get(self.coordinator.clustering_backend.remote(), "starting the coordinator")
         return {"workers": count, "device": described[0]["device"], "batched": described[0]["batched"],
@@ -485,7 +563,7 @@ class RayBackend(Backend):
         state = self.coordinator.state_view.remote()
 
         def submit(actor, unit):
-            return actor.evaluate.remote(chunks[unit], state), False
+            return actor.evaluate.remote(chunks[unit], state, *self.pass_limits()), False
 
         done, failed = self._execute([sum(j.cost for j in c) for c in chunks], submit,
                                      f"round {round_index} evaluation")

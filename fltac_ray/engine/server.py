@@ -58,6 +58,10 @@ class Server:
     def pid(self) -> int:
         return os.getpid()
 
+    def visible_gpus(self) -> str | None:
+        """CUDA_VISIBLE_DEVICES in this process ("" : none; engine.coordinator_gpus reserves one)."""
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
     def node(self) -> str:
         """The Ray node this coordinator runs on (Ray backend only)."""
         import ray

@@ -107,15 +107,29 @@ def preflight(config: ExperimentConfig) -> None:
     engine = config.engine
     local = engine.ray_address is None
     has_cuda = torch.cuda.is_available()
-    if local and engine.gpus_per_worker > 0 and not has_cuda and not engine.num_gpus:
+    if local and (engine.gpus_per_worker or 0) > 0 and not has_cuda and not engine.num_gpus:
         raise ConfigError([ConfigIssue(
             "engine.gpus_per_worker", engine.gpus_per_worker,
             "no GPU is visible here (torch.cuda.is_available() is False); use 0, or declare GPUs "
             "to Ray with engine.num_gpus (scheduling only, training stays on the CPU)")])
     if local and engine.device == "cuda" and not has_cuda:
         raise ConfigError([ConfigIssue("engine.device", "cuda", "no CUDA device here; use auto or cpu")])
+    if local and config.model.quantization != "none" and not has_cuda:
+        raise ConfigError([ConfigIssue(
+            "model.quantization", config.model.quantization,
+            "bitsandbytes quantisation needs a CUDA GPU, and none is visible here; use none (model.dtype: "
+            "bfloat16 halves the base on the CPU)")])
     check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
                          config.data.feature_dim)
+    if config.model.gradient_checkpointing:
+        from fltac_ray.models.builders import build_on_meta
+
+        backbone = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
+        if not getattr(backbone, "supports_gradient_checkpointing", False):
+            raise ConfigError([ConfigIssue(
+                "model.gradient_checkpointing", True,
+                f"{config.model.name} ({type(backbone).__name__}) does not support it; Hugging Face "
+                "transformer models do")])
     if local and engine.backend == "ray":  # every node is this machine: its cache folder is checked here
         from fltac_ray.models.base_cache import cache_dir_problem
 
@@ -235,11 +249,11 @@ class Simulation:
         backend = _make_backend(config, config.algorithm_class, data, active, say)
         self.backend = backend
         try:
-            info = backend.start()
+            info = backend.start()  # resolves engine.gpus_per_worker and engine.max_batched_adapters
             if config.engine.min_passes is None:
-                # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
                 config.engine.min_passes = info["workers"]
-                save_config(config, run_dir / "config.yaml")
+            # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
+            save_config(config, run_dir / "config.yaml")
             self.batched = info["batched"]
             kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
                 in config.algorithm_class.options else ""

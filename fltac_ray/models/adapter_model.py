@@ -25,6 +25,15 @@ from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures
 from fltac_ray.models.registry import default_targets
 
 
+def enable_gradient_checkpointing(encoder: nn.Module) -> None:
+    """Hugging Face models recompute each layer's activations in backward (non-reentrant
+    checkpointing, which needs no input gradients: only the LoRA tensors train)."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ValueError(f"model.gradient_checkpointing: {type(encoder).__name__} does not support it "
+                         "(Hugging Face transformer models do)")
+    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def split_adapter(vectors: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
     """(..., adapter_size) flat adapters -> each layout entry as a (..., *shape) view, in layout
     order (the inverse of AdapterModel.get_adapter's flattening)."""
@@ -122,6 +131,12 @@ class AdapterModel(PooledFeatures, nn.Module):
         self._register_pixel_statistics(encoder, model_config.image_size)
         for param in encoder.parameters():
             param.requires_grad_(False)
+        # The base's dtype (precision.cast_frozen_base ran before): forward passes autocast to it;
+        # peft keeps the LoRA tensors of a half-precision base in float32, the head is float32.
+        self.compute_dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()),
+                                  torch.float32)
+        if model_config.gradient_checkpointing:
+            enable_gradient_checkpointing(encoder)
         # Seeded so that the initial adapter v^0 is a pure function of the config.
         torch.manual_seed(seed)
         hidden = encoder.config.hidden_size
@@ -156,6 +171,13 @@ class AdapterModel(PooledFeatures, nn.Module):
             ((n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in private),
             key=lambda kv: kv[0],
         )
+
+    def place_beside_quantized_base(self, device: torch.device) -> None:
+        """Move what is not the base (head, pixel statistics) to `device`: a bitsandbytes base is
+        placed by its loader and refuses .to(); peft put the LoRA tensors beside their layers."""
+        if self.head is not None:
+            self.head.to(device)
+        self.pixel_mean, self.pixel_std = self.pixel_mean.to(device), self.pixel_std.to(device)
 
     # --- adapter <-> flat vector ----------------------------------------------------------
     @property
@@ -239,6 +261,12 @@ class AdapterModel(PooledFeatures, nn.Module):
             self.head.reset_parameters()
 
     # --- forward ---------------------------------------------------------------------------
+    def autocast(self):
+        """The context every forward pass runs in: autocast to the base's dtype (no-op in float32)."""
+        from fltac_ray.precision import autocast
+
+        return autocast(self.pixel_mean.device, self.compute_dtype)
+
     def forward(self, num_classes: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits (batch, num_classes) for a task that uses the first num_classes head rows."""
         return self.head(self.features(**inputs))[:, :num_classes]
@@ -254,17 +282,33 @@ class AdapterModel(PooledFeatures, nn.Module):
         """Per position (batch, width - 1): cross-entropy, right prediction, and whether it counts.
 
         The prompt is masked out: position t predicts token t+1, which counts only when t+1 is a
-        response token (prompt_length <= t+1 < length)."""
+        response token (prompt_length <= t+1 < length). Only those positions go through the
+        output layer: logits over the whole vocabulary at every prompt position would be most of
+        a pass's activation memory on instruction data (Llama: 32,000 floats per token)."""
         width = int(lengths.max())
         ids = input_ids[:, :width].long()
         positions = torch.arange(width, device=ids.device)[None, :]
         mask = (positions < lengths[:, None]).long()
-        logits = self.encoder(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (b, w-1, V)
         targets = ids[:, 1:]
         scored = (positions[:, 1:] >= prompt_lengths[:, None]) & (positions[:, 1:] < lengths[:, None])
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 reduction="none").view_as(targets)
-        return losses, logits.argmax(-1) == targets, scored
+        where = scored.nonzero(as_tuple=True)
+        logits = self._response_logits(ids, mask, scored)  # (scored tokens, vocabulary)
+        token_losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
+        losses = token_losses.new_zeros(targets.shape).index_put(where, token_losses)
+        correct = torch.zeros_like(scored).index_put(where, logits.argmax(-1) == targets[where])
+        return losses, correct, scored
+
+    def _response_logits(self, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """(scored.sum(), vocabulary) logits of the scored positions: the decoder's hidden states
+        at those positions through the output layer (with its LoRA, if targeted). Models whose
+        logits are more than output_layer(hidden) (soft-capping) take the whole-logits path."""
+        model = self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+        head = model.get_output_embeddings()
+        decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        if head is None or decoder is None or getattr(model.config, "final_logit_softcapping", None):
+            return self.encoder(input_ids=ids, attention_mask=mask).logits[:, :-1][scored]
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]  # (b, w-1, h)
+        return head(hidden[scored])
 
     @torch.no_grad()
     def generate(self, prompts: list[np.ndarray], max_new_tokens: int, pad_id: int, eos_id: int) -> list[list[int]]:
@@ -276,8 +320,9 @@ class AdapterModel(PooledFeatures, nn.Module):
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
             mask[i, width - len(prompt):] = 1
-        out = self.encoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
+        with self.autocast():
+            out = self.encoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id)
         answers = []
         for row in out[:, width:].tolist():
             answers.append(row[: row.index(eos_id)] if eos_id in row else row)

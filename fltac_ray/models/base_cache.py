@@ -42,6 +42,7 @@ class BaseDescription:
     modality: str
     seed: int  # the tiny random models are drawn from it; loaded checkpoints ignore it
     feature_dim: int
+    dtype: str = "float32"  # the frozen base's precision (model.dtype resolved on the worker's device)
 
 
 def _source_fingerprint(name: str) -> list:
@@ -137,8 +138,10 @@ def node_base_weights(description: BaseDescription, cache_dir: str | Path | None
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if not (folder / MANIFEST).is_file():
             shutil.rmtree(folder, ignore_errors=True)  # never complete without its manifest
+            from fltac_ray.precision import DTYPES
+
             backbone = load_backbone(description.name, description.modality, seed=description.seed,
-                                     feature_dim=description.feature_dim)
+                                     feature_dim=description.feature_dim, dtype=DTYPES[description.dtype])
             try:
                 write_weights(export_weights(backbone), folder)
             except OSError as exc:  # a full disk, most likely: the base is as large as on disk

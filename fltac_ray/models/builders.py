@@ -109,7 +109,7 @@ def use_shipped_files(name: str, folder: str | Path, revision: str | None) -> No
     _SHIPPED[name] = (str(folder), revision)
 
 
-def _load_shipped(name: str, modality: str) -> Any:
+def _load_shipped(name: str, modality: str, options: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     folder, revision = _SHIPPED[name]
@@ -117,8 +117,9 @@ def _load_shipped(name: str, modality: str) -> Any:
     local = Path(name).expanduser()
     try:
         if local.is_dir():
-            return _auto_class(modality).from_pretrained(str(local), config=config)
-        return _auto_class(modality).from_pretrained(name, config=config, revision=revision, local_files_only=True)
+            return _auto_class(modality).from_pretrained(str(local), config=config, **options)
+        return _auto_class(modality).from_pretrained(name, config=config, revision=revision, local_files_only=True,
+                                                     **options)
     except OSError as exc:
         import socket
 
@@ -229,24 +230,54 @@ def _auto_class(modality: str) -> Any:
     return AutoModelForCausalLM if modality == "causal_lm" else AutoModel
 
 
-def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16) -> Any:
-    """The frozen body shared by a worker's clients (weights loaded once per worker)."""
+def quantization_options(quantization: str, dtype: Any, device: Any) -> dict[str, Any]:
+    """from_pretrained arguments loading the base's linear layers quantised by bitsandbytes
+    (model.quantization) onto `device`; {} for "none". CUDA only, with a clear error elsewhere."""
+    if quantization == "none":
+        return {}
+    if getattr(device, "type", str(device)) != "cuda":
+        raise ResourceUnavailableError(
+            f"model.quantization = {quantization!r} needs a CUDA device (bitsandbytes); this worker runs "
+            f"on {device}: give workers GPUs (engine.gpus_per_worker) or use model.quantization: none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ResourceUnavailableError(
+            f"model.quantization = {quantization!r} needs bitsandbytes: pip install 'fltac-ray[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:  # NF4 weights, matmuls in the base's dtype (QLoRA's recipe)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                    bnb_4bit_use_double_quant=True)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
+
+
+def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16, dtype: Any = None,
+                  quantization: str = "none", device: Any = None) -> Any:
+    """The frozen body shared by a worker's clients (weights loaded once per worker), its
+    floating-point tensors in `dtype` (None: as built or stored). Hugging Face checkpoints are
+    read straight into `dtype` (no float32 copy on the way); `quantization` (8bit, 4bit) loads
+    their linear layers quantised onto the CUDA `device`."""
+    from fltac_ray.precision import cast_frozen_base
+
+    options: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    options.update(quantization_options(quantization, dtype, device))
     if (plugin := _plugin(name)) is not None:
-        return plugin.build(seed=seed, feature_dim=feature_dim)
+        return cast_frozen_base(plugin.build(seed=seed, feature_dim=feature_dim), dtype)
 
     if name == "efficientnet-lite0":
         from fltac_ray.models.efficientnet import load_efficientnet_lite0
 
-        return load_efficientnet_lite0(efficientnet_weights())
+        return cast_frozen_base(load_efficientnet_lite0(efficientnet_weights()), dtype)
     if name == "random-mlp":
-        return RandomMLP.build(feature_dim, seed)
+        return cast_frozen_base(RandomMLP.build(feature_dim, seed), dtype)
     if name.startswith("tiny-random-"):
-        return _tiny_backbone(name, modality, seed)
+        return cast_frozen_base(_tiny_backbone(name, modality, seed), dtype)
     if name in _SHIPPED:  # a hub id or folder (a plug-in returned above)
-        model = _load_shipped(name, modality)
+        model = _load_shipped(name, modality, options)
     else:
         try:
-            model = _auto_class(modality).from_pretrained(model_source(name))
+            model = _auto_class(modality).from_pretrained(model_source(name), **options)
         except OSError as exc:
             raise ResourceUnavailableError(
                 f"could not load model {name!r} ({exc}); offline, use a packaged model "

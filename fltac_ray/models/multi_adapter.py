@@ -63,6 +63,18 @@ def _lora_layers(model: AdapterModel) -> list[tuple[str, torch.nn.Module]]:
             if isinstance(module, lora_layers.LoraLayer) and "default" in module.lora_A]
 
 
+def _routable_layers() -> tuple[type, ...]:
+    """peft LoRA layer classes whose update the routed hook can add: Linear, Conv2d, and the
+    bitsandbytes-quantised Linear layers (the hook only reads the layer's input and output)."""
+    types: list[type] = [lora_layers.Linear, lora_layers.Conv2d]
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:
+        return tuple(types)
+    types += [getattr(bnb, name) for name in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, name)]
+    return tuple(types)
+
+
 def check_batchable(model: AdapterModel) -> None:
     """Raise UnsupportedBatching unless every adapter entry is a LoRA A/B of a Linear or Conv2d
     layer or the classifier head."""
@@ -70,7 +82,7 @@ def check_batchable(model: AdapterModel) -> None:
         raise UnsupportedBatching("FLoRAL's router-mixed adaptors train one adapter at a time")
     covered = {"head.weight", "head.bias"} if model.head is not None else set()
     for name, module in _lora_layers(model):
-        if not isinstance(module, lora_layers.Linear | lora_layers.Conv2d):
+        if not isinstance(module, _routable_layers()):
             raise UnsupportedBatching(f"LoRA on {type(module).__name__} ({name}) is not batched")
         covered |= {f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"}
     extra = [name for name, _ in model.adapter_layout() if name not in covered]

@@ -1,0 +1,246 @@
+"""Precision of the frozen base (model.dtype), fp16 loss scaling, and the memory-saving paths:
+per-bucket backward, gradient checkpointing, response-only LM logits. All on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fltac_ray.batched_training import AdapterJob, _accumulate_step, train_batched
+from fltac_ray.config import ModelConfig
+from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.builders import load_backbone
+from fltac_ray.models.multi_adapter import StackedAdapters
+from fltac_ray.precision import LossScale, resolve_dtype
+from fltac_ray.training import train_adapter
+from tests.test_batched import _jobs, _no_dropout, _text_split
+
+CPU = torch.device("cpu")
+
+
+def _model(name: str = "tiny-random-bert", modality: str = "text", dtype=None, head_classes: int = 4,
+           **options) -> AdapterModel:
+    config = ModelConfig(name=name, lora={"rank": 2, "dropout": 0.0}, **options)
+    encoder = load_backbone(name, modality, dtype=dtype)
+    model = _no_dropout(AdapterModel(encoder, config, head_classes, seed=0, modality=modality))
+    model.initial = model.get_adapter()
+    return model
+
+
+def test_auto_is_float32_on_the_cpu_and_names_are_taken_as_given():
+    assert resolve_dtype("auto", CPU) is torch.float32
+    assert resolve_dtype("bfloat16", CPU) is torch.bfloat16
+    assert resolve_dtype("float16", CPU) is torch.float16
+
+
+def test_loss_scale_follows_gradscalers_rule():
+    scale = LossScale(enabled=True, init_scale=8.0, growth_interval=2)
+    param = torch.zeros(3, requires_grad=True)
+    param.grad = torch.tensor([8.0, 16.0, -4.0])
+    assert scale.unscale([param]) is True
+    assert param.grad.tolist() == [1.0, 2.0, -0.5]
+    scale.update(True)
+    assert scale.scale == 8.0  # one clean step of the 2 needed to grow
+    scale.update(True)
+    assert scale.scale == 16.0
+    param.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert scale.unscale([param]) is False
+    scale.update(False)
+    assert (scale.scale, scale.skipped, scale.clean_steps) == (8.0, 1, 0)
+    off = LossScale.for_dtype(torch.bfloat16)
+    assert off.scale == 1.0 and off.unscale([param]) is True  # bfloat16: never scaled, never skipped
+
+
+def test_a_bfloat16_base_keeps_adapters_head_and_optimizer_in_float32_and_learns_like_float32():
+    split = _text_split(40, 4, seed=3)
+    indices = np.arange(40)
+    outcomes = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _model(dtype=dtype)
+        base = [p for n, p in model.encoder.named_parameters() if "lora_" not in n]
+        assert {p.dtype for p in base} == {dtype}
+        assert {p.dtype for p in model.adapter_parameters()} == {torch.float32}  # LoRA A/B and head
+        outcomes[dtype] = train_adapter(model, model.initial, split, indices, 4, 8, 8, 1e-2, 0.0,
+                                        np.random.default_rng(0), CPU)
+    full, half = outcomes[torch.float32], outcomes[torch.bfloat16]
+    assert half.adapter.dtype == np.float32 and np.isfinite(half.adapter).all()
+    assert not np.array_equal(half.adapter, full.adapter)  # really computed in bfloat16
+    assert half.mean_loss == pytest.approx(full.mean_loss, rel=1e-3)
+    # bfloat16 keeps 8 bits of mantissa; Adam's normalised steps amplify that on the entries with
+    # tiny gradients, so the 8 steps' update agrees in direction, to ~8% of its norm (measured)
+    full_step, half_step = full.adapter - model.initial, half.adapter - model.initial
+    assert np.linalg.norm(half_step - full_step) < 0.2 * np.linalg.norm(full_step)
+
+
+def test_batched_training_in_bfloat16_matches_one_by_one_in_bfloat16():
+    model = _model(dtype=torch.bfloat16)
+    jobs = _jobs(model, [(_text_split(30, 4, 1), 4), (_text_split(30, 3, 2), 3)], steps=[4, 3])
+    batched = train_batched(model, jobs, 4, 1e-2, 0.0, CPU)
+    for j, (job, outcome) in enumerate(zip(jobs, batched, strict=True)):
+        single = train_adapter(model, job.start, job.split, job.indices, job.num_classes, job.steps, 4, 1e-2, 0.0,
+                               np.random.default_rng([1, j]), CPU)
+        assert outcome.mean_loss == pytest.approx(single.mean_loss, rel=1e-2)
+        step, single_step = outcome.adapter - job.start, single.adapter - job.start
+        assert np.linalg.norm(step - single_step) < 0.2 * np.linalg.norm(single_step)
+
+
+def test_a_float16_base_trains_with_loss_scaling_on_the_cpu():
+    model = _model(dtype=torch.float16)
+    split = _text_split(40, 4, seed=3)
+    first = train_adapter(model, model.initial, split, np.arange(40), 4, 1, 8, 1e-2, 0.0,
+                          np.random.default_rng(0), CPU)
+    trained = train_adapter(model, model.initial, split, np.arange(40), 4, 12, 8, 1e-2, 0.0,
+                            np.random.default_rng(0), CPU)
+    assert np.isfinite(trained.adapter).all() and not np.array_equal(trained.adapter, model.initial)
+    assert trained.mean_loss < first.mean_loss + 0.05  # it trains; no overflowed step ran
+    jobs = _jobs(model, [(split, 4), (split, 4)], steps=[3, 3])
+    assert all(np.isfinite(o.adapter).all() for o in train_batched(model, jobs, 4, 1e-2, 0.0, CPU))
+
+
+def test_every_model_family_trains_and_evaluates_in_bfloat16():
+    """Images (ViT, EfficientNet), vectors (MLP), FLoRAL's mixtures and causal LMs: batched where
+    they batch, one by one otherwise, and evaluation, all with a bfloat16 base."""
+    from fltac_ray.config import FloralConfig
+    from fltac_ray.data.federated import EncodedSplit
+    from fltac_ray.training import evaluate_adapter
+
+    rng = np.random.default_rng(0)
+    images = EncodedSplit({"pixels": rng.integers(0, 255, (16, 3, 32, 32)).astype(np.uint8)}, rng.integers(0, 4, 16))
+    vectors = EncodedSplit({"features": rng.normal(size=(16, 6)).astype(np.float32)}, rng.integers(0, 4, 16))
+    cases = [("tiny-random-vit", "image", images, {}), ("efficientnet-lite0", "image", images, {"image_size": 64}),
+             ("random-mlp", "vector", vectors, {"feature_dim": 6}), ("tiny-random-bert", "text", _text_split(16, 4, 1), {}),
+             ("tiny-random-llama", "causal_lm", _causal_split(16, 2), {})]
+    for name, modality, split, extra in cases:
+        classes = 0 if modality == "causal_lm" else 4
+        config = ModelConfig(name=name, lora={"rank": 2, "dropout": 0.0}, image_size=extra.get("image_size"))
+        options = {"floral": FloralConfig(), "num_adaptors": 2} if name == "tiny-random-bert" else {}
+        encoder = load_backbone(name, modality, dtype=torch.bfloat16, feature_dim=extra.get("feature_dim", 16))
+        model = AdapterModel(encoder, config, classes, seed=0, modality=modality, **options)
+        start = model.get_adapter()
+        trained = train_adapter(model, start, split, np.arange(16), classes, 2, 4, 1e-2, 0.0,
+                                np.random.default_rng(0), CPU)
+        assert np.isfinite(trained.adapter).all() and not np.array_equal(trained.adapter, start), name
+        scores = evaluate_adapter(model, trained.adapter, split, np.arange(16), classes, 8, CPU)
+        assert np.isfinite(scores.loss_sum) and scores.count == 16, name
+        if not options:  # FLoRAL trains one adapter at a time
+            job = AdapterJob(start, split, np.arange(16), classes, 2, np.random.default_rng(0))
+            assert np.isfinite(train_batched(model, [job], 4, 1e-2, 0.0, CPU)[0].adapter).all(), name
+
+
+def _causal_split(n: int, seed: int):
+    from fltac_ray.data.federated import EncodedSplit
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, 15, n).astype(np.int32)
+    ids = rng.integers(5, 200, (n, 16)).astype(np.int32)
+    prompts = np.minimum(rng.integers(2, 6, n), lengths - 1).astype(np.int32)
+    return EncodedSplit({"input_ids": ids, "lengths": lengths, "prompt_lengths": prompts}, np.zeros(n, np.int64))
+
+
+def test_response_logits_equal_the_whole_vocabulary_path_on_scored_positions():
+    model = _model("tiny-random-llama", "causal_lm", head_classes=0)
+    split = _causal_split(6, seed=4)
+    inputs = {k: torch.from_numpy(v) for k, v in split.inputs.items()}
+    losses, correct, scored = model.lm_token_scores(**inputs)
+    width = int(inputs["lengths"].max())
+    ids = inputs["input_ids"][:, :width].long()
+    mask = (torch.arange(width)[None, :] < inputs["lengths"][:, None]).long()
+    logits = model.encoder(input_ids=ids, attention_mask=mask).logits[:, :-1]  # every position
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="none").view(ids[:, 1:].shape)
+    torch.testing.assert_close(losses[scored], expected[scored], atol=1e-5, rtol=1e-5)
+    assert bool((losses[~scored] == 0).all()) and not bool(correct[~scored].any())
+    assert torch.equal(correct[scored], (logits.argmax(-1) == ids[:, 1:])[scored])
+
+
+@pytest.mark.parametrize("modality", ["text", "causal_lm"])
+def test_backward_per_length_bucket_gives_the_gradients_of_one_graph(monkeypatch, modality):
+    """Each bucket's backward frees its graph; the accumulated gradients equal those of one
+    forward/backward over the whole combined batch (to float rounding: padding widths differ)."""
+    import fltac_ray.batched_training as batched
+    from fltac_ray.data.federated import EncodedSplit
+
+    rng = np.random.default_rng(3)
+    if modality == "text":
+        model = _model()
+        # short examples for one job, long ones for the other: two length buckets
+        splits = [EncodedSplit({"input_ids": rng.integers(5, 200, (12, 24)).astype(np.int32),
+                                "lengths": np.full(12, width, np.int32)}, rng.integers(0, 4, 12))
+                  for width in (3, 24)]
+        classes = 4
+    else:
+        model = _model("tiny-random-llama", "causal_lm", head_classes=0)
+        splits, classes = [_causal_split(12, j) for j in range(2)], 0
+    jobs = [AdapterJob(model.initial + rng.normal(0, 0.05, model.adapter_size).astype(np.float32),
+                       split, np.arange(12), classes, 1, np.random.default_rng(j)) for j, split in enumerate(splits)]
+    chosen = [np.arange(len(job.indices))[:8] for job in jobs]
+    starts = np.stack([job.start for job in jobs])
+    model.train()
+
+    def gradients() -> list[torch.Tensor]:
+        stacked = StackedAdapters(model, starts, CPU)
+        means = _accumulate_step(model, stacked, jobs, chosen, CPU)
+        return [p.grad.clone() for p in stacked.parameters()], means
+
+    per_bucket, means = gradients()
+    positions = batched.bucket_positions(
+        batched.combine_inputs([(job.split, c) for job, c in zip(jobs, chosen, strict=True)]), 16, CPU)
+    assert len(positions) > 1  # the lengths really split into several buckets
+    monkeypatch.setattr(batched, "bucket_positions", lambda combined, count, device: [np.arange(count)])
+    one_graph, one_means = gradients()
+    for got, want in zip(per_bucket, one_graph, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(means, one_means, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    split = _text_split(40, 4, seed=5)
+    outcomes = []
+    for checkpointing in (False, True):
+        model = _model(gradient_checkpointing=checkpointing)
+        assert model.encoder.base_model.model.is_gradient_checkpointing is checkpointing
+        outcomes.append(train_adapter(model, model.initial, split, np.arange(40), 4, 4, 8, 1e-2, 0.0,
+                                      np.random.default_rng(0), CPU))
+    np.testing.assert_allclose(outcomes[0].adapter, outcomes[1].adapter, atol=1e-6)
+    assert outcomes[0].mean_loss == pytest.approx(outcomes[1].mean_loss, abs=1e-6)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_bfloat16_run_gives_the_same_results_on_ray_and_in_process(tmp_path):
+    from fltac_ray.engine.simulation import Simulation
+    from fltac_ray.progress import Progress
+    from tests.conftest import tiny_config
+    from tests.test_backends import _same
+
+    def run(name: str, **engine):
+        config = tiny_config(model={"dtype": "bfloat16"}, engine=engine)
+        return Simulation(config, out=str(tmp_path / name), progress=Progress(quiet=True)).run()
+
+    local = run("local", backend="local", min_passes=2)
+    on_ray = run("ray", num_workers=2)
+    _same(local, on_ray)
+    assert "dtype: bfloat16" in (on_ray.run_dir / "config.yaml").read_text()
+    float32 = Simulation(tiny_config(engine={"num_workers": 2}), out=str(tmp_path / "fp32"),
+                         progress=Progress(quiet=True)).run()
+    assert not np.array_equal(float32.metrics["loss"], on_ray.metrics["loss"])  # really bfloat16
+
+
+@pytest.mark.slow
+def test_minilm_learns_every_offline_task_in_bfloat16(tmp_path):
+    from pathlib import Path
+
+    from fltac_ray.config import load_config
+    from fltac_ray.engine.simulation import Simulation
+    from fltac_ray.progress import Progress
+
+    experiment = Path(__file__).parents[1] / "experiments" / "offline_text.yaml"
+    config = load_config(experiment, ["rounds=2", "model.dtype=bfloat16", "engine.backend=local",
+                                      "data.train_per_task=3000", "train.local_steps=10"])
+    if not Path(config.data.wordnet_dir, "data.noun").is_file():
+        pytest.skip("WordNet data not installed (apt-get install wordnet-base); CI installs it")
+    result = Simulation(config, out=str(tmp_path / "run"), progress=Progress(quiet=True)).run()
+    final = result.metrics[result.metrics["round"] == 2]
+    assert len(final) == 3
+    for row in final.itertuples():
+        assert row.accuracy > row.majority_accuracy + 0.05, row
