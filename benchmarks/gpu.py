@@ -197,7 +197,7 @@ def bench_placement(setup: Setup) -> dict:
                     "num_clients": 8 if setup.dry else 64, "train_per_task": 2000, "test_per_task": 200},
            "model": {"name": "tiny-random-bert" if setup.dry else "minilm"},
            "train": {"local_steps": 2 if setup.dry else 10, "batch_size": 16},
-           "engine": {"checkpoint_every": 0, "metrics": False, "cpus_per_worker": 1.0,
+           "engine": {"checkpoint_every": 0, "metrics": False, "cpus_per_worker": min(1.0, (os.cpu_count() or 1) / 4),
                       **({"num_gpus": 1} if setup.dry else {})}}  # dry run: the GPU Ray was declared
     out = {}
     for label, share, workers in (("1 worker", 1.0, 1), ("4 fractional workers", 0.25, 4)):
@@ -216,7 +216,7 @@ def bench_placement(setup: Setup) -> dict:
 def bench_kmeans(setup: Setup) -> dict:
     from fltac_ray.clustering import _cuml_usable, kmeans_labels
 
-    say("[kmeans] K = 4, n_init 10, 4,096-dimensional adapters in 4 clusters")
+    say(f"[kmeans] K = 4, n_init 10, {64 if setup.dry else 4096:,}-dimensional adapters in 4 clusters")
     rng, out = np.random.default_rng(0), {}
     usable = _cuml_usable()
     for n in setup.kmeans_sizes:

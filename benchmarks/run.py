@@ -237,9 +237,9 @@ def bench_batched(quick: bool) -> dict:
 
 
 def precision_workload(quick: bool, dtype: str, **engine) -> ExperimentConfig:
-    """100 clients, 10 local steps of batch 16 per task, length 32 (the data default), 3 rounds:
-    round 1 warms up, round 2 is timed, round 3 is timed and evaluates every adapter."""
-    config = experiment(quick, f"bench_precision_{dtype}", clients=20 if quick else 100, rounds=3,
+    """100 clients, 10 local steps of batch 16 per task, length 32 (the data default), 2 rounds:
+    round 1 warms up, round 2 is timed and evaluates every adapter afterwards."""
+    config = experiment(quick, f"bench_precision_{dtype}", clients=20 if quick else 100, rounds=2,
                         local_steps=2 if quick else 10, batch_size=16, train_per_task=2000 if quick else 20_000,
                         **engine)
     config.model.dtype = dtype
@@ -292,7 +292,7 @@ def bench_precision(quick: bool) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
 
     # The engine's round against the float32 sequential loop (engine.backend local, one adapter
-    # at a time on all threads), same data, seeds and steps; rounds 2 and 3 timed.
+    # at a time on all threads), same data, seeds and steps; round 2 timed.
     threads = torch.get_num_threads()
     runs = {"loop float32": precision_workload(quick, "float32", backend="local", batched_training=False,
                                                cpus_per_worker=float(threads)),
@@ -305,7 +305,7 @@ def bench_precision(quick: bool) -> dict:
         seconds[label] = float((timed["train_seconds"] + timed["aggregate_seconds"]).mean())
         final = result.metrics[result.metrics["round"] == result.metrics["round"].max()]
         accuracy[label] = float(np.average(final["accuracy"], weights=final["test_samples"]))
-        say(f"  {label}: {seconds[label]:.2f} s/round (training + aggregation, rounds 2-3), final accuracy "
+        say(f"  {label}: {seconds[label]:.2f} s/round (training + aggregation, round 2), final accuracy "
             f"{accuracy[label]:.4f}")
     base = seconds["loop float32"]
     for label in ("engine float32", "engine bfloat16"):

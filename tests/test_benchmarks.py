@@ -81,3 +81,28 @@ def test_bytes_between_nodes_sums_what_each_node_pushed_to_others():
     finally:
         for server in servers:
             server.shutdown()
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_reports_every_section(tmp_path):
+    """benchmarks/gpu.py on the CPU with tiny models: what a GPU machine runs, kept working."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for line in ("RATIO batched speedup", "RATIO bfloat16/float32 step time", "4 fractional workers: round 2",
+                 "1 worker: round 2", "scikit-learn", "[mirror]"):
+        assert line in done.stdout, line
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(results) >= {"adapters", "precision", "placement", "kmeans", "mirror"} and results["dry_run"]
+
+
+def test_gpu_benchmark_needs_a_gpu_or_the_dry_run():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU here; use --dry-run" in done.stderr

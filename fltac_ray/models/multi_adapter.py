@@ -129,8 +129,12 @@ def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -
         conv = isinstance(module, lora_layers.Conv2d)
 
         def hook(_module, args, output):
-            x = dropout(args[0].to(a.dtype))
-            delta = _routed_conv(module, x, a, b, route) if conv else _routed_linear(x, a, b, route)
+            # The low-rank update in float32 even in a half-precision pass: its matmuls are
+            # matrix-vector shaped at rank 1-8, which CPUs run slower in bfloat16 than in float32
+            # (MiniLM: the pass's bmm time 1.4x), and float32 keeps the adapters' own precision.
+            with torch.autocast(args[0].device.type, enabled=False):
+                x = dropout(args[0].to(a.dtype))
+                delta = _routed_conv(module, x, a, b, route) if conv else _routed_linear(x, a, b, route)
             return output + (delta * scale).to(output.dtype)
 
         return hook
@@ -149,7 +153,9 @@ def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -
 
 
 def routed_head(features: torch.Tensor, stacked: StackedAdapters, route: torch.Tensor) -> torch.Tensor:
-    """(batch, hidden) features -> (batch, head_classes) logits, each sample through its adapter's head."""
+    """(batch, hidden) features -> (batch, head_classes) float32 logits, each sample through its
+    adapter's head (in float32 in a half-precision pass too: a matrix-vector product per sample)."""
     weight = stacked.tensors["head.weight"][route]  # (batch, classes, hidden)
     bias = stacked.tensors["head.bias"][route]  # (batch, classes)
-    return torch.bmm(weight, features.unsqueeze(-1)).squeeze(-1) + bias
+    with torch.autocast(features.device.type, enabled=False):
+        return torch.bmm(weight, features.to(weight.dtype).unsqueeze(-1)).squeeze(-1) + bias
