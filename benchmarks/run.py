@@ -1,6 +1,6 @@
 """fltac-ray benchmark suite: every figure is measured here, side by side in one run.
 
-    python benchmarks/run.py                      # every section (~40 min on 2 cores)
+    python benchmarks/run.py                      # every section (~70 min on 2 cores)
     python benchmarks/run.py --only loop,kmeans   # some sections
     python benchmarks/run.py --quick              # tiny model and sizes: checks the suite works
 

@@ -333,7 +333,7 @@ class EngineConfig(_Section):
         default="auto",
         description="Most adapters per combined pass (activations: this x train.batch_size "
         "examples). auto: 32 on the CPU; on CUDA as many as the GPU's free memory holds, from "
-        "the model's activation bytes per token measured by each worker at start "
+        "the activation bytes per example each worker measures at start on its longest examples "
         "(engine/gpu_fit.py), recorded in config.yaml.",
     )
     max_pass_examples: int = Field(

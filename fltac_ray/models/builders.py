@@ -262,6 +262,11 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
 
     options: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     options.update(quantization_options(quantization, dtype, device))
+    from_checkpoint = _plugin(name) is None and name not in ("efficientnet-lite0", "random-mlp") \
+        and not name.startswith("tiny-random-")
+    if quantization != "none" and not from_checkpoint:
+        raise ResourceUnavailableError(
+            f"model.quantization = {quantization!r} applies to Hugging Face checkpoints; {name} is built in code")
     if (plugin := _plugin(name)) is not None:
         return cast_frozen_base(plugin.build(seed=seed, feature_dim=feature_dim), dtype)
 
