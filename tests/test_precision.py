@@ -199,7 +199,7 @@ def test_gradient_checkpointing_changes_memory_not_results():
     outcomes = []
     for checkpointing in (False, True):
         model = _model(gradient_checkpointing=checkpointing)
-        assert model.encoder.base_model.model.is_gradient_checkpointing is checkpointing
+        assert model.encoder.base_model.model.is_activation_checkpointing is checkpointing
         outcomes.append(train_adapter(model, model.initial, split, np.arange(40), 4, 4, 8, 1e-2, 0.0,
                                       np.random.default_rng(0), CPU))
     np.testing.assert_allclose(outcomes[0].adapter, outcomes[1].adapter, atol=1e-6)

@@ -31,7 +31,10 @@ def enable_gradient_checkpointing(encoder: nn.Module) -> None:
     if not getattr(encoder, "supports_gradient_checkpointing", False):
         raise ValueError(f"model.gradient_checkpointing: {type(encoder).__name__} does not support it "
                          "(Hugging Face transformer models do)")
-    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5.x's name
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def split_adapter(vectors: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
