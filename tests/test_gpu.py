@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from fltac_ray.engine.gpu_fit import (
     CUDA_CONTEXT_BYTES,
@@ -29,7 +30,7 @@ from tests.conftest import tiny_config
 
 def test_llama_7b_in_bfloat16_fits_an_a10g_once_not_four_times():
     config = tiny_config(data={"tasks": ["wordnet_define"]}, model={"name": "huggyllama/llama-7b"})
-    base = base_bytes_for(config, 2)
+    base = base_bytes_for(config, torch.bfloat16)
     assert base == pytest.approx(6.74e9 * 2, rel=0.01)  # 6.74 B parameters in 2 bytes
     a10g = int(gpu_memory_of(["A10G"]) * GIB)
     assert GpuFit(1, base, a10g).fits
@@ -44,7 +45,7 @@ def test_llama_7b_in_bfloat16_fits_an_a10g_once_not_four_times():
     # 4-bit NF4 linear weights: four copies fit
     quantized = tiny_config(data={"tasks": ["wordnet_define"]},
                             model={"name": "huggyllama/llama-7b", "quantization": "4bit"})
-    assert GpuFit(4, base_bytes_for(quantized, 2), a10g).fits
+    assert GpuFit(4, base_bytes_for(quantized, torch.bfloat16), a10g).fits
 
 
 def test_pool_defaults_and_planner_arithmetic():
@@ -149,8 +150,6 @@ def test_what_needs_cuda_says_so_on_the_cpu(tmp_path):
         tiny_config(model={"quantization": "4bit"}, engine={"device": "cpu"})
     with pytest.raises(ConfigError, match="model.quantization.*needs a CUDA GPU"):
         preflight(tiny_config(model={"quantization": "8bit"}))
-    import torch
-
     from fltac_ray.errors import ResourceUnavailableError
 
     with pytest.raises(ResourceUnavailableError, match="needs a CUDA device"):

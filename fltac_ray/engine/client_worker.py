@@ -106,7 +106,7 @@ class ClientWorker:
         if self.device.type == "cuda":
             from fltac_ray.engine.gpu_fit import check_worker_gpu
 
-            check_worker_gpu(config, self.device)  # before a byte of the base reaches the GPU
+            check_worker_gpu(config, self.device, self.dtype)  # before a byte of the base reaches the GPU
         self.loaded_base = not node_cache
         if node_cache:
             description = BaseDescription(name, modality, config.seed, feature_dim, dtype_name(self.dtype))

@@ -165,24 +165,27 @@ def resolve_pass_limits(engine: Any, adapters_fit: list[int | None], batch_size:
         engine.max_pass_examples = max(engine.max_pass_examples, engine.max_batched_adapters * batch_size)
 
 
-def base_bytes_for(config: Any, dtype_bytes: int) -> int:
-    """The configured base's size on a GPU in `dtype_bytes` per float (architecture only)."""
-    from fltac_ray.models.builders import build_on_meta
-
-    meta = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
-    return estimate_base_bytes(meta, dtype_bytes, config.model.quantization)
-
-
-def check_worker_gpu(config: Any, device: Any) -> None:
-    """In a GPU worker, before it loads the base: enough free memory on its device for its copy
-    and a pass, or an error naming the numbers (the other workers on this GPU took the rest)."""
+def base_bytes_for(config: Any, dtype: Any = None) -> int:
+    """The configured base's size on a GPU with its floats in `dtype` (architecture only).
+    None: model.dtype as a GPU worker resolves it (auto: bfloat16 or float16, 2 bytes either)."""
     import torch
 
-    from fltac_ray.precision import resolve_dtype
+    from fltac_ray.models.builders import build_on_meta
+    from fltac_ray.precision import DTYPES
+
+    dtype = dtype or DTYPES.get(config.model.dtype, torch.bfloat16)
+    meta = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
+    return estimate_base_bytes(meta, dtype.itemsize, config.model.quantization)
+
+
+def check_worker_gpu(config: Any, device: Any, dtype: Any) -> None:
+    """In a GPU worker, before it loads the base in `dtype`: enough free memory on its device for
+    its copy and a pass, or an error naming the numbers (the other workers on this GPU took the
+    rest)."""
+    import torch
 
     free, total = torch.cuda.mem_get_info(device)
-    dtype = resolve_dtype(config.model.dtype, device)
-    base = base_bytes_for(config, torch.empty(0, dtype=dtype).element_size())
+    base = base_bytes_for(config, dtype)
     if free >= base + MIN_WORKING_BYTES:
         return
     share = config.engine.gpus_per_worker or 1.0

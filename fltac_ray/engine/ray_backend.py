@@ -77,15 +77,20 @@ def ship_by_value(cls: type) -> None:
     cloudpickle.register_pickle_by_value(module)
 
 
-class RayClientWorker(ClientWorker):
-    """The client worker as a Ray actor: it sees only the GPU Ray gave it (none with
-    engine.gpus_per_worker 0, so engine.device auto means the CPU), and says which node it runs on."""
+class SeesOnlyItsGpus:
+    """Mixed into fltac-ray's actors: before anything else runs, hide every GPU Ray did not
+    assign the actor (engine/gpu_visibility.py), so one without a GPU computes on the CPU."""
 
     def __init__(self, *args, **kwargs) -> None:
         from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
 
         hide_unassigned_gpus()
         super().__init__(*args, **kwargs)
+
+
+class RayClientWorker(SeesOnlyItsGpus, ClientWorker):
+    """The client worker as a Ray actor: it sees only the GPU Ray gave it (none with
+    engine.gpus_per_worker 0, so engine.device auto means the CPU), and says which node it runs on."""
 
     def describe(self) -> dict[str, Any]:
         import ray
@@ -93,15 +98,9 @@ class RayClientWorker(ClientWorker):
         return {**super().describe(), "node": ray.get_runtime_context().get_node_id()}
 
 
-class Coordinator(Server):
+class Coordinator(SeesOnlyItsGpus, Server):
     """The server as a Ray actor: it sees only the GPU engine.coordinator_gpus reserved (cuML
     K-means runs there), none without."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
-
-        hide_unassigned_gpus()
-        super().__init__(*args, **kwargs)
 
 
 @dataclass
@@ -268,9 +267,7 @@ class RayBackend(Backend):
             memory, source = gpu_memory_of(kinds), f"accelerator type {'/'.join(kinds)}"
             if memory is None:
                 return  # unknown here: each worker checks its own GPU before loading the base
-        dtype_bytes = 4 if self.config.model.dtype == "float32" else 2  # auto on CUDA: bfloat16 or float16
-        base = base_bytes_for(self.config, dtype_bytes)
-        fit = GpuFit(workers_per_gpu(engine.gpus_per_worker), base, int(memory * GIB))
+        fit = GpuFit(workers_per_gpu(engine.gpus_per_worker), base_bytes_for(self.config), int(memory * GIB))
         check_layout(fit, engine.gpus_per_worker, source)
 
     def start(self) -> dict[str, Any]:

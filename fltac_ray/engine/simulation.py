@@ -119,17 +119,13 @@ def preflight(config: ExperimentConfig) -> None:
             "model.quantization", config.model.quantization,
             "bitsandbytes quantisation needs a CUDA GPU, and none is visible here; use none (model.dtype: "
             "bfloat16 halves the base on the CPU)")])
-    check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
-                         config.data.feature_dim)
+    backbone = check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
+                                    config.data.feature_dim)
     if config.model.gradient_checkpointing:
-        from fltac_ray.models.builders import build_on_meta
+        from fltac_ray.models.adapter_model import gradient_checkpointing_problem
 
-        backbone = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
-        if not getattr(backbone, "supports_gradient_checkpointing", False):
-            raise ConfigError([ConfigIssue(
-                "model.gradient_checkpointing", True,
-                f"{config.model.name} ({type(backbone).__name__}) does not support it; Hugging Face "
-                "transformer models do")])
+        if (problem := gradient_checkpointing_problem(backbone)) is not None:
+            raise ConfigError([ConfigIssue("model.gradient_checkpointing", True, f"{config.model.name}: {problem}")])
     if local and engine.backend == "ray":  # every node is this machine: its cache folder is checked here
         from fltac_ray.models.base_cache import cache_dir_problem
 

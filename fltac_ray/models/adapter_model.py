@@ -25,12 +25,19 @@ from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures
 from fltac_ray.models.registry import default_targets
 
 
+def gradient_checkpointing_problem(encoder: nn.Module) -> str | None:
+    """Why model.gradient_checkpointing cannot apply to this base (built or on the meta device),
+    or None."""
+    if getattr(encoder, "supports_gradient_checkpointing", False):
+        return None
+    return f"{type(encoder).__name__} does not support it; Hugging Face transformer models do"
+
+
 def enable_gradient_checkpointing(encoder: nn.Module) -> None:
     """Hugging Face models recompute each layer's activations in backward (non-reentrant
     checkpointing, which needs no input gradients: only the LoRA tensors train)."""
-    if not getattr(encoder, "supports_gradient_checkpointing", False):
-        raise ValueError(f"model.gradient_checkpointing: {type(encoder).__name__} does not support it "
-                         "(Hugging Face transformer models do)")
+    if (problem := gradient_checkpointing_problem(encoder)) is not None:
+        raise ValueError(f"model.gradient_checkpointing: {problem}")
     if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5.x's name
         encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -252,6 +252,22 @@ def quantization_options(quantization: str, dtype: Any, device: Any) -> dict[str
     return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
+def _built_in_code(name: str, modality: str, seed: int, feature_dim: int) -> Any:
+    """The backbones built in code (plug-ins, EfficientNet-lite0, the random MLP, the tiny test
+    models); None for a Hugging Face checkpoint (a hub id or folder)."""
+    if (plugin := _plugin(name)) is not None:
+        return plugin.build(seed=seed, feature_dim=feature_dim)
+    if name == "efficientnet-lite0":
+        from fltac_ray.models.efficientnet import load_efficientnet_lite0
+
+        return load_efficientnet_lite0(efficientnet_weights())
+    if name == "random-mlp":
+        return RandomMLP.build(feature_dim, seed)
+    if name.startswith("tiny-random-"):
+        return _tiny_backbone(name, modality, seed)
+    return None
+
+
 def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16, dtype: Any = None,
                   quantization: str = "none", device: Any = None) -> Any:
     """The frozen body shared by a worker's clients (weights loaded once per worker), its
@@ -260,25 +276,15 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
     their linear layers quantised onto the CUDA `device`."""
     from fltac_ray.precision import cast_frozen_base
 
+    built = _built_in_code(name, modality, seed, feature_dim)
+    if built is not None:
+        if quantization != "none":
+            raise ResourceUnavailableError(
+                f"model.quantization = {quantization!r} applies to Hugging Face checkpoints; {name} is built in code")
+        return cast_frozen_base(built, dtype)
     options: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     options.update(quantization_options(quantization, dtype, device))
-    from_checkpoint = _plugin(name) is None and name not in ("efficientnet-lite0", "random-mlp") \
-        and not name.startswith("tiny-random-")
-    if quantization != "none" and not from_checkpoint:
-        raise ResourceUnavailableError(
-            f"model.quantization = {quantization!r} applies to Hugging Face checkpoints; {name} is built in code")
-    if (plugin := _plugin(name)) is not None:
-        return cast_frozen_base(plugin.build(seed=seed, feature_dim=feature_dim), dtype)
-
-    if name == "efficientnet-lite0":
-        from fltac_ray.models.efficientnet import load_efficientnet_lite0
-
-        return cast_frozen_base(load_efficientnet_lite0(efficientnet_weights()), dtype)
-    if name == "random-mlp":
-        return cast_frozen_base(RandomMLP.build(feature_dim, seed), dtype)
-    if name.startswith("tiny-random-"):
-        return cast_frozen_base(_tiny_backbone(name, modality, seed), dtype)
-    if name in _SHIPPED:  # a hub id or folder (a plug-in returned above)
+    if name in _SHIPPED:  # a hub id or folder
         model = _load_shipped(name, modality, options)
     else:
         try:
@@ -343,8 +349,9 @@ def backbone_from_weights(name: str, modality: str, weights: Any, feature_dim: i
     return model.eval()  # as loaded; AdapterModel decides train/eval per call
 
 
-def check_target_modules(name: str, modality: str, target_modules: list[str], feature_dim: int = 16) -> None:
-    """Fail early (before Ray) when a LoRA target matches no module of the model."""
+def check_target_modules(name: str, modality: str, target_modules: list[str], feature_dim: int = 16) -> Any:
+    """Fail early (before Ray) when a LoRA target matches no module of the model; returns the
+    architecture it built on the meta device, for further checks."""
     import torch
 
     from fltac_ray.errors import ConfigError, ConfigIssue
@@ -360,6 +367,7 @@ def check_target_modules(name: str, modality: str, target_modules: list[str], fe
         raise ConfigError([ConfigIssue(
             "model.lora.target_modules", list(target_modules),
             f"{missing} match no module of {name}; its adaptable modules: {adaptable}")])
+    return backbone
 
 
 def text_encoder(name: str, max_length: int):
