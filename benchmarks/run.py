@@ -33,6 +33,8 @@ Sections (run in this order)
            seconds per round, bytes moved between nodes (Ray's object-manager counters) at start
            and per round, the driver's peak memory against the base model's size, and whether
            the two runs' metrics are equal.
+  sweep    a Ray Tune sweep of 4 concurrent trials with each trial preparing its own data and
+           with the data prepared once and shared: the object store's peak and the wall time.
 
 Results go to <out>/results.json as well as the terminal. Runs start Ray on 127.0.0.1 only.
 """
@@ -607,11 +609,49 @@ def bench_multinode(quick: bool) -> dict:
     return {**out, "seconds_ratio": ratio, "metrics_equal": equal}
 
 
+def bench_sweep(quick: bool) -> dict:
+    """A Ray Tune sweep of 4 concurrent trials, twice: each trial preparing its own data
+    (share_data false) and the sweep's driver preparing it once for all. The object store's peak
+    over the run (Ray's memory summary) and the sweep's wall time, side by side."""
+    from fltac_ray.tune import run_sweep
+
+    folder = Path(tempfile.mkdtemp(prefix="fltac-bench-sweep-"))
+    raw = base_experiment(quick)
+    raw.update(name="sweep_store", rounds=1, output_dir=str(folder))
+    raw["data"].update(num_clients=8, train_per_task=4000 if quick else 20000, test_per_task=50)
+    raw["train"] = {"local_steps": 1, "batch_size": 8}
+    raw["engine"] = {"metrics": False}
+    (folder / "base.yaml").write_text(yaml.safe_dump(raw))
+    trial = {"workers": 1, "cpus_per_worker": 0.45, "driver_cpus": 0.05}  # 4 trials on 2 CPUs at once
+    say(f"[sweep] 4 concurrent trials (LoRA rank x cluster count), {raw['model']['name']}, "
+        f"{raw['data']['train_per_task']:,} training examples per task, 1 round")
+    out = {}
+    for share in (False, True):
+        spec = {"name": f"shared_{share}", "experiment": "base.yaml", "share_data": share,
+                "search": {"model.lora.rank": {"grid": [1, 2]}, "federation.n_clusters": {"grid": [1, 3]}},
+                "scheduler": {"name": "fifo"}, "max_concurrent_trials": 4, "trial": trial, "output_dir": str(folder)}
+        (folder / f"sweep_{share}.yaml").write_text(yaml.safe_dump(spec))
+        began = time.perf_counter()
+        sweep_dir, _, _ = run_sweep(folder / f"sweep_{share}.yaml", None, Progress(quiet=True))
+        seconds = time.perf_counter() - began
+        summary = json.loads((sweep_dir / "best.json").read_text())
+        peak = summary["store_peak_bytes"]
+        out["shared" if share else "per_trial"] = {"store_peak_bytes": peak, "seconds": seconds,
+                                                   "data_bytes": summary["shared_data_bytes"]}
+        data = f" (the data: {summary['shared_data_bytes'] / 2**20:,.1f} MiB)" if share else ""
+        say(f"  {'data shared by the sweep' if share else 'data prepared by each trial'}: object store peak "
+            f"{peak / 2**20:,.1f} MiB{data}, sweep {seconds:.0f} s")
+    ratio = out["shared"]["store_peak_bytes"] / max(1, out["per_trial"]["store_peak_bytes"])
+    say(f"  RATIO object store peak shared/per-trial = {ratio:.2f}; sweep time shared/per-trial = "
+        f"{out['shared']['seconds'] / out['per_trial']['seconds']:.2f}")
+    return {**out, "store_ratio": ratio}
+
+
 # scale first: its memory figures count this process as the driver, before other sections load
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
             "batched": bench_batched, "precision": bench_precision, "kmeans": bench_kmeans,
-            "multinode": bench_multinode}
+            "multinode": bench_multinode, "sweep": bench_sweep}
 
 
 def main() -> int:

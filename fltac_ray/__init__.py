@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ComparisonResult", "FederatedAlgorithm", "Result", "load_result", "register_algorithm",
-           "resume", "run"]
+__all__ = ["ComparisonResult", "FederatedAlgorithm", "Result", "SweepResult", "load_result",
+           "register_algorithm", "resume", "run"]
 _ALGORITHMS = {"FederatedAlgorithm", "register_algorithm"}
 
 

@@ -85,9 +85,27 @@ class ComparisonResult:
     report: Path | None = None
 
 
+@dataclass
+class SweepResult(ComparisonResult):
+    """A Ray Tune sweep: a Result per trial (`runs`, by trial id), sweep.csv (`comparison`), and
+    the best trial (`best`, as best.json names it: tune.rank_trials' rule)."""
+
+    best: Result | None = None
+    best_trial: str = ""
+    best_info: dict[str, Any] = field(default_factory=dict)  # best.json: params, metric, value, round
+
+    def load_adapter(self, cluster: int = 0):
+        """The best trial's exported adapter of `cluster`, loaded with plain peft."""
+        if self.best is None:
+            raise ConfigError([ConfigIssue("sweep", str(self.run_dir), "names no best trial (no best.json)")])
+        return self.best.load_adapter(cluster)
+
+
 def load_result(run_dir: str | Path) -> Result | ComparisonResult:
-    """Read a finished (or interrupted) run directory; a comparison or sweep folder gives a
-    ComparisonResult (for a sweep: `runs` by trial label, `comparison` = sweep.csv)."""
+    """Read a finished (or interrupted) run directory; a comparison folder gives a
+    ComparisonResult, a sweep folder a SweepResult (`best` is the best trial's Result)."""
+    import json
+
     kind, tables = read_runs(run_dir)
     if kind == "run":
         return Result.from_tables(tables[0])
@@ -97,9 +115,14 @@ def load_result(run_dir: str | Path) -> Result | ComparisonResult:
         return pd.read_csv(root / name) if (root / name).is_file() else pd.DataFrame()
 
     report = root / "report.html"
-    # a sweep folder reads as a comparison of its trials (labelled by their searched values)
-    side_by_side = csv("sweep.csv") if kind == "sweep" else csv("comparison.csv")
-    return ComparisonResult(root, {t.label: Result.from_tables(t) for t in tables}, side_by_side,
+    if kind == "sweep":
+        runs = {t.run_dir.name: Result.from_tables(t) for t in tables}
+        best_file = root / "best.json"
+        info = json.loads(best_file.read_text()) if best_file.is_file() else {}
+        trial = info.get("trial", "")
+        return SweepResult(root, runs, csv("sweep.csv"), pd.DataFrame(), report if report.is_file() else None,
+                           best=runs.get(trial), best_trial=trial, best_info=info)
+    return ComparisonResult(root, {t.label: Result.from_tables(t) for t in tables}, csv("comparison.csv"),
                             csv("summary.csv"), report if report.is_file() else None)
 
 

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("sweep", nargs="?", help="sweep YAML")
     tune.add_argument("--out", help="sweep folder (new or empty); default: <output_dir>/<name>-<time>")
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    tune.add_argument("--storage", metavar="PATH_OR_URI",
+                      help="where Ray Tune persists the trials: a folder every node shares, or "
+                      "s3://... / gs://...; required on a cluster of several nodes")
     tune.add_argument("--quiet", action="store_true", help="print nothing but errors")
     tune.add_argument("--no-report", action="store_true", help="skip the sweep's figures and report.html")
     tune.add_argument("--projection", default="auto", choices=["auto", "umap", "pca"],
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError([ConfigIssue("tune", args.sweep or args.resume,
                                                "give either SWEEP.yaml or --resume SWEEP_DIR")])
             progress = Progress(quiet=args.quiet)
-            sweep_dir, _, _ = run_sweep(args.sweep, args.out, progress, resume=args.resume)
+            sweep_dir, _, _ = run_sweep(args.sweep, args.out, progress, resume=args.resume, storage=args.storage)
             if not args.no_report:
                 from fltac_ray.api import finish_with_report
 

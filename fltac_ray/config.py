@@ -430,6 +430,48 @@ class ReportConfig(_Section):
     )
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking (tracking.py): the config, every round's metrics and the final
+    adapters, logged through each library's own API. `tracking: [tensorboard, mlflow]` is
+    short for `tracking: {backends: [tensorboard, mlflow]}`."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Any of tensorboard (event files in <run>/tensorboard), mlflow, wandb; "
+        "pip install 'fltac-ray[tracking]' installs all three.",
+    )
+    project: str | None = Field(
+        default=None,
+        description="MLflow experiment / W&B project; default: the experiment's name (a "
+        "sweep's trials: the sweep's name, each trial one run).",
+    )
+    mlflow_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (a server, sqlite:///..., or a folder); default: "
+        "$MLFLOW_TRACKING_URI, else a local file store in <output_dir>/mlruns.",
+    )
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        default=None,
+        description="W&B mode; default: $WANDB_MODE, else online when an API key is set up "
+        "(WANDB_API_KEY or wandb login) and offline otherwise (wandb sync uploads later).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        return {"backends": value} if isinstance(value, list) else value
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, backends: list[str]) -> list[str]:
+        if len(set(backends)) != len(backends):
+            raise ValueError(f"{backends}: name each tracker once")
+        return backends
+
+
 def import_plugins(modules: list[str]) -> None:
     """Import the user's modules that register algorithms, tasks and models (their decorators
     run on import). Called wherever a config is read: the driver and every worker."""
@@ -463,6 +505,7 @@ class ExperimentConfig(_Section):
     floral: FloralConfig = Field(default_factory=FloralConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("plugins")
     @classmethod

@@ -283,3 +283,72 @@ def test_a_run_on_an_empty_autoscaling_cluster_waits_while_it_scales_up_and_comp
     assert not report["address_left"]  # a later ray.init() does not try to join the stopped cluster
     cluster, local = (pd.read_csv(tmp_path / name / "metrics.csv") for name in ("cluster", "local"))
     pd.testing.assert_frame_equal(cluster[COMPARED], local[COMPARED], check_exact=True)
+
+
+# A Ray Tune sweep on a head (the sweep's driver, 1 CPU) and two nodes of 2 CPUs and 1 declared GPU
+# each: refused without --storage, then 8 trials with a shared storage folder, every worker on a
+# GPU of its own in Ray's accounting.
+SWEEP = PRELUDE + textwrap.dedent("""
+    import yaml
+
+    from fltac_ray.errors import ConfigError
+    from fltac_ray.tune import run_sweep
+    from tests.conftest import TINY_EXPERIMENT
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    base = {**TINY_EXPERIMENT, "rounds": 2, "engine": {"base_cache_dir": cache}}
+    base["data"] = {**TINY_EXPERIMENT["data"], "train_per_task": 6000}
+    with open(f"{out}/base.yaml", "w") as handle:
+        yaml.safe_dump(base, handle)
+    spec = {"name": "nodes", "experiment": "base.yaml",
+            "search": {"model.lora.rank": {"grid": [1, 2]}, "federation.n_clusters": {"grid": [1, 2, 3, 4]}},
+            "scheduler": {"name": "asha", "grace_period": 1}, "max_concurrent_trials": 4,
+            "trial": {"workers": 1, "cpus_per_worker": 0.95, "gpus_per_worker": 1, "driver_cpus": 0.05}}
+    with open(f"{out}/sweep.yaml", "w") as handle:
+        yaml.safe_dump(spec, handle)
+    report = {"worker_nodes": [node.node_id for node in cluster.worker_nodes]}
+    try:
+        run_sweep(f"{out}/sweep.yaml", f"{out}/refused", Progress(quiet=True))
+    except ConfigError as exc:
+        report["refused"] = str(exc)
+    lines = []
+    progress = Progress(quiet=False, bar=False)
+    progress.say = lines.append
+    sweep_dir, table, best = run_sweep(f"{out}/sweep.yaml", f"{out}/sweep", progress, storage=f"{out}/storage")
+    report.update(lines=lines, best=best["trial"], sweep_dir=str(sweep_dir))
+    report["cache_bytes"] = sum(p.stat().st_size for p in __import__("pathlib").Path(cache).rglob("*") if p.is_file())
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps(report))
+""")
+
+
+def test_a_sweep_on_three_nodes_persists_every_trial_in_shared_storage_with_gpus_spread(tmp_path):
+    from fltac_ray.tune import rank_trials
+
+    report = _child(SWEEP, tmp_path)
+    assert "--storage" in report["refused"] and "3 nodes" in report["refused"]
+    sweep = tmp_path / "sweep"
+    table = pd.read_csv(sweep / "sweep.csv")
+    trials = sorted(p.name for p in (sweep / "trials").iterdir())
+    assert len(trials) == 8 and trials == sorted(table["trial"].unique())
+    nodes = set()
+    for trial in trials:  # every trial's run directory and adapters, whichever node ran it
+        folder = sweep / "trials" / trial
+        assert (folder / "adapters" / "index.json").is_file() and (folder / "rounds.csv").is_file()
+        (worker,) = json.loads((folder / "placement.json").read_text())
+        assert worker["gpu_ids"] == ["0"]  # a whole GPU in Ray's accounting (one per node here)
+        nodes.add(worker["node"])
+        assert list((tmp_path / "storage" / "sweep" / trial).glob("checkpoint_*"))  # Tune's, in the storage
+    assert nodes == set(report["worker_nodes"])  # the trials spread over both GPUs
+    assert report["best"] == rank_trials(table, "mean_accuracy", "max")["trial"].iloc[0]
+    assert json.loads((sweep / "best.json").read_text())["trial"] == report["best"]
+    shared = [line for line in report["lines"] if "data prepared once" in line]
+    done = [line for line in report["lines"] if "object store peak" in line]
+    assert shared and done
+    print("\n".join([*shared, *done, f"base in the node cache (not the object store): "
+                     f"{report['cache_bytes'] / 2**20:.2f} MiB"]))

@@ -2,10 +2,11 @@
 (engine/simulation.py) stays the algorithm's steps and nothing else.
 
 A callback overrides any of: on_start(run), on_training_submitted(run, round_index),
-on_round_end(run, ctx), on_end(run). The built-in ones: CsvWriter (metrics.csv, rounds.csv,
-clients.csv), Checkpointer, SnapshotWriter (report.adapter_snapshots), FaultInjection
-(engine.kill_worker_at), Exporter (final adapters in peft layout); DashboardMetrics lives in
-telemetry.py and the Ray Tune reporter in tune.py. Pass your own to Simulation(callbacks=[...]).
+on_round_end(run, ctx), on_end(run), on_stop(run, failed). The built-in ones: CsvWriter
+(metrics.csv, rounds.csv, clients.csv), Checkpointer, SnapshotWriter (report.adapter_snapshots),
+FaultInjection (engine.kill_worker_at), Exporter (final adapters in peft layout); DashboardMetrics lives in
+telemetry.py, the trackers (TensorBoard, MLflow, W&B) in tracking.py and the Ray Tune reporter
+in tune.py. Pass your own to Simulation(callbacks=[...]).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Callback:
     def on_end(self, run: RunInfo) -> None:
         """Every round finished; the backend is still up."""
 
+    def on_stop(self, run: RunInfo, failed: bool) -> None:
+        """The run is over, finished or failed (`failed`: an exception is on its way up)."""
+
 
 class CsvWriter(Callback):
     def __init__(self, writer: RunWriter) -> None:
@@ -147,17 +151,33 @@ class FaultInjection(Callback):
 
 class Exporter(Callback):
     """At the end: the server's whole global adapters in peft layout (export.py), each with the
-    tasks of the uploads that received it (from the partition: metrics only)."""
+    tasks of the uploads that received it (from the partition: metrics only). `every_round`:
+    after every committed round as well (a Ray Tune trial, which the scheduler may stop at any
+    round, always leaves the adapters of its last reported round)."""
 
-    def __init__(self, groups: Mapping[int, list[list[str]]]) -> None:
+    def __init__(self, groups: Mapping[int, list[list[str]]], every_round: bool = False) -> None:
         self.groups = groups  # client -> its adapters' task groups (the algorithm's client_adapters)
+        self.every_round = every_round
+        self.exported_round = 0
+
+    def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
+        if self.every_round and ctx.status == "ok":
+            self.export(run, quiet=ctx.round_index != run.config.rounds)
+            self.exported_round = ctx.round_index
 
     def on_end(self, run: RunInfo) -> None:
+        if self.exported_round != run.config.rounds:
+            self.export(run)
+
+    def export(self, run: RunInfo, quiet: bool = False) -> None:
+        import shutil
+
         from fltac_ray.export import export_adapters
 
         outcome = run.backend.export_outcome()
         if outcome is None or not len(outcome["labels"]):
             return
+        shutil.rmtree(run.run_dir / "adapters", ignore_errors=True)  # no cluster of an older round stays
         truth = ["+".join(self.groups[int(c)][int(s)]) for c, s in outcome["keys"]]
         clusters = []
         for cluster in range(len(outcome["adapters"])):
@@ -171,4 +191,5 @@ class Exporter(Callback):
         mixture = run.spec.adaptor_index is not None and bool(np.any(run.spec.adaptor_index >= 0))
         folder = export_adapters(run.run_dir, outcome["adapters"], list(run.spec.layout), clusters,
                                  run.config, class_names, assignments, peft_layout=not mixture)
-        run.say(f"  final adaptors: {folder}" if mixture else f"  final cluster adapters: {folder} (peft layout)")
+        if not quiet:
+            run.say(f"  final adaptors: {folder}" if mixture else f"  final cluster adapters: {folder} (peft layout)")

@@ -95,7 +95,8 @@ class RayClientWorker(SeesOnlyItsGpus, ClientWorker):
     def describe(self) -> dict[str, Any]:
         import ray
 
-        return {**super().describe(), "node": ray.get_runtime_context().get_node_id()}
+        return {**super().describe(), "node": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
 
 
 class Coordinator(SeesOnlyItsGpus, Server):
@@ -131,6 +132,7 @@ class RayBackend(Backend):
         self.coordinator: Any = None
         self.coordinator_node = ""
         self.model_files = None  # what describes a hub or folder model (models/model_files.py)
+        self.data_refs: tuple[Any, Any] | None = None  # (tasks, clients) already in the store (a sweep's)
         self.elastic = self.config.engine.ray_address is not None  # a joined cluster may grow
         self.automatic = self.config.engine.num_workers is None and self.config.engine.clients_per_actor is None
 
@@ -305,8 +307,10 @@ class RayBackend(Backend):
             self.say(f"  model files of {self.config.model.name}{at} ({len(self.model_files.files)} files, "
                      f"{size / 1024:,.0f} KiB: config, tokenizer) shipped to the workers; the weights "
                      "come from each node's own copy")
-        self._tasks_ref = ray.put(self.data.tasks)  # shipped once, zero-copy numpy in every worker
-        self._clients_ref = ray.put(self.data.clients)
+        if self.data_refs is not None:  # a sweep put the data once for all its trials
+            self._tasks_ref, self._clients_ref = self.data_refs
+        else:  # shipped once, zero-copy numpy in every worker
+            self._tasks_ref, self._clients_ref = ray.put(self.data.tasks), ray.put(self.data.clients)
         self.slots = [WorkerSlot(index, group, index) for index in range(count)]
         for slot in self.slots:
             self._launch(slot)
@@ -328,6 +332,9 @@ class RayBackend(Backend):
         kmeans = self._get(self.coordinator.clustering_backend.remote(), "starting the coordinator")
         return {"workers": count, "device": described[0]["device"], "batched": described[0]["batched"],
                 "spec": spec, "kmeans_backend": kmeans,
+                # where each worker runs: its node and the GPUs Ray assigned it (placement.json)
+                "placement": [{"worker": d["worker"], "node": d["node"], "gpu_ids": d["gpu_ids"],
+                               "device": d["device"]} for d in described],
                 "resources": f"{engine.cpus_per_worker:g} CPU, {engine.gpus_per_worker:g} GPU each"}
 
     def initialise(self, count: int) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from fltac_ray.engine.messages import (
     tasks_by_key,
 )
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
+from fltac_ray.engine.shared_data import SharedData
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.outputs import RunWriter, make_run_dir
 from fltac_ray.progress import Progress, format_run_summary
@@ -83,19 +86,36 @@ def sample_clients(seed: int, round_index: int, active: list[int], fraction: flo
     return sorted(int(c) for c in rng.choice(active, size=count, replace=False))
 
 
-def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm) -> tuple[FederatedData, list[int]]:
-    """The run's federated data as the algorithm sees it (centralized: one client holding
-    everything) and the clients that hold any of it."""
+def build_data(config: ExperimentConfig) -> FederatedData:
+    """The experiment's tasks loaded, split, partitioned and encoded (before any algorithm)."""
     from fltac_ray.data.encoding import make_featurizer
 
     data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
-    _check_data(config, data)
-    data = algorithm.federate(data)
     # The raw text, the tokenizer's buffers and the parsed sources are garbage now; glibc keeps
     # their pages unless asked (offline default, 20k examples per task: 533 -> 428 MiB resident).
     gc.collect()
     release_free_memory()
+    return data
+
+
+def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm,
+                 built: FederatedData | None = None) -> tuple[FederatedData, list[int]]:
+    """The run's federated data as the algorithm sees it (centralized: one client holding
+    everything) and the clients that hold any of it; from `built` when given (a sweep's data,
+    read from the object store)."""
+    data = build_data(config) if built is None else built
+    _check_data(config, data)
+    data = algorithm.federate(data)
     return data, [c.client_id for c in data.clients if c.tasks]
+
+
+def _inside_placement_group() -> bool:
+    ray = sys.modules.get("ray")  # not imported: certainly not inside one (and preflight stays Ray-free)
+    if ray is None or not ray.is_initialized():
+        return False
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group() is not None
 
 
 def preflight(config: ExperimentConfig) -> None:
@@ -105,7 +125,10 @@ def preflight(config: ExperimentConfig) -> None:
     from fltac_ray.models.builders import check_target_modules
 
     engine = config.engine
-    local = engine.ray_address is None
+    # a Ray this run starts on this machine; not when it joins a cluster (engine.ray_address) or
+    # runs inside a placement group (a Ray Tune trial's, whose bundles hold its GPUs): the
+    # cluster's nodes hold the resources then, and the checks below are about this machine
+    local = engine.ray_address is None and not _inside_placement_group()
     has_cuda = torch.cuda.is_available()
     if local and (engine.gpus_per_worker or 0) > 0 and not has_cuda and not engine.num_gpus:
         raise ConfigError([ConfigIssue(
@@ -121,6 +144,10 @@ def preflight(config: ExperimentConfig) -> None:
             "bfloat16 halves the base on the CPU)")])
     backbone = check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
                                     config.data.feature_dim)
+    if config.tracking.backends:
+        from fltac_ray.tracking import check_trackers
+
+        check_trackers(config)
     if config.model.gradient_checkpointing:
         from fltac_ray.models.adapter_model import gradient_checkpointing_problem
 
@@ -141,14 +168,17 @@ def _check_data(config: ExperimentConfig, data: FederatedData) -> None:
             "federation.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
 
 
-def _make_backend(config, algorithm_class, data, active, say):
+def _make_backend(config, algorithm_class, data, active, say, shared: SharedData | None = None):
     if config.engine.backend == "local":
         from fltac_ray.engine.local_backend import LocalBackend
 
         return LocalBackend(config, algorithm_class, data, active, say)
     from fltac_ray.engine.ray_backend import RayBackend
 
-    return RayBackend(config, algorithm_class, data, active, say)
+    backend = RayBackend(config, algorithm_class, data, active, say)
+    if shared is not None:  # the workers read the sweep's copy: nothing is put again
+        backend.data_refs = (shared.tasks, shared.clients)
+    return backend
 
 
 class Simulation:
@@ -162,21 +192,26 @@ class Simulation:
         progress: Progress | None = None,
         callbacks: list[Callback] | tuple = (),
         resume_dir: Path | None = None,
+        shared_data: SharedData | None = None,
+        export_every_round: bool = False,
     ):
         self.config = config.model_copy(deep=True)  # the run resolves engine.min_passes in its copy
         self.out = out
         self.progress = progress or Progress()
         self.callbacks = list(callbacks)
         self.resume_dir = resume_dir
+        self.shared_data = shared_data  # a sweep's data in the object store (engine/shared_data.py)
+        self.export_every_round = export_every_round  # adapters/ always holds the newest round's
 
     @classmethod
-    def resume(cls, run_dir: str | Path, progress: Progress | None = None, callbacks=()) -> Simulation:
+    def resume(cls, run_dir: str | Path, progress: Progress | None = None, callbacks=(),
+               **options) -> Simulation:
         """Continue an interrupted run from its newest valid checkpoint."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError([ConfigIssue("--resume", str(run_dir), "is not a run directory (no config.yaml)")])
         return cls(load_config(run_dir / "config.yaml"), progress=progress, callbacks=callbacks,
-                   resume_dir=run_dir)
+                   resume_dir=run_dir, **options)
 
     # --- driver part ----------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -189,7 +224,11 @@ class Simulation:
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
             f"(LoRA rank {config.model.lora.rank})")
         algorithm = create_algorithm(config)  # driver-side: job grouping and data only
-        data, active = prepare_data(config, algorithm)
+        shared = self.shared_data if self.shared_data is not None and self.shared_data.matches(config) else None
+        built = shared.get() if shared is not None else None
+        data, active = prepare_data(config, algorithm, built)
+        # the workers read the shared copy when the algorithm kept the data as built
+        self.data_source = shared if built is not None and data is built else None
         if len(data.clients) == 1 and len(active) == 1 and config.data.num_clients > 1:
             say("  all clients' data pooled into one client; per-round steps per task "
                 f"{data.clients[0].steps}")
@@ -228,7 +267,11 @@ class Simulation:
         self.evaluated = EvaluationCache()
         if checkpoint is not None and GROUP in checkpoint.groups:
             self.evaluated = EvaluationCache.from_group(checkpoint.groups.pop(GROUP), list(data.tasks))
-        callbacks.append(Exporter(self.groups))
+        callbacks.append(Exporter(self.groups, every_round=self.export_every_round))
+        if config.tracking.backends:  # after the exporter: they log its adapters
+            from fltac_ray.tracking import make_trackers
+
+            callbacks.extend(make_trackers(config))
         self.all_callbacks = callbacks + self.callbacks
         with ray_session(config.engine) if config.engine.backend == "ray" else contextlib.nullcontext():
             self._run(algorithm, data, active, writer, checkpoint, run_dir)
@@ -242,14 +285,18 @@ class Simulation:
     def _run(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
              writer: RunWriter, checkpoint: Checkpoint | None, run_dir: Path) -> None:
         config, say = self.config, self.progress.say
-        backend = _make_backend(config, config.algorithm_class, data, active, say)
+        backend = _make_backend(config, config.algorithm_class, data, active, say, self.data_source)
         self.backend = backend
+        self.run_info: RunInfo | None = None
+        failed = True
         try:
             info = backend.start()  # resolves engine.gpus_per_worker and engine.max_batched_adapters
             if config.engine.min_passes is None:
                 config.engine.min_passes = info["workers"]
             # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
             save_config(config, run_dir / "config.yaml")
+            if "placement" in info:  # Ray: each worker's node and GPUs, as Ray accounted them
+                (run_dir / "placement.json").write_text(json.dumps(info["placement"], indent=1))
             self.batched = info["batched"]
             kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
                 in config.algorithm_class.options else ""
@@ -278,8 +325,15 @@ class Simulation:
                 self.progress.advance(round_index)
             for callback in self.all_callbacks:
                 callback.on_end(run)
+            failed = False
         finally:
             self.progress.finish()
+            if self.run_info is not None:
+                for callback in self.all_callbacks:
+                    try:
+                        callback.on_stop(self.run_info, failed)
+                    except Exception as exc:  # noqa: BLE001 - never hides the run's own error
+                        say(f"  warning: {type(callback).__name__} could not close: {exc}")
             backend.shutdown()
 
     # --- one round ----------------------------------------------------------------------------

@@ -317,23 +317,50 @@ def final_metric(run: RunTables, metric: str) -> float:
     return float(values.iloc[-1]) if len(values) else float("nan")
 
 
+def metric_at_round(run: RunTables, metric: str, round_index: int) -> float:
+    """A run's `metric` at `round_index`: its last evaluated value up to that round."""
+    if metric.startswith("accuracy/"):
+        rows = run.metrics[run.metrics["task"] == metric.split("/", 1)[1]] if not run.metrics.empty else run.metrics
+        rows = rows[rows["round"] <= round_index] if len(rows) else rows
+        return float(rows["accuracy"].iloc[-1]) if len(rows) else float("nan")
+    if metric not in run.rounds:
+        return float("nan")
+    rows = run.rounds[run.rounds["round"] <= round_index]
+    values = rows[metric].dropna()
+    return float(values.iloc[-1]) if len(values) else float("nan")
+
+
+def common_round(runs: list[RunTables]) -> int:
+    """The last round every run reached (trials an early-stopping scheduler cut end sooner)."""
+    return int(min(run.rounds["round"].max() for run in runs if len(run.rounds))) if runs else 0
+
+
 def sweep_by_parameter(runs: list[RunTables], metric: str) -> Figure | None:
-    """Ray Tune sweeps: each trial's final `metric` against each searched value (one panel per
-    searched key; the line joins the mean over the other keys at each value)."""
+    """Ray Tune sweeps: each trial's `metric` at the last round every trial reached, against each
+    searched value (one panel per searched key; the line joins the mean over the other keys at
+    each value). Comparing at one round keeps trials ASHA stopped early from dragging a value's
+    mean below one that ran longer; each trial's final value is drawn hollow beside it."""
     keys = list(runs[0].params) if runs else []
     if not keys:
         return None
     fig, axes = _grid(len(keys), width=5.2, height=3.6)
+    at = common_round([run for run in runs if len(run.rounds)])
+    values_at = np.array([metric_at_round(run, metric, at) for run in runs])
     finals = np.array([final_metric(run, metric) for run in runs])
+    stopped_early = any(len(run.rounds) and run.rounds["round"].max() != at for run in runs)
     for ax, key in zip(axes, keys, strict=True):
         values = [run.params[key] for run in runs]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         levels = sorted(set(values), key=lambda v: (float(v), "") if numeric else (0.0, str(v)))
         x = np.array([float(v) for v in values]) if numeric else np.array([levels.index(v) for v in values])
-        ax.scatter(x, finals, color="tab:blue", alpha=0.7, s=30, label="trial")
+        ax.scatter(x, values_at, color="tab:blue", alpha=0.7, s=30, label=f"trial at round {at}")
+        if stopped_early:
+            ax.scatter(x, finals, facecolors="none", edgecolors="tab:gray", s=30,
+                       label="trial at its last round")
         centres = [float(levels[i]) if numeric else i for i in range(len(levels))]
-        means = [np.nanmean(finals[x == c]) if np.isfinite(finals[x == c]).any() else np.nan for c in centres]
-        ax.plot(centres, means, color="tab:orange", marker="_", markersize=14, label="mean over other keys")
+        means = [np.nanmean(values_at[x == c]) if np.isfinite(values_at[x == c]).any() else np.nan for c in centres]
+        ax.plot(centres, means, color="tab:orange", marker="_", markersize=14,
+                label=f"mean over other keys at round {at}")
         if not numeric:
             ax.set_xticks(range(len(levels)), [str(v) for v in levels])
         elif len(levels) > 2 and min(levels) > 0 and max(levels) / min(levels) >= 100:
@@ -341,8 +368,9 @@ def sweep_by_parameter(runs: list[RunTables], metric: str) -> Figure | None:
         elif len(levels) <= 10:  # a grid: tick exactly the searched values
             ax.set_xticks([float(v) for v in levels], [f"{v:g}" for v in levels])
         ax.set_xlabel(key)
-        ax.set_ylabel(f"final {metric}")
+        ax.set_ylabel(f"{metric} at round {at}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Sweep: each trial's final {metric}")
+    reached = "the last round every trial reached" if stopped_early else "the last round"
+    fig.suptitle(f"Sweep: each trial's {metric} at round {at} ({reached})")
     legend_below(fig, axes[0].get_legend_handles_labels()[0])
     return fig

@@ -64,8 +64,10 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
 
     if kind == "sweep":
         metric = str(sweep_spec(root).get("metric", "mean_accuracy"))  # the trials are read already
-        save("sweep", figures.sweep_by_parameter(runs, metric), f"Final {metric} by searched value",
-             "Each trial's last reported value (ASHA may stop a trial early) against each searched key.",
+        at = figures.common_round([run for run in runs if len(run.rounds)])
+        save("sweep", figures.sweep_by_parameter(runs, metric), f"{metric} at round {at} by searched value",
+             f"Each trial's value at round {at}, the last round every trial reached (ASHA may stop a "
+             "trial early; hollow markers: its last round), against each searched key.",
              "the sweep searched no keys")
     save("task_accuracy", figures.task_accuracy_over_rounds(runs), "Per-task accuracy over rounds",
          "Each client's current adapter on its own test examples, pooled per task; dashed: "
