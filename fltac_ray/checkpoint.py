@@ -2,10 +2,13 @@
 
 A checkpoint is a folder `checkpoints/round_NNNNN/` holding one safetensors file per state group
 (the deduplicated client store: distinct adapter rows and the (client, slot) index; private
-client state such as FLoRAL routers; the algorithm's server state; the newest global adapters)
-and `state.json` with the round, the format version and the SHA-256 of every file. It is written into a temporary folder and renamed into place, so a crash
-leaves either the whole checkpoint or none; a damaged one (truncated, edited) fails its checksum
-and the previous one is used instead.
+client state such as FLoRAL routers; the algorithm's server state; the newest global adapters),
+`state.json` (the round, the format version, the groups' files and the run's resolved config) and
+`manifest.json`, the SHA-256 of every other file in the folder, state.json included. It is
+written into a temporary folder and renamed into place, so a crash leaves either the whole
+checkpoint or none (and the next save removes the temporary folder); a damaged one (truncated,
+edited, a file added or missing, a file name pointing outside the folder) fails the check and the
+previous one is used instead.
 
 The run's randomness is seeded per (seed, round, client, task), so nothing else is needed to
 continue a run exactly where it stopped.
@@ -26,7 +29,9 @@ from safetensors.numpy import load_file, save_file
 from fltac_ray.errors import FltacError
 
 # 2: the server side's deduplicated client store (clients: rows + index), no per-worker groups
-FORMAT_VERSION = 2
+# 3: manifest.json covering every file (state.json included); the resolved config in state.json
+FORMAT_VERSION = 3
+MANIFEST = "manifest.json"
 StateGroup = dict[str, np.ndarray]
 
 
@@ -53,18 +58,21 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(folder: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     """Write `checkpoint` under folder/round_NNNNN atomically; keep the newest `keep` of them."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".tmp_round_*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     final = folder / f"round_{checkpoint.round:05d}"
     temporary = folder / f".tmp_round_{checkpoint.round:05d}_{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     files = {}
     for name, group in checkpoint.groups.items():
         path = temporary / f"{name}.safetensors"
         # safetensors wants C-contiguous arrays (object-store views and slices may not be)
         save_file({k: np.ascontiguousarray(v) for k, v in group.items()}, str(path))
-        files[name] = {"file": path.name, "sha256": _sha256(path)}
+        files[name] = {"file": path.name}
     state = {"format": FORMAT_VERSION, "round": checkpoint.round, "files": files, "meta": checkpoint.meta}
-    (temporary / "state.json").write_text(json.dumps(state, indent=1))
+    (temporary / "state.json").write_text(json.dumps(state, indent=1, default=str))
+    manifest = {"format": FORMAT_VERSION, "sha256": {p.name: _sha256(p) for p in sorted(temporary.iterdir())}}
+    (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for path in temporary.iterdir():  # data on disk before the rename makes it visible
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
@@ -76,23 +84,41 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint, keep: int = 2) -> Path
     return final
 
 
+def _confined(name: object) -> bool:
+    """A plain file name inside the checkpoint folder (no separators, no .., not hidden)."""
+    return isinstance(name, str) and bool(name) and Path(name).name == name and not name.startswith(".")
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Load one checkpoint folder, verifying every checksum; raises CheckpointError if damaged."""
+    """Load one checkpoint folder, verifying the manifest (every file, state.json included, and
+    nothing else) and that every named file is inside the folder; raises CheckpointError if not."""
     try:
+        manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+        if manifest.get("format") != FORMAT_VERSION:
+            state = json.loads((path / "state.json").read_text())
+            found = manifest.get("format", state.get("format"))
+            raise CheckpointError(f"{path}: checkpoint format {found}, this fltac-ray reads format "
+                                  f"{FORMAT_VERSION} (written by another version; start the run anew)")
+        listed = manifest["sha256"]
+        if not all(_confined(name) for name in listed):
+            raise CheckpointError(f"{path}: the manifest names a file outside the checkpoint folder")
+        present = {p.name for p in path.iterdir()} - {MANIFEST}
+        if present != set(listed):
+            extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
+            raise CheckpointError(f"{path}: files differ from the manifest (unlisted {extra}, missing {missing})")
+        for name, digest in listed.items():
+            if _sha256(path / name) != digest:
+                raise CheckpointError(f"{path}: {name} does not match its checksum (damaged or edited)")
         state = json.loads((path / "state.json").read_text())
-        if state.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format {state.get('format')}, this fltac-ray reads "
-                                  f"format {FORMAT_VERSION} (written by another version; start the run anew)")
         groups = {}
         for name, info in state["files"].items():
-            file = path / info["file"]
-            if _sha256(file) != info["sha256"]:
-                raise CheckpointError(f"{path}: {file.name} does not match its checksum (damaged)")
-            groups[name] = load_file(str(file))
+            if not _confined(info["file"]) or info["file"] not in listed:
+                raise CheckpointError(f"{path}: state.json names {info['file']!r}, not a file of this checkpoint")
+            groups[name] = load_file(str(path / info["file"]))
         return Checkpoint(int(state["round"]), groups, state.get("meta", {}), path)
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # missing, truncated, not JSON
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # missing, truncated, not JSON
         raise CheckpointError(f"{path}: unreadable ({exc})") from exc
 
 

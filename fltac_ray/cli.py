@@ -7,7 +7,24 @@ import sys
 
 from fltac_ray.errors import FltacError
 
+# Exit codes: 0 done; 1 an unexpected error (a Python traceback: please report it); 2 fltac-ray
+# refused or stopped the run with a message (configuration, data, run folder, resources, engine);
+# 3 the run finished but some rounds were rejected (nothing aggregated in them: see rounds.csv);
+# 130 interrupted (completed rounds are kept).
 EXIT_USAGE = 2
+EXIT_REJECTED_ROUNDS = 3
+
+
+def _rejected_rounds(result) -> int:
+    """The exit code of a finished run or comparison: 3 when a round was rejected, with a line."""
+    runs = getattr(result, "runs", None) or {"": result}
+    rejected = {label: r.rounds.loc[r.rounds["status"] != "ok", "round"].tolist() for label, r in runs.items()}
+    rejected = {label: rounds for label, rounds in rejected.items() if rounds}
+    for label, rounds in rejected.items():
+        where = f"{label}: " if label else ""
+        print(f"fltac-ray: warning: {where}rounds {rounds} were rejected (nothing aggregated; see "
+              "rounds.csv and the REJECTED lines)", file=sys.stderr)
+    return EXIT_REJECTED_ROUNDS if rejected else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
                                                "continues the run's saved config: no --set or --out")])
             from fltac_ray.api import resume
 
-            resume(args.resume, quiet=args.quiet, report=not args.no_report, projection=args.projection)
-            return 0
+            result = resume(args.resume, quiet=args.quiet, report=not args.no_report, projection=args.projection)
+            return _rejected_rounds(result)
         if args.command == "run":  # a run or a comparison, as fltac_ray.run does it
             from fltac_ray.api import run
 
-            run(args.experiment, args.overrides, out=args.out, quiet=args.quiet, report=not args.no_report,
-                projection=args.projection)
-            return 0
+            result = run(args.experiment, args.overrides, out=args.out, quiet=args.quiet,
+                         report=not args.no_report, projection=args.projection)
+            return _rejected_rounds(result)
         variants = load_variants(args.experiment, args.overrides)
         if variants is not None:  # a comparison file (`compare:` list)
             if args.command == "validate":

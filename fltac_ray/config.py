@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fltac_ray.algorithms.registry import UnknownAlgorithm, resolve_algorithm
 from fltac_ray.data.registry import TASKS
-from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.errors import ConfigError, ConfigIssue, ExperimentFileError
 from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 
 # Options that only some algorithms read (each algorithm class lists those it reads in
@@ -29,9 +29,33 @@ ALGORITHM_OPTIONS = (
 )
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """int | None -> {int, NoneType}; Literal["a", 1] -> {"a", 1}; list[int] -> {list}."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return set(typing.get_args(annotation))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        return set().union(*(_leaf_types(arg) for arg in typing.get_args(annotation)))
+    return {origin or annotation}
+
+
 class _Section(BaseModel):
     # extra="forbid": a typo in a key is an error naming the key, never a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: .inf / .nan in a float field (a learning rate, an alpha) is refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
+        """YAML's true/false are ints to Python: `rounds: true` would be 1 round. A number field
+        takes a number (fields that also allow a bool keep it)."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if (int in leaves or float in leaves) and bool not in leaves and True not in leaves:
+                raise ValueError(f"{value} is a boolean; give a number")
+        return value
 
 
 class ConceptShiftConfig(_Section):
@@ -472,6 +496,40 @@ class TrackingConfig(_Section):
         return backends
 
 
+def flat_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"lora": {"rank": 2}}} -> {"model.lora.rank": 2} (lists and None kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Fields a resumed run may change: where and with what resources it runs, how it reports. None of
+# them changes a result (workers are stateless and passes are cut by the recorded min_passes).
+RESUMABLE_CHANGES = (
+    "engine.ray_address", "engine.num_cpus", "engine.num_gpus", "engine.dashboard", "engine.dashboard_host",
+    "engine.dashboard_port", "engine.metrics", "engine.num_workers", "engine.clients_per_actor",
+    "engine.cpus_per_worker", "engine.coordinator_cpus", "engine.actor_timeout_s", "engine.reserve_timeout_s",
+    "engine.max_retries", "engine.base_cache_dir", "engine.checkpoint_every", "engine.keep_checkpoints",
+    "engine.kill_worker_at", "report.", "tracking.",
+)
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (before, after) for every field that differs between two resolved configs."""
+    old, new = flat_fields(before), flat_fields(after)
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)}
+
+
+def changes_results(field: str) -> bool:
+    return not any(field == allowed or (allowed.endswith(".") and field.startswith(allowed))
+                   for allowed in RESUMABLE_CHANGES)
+
+
 def import_plugins(modules: list[str]) -> None:
     """Import the user's modules that register algorithms, tasks and models (their decorators
     run on import). Called wherever a config is read: the driver and every worker."""
@@ -489,8 +547,12 @@ class ExperimentConfig(_Section):
         description="Python modules imported before the rest is read, to register your own "
         "algorithms, tasks and models (register_algorithm / register_task / register_model).",
     )
-    name: str = Field(default="experiment", min_length=1, description="Names the run directory.")
-    seed: int = Field(default=0, ge=0, description="Seeds the split, sampling, init and training.")
+    name: str = Field(
+        default="experiment", min_length=1, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="Names the run directory (<output_dir>/<name>-<time>): letters, digits and "
+        ". _ + -, starting with a letter or digit, so the run stays inside output_dir.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1,
+                      description="Seeds the split, sampling, init and training (numpy's range: 0..2**32-1).")
     algorithm: str = Field(
         default="fltac",
         description="A built-in algorithm (fltac-ray tasks lists them), one registered with "
@@ -704,7 +766,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([ConfigIssue("experiment file", str(path), "no such file")])
+        raise ExperimentFileError(path, "no such file" if not path.exists() else "is not a file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

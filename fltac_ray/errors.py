@@ -33,6 +33,32 @@ class ConfigError(FltacError, ValueError):
         super().__init__(f"invalid experiment configuration{where}:\n{lines}")
 
 
+class RunFolderError(FltacError):
+    """A run, sweep or output folder cannot be used (exists, is a file, is not writable, is held by
+    another run, holds no run). The message names the path and what would work."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"run folder {self.path}: {problem}")
+
+
+class ExperimentFileError(FltacError):
+    """An experiment or sweep file that is missing or not a file (its contents: ConfigError)."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"experiment file {self.path}: {problem}")
+
+
+class DataFileError(FltacError):
+    """A data file cannot be used as a task's data: names the file, the row or column, what was
+    found and what is expected."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"data file {self.path}: {problem}")
+
+
 class ResourceUnavailableError(FltacError):
     """A model, data set or hardware resource the experiment needs is missing; says how to get it."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from fltac_ray.config import ExperimentConfig, save_config
-from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.errors import RunFolderError
 
 # Generation (instruction) tasks: accuracy and loss are over response tokens; rouge_l,
 # perplexity and judge_score are filled for them only (empty for classification tasks).
@@ -32,13 +32,13 @@ def final_round_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
     """`out` as given (must be new or empty, so no earlier results are overwritten), or
-    `<output_dir>/<name>-<timestamp>` (runs, comparisons and sweeps alike)."""
+    `<output_dir>/<name>-<timestamp>` (runs, comparisons and sweeps alike). A folder that cannot
+    be made (under a regular file, read-only) is a RunFolderError naming it, before anything runs."""
     if out is not None:
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError([ConfigIssue(
-                "--out", str(path), "exists and is not an empty folder; choose a new folder "
-                "(earlier results are never overwritten)")])
+            raise RunFolderError(path, "--out exists and is not an empty folder; choose a new folder "
+                                 "(earlier results are never overwritten)")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(output_dir) / f"{name}-{stamp}"
@@ -46,8 +46,43 @@ def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
         while path.exists():
             path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
             suffix += 1
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".fltac-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        blocking = next((parent for parent in [path, *path.parents] if parent.exists() and not parent.is_dir()), None)
+        why = (f"{blocking} is a file, not a folder" if blocking is not None
+               else f"cannot be created or written ({exc.strerror or exc})")
+        raise RunFolderError(path, f"{why}; choose another --out or output_dir") from None
     return path
+
+
+LOCK_FILE = ".lock"
+
+
+def hold_run_folder(run_dir: Path):
+    """An exclusive lock on the run folder for as long as the returned file stays open (fcntl: the
+    kernel releases it when the process ends, however it ends). A second run or resume of the
+    same folder is refused, naming the process that holds it."""
+    import fcntl
+    import os
+
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderError(run_dir, f"is in use by {holder}; wait for it to end (or stop it) before "
+                             "resuming") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 class RunWriter:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fltac_ray.config import ExperimentConfig
+from fltac_ray.config import ExperimentConfig, flat_fields
 from fltac_ray.engine.callbacks import Callback, RoundContext, RunInfo
 from fltac_ray.errors import ConfigError, ConfigIssue
 
@@ -43,18 +43,10 @@ def check_trackers(config: ExperimentConfig) -> None:
                                        f"(or pip install {' '.join(MODULES[m] for m in missing)})")])
 
 
-def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"lora": {"rank": 2}}} -> {"model.lora.rank": 2}; lists and None as text."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flat_params(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+def flat_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config as dotted parameters; lists and None as text (what trackers store)."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in flat_fields(dict(values)).items()}
 
 
 def round_metrics(ctx: RoundContext) -> dict[str, float]:

@@ -62,9 +62,55 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         latest_checkpoint(tmp_path / "missing")
     save_checkpoint(tmp_path, _checkpoint(1))
-    (tmp_path / "round_00001" / "state.json").write_text(json.dumps({"format": 99}))
+    (tmp_path / "round_00001" / "manifest.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(CheckpointError, match="format 99"):
         latest_checkpoint(tmp_path, warn=lambda _: None)
+
+
+def _edit_state(folder, edit):
+    state = json.loads((folder / "state.json").read_text())
+    edit(state)
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda s: s.update(round=5), "state.json does not match its checksum"),
+    (lambda s: s["files"].pop("adapters"), "state.json does not match its checksum"),
+])
+def test_an_edited_state_is_refused(tmp_path, edit, words):
+    save_checkpoint(tmp_path, _checkpoint(4))
+    _edit_state(tmp_path / "round_00004", edit)
+    with pytest.raises(CheckpointError, match=words):
+        read_checkpoint(tmp_path / "round_00004")
+
+
+def test_a_file_named_outside_the_folder_is_refused_even_with_a_matching_manifest(tmp_path):
+    import hashlib
+
+    save_checkpoint(tmp_path, _checkpoint(1))
+    folder = tmp_path / "round_00001"
+    outside = tmp_path.parent / "outside.safetensors"
+    outside.write_bytes((folder / "adapters.safetensors").read_bytes())
+    _edit_state(folder, lambda s: s["files"]["adapters"].update(file="../../outside.safetensors"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["state.json"] = hashlib.sha256((folder / "state.json").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))  # a consistent forgery
+    with pytest.raises(CheckpointError, match="not a file of this checkpoint"):
+        read_checkpoint(folder)
+    manifest["sha256"]["../outside.safetensors"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        read_checkpoint(folder)
+
+
+def test_an_unlisted_file_is_refused_and_a_crashed_write_is_cleaned_up(tmp_path):
+    save_checkpoint(tmp_path, _checkpoint(1))
+    (tmp_path / "round_00001" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"unlisted \['extra.safetensors'\]"):
+        read_checkpoint(tmp_path / "round_00001")
+    (tmp_path / ".tmp_round_00002_999").mkdir()  # a process killed while writing round 2
+    save_checkpoint(tmp_path, _checkpoint(3))
+    assert not list(tmp_path.glob(".tmp_round_*"))
 
 
 def test_the_evaluation_cache_survives_a_checkpoint_exactly(tmp_path):

@@ -94,7 +94,9 @@ def test_malformed_yaml(tmp_path, text, words):
 
 
 def test_missing_file():
-    with pytest.raises(ConfigError, match="no such file"):
+    from fltac_ray.errors import ExperimentFileError
+
+    with pytest.raises(ExperimentFileError, match="experiment file does/not/exist.yaml: no such file"):
         load_config("does/not/exist.yaml")
 
 

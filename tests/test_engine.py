@@ -125,7 +125,9 @@ def test_gpu_fraction_without_a_gpu_fails_before_ray(tmp_path):
 
 
 def test_existing_results_are_never_overwritten(tiny_run):
-    with pytest.raises(ConfigError, match="--out"):
+    from fltac_ray.errors import RunFolderError
+
+    with pytest.raises(RunFolderError, match="--out exists"):
         _run(tiny_config(), tiny_run.run_dir)
 
 

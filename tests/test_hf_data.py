@@ -170,3 +170,35 @@ def test_engine_runs_cifar_and_dolly_fixtures_end_to_end(hub_files, tmp_path):
     assert sorted(metrics["task"]) == ["dolly_brainstorming", "dolly_closed_qa"]
     assert metrics["rouge_l"].between(0, 1).all() and (metrics["perplexity"] > 1).all()
     assert metrics["majority_accuracy"].isna().all()
+
+
+SST2_HEADER = "sentence,label\n"
+BAD_DATA_FILES = [
+    # (file name, content, words of the error)
+    ("malformed.csv", SST2_HEADER + 'a film,1\n"unclosed quote,0\nmore,1,extra,cells\n', "cannot be read as CSV"),
+    ("no_label.csv", "sentence,stars\na film,5\n", "has no column ['label']; it has ['sentence', 'stars']"),
+    ("empty.csv", "", "cannot be read as CSV"),
+    ("header_only.csv", SST2_HEADER, "has no rows"),
+    ("string_label.csv", SST2_HEADER + "a film,1\nanother,positive\n", "data row 1"),
+    ("fraction_label.csv", SST2_HEADER + "a film,0.5\nanother,1.5\n", "label 0.5"),
+    ("nan_label.csv", SST2_HEADER + "a film,1\nanother,\n", "data row 1"),
+    ("out_of_range.csv", SST2_HEADER + "a film,1\nanother,7\n", "label 7"),
+    ("latin1.csv", (SST2_HEADER + "caf\u00e9 cr\u00e8me,1\n").encode("latin-1"), "not UTF-8 text"),
+    ("broken.jsonl", '{"sentence": "a film", "label": 1}\n{"sentence": "cut\n', "cannot be read as JSON"),
+    ("garbage.parquet", b"PAR1 this is not parquet at all", "cannot be read as PARQUET"),
+    ("binary.csv", bytes(range(256)) * 4, "cannot be read as CSV"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "words"), BAD_DATA_FILES, ids=[row[0] for row in BAD_DATA_FILES])
+def test_a_bad_data_file_is_a_data_file_error_naming_the_file_and_the_problem(tmp_path, name, content, words):
+    from fltac_ray.errors import DataFileError
+
+    path = tmp_path / name
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    good = tmp_path / "good.csv"
+    good.write_text(SST2_HEADER + "a film,1\nanother,0\n")
+    with pytest.raises(DataFileError) as info:
+        load_hub_task("glue_sst2", "text", 5, 5, np.random.default_rng(0), {"train": str(path), "test": str(good)})
+    message = str(info.value)
+    assert str(path) in message and "data.files.glue_sst2.train" in message and words in message, message

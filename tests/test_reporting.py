@@ -97,9 +97,9 @@ def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.skipif(umap_available(), reason="umap-learn is installed here")
 def test_umap_without_umap_learn_is_refused_before_anything_runs(tmp_path, capsys):
-    from fltac_ray.errors import ConfigError
+    from fltac_ray.errors import ResourceUnavailableError
 
-    with pytest.raises(ConfigError, match="umap-learn is not installed"):
+    with pytest.raises(ResourceUnavailableError, match="umap-learn is not installed"):
         fltac_ray.run(TINY_EXPERIMENT, out=tmp_path / "never", projection="umap")
     assert not (tmp_path / "never").exists()
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from fltac_ray.data.instructions import format_prompt
 from fltac_ray.data.types import Examples, TaskKind, instructions
-from fltac_ray.errors import ResourceUnavailableError
+from fltac_ray.errors import DataFileError, ResourceUnavailableError
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,15 @@ def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task
         if not path.is_file():
             raise ResourceUnavailableError(f"data.files.{task}.{role} = {str(path)!r}: no such file")
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        return load_dataset(fmt, data_files={role: str(path)}, split=role, **extra)
+        try:
+            dataset = load_dataset(fmt, data_files={role: str(path)}, split=role, **extra)
+        except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a bad file
+            if "corresponds to no data" in str(exc):  # datasets' words for a file without rows
+                raise DataFileError(path, f"(data.files.{task}.{role}) has no rows") from None
+            raise DataFileError(path, f"(data.files.{task}.{role}) cannot be read as {fmt.upper()}"
+                                f"{' (tab-separated)' if extra else ''}: {_reason(exc)}") from None
+        _check_columns(source, dataset, path, task, role)
+        return dataset
     try:
         return load_dataset(source.path, source.config, split=split)
     except Exception as exc:  # hub unreachable, dataset missing, ...
@@ -91,6 +99,49 @@ def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task
             f"could not load {source.path}{'/' + source.config if source.config else ''} split "
             f"{split!r} for task {task} ({type(exc).__name__}: {exc}); without hub access, set "
             f"data.files.{task} to local train/test files in the same format") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a loading failure, in one line (UTF-8 errors said plainly)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        if isinstance(exc, UnicodeDecodeError):
+            break
+        exc = exc.__cause__ or exc.__context__
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}); re-save it as UTF-8"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def required_columns(source: HubSource, task: str) -> tuple[str, ...]:
+    if task.startswith("dolly_"):
+        return ("instruction", "context", "response", "category")
+    return (*source.text_columns, *((source.image_column,) if source.image_column else ()), source.label_column)
+
+
+def _check_columns(source: HubSource, dataset: Any, path: Path, task: str, role: str) -> None:
+    """A local file must hold rows and the columns the task reads (the hub's names)."""
+    missing = [c for c in required_columns(source, task) if c not in dataset.column_names]
+    if missing:
+        raise DataFileError(path, f"(data.files.{task}.{role}) has no column {missing}; it has "
+                            f"{dataset.column_names}; task {task} reads {list(required_columns(source, task))}")
+    if len(dataset) == 0:
+        raise DataFileError(path, f"(data.files.{task}.{role}) has no rows")
+    if task.startswith("dolly_"):
+        return
+    # labels must be whole numbers: a string, a fraction (0.5) or a missing value is refused, not
+    # truncated or turned into a class
+    for row, value in enumerate(dataset[source.label_column]):
+        number = value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            number = int(value)  # a column read as text because of another row
+        whole = (isinstance(number, (int, np.integer)) and not isinstance(number, bool)) or (
+            isinstance(number, (float, np.floating)) and np.isfinite(number) and float(number).is_integer())
+        if not whole or not 0 <= number < len(source.class_names):
+            raise DataFileError(path, f"(data.files.{task}.{role}) data row {row} (from 0, after any header): "
+                                f"label {value!r} in column {source.label_column!r}; expected a whole number in "
+                                f"0..{len(source.class_names) - 1} ({', '.join(source.class_names[:5])}"
+                                f"{', ...' if len(source.class_names) > 5 else ''})")
 
 
 def _image_array(value: Any) -> np.ndarray:
@@ -108,7 +159,7 @@ def _take(dataset: Any, n: int, rng: np.random.Generator) -> Any:
 
 
 def _classification(source: HubSource, rows: Any, kind: TaskKind) -> Examples:
-    labels = np.asarray(rows[source.label_column], dtype=np.int64)
+    labels = np.asarray([int(v) for v in rows[source.label_column]], dtype=np.int64)  # checked whole
     names = list(source.class_names)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
         raise ResourceUnavailableError(

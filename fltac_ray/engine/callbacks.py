@@ -112,7 +112,9 @@ class Checkpointer(Callback):
         groups = run.backend.server_state()
         if run.evaluated is not None:  # a resumed run then re-evaluates what this one would
             groups[EVALUATED] = run.evaluated.to_group(list(run.data.tasks))
-        checkpoint = Checkpoint(ctx.round_index, groups, {"config_name": run.config.name})
+        # the resolved config, so that a resume can refuse a config.yaml edited since
+        checkpoint = Checkpoint(ctx.round_index, groups, {"config_name": run.config.name,
+                                                          "config": run.config.resolved()})
         self.last_path = save_checkpoint(run.run_dir / "checkpoints", checkpoint,
                                          keep=run.config.engine.keep_checkpoints)
         ctx.artifacts["checkpoint"] = self.last_path
@@ -176,6 +178,8 @@ class Exporter(Callback):
 
         outcome = run.backend.export_outcome()
         if outcome is None or not len(outcome["labels"]):
+            if not quiet:
+                run.say("  no adapters exported: no round aggregated any upload")
             return
         shutil.rmtree(run.run_dir / "adapters", ignore_errors=True)  # no cluster of an older round stays
         truth = ["+".join(self.groups[int(c)][int(s)]) for c, s in outcome["keys"]]

@@ -54,6 +54,29 @@ def _force_loopback() -> None:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming engine.ray_address, when nothing accepts a connection at a
+    host:port address (Ray itself retries its GCS for about a minute). "auto", "local" and
+    ray:// client addresses are left to Ray."""
+    import socket
+
+    from fltac_ray.errors import ResourceUnavailableError
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ResourceUnavailableError(
+            f"engine.ray_address = {address!r}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "start one (`ray start --head`), or give the head node's GCS address (host:6379), or "
+            "leave engine.ray_address unset to start a local Ray") from None
+
+
 @contextmanager
 def ray_session(engine: EngineConfig) -> Iterator[bool]:
     """Yield True when this call started Ray (and will stop it), False when Ray was running."""
@@ -66,6 +89,7 @@ def ray_session(engine: EngineConfig) -> Iterator[bool]:
         return
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if engine.ray_address is not None:
+        check_reachable(engine.ray_address)
         ray.init(address=engine.ray_address, **kwargs)
     else:
         if engine.dashboard and not is_loopback(engine.dashboard_host):

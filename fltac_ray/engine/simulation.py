@@ -57,8 +57,8 @@ from fltac_ray.engine.messages import (
 )
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
 from fltac_ray.engine.shared_data import SharedData
-from fltac_ray.errors import ConfigError, ConfigIssue
-from fltac_ray.outputs import RunWriter, make_run_dir
+from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
+from fltac_ray.outputs import RunWriter, hold_run_folder, make_run_dir
 from fltac_ray.progress import Progress, format_run_summary
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
@@ -209,12 +209,20 @@ class Simulation:
         """Continue an interrupted run from its newest valid checkpoint."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
-            raise ConfigError([ConfigIssue("--resume", str(run_dir), "is not a run directory (no config.yaml)")])
+            raise RunFolderError(run_dir, "is not a run directory (no config.yaml); give the folder a run wrote")
         return cls(load_config(run_dir / "config.yaml"), progress=progress, callbacks=callbacks,
                    resume_dir=run_dir, **options)
 
     # --- driver part ----------------------------------------------------------------------------
     def run(self) -> RunResult:
+        self.lock = None  # the run folder's lock (outputs.hold_run_folder), held until the run ends
+        try:
+            return self._run_whole()
+        finally:
+            if self.lock is not None:
+                self.lock.close()  # the run folder is free for a resume
+
+    def _run_whole(self) -> RunResult:
         from fltac_ray.engine.ray_session import ray_session
 
         started = time.perf_counter()
@@ -239,11 +247,17 @@ class Simulation:
         checkpoint = None
         if self.resume_dir is not None:
             run_dir = self.resume_dir
-            checkpoint = latest_checkpoint(run_dir / "checkpoints", warn=say)
-            writer = RunWriter(run_dir, config, resume_round=checkpoint.round)
-            say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
+            self.lock = hold_run_folder(run_dir)
+            checkpoint = self._resume_point(run_dir)
+            if checkpoint is None:
+                writer = RunWriter(run_dir, config)
+                writer.write_partition(data.partition_rows())
+            else:
+                writer = RunWriter(run_dir, config, resume_round=checkpoint.round)
+                say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
         else:
             run_dir = make_run_dir(config.output_dir, config.name, self.out)
+            self.lock = hold_run_folder(run_dir)
             writer = RunWriter(run_dir, config)
             writer.write_partition(data.partition_rows())
         for name, bundle in data.tasks.items():
@@ -281,6 +295,37 @@ class Simulation:
         say("\n" + format_run_summary(metrics, rounds))
         say(f"[fltac-ray] done in {wall:.1f}s; results in {run_dir}")
         return RunResult(run_dir, metrics, rounds, wall)
+
+    def _resume_point(self, run_dir: Path) -> Checkpoint | None:
+        """The checkpoint a resume continues from, its config checked against config.yaml; None:
+        the run stopped before its first round was recorded, so it starts over (the state before
+        round 1 is fixed by the config and seed)."""
+        from fltac_ray.checkpoint import CheckpointError
+        from fltac_ray.config import changes_results, config_changes
+
+        say = self.progress.say
+        try:
+            checkpoint = latest_checkpoint(run_dir / "checkpoints", warn=say)
+        except CheckpointError as exc:
+            rounds = run_dir / "rounds.csv"
+            if rounds.is_file() and len(pd.read_csv(rounds)):
+                raise  # recorded rounds without a usable checkpoint: the user decides
+            say(f"  {run_dir} stopped before its first round was recorded ({exc}); starting it over "
+                "from round 1")
+            return None
+        stored = checkpoint.meta.get("config")
+        if stored is not None:
+            changes = config_changes(stored, self.config.resolved())
+            refused = {field: change for field, change in changes.items() if changes_results(field)}
+            if refused:
+                raise ConfigError([ConfigIssue(field, new, f"was {old!r} when round {checkpoint.round} was "
+                                               "checkpointed; a resume continues the same run (restore it, or "
+                                               "start a new run)")
+                                   for field, (old, new) in refused.items()], str(run_dir / "config.yaml"))
+            if changes:
+                say("  resuming with changed settings that do not alter results: "
+                    + ", ".join(f"{field} {old!r} -> {new!r}" for field, (old, new) in changes.items()))
+        return checkpoint
 
     def _run(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
              writer: RunWriter, checkpoint: Checkpoint | None, run_dir: Path) -> None:
@@ -427,6 +472,12 @@ class Simulation:
         for key, problem in outcome.rejected:
             say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
         aggregated = time.perf_counter()
+        if outcome.uploads and not outcome.keys:  # every upload failed the server's checks
+            say(f"round {round_index:>3}/{config.rounds}  REJECTED: all {outcome.uploads} uploads failed the "
+                "server's checks (see the lines above); nothing was aggregated, the state is unchanged")
+            row = self._round_row(round_index, sampled, failed, reports, outcome, {}, started, trained,
+                                  aggregated, "rejected")
+            return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
         task_rows, client_rows, task_accuracy, evaluated = [], [], {}, 0
         if evaluate:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.errors import ConfigError, ConfigIssue, ResourceUnavailableError
 from fltac_ray.outputs import final_round_metrics
 from fltac_ray.reporting import figures
 from fltac_ray.reporting.projection import METHODS, project, umap_available
@@ -33,8 +33,8 @@ def check_projection(method: str) -> None:
     if method not in METHODS:
         raise ConfigError([ConfigIssue("--projection", method, f"use one of {list(METHODS)}")])
     if method == "umap" and not umap_available():
-        raise ConfigError([ConfigIssue("--projection", method, "umap-learn is not installed "
-                                       "(pip install 'fltac-ray[plot]'); use auto or pca")])
+        raise ResourceUnavailableError("--projection umap: umap-learn is not installed "
+                                       "(pip install 'fltac-ray[plot]'); use auto or pca")
 
 
 def render_report(path: str | Path, projection: str = "auto") -> Report:

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.errors import RunFolderError
 
 
 @dataclass
@@ -41,8 +41,7 @@ def is_run_dir(path: Path) -> bool:
 def read_run(run_dir: str | Path, label: str | None = None) -> RunTables:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
-        raise ConfigError([ConfigIssue("run directory", str(run_dir),
-                                       "is not a run directory (needs config.yaml and rounds.csv)")])
+        raise RunFolderError(run_dir, "is not a run directory (needs config.yaml and rounds.csv)")
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
 
     def table(name: str) -> pd.DataFrame:
@@ -103,20 +102,19 @@ def read_runs(path: str | Path) -> tuple[str, list[RunTables]]:
     for a Ray Tune sweep folder."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError([ConfigIssue("RUN_DIR", str(path), "does not exist or is not a folder")])
+        raise RunFolderError(path, "(RUN_DIR) does not exist or is not a folder")
     if is_run_dir(path):
         return "run", [read_run(path)]
     if (path / "sweep.yaml").is_file():
         runs, _ = read_sweep(path)
         if not runs:
-            raise ConfigError([ConfigIssue("RUN_DIR", str(path), "is a sweep folder without finished trials")])
+            raise RunFolderError(path, "(RUN_DIR) is a sweep folder without finished trials")
         return "sweep", runs
     summary = path / "summary.csv"
     labels = (pd.read_csv(summary)["label"].astype(str).tolist() if summary.is_file()
               else sorted(p.name for p in path.iterdir() if is_run_dir(p)))
     runs = [read_run(path / label, label) for label in labels if is_run_dir(path / label)]
     if not runs:
-        raise ConfigError([ConfigIssue(
-            "RUN_DIR", str(path), "is neither a run directory (config.yaml, rounds.csv) nor a "
-            "comparison folder holding run directories")])
+        raise RunFolderError(path, "(RUN_DIR) is neither a run directory (config.yaml, rounds.csv) nor a "
+                             "comparison or sweep folder holding run directories")
     return "comparison", runs
