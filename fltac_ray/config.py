@@ -454,9 +454,6 @@ class ReportConfig(_Section):
     )
 
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-
-
 class TrackingConfig(_Section):
     """Experiment tracking (tracking.py): the config, every round's metrics and the final
     adapters, logged through each library's own API. `tracking: [tensorboard, mlflow]` is

@@ -46,6 +46,14 @@ def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
         while path.exists():
             path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
             suffix += 1
+    if (problem := folder_problem(path)) is not None:
+        raise RunFolderError(path, f"{problem}; choose another --out or output_dir")
+    return path
+
+
+def folder_problem(path: Path) -> str | None:
+    """Create `path` (with its parents) and write a probe file in it; None when that works, else
+    why not (a parent that is a regular file, or the system's reason)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".fltac-write-test"
@@ -53,10 +61,9 @@ def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
         probe.unlink()
     except OSError as exc:
         blocking = next((parent for parent in [path, *path.parents] if parent.exists() and not parent.is_dir()), None)
-        why = (f"{blocking} is a file, not a folder" if blocking is not None
-               else f"cannot be created or written ({exc.strerror or exc})")
-        raise RunFolderError(path, f"{why}; choose another --out or output_dir") from None
-    return path
+        return (f"{blocking} is a file, not a folder" if blocking is not None
+                else f"cannot be created or written ({exc.strerror or exc})")
+    return None
 
 
 LOCK_FILE = ".lock"

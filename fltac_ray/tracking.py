@@ -82,7 +82,7 @@ class Tracker(Callback):
     """One tracking library. Subclasses open a run, log parameters, metrics and the adapters'
     folder, and close with a status."""
 
-    name = ""
+    name = ""  # as tracking.backends names it
 
     def __init__(self) -> None:
         self.closed = False
@@ -124,7 +124,7 @@ class TensorBoardTracker(Tracker):
     def open(self, run: RunInfo, params: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.params = {k: v for k, v in params.items() if isinstance(v, (bool, int, float, str))}
+        self.params = params  # flat_params: every value a bool, number or text, as hparams want
         self.final: dict[str, float] = {}
         self.writer = SummaryWriter(log_dir=str(run.run_dir / "tensorboard"))
         table = "\n".join(f"| {key} | {value} |" for key, value in params.items())
@@ -225,7 +225,7 @@ class WandbTracker(Tracker):
 
 
 TRACKER_CLASSES: dict[str, type[Tracker]] = {
-    "tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker}
+    tracker.name: tracker for tracker in (TensorBoardTracker, MlflowTracker, WandbTracker)}
 
 
 def make_trackers(config: ExperimentConfig) -> list[Tracker]:

@@ -133,11 +133,6 @@ def _trial_raw(base_raw: dict, spec: SweepSpec, params: dict[str, Any], trial_id
     raw = apply_overrides(copy.deepcopy(base_raw), _overrides({**spec.set, **params}))
     if trial_id is not None:  # names the run (and its dashboard metrics, tracked runs) after the trial
         raw["name"] = f"{raw.get('name', 'experiment')}_{trial_id}"
-    tracking = raw.get("tracking")
-    if isinstance(tracking, list):
-        tracking = raw["tracking"] = {"backends": tracking}
-    if isinstance(tracking, dict) and not tracking.get("project"):
-        tracking["project"] = spec.name  # the trials of one sweep: runs of one tracked project
     engine = raw.setdefault("engine", {})
     # Inside a trial the worker pool is the trial's placement group, not the whole cluster; every
     # round is checkpointed (Tune's checkpoint carries it; the run folder keeps only the newest).
@@ -207,13 +202,11 @@ def resolve_storage(storage: str | None, sweep_dir: Path, nodes: int) -> tuple[s
             raise ConfigError([ConfigIssue("--storage", storage, f"not a storage URI pyarrow can open ({exc}); "
                                            "use a shared folder, s3://bucket/path or gs://bucket/path")]) from None
         return storage.rstrip("/"), sweep_dir.name
+    from fltac_ray.outputs import folder_problem
+
     path = Path(storage.removeprefix("file://")).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".fltac-write-test-")  # noqa: SIM115
-        probe.close()
-    except OSError as exc:
-        raise ConfigError([ConfigIssue("--storage", storage, f"is not a writable folder ({exc.strerror or exc})")]) from None
+    if (problem := folder_problem(path)) is not None:
+        raise ConfigError([ConfigIssue("--storage", storage, f"is not a writable folder ({problem})")])
     return str(path), sweep_dir.name
 
 
@@ -318,6 +311,8 @@ def _trial(params: dict, spec_raw: dict, base_raw: dict, gpus_per_worker: float,
     context = tune.get_context()
     trial_id = context.get_trial_id()
     config = build_config(_trial_raw(base_raw, spec, params, trial_id, gpus_per_worker))
+    if config.tracking.project is None:  # the trials of one sweep: runs of one tracked project
+        config.tracking.project = spec.name
     # Tune's trial directory on this node (the trial's working directory), synced to the storage
     run_dir = Path(context.get_trial_dir()) / RUN_FOLDER
     options = {"progress": Progress(quiet=True), "callbacks": [_TuneReporter(trial_id)],
@@ -478,14 +473,13 @@ class StorePeak:
 
 
 def _resolve_trial_gpus(spec: SweepSpec, say) -> float:
-    from fltac_ray.engine.gpu_fit import default_gpus_per_worker
-    from fltac_ray.engine.ray_backend import _accelerator_types, _local_cuda
+    from fltac_ray.engine.ray_backend import cluster_gpus_per_worker
     from fltac_ray.engine.ray_session import cluster_totals
 
     if spec.trial.gpus_per_worker is not None:
         gpus = spec.trial.gpus_per_worker
     else:
-        gpus = default_gpus_per_worker(cluster_totals()[1], _local_cuda() or bool(_accelerator_types()))
+        gpus = cluster_gpus_per_worker(cluster_totals()[1])
     if 0 < gpus < 1:
         say(f"  trial.gpus_per_worker = {gpus:g}: Ray places fractional GPU requests on one GPU until "
             "it is full, then on the next; use 1 to give every worker its own GPU")

@@ -62,6 +62,13 @@ def _accelerator_types() -> list[str]:
                    for key in node["Resources"] if key.startswith("accelerator_type:")})
 
 
+def cluster_gpus_per_worker(cluster_gpus: float) -> float:
+    """GPUs per worker when none is configured, for the connected cluster (engine and sweep
+    trials alike): default_gpus_per_worker with its GPUs counted as real when this machine has
+    CUDA or Ray detected a GPU model on a node."""
+    return default_gpus_per_worker(cluster_gpus, _local_cuda() or bool(_accelerator_types()))
+
+
 class WorkerLost(EngineError):
     """A worker actor died (its process or node is gone); its work is retried elsewhere."""
 
@@ -282,7 +289,7 @@ class RayBackend(Backend):
         engine = self.config.engine
         cpus, gpus = cluster_totals()
         if engine.gpus_per_worker is None:  # recorded in config.yaml by the run
-            engine.gpus_per_worker = default_gpus_per_worker(gpus, _local_cuda() or bool(_accelerator_types()))
+            engine.gpus_per_worker = cluster_gpus_per_worker(gpus)
             if self.elastic and not gpus:
                 self.say("  engine.gpus_per_worker unset and the cluster has no GPU now: CPU workers; on a "
                          "cluster that adds GPU nodes on demand, set engine.gpus_per_worker: 1")

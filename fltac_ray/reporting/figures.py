@@ -308,13 +308,7 @@ def accuracy_vs_bytes(runs: list[RunTables]) -> Figure | None:
 def final_metric(run: RunTables, metric: str) -> float:
     """A run's last value of a sweep metric: a rounds.csv column (mean_accuracy,
     clustering_accuracy, train_loss, ...) or `accuracy/<task>`."""
-    if metric.startswith("accuracy/"):
-        rows = run.metrics[run.metrics["task"] == metric.split("/", 1)[1]] if not run.metrics.empty else run.metrics
-        return float(rows["accuracy"].iloc[-1]) if len(rows) else float("nan")
-    if metric not in run.rounds:
-        return float("nan")
-    values = run.rounds[metric].dropna()
-    return float(values.iloc[-1]) if len(values) else float("nan")
+    return metric_at_round(run, metric, math.inf)
 
 
 def metric_at_round(run: RunTables, metric: str, round_index: int) -> float:
