@@ -35,6 +35,9 @@ Sections (run in this order)
            the two runs' metrics are equal.
   sweep    a Ray Tune sweep of 4 concurrent trials with each trial preparing its own data and
            with the data prepared once and shared: the object store's peak and the wall time.
+  attacks  3 of 33 clients malicious (federation.attack: none, sign_flip, scaling, random,
+           cross_task; scale 10) against mean, median, trimmed mean and the norm and neighbours
+           screens: the honest clients' aggregate error and clustering accuracy in round 1.
 
 Results go to <out>/results.json as well as the terminal. Runs start Ray on 127.0.0.1 only.
 """
@@ -647,11 +650,113 @@ def bench_sweep(quick: bool) -> dict:
     return {**out, "store_ratio": ratio}
 
 
+ATTACKS = ("none", "sign_flip", "scaling", "random", "cross_task")
+DEFENCES = {  # the table's columns: federation settings of each rule
+    "mean": {},
+    "median": {"aggregation": "median"},
+    "trimmed mean 0.2": {"aggregation": "trimmed_mean", "trim_fraction": 0.2},
+    "norm screen": {"screening": "norm"},
+    "neighbours screen": {"screening": "neighbours"},
+}
+
+
+def attack_experiment(quick: bool, name: str, folder: Path, **federation) -> ExperimentConfig:
+    """33 clients (3 malicious when attacking) over the offline default's 3 tasks, 1 round."""
+    raw = base_experiment(quick)
+    raw.update(name=name, rounds=1, output_dir=str(folder))
+    raw["data"].update(num_clients=33, train_per_task=660 if quick else 3300, test_per_task=100)
+    if quick:
+        raw["data"]["max_length"] = 16
+    raw["engine"] = {"metrics": False}
+    raw["report"] = {"adapter_snapshots": 1}  # round 1's uploads, as the server received them
+    # uniform weighting (the FL-TAC paper's): the replay needs no sample counts, and an
+    # attacker cannot buy weight by claiming a large one
+    raw["federation"] = {"weighting": "uniform", **federation}
+    return build_config(raw)
+
+
+def replay_round(config: ExperimentConfig, snapshot, start: np.ndarray) -> dict:
+    """The server's round 1 (engine/server.py, the coordinator's own code) on uploads `snapshot`
+    with `config`'s federation settings: screening, K-means, aggregation, audit."""
+    from fltac_ray.algorithms import resolve_algorithm
+    from fltac_ray.algorithms.base import AdapterSpec, Upload
+    from fltac_ray.engine.messages import PassResult
+    from fltac_ray.engine.server import Server
+
+    vectors = snapshot.adapters
+    server = Server(config, resolve_algorithm(config.algorithm), AdapterSpec((("adapter", (vectors.shape[1],)),)))
+    server.set_initial(start[None, :])
+    keys = [(int(c), int(s)) for c, s in zip(snapshot.clients, snapshot.slots, strict=True)]
+    uploads = [Upload(key, vectors[row], 1) for row, key in enumerate(keys)]  # uniform weighting
+    server.receive(1, 0, PassResult(uploads, keys, vectors), None)
+    outcome = server.close_round(1, keys, len({k[0] for k in keys}), dict(zip(keys, snapshot.tasks, strict=True)))
+    return {**outcome.audit, "screened": len(outcome.screened)}
+
+
+def bench_attacks(quick: bool) -> dict:
+    """Adversarial clients against FL-TAC: 3 of 33 clients attack (federation.attack, scale 10)
+    and each rule aggregates round 1. Two engine runs give the uploads: one with no attacker
+    (sign_flip, scaling and random are applied to the malicious clients' honest uploads exactly
+    as their workers would: attacks.Attack.tamper) and one with cross_task attackers (which train
+    on another task's data). Each (attack, rule) cell replays the server's round on them;
+    one cell is checked against a full engine run."""
+    from fltac_ray.attacks import Attack
+    from fltac_ray.checkpoint import latest_checkpoint
+    from fltac_ray.snapshots import read_snapshots
+
+    folder = Path(tempfile.mkdtemp(prefix="fltac-bench-attacks-"))
+    fraction = 3 / 33
+    runs = {}
+    for kind in ("none", "cross_task"):
+        attack = {"kind": kind, "fraction": fraction} if kind != "none" else {}
+        config = attack_experiment(quick, f"attack_{kind}", folder, attack=attack)
+        result = run_engine(config)
+        checkpoint = latest_checkpoint(result.run_dir / "checkpoints")
+        runs[kind] = (read_snapshots(result.run_dir)[0], checkpoint.groups["server"]["initial"][0], result)
+    say(f"[attacks] 3 of 33 clients malicious (scale 10), {config.model.name}, 3 tasks, round 1; honest "
+        "aggregate error in units of the round's honest update / clustering accuracy of honest uploads")
+    table: dict[str, dict[str, dict]] = {}
+    for kind in ATTACKS:
+        table[kind] = {}
+        for rule, federation in DEFENCES.items():
+            attack = {"kind": "scaling" if kind == "none" else kind, "fraction": 0.0 if kind == "none" else fraction}
+            config = attack_experiment(quick, "replay", folder, attack=attack, **federation)
+            snapshot, start, _ = runs["cross_task" if kind == "cross_task" else "none"]
+            snapshot = attacked_uploads(snapshot, Attack.from_config(config))
+            table[kind][rule] = replay_round(config, snapshot, start)
+        say(f"  {kind:<11} " + "  ".join(
+            f"{rule}: {cell['honest_aggregate_error']:.3f} / {cell['honest_clustering_accuracy']:.2f}"
+            for rule, cell in table[kind].items()))
+    # the replay is the engine's round: one full run of a cell gives the same figures
+    check = attack_experiment(quick, "attack_check", folder, attack={"kind": "sign_flip", "fraction": fraction},
+                              **DEFENCES["neighbours screen"])
+    row = run_engine(check).rounds.iloc[0]
+    cell = table["sign_flip"]["neighbours screen"]
+    same = bool(np.isclose(row["honest_aggregate_error"], cell["honest_aggregate_error"], rtol=1e-6)
+                and row["honest_clustering_accuracy"] == cell["honest_clustering_accuracy"])
+    say(f"  engine run of sign_flip x neighbours screen: error {row['honest_aggregate_error']:.3f}, clustering "
+        f"{row['honest_clustering_accuracy']:.2f}, {int(row['screened_uploads'])} screened; equal to the replay: {same}")
+    return {"table": table, "engine_check_equal": same}
+
+
+def attacked_uploads(snapshot, attack):
+    """The snapshot's uploads as malicious clients would send them (cross_task's are already
+    poisoned: they trained on it)."""
+    from dataclasses import replace
+
+    adapters = snapshot.adapters.copy()
+    if attack is not None and attack.kind != "cross_task":
+        for row, (client, slot) in enumerate(zip(snapshot.clients, snapshot.slots, strict=True)):
+            if attack.targets(int(client)):
+                adapters[row] = attack.tamper(adapters[row], 1, (int(client), int(slot)))
+    return replace(snapshot, adapters=adapters)
+
+
 # scale first: its memory figures count this process as the driver, before other sections load
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
             "batched": bench_batched, "precision": bench_precision, "kmeans": bench_kmeans,
-            "multinode": bench_multinode, "sweep": bench_sweep}
+            "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks}
 
 
 def main() -> int:

@@ -261,6 +261,21 @@ class TrainConfig(_Section):
         return value
 
 
+class AttackConfig(_Section):
+    """Malicious clients for robustness studies (attacks.py has each kind's definition)."""
+
+    kind: Literal["none", "sign_flip", "scaling", "random", "cross_task"] = Field(
+        default="none",
+        description="What malicious clients send: none, sign_flip (-scale x v), scaling (scale x v), "
+        "random (Gaussian, scale x std(v)) or cross_task (an adapter trained on another task's data).",
+    )
+    fraction: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Share of the clients that are malicious (round(fraction x num_clients), seeded).",
+    )
+    scale: float = Field(default=10.0, gt=0, description="sign_flip, scaling, random: the factor.")
+
+
 class FederationConfig(_Section):
     client_fraction: float = Field(
         default=1.0, gt=0, le=1, description="Share of clients sampled each round, in (0, 1]."
@@ -293,6 +308,21 @@ class FederationConfig(_Section):
         description="Reject a round (state unchanged) when fewer sampled clients than this share "
         "delivered their updates.",
     )
+    screening: Literal["none", "norm", "neighbours"] = Field(
+        default="none",
+        description="Drop outlying uploads before clustering or averaging (screening.py): by "
+        "norm, or by distance to the k-th nearest other upload (neighbours).",
+    )
+    screening_threshold: float = Field(
+        default=3.0, gt=0,
+        description="An upload is dropped when its score exceeds the round's median by this many "
+        "robust deviations (1.4826 MAD).",
+    )
+    screening_neighbours: int | None = Field(
+        default=None, ge=1,
+        description="k of the neighbours rule; default: uploads // (2 x clusters), at least 1.",
+    )
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
 
 class FloralConfig(_Section):
@@ -636,6 +666,24 @@ class ExperimentConfig(_Section):
                 f"federation.trim_fraction = {fed.trim_fraction}: only used with "
                 f"federation.aggregation: trimmed_mean (here {fed.aggregation!r})"
             )
+        attack = fed.attack
+        if attack.kind != "none":
+            count = round(attack.fraction * self.data.num_clients)
+            # fraction 0 is the study's control run: nobody attacks, the same columns are measured
+            if attack.fraction > 0 and count < 1:
+                raise ValueError(
+                    f"federation.attack.fraction = {attack.fraction}: selects no client of "
+                    f"{self.data.num_clients} (round(fraction x data.num_clients) = {count}); give at "
+                    f"least {1 / self.data.num_clients:.3g}")
+            if attack.kind == "cross_task" and self.num_tasks < 2:
+                raise ValueError("federation.attack.kind = 'cross_task': needs at least 2 tasks in "
+                                 f"data.tasks (here {self.data.task_names})")
+        elif attack.fraction > 0:
+            raise ValueError(f"federation.attack.fraction = {attack.fraction}: set "
+                             "federation.attack.kind too (sign_flip, scaling, random or cross_task)")
+        if fed.screening_neighbours is not None and fed.screening != "neighbours":
+            raise ValueError(f"federation.screening_neighbours = {fed.screening_neighbours}: only used with "
+                             f"federation.screening: neighbours (here {fed.screening!r})")
         if self.engine.kill_worker_at is not None and self.engine.backend != "ray":
             raise ValueError(
                 f"engine.kill_worker_at = {list(self.engine.kill_worker_at)}: fault injection needs "

@@ -148,8 +148,12 @@ class Progress:
         mean_text = f"mean {mean:.3f}" if _finite(mean) else "mean -"
         cluster_text = (f"  | cluster acc {clustering:.2f} ARI {row['ari']:.2f}"
                         if _finite(clustering) else "")  # NaN: the algorithm does not cluster
+        # uploads the server did not aggregate (their lines come before): said on the round too
+        dropped = "".join(f"  | {row[column]} {label}" for column, label in
+                          (("rejected_uploads", "rejected"), ("screened_uploads", "screened out"))
+                          if row.get(column, 0))
         self.say(
-            f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}"
+            f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}{dropped}"
             f"  | up {_megabytes(row['bytes_up'])}  {row['seconds']:.1f}s"
         )
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from fltac_ray.algorithms import ClientJob, create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
+from fltac_ray.attacks import Attack
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.data.federated import ClientShard, TaskBundle
 from fltac_ray.engine.memory import HeapTrimmer
@@ -97,6 +98,7 @@ class ClientWorker:
         self.tasks = tasks
         self.shards = {shard.client_id: shard for shard in clients}
         self.algorithm = create_algorithm(config, cls=algorithm_class)  # its client hooks
+        self.attack = Attack.from_config(config)  # federation.attack: who lies, and how
         modality = config.data.modality
         name, feature_dim = config.model.name, config.data.feature_dim
         quantized = config.model.quantization != "none"
@@ -215,6 +217,16 @@ class ClientWorker:
         rng = np.random.default_rng([self.config.seed, 3, round_index, key[0], key[1], task_index])
         return rng, int(rng.integers(2**31))
 
+    def _training_examples(self, job: TrainJob, task: str) -> tuple[TaskBundle, np.ndarray]:
+        """The task data and training indices a job trains `task` on: the client's own, or for a
+        cross_task attacker (attacks.py) as many examples of the decoy task."""
+        own = self.shards[job.key[0]].tasks[task][0]
+        attack = self.attack
+        if attack is None or attack.kind != "cross_task" or not attack.targets(job.key[0]):
+            return self.tasks[task], own
+        decoy = self.tasks[attack.decoy_task(task)]
+        return decoy, attack.decoy_examples(job.key, task, len(decoy.train), len(own))
+
     def _probe_loss(self, job: TrainJob):
         """The client's loss with a given adapter on a fixed probe of its training data (the
         first eval_batch_size examples of each task), summed over its tasks: IFCA's choice."""
@@ -243,15 +255,15 @@ class ClientWorker:
 
         train, losses_of = self.config.train, []
         for row, job in enumerate(jobs):
-            shard, vector = self.shards[job.key[0]], starts[row]
+            vector = starts[row]
             self.model.set_private(private[job.key])
             losses = []
             for task_index, (task, steps) in enumerate(zip(job.tasks, job.steps, strict=True)):
                 rng, torch_seed = self._job_rng(round_index, job.key, task_index)
                 torch.manual_seed(torch_seed)
-                bundle = self.tasks[task]
+                bundle, examples = self._training_examples(job, task)
                 outcome = train_adapter(
-                    self.model, vector, bundle.train, shard.tasks[task][0], bundle.num_classes,
+                    self.model, vector, bundle.train, examples, bundle.num_classes,
                     steps, train.batch_size, train.lr, train.weight_decay, rng, self.device, self.frozen,
                 )
                 vector = outcome.adapter
@@ -282,10 +294,9 @@ class ClientWorker:
             for row, job in enumerate(jobs):
                 if phase >= len(job.tasks):
                     continue
-                task, shard = job.tasks[phase], self.shards[job.key[0]]
                 rng, torch_seed = self._job_rng(round_index, job.key, phase)
-                bundle = self.tasks[task]
-                adapter_job = AdapterJob(current[row], bundle.train, shard.tasks[task][0], bundle.num_classes,
+                bundle, examples = self._training_examples(job, job.tasks[phase])
+                adapter_job = AdapterJob(current[row], bundle.train, examples, bundle.num_classes,
                                          job.steps[phase], rng)
                 by_signature.setdefault(adapter_job.signature(), []).append((row, adapter_job, torch_seed))
             for entries in by_signature.values():
@@ -324,6 +335,8 @@ class ClientWorker:
         uploads = []
         for row, (job, client_job) in enumerate(zip(jobs, client_jobs, strict=True)):
             upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
+            if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):
+                upload.vector = self.attack.tamper(upload.vector, round_index, job.key)
             if upload is not None:
                 uploads.append(upload)
         keys = [job.key for job in jobs]

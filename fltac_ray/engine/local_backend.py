@@ -73,8 +73,8 @@ class LocalBackend(Backend):
                    for unit, jobs in enumerate(passes)]
         return reports, []
 
-    def close_round(self, round_index: int, expected: list, clients: int) -> RoundOutcome:
-        return self.server.close_round(round_index, expected, clients)
+    def close_round(self, round_index: int, expected: list, clients: int, truth: dict | None = None) -> RoundOutcome:
+        return self.server.close_round(round_index, expected, clients, truth)
 
     def evaluation_digests(self, keys: list) -> dict:
         return self.server.evaluation_digests(keys)

@@ -159,6 +159,8 @@ class RoundOutcome:
     params_down: int  # what they really received
     uploads: int  # uploads received
     seconds: float = 0.0
+    screened: list[tuple[AdapterKey, str]] = field(default_factory=list)  # federation.screening
+    audit: dict[str, float] = field(default_factory=dict)  # attacks.honest_damage, when measured
 
 
 @dataclass

@@ -563,8 +563,8 @@ class RayBackend(Backend):
                                      f"round {round_index} training", after_submit)
         return [done[unit] for unit in sorted(done)], [job for unit in failed for job in passes[unit]]
 
-    def close_round(self, round_index: int, expected: list, clients: int) -> RoundOutcome:
-        return self._get(self.coordinator.close_round.remote(round_index, expected, clients),
+    def close_round(self, round_index: int, expected: list, clients: int, truth: dict | None = None) -> RoundOutcome:
+        return self._get(self.coordinator.close_round.remote(round_index, expected, clients, truth),
                          f"round {round_index} aggregation")
 
     def evaluation_digests(self, keys: list) -> dict:

@@ -17,10 +17,12 @@ import numpy as np
 
 from fltac_ray.algorithms import create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload, Uploads
+from fltac_ray.attacks import Attack, honest_damage
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
 from fltac_ray.engine.state_store import ClientStateStore
+from fltac_ray.screening import default_neighbours, screen_uploads
 from fltac_ray.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.uploads import upload_problem
 
@@ -39,6 +41,7 @@ class Server:
         # Resolved here, where the server runs: that is where a GPU must be visible.
         self.backend = resolve_backend(config.federation.clustering_backend)
         self.algorithm = create_algorithm(config, self.backend, cls=algorithm_class)
+        self.attack = Attack.from_config(config)  # which clients are malicious, for the audit
         self.received: dict[int, PassResult] = {}  # this round's pass results, by pass index
         self.receiving_round = 0
         if spec is not None:
@@ -129,6 +132,47 @@ class Server:
         accepted.sort(key=lambda u: tuple(u.key))
         return accepted, rejected
 
+    def _screen(self, round_index: int, accepted: list[Upload]) -> tuple[np.ndarray, list[tuple[AdapterKey, str]]]:
+        """federation.screening over the checked uploads (screening.py): (n,) kept mask and the
+        screened-out ones with the reason."""
+        fed = self.config.federation
+        if fed.screening == "none" or not accepted:
+            return np.ones(len(accepted), dtype=bool), []
+        vectors = np.stack([u.vector for u in accepted])  # (n, p)
+        k = fed.screening_neighbours or default_neighbours(len(accepted), self.config.resolved_n_clusters)
+        screen = screen_uploads(vectors, fed.screening, fed.screening_threshold, k)
+        screened = []
+        for upload, kept, score in zip(accepted, screen.kept, screen.scores, strict=True):
+            if not kept:
+                key = tuple(upload.key)
+                what = "norm" if fed.screening == "norm" else f"distance to its {k}-th nearest upload"
+                problem = (f"screened out: {what} {score:.4g} > {screen.limit:.4g} (the round's median + "
+                           f"federation.screening_threshold = {fed.screening_threshold:g} robust deviations)")
+                log.info("round %d: upload of client %d slot %d %s", round_index, key[0], key[1], problem)
+                screened.append((key, problem))
+        return screen.kept, screened
+
+    def _audit(self, checked: list[Upload], kept: np.ndarray, outcome: Aggregate | None,
+               truth: dict[AdapterKey, str]) -> dict[str, float]:
+        """attacks.honest_damage of the round, in the simulator's own tables (the algorithm
+        never sees `truth`). Call before the round is committed: it reads where each upload's
+        training started (the committed adapter, or the broadcast v^0)."""
+        if not checked:
+            return {}
+        malicious = self.attack.malicious if self.attack is not None else frozenset()
+        if outcome is None:
+            outcome = Aggregate(np.zeros(0, np.int64), np.zeros((0, len(checked[0].vector)), np.float32), np.zeros(0))
+        first, shared = self.algorithm.broadcast()[0], self.algorithm.shared_entries()
+        starts = []
+        for upload in checked:
+            start = self.store.adapter(tuple(upload.key))
+            start = first if start is None else start
+            starts.append(start if shared is None else start[shared])
+        return honest_damage(
+            [tuple(u.key) for u in checked], np.stack([u.vector for u in checked]), np.stack(starts),
+            self.algorithm.weights(np.asarray([u.num_samples for u in checked])), kept,
+            np.asarray(outcome.labels), outcome.adapters, truth, malicious, outcome.groups_tasks)
+
     def _aggregate(self, round_index: int, accepted: list[Upload]) -> Aggregate:
         uploads = Uploads(
             vectors=np.stack([u.vector for u in accepted]),
@@ -160,26 +204,31 @@ class Server:
         self.received[unit] = result
         return report
 
-    def close_round(self, round_index: int, expected: list[AdapterKey], clients: int) -> RoundOutcome:
-        """Check and aggregate every upload of the round's received passes, then commit each
-        trained job: an accepted upload takes the algorithm's merge of its trained adapter with
-        its answer, a job that sent nothing keeps its trained adapter (merge with no answer), a
-        rejected upload leaves the client's adapter as it was. `clients`: sampled clients that
-        delivered."""
+    def close_round(self, round_index: int, expected: list[AdapterKey], clients: int,
+                    truth: dict[AdapterKey, str] | None = None) -> RoundOutcome:
+        """Check, screen and aggregate every upload of the round's received passes, then commit
+        each trained job: an accepted upload takes the algorithm's merge of its trained adapter
+        with its answer, a job that sent nothing keeps its trained adapter (merge with no
+        answer), a rejected or screened-out upload leaves the client's adapter as it was.
+        `clients`: sampled clients that delivered; `truth`: each job's task, given when the run
+        has an attack or screening, to measure their effect (RoundOutcome.audit)."""
         started = time.perf_counter()
         if round_index != self.receiving_round:
             self.received = {}
         results = [self.received[unit] for unit in sorted(self.received)]  # pass order: reproducible
         self.received = {}
         uploads = [upload for result in results for upload in result.uploads]
-        accepted, rejected = self._accept(round_index, {tuple(k) for k in expected}, uploads)
+        checked, rejected = self._accept(round_index, {tuple(k) for k in expected}, uploads)
+        kept, screened = self._screen(round_index, checked)
+        accepted = [upload for upload, keep in zip(checked, kept, strict=True) if keep]
         outcome = None
         if accepted:
             outcome = self._aggregate(round_index, accepted)
         answer_of = {}
         if outcome is not None:
             answer_of = {tuple(u.key): outcome.adapters[label] for u, label in zip(accepted, outcome.labels, strict=True)}
-        refused = {key for key, _ in rejected} - set(answer_of)  # a duplicate's first copy counts
+        # a duplicate's first copy counts
+        refused = {key for key, _ in rejected + screened} - set(answer_of)
         algorithm, adapters, private = self.algorithm, {}, {}
         for result in results:
             for row, key in enumerate(result.keys):
@@ -189,6 +238,7 @@ class Server:
                 adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
                 if key in result.private:
                     private[key] = result.private[key]
+        audit = self._audit(checked, kept, outcome, truth) if truth is not None else {}
         self.store.commit(adapters, private)
         if outcome is not None:
             whole = algorithm.global_adapters(outcome)
@@ -204,6 +254,8 @@ class Server:
             groups_tasks=bool(outcome is not None and outcome.groups_tasks),
             kmeans_backend=outcome.kmeans_backend if outcome is not None else "",
             rejected=rejected,
+            screened=screened,
+            audit=audit,
             params_up=sum(u.params for u in uploads),
             params_down=algorithm.download_params(outcome, clients) if outcome is not None else 0,
             uploads=len(uploads),

@@ -58,7 +58,7 @@ from fltac_ray.engine.messages import (
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
 from fltac_ray.engine.shared_data import SharedData
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
-from fltac_ray.outputs import RunWriter, hold_run_folder, make_run_dir
+from fltac_ray.outputs import AUDIT_COLUMNS, RunWriter, hold_run_folder, make_run_dir
 from fltac_ray.progress import Progress, format_run_summary
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
@@ -468,9 +468,16 @@ class Simulation:
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         self.progress.phase(f"round {round_index}: aggregating")
         expected = [key for report in reports for key in report.keys]
-        outcome = backend.close_round(round_index, expected, len(sampled) - len(failed))
+        fed = config.federation
+        # the true tasks go to the server only to measure an attack or a screen (attacks.py)
+        truth = tasks_by_key(reports) if fed.attack.kind != "none" or fed.screening != "none" else None
+        outcome = backend.close_round(round_index, expected, len(sampled) - len(failed), truth)
         for key, problem in outcome.rejected:
             say(f"  round {round_index}: rejected upload of client {key[0]} slot {key[1]}: {problem}")
+        if outcome.screened:
+            say(f"  round {round_index}: screened out {len(outcome.screened)} of "
+                f"{len(outcome.screened) + len(outcome.keys)} uploads (federation.screening = "
+                f"{fed.screening}): " + ", ".join(f"client {k[0]} slot {k[1]}" for k, _ in outcome.screened))
         aggregated = time.perf_counter()
         if outcome.uploads and not outcome.keys:  # every upload failed the server's checks
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: all {outcome.uploads} uploads failed the "
@@ -529,6 +536,8 @@ class Simulation:
             "params_down": params_down,
             "bytes_down": params_down * BYTES_PER_PARAM,
             "rejected_uploads": len(outcome.rejected) if outcome is not None else 0,
+            "screened_uploads": len(outcome.screened) if outcome is not None else 0,
+            **{column: (outcome.audit.get(column, nan) if outcome is not None else nan) for column in AUDIT_COLUMNS},
             "train_loss": float(np.mean(losses)) if losses else nan,
             "mean_accuracy": float(np.mean(accuracies)) if accuracies else nan,
             "train_seconds": trained - started,
