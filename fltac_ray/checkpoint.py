@@ -38,6 +38,8 @@ StateGroup = dict[str, np.ndarray]
 class CheckpointError(FltacError):
     """No usable checkpoint where one was expected."""
 
+    heading = "checkpoint"
+
 
 @dataclass
 class Checkpoint:

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _print_params([config])
     except FltacError as exc:
-        print(f"fltac-ray: error: {exc}", file=sys.stderr)
+        kind = f"{exc.heading}: " if exc.heading else ""
+        print(f"fltac-ray: error: {kind}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fltac-ray: interrupted; completed rounds are in the run directory", file=sys.stderr)

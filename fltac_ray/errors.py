@@ -19,7 +19,11 @@ class ConfigIssue:
 
 
 class FltacError(Exception):
-    """Base class of every error fltac-ray raises on purpose (the CLI prints these without a trace)."""
+    """Base class of every error fltac-ray raises on purpose (the CLI prints these without a trace).
+    Configuration, run-folder, experiment-file and data-file errors begin with their kind and
+    path; the others carry it in `heading`, which the CLI prints first."""
+
+    heading = ""
 
 
 class ConfigError(FltacError, ValueError):
@@ -60,8 +64,13 @@ class DataFileError(FltacError):
 
 
 class ResourceUnavailableError(FltacError):
-    """A model, data set or hardware resource the experiment needs is missing; says how to get it."""
+    """A model, data set, package, memory or hardware resource the experiment needs is missing
+    or too small; says how to get it or what to lower."""
+
+    heading = "resources"
 
 
 class EngineError(FltacError):
     """The distributed run failed (an actor died, timed out, or returned unusable results)."""
+
+    heading = "engine"

@@ -72,6 +72,16 @@ def folder_problem(path: Path) -> str | None:
 LOCK_FILE = ".lock"
 
 
+def discard_unused_run_dir(run_dir: Path, made: bool) -> None:
+    """After a failed start (the data could not be prepared), with nothing but the lock file
+    written: remove the lock, and the folder itself when this process `made` it (an empty --out
+    the user gave stays)."""
+    if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        if made:
+            run_dir.rmdir()
+
+
 def hold_run_folder(run_dir: Path):
     """An exclusive lock on the run folder for as long as the returned file stays open (fcntl: the
     kernel releases it when the process ends, however it ends). A second run or resume of the

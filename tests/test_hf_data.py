@@ -16,7 +16,7 @@ from fltac_ray.config import build_config
 from fltac_ray.data.encoding import make_featurizer
 from fltac_ray.data.federated import build_federated_data
 from fltac_ray.data.hf import load_hub_task
-from fltac_ray.errors import ResourceUnavailableError
+from fltac_ray.errors import DataFileError, ResourceUnavailableError
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.builders import load_backbone, load_tokenizer
 
@@ -88,9 +88,22 @@ def test_dolly_splits_by_category_with_the_prompt_template(hub_files):
 
 
 def test_missing_local_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ResourceUnavailableError, match="data.files.glue_sst2.train.*no such file"):
+    missing = tmp_path / "nope.parquet"
+    with pytest.raises(DataFileError, match=f"data file {missing}: \\(data.files.glue_sst2.train\\) no such file"):
+        load_hub_task("glue_sst2", "text", 5, 5, np.random.default_rng(0), {"train": str(missing), "test": str(missing)})
+    with pytest.raises(DataFileError, match=r"\(data.files.glue_sst2.train\) is a folder, not a file"):
         load_hub_task("glue_sst2", "text", 5, 5, np.random.default_rng(0),
-                      {"train": str(tmp_path / "nope.parquet"), "test": str(tmp_path / "nope.parquet")})
+                      {"train": str(_folder(tmp_path / "d.csv")), "test": str(missing)})
+    with pytest.raises(DataFileError, match=r"unsupported file type '.xlsx'; use one of"):
+        load_hub_task("glue_sst2", "text", 5, 5, np.random.default_rng(0),
+                      {"train": str(tmp_path / "a.xlsx"), "test": str(missing)})
+    with pytest.raises(ResourceUnavailableError, match="data.files.glue_sst2 has no 'train' entry"):
+        load_hub_task("glue_sst2", "text", 5, 5, np.random.default_rng(0), {"test": str(missing)})
+
+
+def _folder(path):
+    path.mkdir()
+    return path
 
 
 def test_pairs_are_encoded_with_segment_ids(hub_files):

@@ -7,6 +7,7 @@ column names): `load_dataset("csv"|"json"|"parquet", data_files=...)` runs fully
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,20 @@ SOURCES: dict[str, HubSource] = {
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """datasets' progress bars off for the block, as they were after it."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task: str) -> Any:
     """role "train" or "test": the hub split playing it, or data.files.<task>.<role>."""
     from datasets import load_dataset
@@ -77,14 +92,15 @@ def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task
         path = Path(files[role]).expanduser()
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise ResourceUnavailableError(
-                f"data.files.{task}.{role} = {str(path)!r}: unsupported file type; use one of "
-                f"{sorted(_FORMATS)}")
+            raise DataFileError(path, f"(data.files.{task}.{role}) unsupported file type "
+                                f"{path.suffix or '(none)'!r}; use one of {sorted(_FORMATS)}")
         if not path.is_file():
-            raise ResourceUnavailableError(f"data.files.{task}.{role} = {str(path)!r}: no such file")
+            what = "is a folder, not a file" if path.is_dir() else "no such file"
+            raise DataFileError(path, f"(data.files.{task}.{role}) {what}")
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         try:
-            dataset = load_dataset(fmt, data_files={role: str(path)}, split=role, **extra)
+            with _no_progress_bars():  # a local file reads in seconds; a bar would precede any error
+                dataset = load_dataset(fmt, data_files={role: str(path)}, split=role, **extra)
         except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a bad file
             if "corresponds to no data" in str(exc):  # datasets' words for a file without rows
                 raise DataFileError(path, f"(data.files.{task}.{role}) has no rows") from None

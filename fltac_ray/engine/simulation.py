@@ -58,7 +58,13 @@ from fltac_ray.engine.messages import (
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
 from fltac_ray.engine.shared_data import SharedData
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
-from fltac_ray.outputs import AUDIT_COLUMNS, RunWriter, hold_run_folder, make_run_dir
+from fltac_ray.outputs import (
+    AUDIT_COLUMNS,
+    RunWriter,
+    discard_unused_run_dir,
+    hold_run_folder,
+    make_run_dir,
+)
 from fltac_ray.progress import Progress, format_run_summary
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
@@ -89,7 +95,9 @@ def sample_clients(seed: int, round_index: int, active: list[int], fraction: flo
 def build_data(config: ExperimentConfig) -> FederatedData:
     """The experiment's tasks loaded, split, partitioned and encoded (before any algorithm)."""
     from fltac_ray.data.encoding import make_featurizer
+    from fltac_ray.data.sizing import check_data_fits
 
+    check_data_fits(config)  # an estimate against this machine's memory, before anything is built
     data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
     # The raw text, the tokenizer's buffers and the parsed sources are garbage now; glibc keeps
     # their pages unless asked (offline default, 20k examples per task: 533 -> 428 MiB resident).
@@ -232,9 +240,25 @@ class Simulation:
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
             f"(LoRA rank {config.model.lora.rank})")
         algorithm = create_algorithm(config)  # driver-side: job grouping and data only
+        # The run folder first: an unusable --out is refused before minutes of data preparation;
+        # a folder made here is removed again if the data cannot be prepared.
+        if self.resume_dir is not None:
+            run_dir = self.resume_dir
+            self.lock = hold_run_folder(run_dir)
+        else:
+            made = self.out is None or not Path(self.out).exists()
+            run_dir = make_run_dir(config.output_dir, config.name, self.out)
+            self.lock = hold_run_folder(run_dir)
         shared = self.shared_data if self.shared_data is not None and self.shared_data.matches(config) else None
         built = shared.get() if shared is not None else None
-        data, active = prepare_data(config, algorithm, built)
+        try:
+            data, active = prepare_data(config, algorithm, built)
+        except BaseException:
+            if self.resume_dir is None:
+                self.lock.close()
+                self.lock = None
+                discard_unused_run_dir(run_dir, made)
+            raise
         # the workers read the shared copy when the algorithm kept the data as built
         self.data_source = shared if built is not None and data is built else None
         if len(data.clients) == 1 and len(active) == 1 and config.data.num_clients > 1:
@@ -246,8 +270,6 @@ class Simulation:
                 f"{config.data.dirichlet_alpha:g}): they are never sampled")
         checkpoint = None
         if self.resume_dir is not None:
-            run_dir = self.resume_dir
-            self.lock = hold_run_folder(run_dir)
             checkpoint = self._resume_point(run_dir)
             if checkpoint is None:
                 writer = RunWriter(run_dir, config)
@@ -256,8 +278,6 @@ class Simulation:
                 writer = RunWriter(run_dir, config, resume_round=checkpoint.round)
                 say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
         else:
-            run_dir = make_run_dir(config.output_dir, config.name, self.out)
-            self.lock = hold_run_folder(run_dir)
             writer = RunWriter(run_dir, config)
             writer.write_partition(data.partition_rows())
         for name, bundle in data.tasks.items():
