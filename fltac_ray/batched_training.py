@@ -76,7 +76,7 @@ def task_logits(model: AdapterModel, stacked: StackedAdapters, inputs: dict[str,
     """(batch, head_classes) logits, each sample through its own adapter and head; a task reads
     its first num_classes head rows (`classes`: (batch,)), the rest are masked out of the
     softmax. Call inside routed(model, stacked, route)."""
-    logits = routed_head(model.features(**inputs), stacked, route)
+    logits = routed_head(model, model.features(**inputs), stacked, route)
     columns = torch.arange(logits.shape[1], device=logits.device)[None, :]
     return logits.masked_fill(columns >= classes[:, None], float("-inf"))
 

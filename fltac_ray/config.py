@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,7 +25,8 @@ from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 # never silently changes nothing.
 ALGORITHM_OPTIONS = (
     "federation.n_clusters", "federation.clustering_backend", "federation.kmeans_n_init",
-    "federation.weighting", "federation.aggregation", "federation.trim_fraction", "floral",
+    "federation.weighting", "federation.aggregation", "federation.trim_fraction", "federation.fedit_budget",
+    "floral",
 )
 
 
@@ -85,7 +86,11 @@ class DataConfig(_Section):
         "None: 0.1 / num_clients (the paper's 0.01 at its 10 clients), so that a large federation "
         "keeps data on nearly every client.",
     )
-    train_per_task: int = Field(default=2000, ge=1, description="Training examples drawn per task.")
+    train_per_task: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        default=2000,
+        description="Training examples drawn per task; all: the task's whole training set (the "
+        "papers' full data sets; packaged and hub tasks, not generated ones).",
+    )
     test_per_task: int = Field(default=300, ge=1, description="Test examples drawn per task.")
     max_length: int = Field(default=32, ge=4, le=4096, description="Token limit per text example.")
     wordnet_dir: str = Field(
@@ -147,6 +152,10 @@ class DataConfig(_Section):
             if not needed <= set(entry) or set(entry) - {"train", "test"}:
                 raise ValueError(f"data.files.{task} = {entry}: needs keys {sorted(needed)} "
                                  "(and nothing else)")
+        generated = [t for t in self.tasks if TASKS[t].source == "synthetic" and TASKS[t].loader is None]
+        if self.train_per_task == "all" and generated:
+            raise ValueError(f"data.train_per_task = 'all': tasks {generated} are generated without "
+                             "end; give a number")
         shift = self.concept_shift
         if shift is not None:
             if len(self.tasks) != 1:
@@ -164,6 +173,11 @@ class DataConfig(_Section):
                 raise ValueError(f"data.concept_shift = {shift.clusters}: more clusters than "
                                  f"data.num_clients ({self.num_clients})")
         return self
+
+    @property
+    def train_limit(self) -> int | None:
+        """train_per_task as a number; None: all of each task's training examples."""
+        return None if self.train_per_task == "all" else self.train_per_task
 
     @property
     def task_names(self) -> list[str]:
@@ -194,14 +208,23 @@ class ModelConfig(_Section):
         default="minilm",
         description=f"A registry name ({', '.join(MODELS)}), a Hugging Face id or a local path.",
     )
-    pooling: Literal["mean", "cls"] = Field(
-        default="mean", description="How token states become the classifier input."
+    pooling: Literal["mean", "cls", "pooler"] = Field(
+        default="mean",
+        description="How token states become the classifier input: their mean, the first (CLS) "
+        "token, or the backbone's own pretrained pooler with its classifier dropout (text models "
+        "that have one, e.g. BERT: what BertForSequenceClassification feeds its head).",
     )
     image_size: int | None = Field(
         default=None, ge=8,
         description="Side images are resized to (default: the model's own, 64 for EfficientNet).",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    head: Literal["trained", "frozen"] = Field(
+        default="trained",
+        description="The classifier head: trained, uploaded and clustered with the LoRA tensors "
+        "(this project's default), or frozen at its seeded initialisation and never sent (the "
+        "FL-TAC authors' ViT runs: peft FEATURE_EXTRACTION leaves it untrained).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
         description="Precision of the frozen base, which runs under autocast in it (adapters, "
@@ -302,6 +325,11 @@ class FederationConfig(_Section):
     trim_fraction: float = Field(
         default=0.1, ge=0, lt=0.5,
         description="trimmed_mean: share of members dropped at each end per coordinate (< 0.5).",
+    )
+    fedit_budget: Literal["per_task", "per_adapter"] = Field(
+        default="per_task",
+        description="FedIT: train.local_steps for each task of the client's one adapter "
+        "(per_task), or split over its tasks (per_adapter: the FL-TAC authors' baseline).",
     )
     min_completion_rate: float = Field(
         default=0.5, ge=0, le=1,
@@ -648,6 +676,13 @@ class ExperimentConfig(_Section):
         if size is not None and self.model.name == "efficientnet-lite0" and size < 48:
             raise ValueError(f"model.image_size = {size}: EfficientNet-lite0 needs at least 48 px "
                              "(smaller inputs collapse its 32x downsampled features)")
+        if self.model.pooling == "pooler" and modality not in ("text",):
+            raise ValueError(f"model.pooling = 'pooler': only for text models with a pretrained pooler "
+                             f"(this experiment's tasks are {modality}); use cls or mean")
+        if self.model.head == "frozen" and (modality == "causal_lm" or self.algorithm == "floral"):
+            what = "instruction tasks have no classifier head" if modality == "causal_lm" else (
+                "FLoRAL's head carries its mixture adaptors and is federated")
+            raise ValueError(f"model.head = 'frozen': {what}; remove it")
         if self.train.judge is not None and modality != "causal_lm":
             raise ValueError(f"train.judge = {self.train.judge!r}: only for instruction tasks")
         n_clusters = self.federation.n_clusters

@@ -36,6 +36,16 @@ def test_fedit_uniform_weighting():
     np.testing.assert_allclose(result.adapters, [[8.5, 3.0]])
 
 
+def test_fedit_step_budget_per_task_or_split_over_the_adapter():
+    assert _algorithm("fedit").task_steps(["a", "b", "c"], 15) == (15, 15, 15)
+    split = _algorithm("fedit", federation={"fedit_budget": "per_adapter"})
+    assert split.task_steps(["a", "b", "c"], 15) == (5, 5, 5)  # the authors': 15 // 3 each
+    assert split.task_steps(["a", "b", "c"], 2) == (1, 1, 1)  # at least one step per task
+    assert _algorithm("fltac").task_steps(["a"], 15) == (15,)
+    with pytest.raises(ConfigError, match="federation.fedit_budget = 'per_adapter': not used by algorithm 'fltac'"):
+        build_config({"federation": {"fedit_budget": "per_adapter"}})
+
+
 def test_oracle_uploads_carry_the_true_task_and_group_by_it():
     oracle = _algorithm("oracle")
     upload = oracle.upload(ClientJob((3, 1), ("b",), 7), np.zeros(6, np.float32), np.zeros(0), {})

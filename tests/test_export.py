@@ -15,6 +15,7 @@ from fltac_ray.errors import ConfigError
 from fltac_ray.export import load_adapter, load_base, peft_tensor_name, write_peft_adapter
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.builders import load_backbone
+from fltac_ray.models.counting import count_parameters
 
 from .conftest import tiny_config
 
@@ -113,17 +114,23 @@ def test_a_folder_without_export_info_is_refused(tmp_path):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_path):
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_path, head):
     """Run FL-TAC, load every exported cluster adapter with plain peft, and score each client's
-    test examples with the adapter its task ended with: the right answers equal the engine's."""
+    test examples with the adapter its task ended with: the right answers equal the engine's.
+    A frozen head (model.head: frozen) is never sent, but every export carries it."""
     from fltac_ray.algorithms import create_algorithm
     from fltac_ray.engine.simulation import Simulation, prepare_data
     from fltac_ray.progress import Progress
     from fltac_ray.training import batch_tensors
 
-    config = tiny_config()
+    config = tiny_config(model={"name": "tiny-random-bert", "head": head})
     result = Simulation(config, out=str(tmp_path / "run"), progress=Progress(quiet=True)).run()
     adapters = result.run_dir / "adapters"
+    count = count_parameters(config)
+    assert (count.head_per_adapter == 0) == (head == "frozen")
+    uploads = int(result.rounds["params_up"].iloc[0]) // count.adapter_size  # uploads are adapters
+    assert int(result.rounds["params_up"].iloc[0]) == uploads * count.lora_per_adapter + uploads * count.head_per_adapter
     assignments = pd.read_csv(adapters / "assignments.csv")
     clients = pd.read_csv(result.run_dir / "clients.csv")
     final = clients[clients["round"] == config.rounds].set_index(["client", "task"])

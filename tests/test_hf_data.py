@@ -16,7 +16,7 @@ from fltac_ray.config import build_config
 from fltac_ray.data.encoding import make_featurizer
 from fltac_ray.data.federated import build_federated_data
 from fltac_ray.data.hf import load_hub_task
-from fltac_ray.errors import DataFileError, ResourceUnavailableError
+from fltac_ray.errors import ConfigError, DataFileError, ResourceUnavailableError
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.builders import load_backbone, load_tokenizer
 
@@ -85,6 +85,22 @@ def test_dolly_splits_by_category_with_the_prompt_template(hub_files):
     numbers = [int(p.split("Question ")[1].split("?")[0]) for p in train.texts]
     assert all(n % 2 == 0 for n in numbers)  # closed_qa rows only
     assert all(r == f"Answer number {n}." for n, r in zip(numbers, train.pairs, strict=True))
+
+
+def test_train_per_task_all_takes_every_training_example(hub_files):
+    """data.train_per_task: all (the papers used the full data sets): the whole train split;
+    Dolly (one pool per category): test_per_task for testing, every other row trains."""
+    train, test = load_hub_task("glue_sst2", "text", None, 5, np.random.default_rng(0), hub_files["glue_sst2"])
+    assert (len(train), len(test)) == (40, 5)
+    train, test = load_hub_task("dolly_closed_qa", "instruction", None, 4, np.random.default_rng(0),
+                                hub_files["dolly_closed_qa"])
+    assert (len(train), len(test)) == (26, 4)
+    config = build_config({"data": {"tasks": ["digits"], "train_per_task": "all", "test_per_task": 300},
+                           "model": {"name": "tiny-random-vit"}})
+    data = build_federated_data(config, make_featurizer("tiny-random-vit", 16))
+    assert (len(data.tasks["digits"].train), len(data.tasks["digits"].test)) == (1797 - 300, 300)
+    with pytest.raises(ConfigError, match="data.train_per_task = 'all': tasks \\['synthetic_topic'\\] are generated"):
+        build_config({"data": {"tasks": ["synthetic_topic"], "train_per_task": "all"}})
 
 
 def test_missing_local_file_is_a_clear_error(tmp_path):

@@ -81,3 +81,28 @@ def test_unknown_target_module_fails_with_the_choices():
         check_target_modules("tiny-random-bert", "text", ["query", "q_proj"])
     assert "'q_proj'" in str(info.value) and "value" in str(info.value)
     check_target_modules("minilm", "text", ["query", "value"])  # meta-device build, no weights read
+
+
+def test_pooler_pooling_feeds_the_head_the_backbones_pretrained_pooler():
+    """model.pooling: pooler — what BertForSequenceClassification feeds its head (the FL-TAC
+    authors' GLUE model): the frozen pretrained pooler, with the config's dropout in training."""
+    from transformers import BertModel
+
+    from fltac_ray.models.builders import _tiny_config
+
+    torch.manual_seed(0)
+    encoder = BertModel(_tiny_config("tiny-random-bert", 1000), add_pooling_layer=True)
+    model = AdapterModel(encoder, ModelConfig(name="tiny-random-bert", pooling="pooler"), 2, seed=0).eval()
+    ids, lengths = torch.randint(1, 1000, (3, 7)), torch.tensor([7, 3, 5])
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+    with torch.no_grad():
+        expected = model.encoder(input_ids=ids, attention_mask=mask).pooler_output
+        torch.testing.assert_close(model.features(input_ids=ids, lengths=lengths), expected)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "pooler" in n)  # frozen
+    model.train()
+    with torch.no_grad():  # hidden_dropout_prob 0.1 applies in training
+        assert not torch.equal(model.features(input_ids=ids, lengths=lengths), expected)
+    no_pooler = AdapterModel(load_backbone("tiny-random-bert", "text", seed=0),
+                             ModelConfig(name="tiny-random-bert", pooling="pooler"), 2, seed=0)
+    with pytest.raises(ValueError, match="has no pretrained pooler"):
+        no_pooler.features(input_ids=ids, lengths=lengths)

@@ -33,6 +33,19 @@ def test_params_match_the_papers_table_2():
     assert (fedit.adapters, fedit.lora_trainable) == (1, 294_912)
 
 
+@pytest.mark.parametrize(("experiment", "per_adapter"), [("paper_cifar_vit", 36_864),
+                                                         ("paper_cifar_vit_fedit", 294_912)])
+def test_the_paper_vit_files_send_lora_only_as_the_authors_did(experiment, per_adapter):
+    """The authors' ViT runs (peft FEATURE_EXTRACTION) leave the 100-way head at its random init:
+    never trained, sent or clustered. The paper files freeze it, so what a client sends per
+    adapter is Table 2's count."""
+    from fltac_ray.config import load_config
+
+    count = count_parameters(load_config(f"experiments/{experiment}.yaml"))
+    assert count.head_per_adapter == 0
+    assert count.adapter_size == count.lora_per_adapter == per_adapter
+
+
 def test_params_of_other_algorithms_follow_what_they_send():
     local = count_parameters(build_config({"algorithm": "local", "model": {"name": "tiny-random-bert"}}))
     assert local.trainable > 0 and local.up_per_round == local.down_per_round == 0

@@ -5,6 +5,7 @@ methods differ; each hook has a default, so a method overrides only what it chan
 
   client side (runs in a worker, once per (client, adapter slot) job)
     client_adapters  which of a client's tasks each of its adapters trains on
+    task_steps       how many local steps each of an adapter's tasks gets (FedIT: a budget option)
     trainable_entries  which adapter entries local training may change (FFA-LoRA: not A)
     start            which state local training starts from (IFCA: the best-fitting global)
     upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
@@ -39,10 +40,13 @@ AdapterKey = tuple[int, int]  # (client id, adapter slot on that client)
 class AdapterSpec:
     """The flat adapter every job trains: its layout, (name, shape) in flattening order, e.g.
     `encoder...query.lora_A.default.weight` (r, d_in), `...lora_B...` (d_out, r), `head.weight`
-    (classes, hidden); FLoRAL adds `adaptor_index`, the mixture adaptor of each entry (-1: shared)."""
+    (classes, hidden); FLoRAL adds `adaptor_index`, the mixture adaptor of each entry (-1: shared).
+    `fixed`: model tensors every client shares and nobody trains (a frozen head, model.head:
+    frozen), which exports write beside each adapter."""
 
     layout: tuple[tuple[str, tuple[int, ...]], ...]
     adaptor_index: np.ndarray | None = None
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -151,6 +155,11 @@ class FederatedAlgorithm:
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:
         """Group a client's tasks into adapters (default: one adapter per task, as in FL-TAC)."""
         return [[task] for task in tasks]
+
+    def task_steps(self, tasks: list[str], local_steps: int) -> tuple[int, ...]:
+        """Local steps for each task of one adapter, trained in turn (default: train.local_steps
+        each)."""
+        return (local_steps,) * len(tasks)
 
     def trainable_entries(self) -> np.ndarray | None:
         """(d,) bool: adapter entries local training changes; None: all of them."""

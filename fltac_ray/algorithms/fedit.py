@@ -3,7 +3,10 @@
 
 Each client trains a single adapter over all its tasks in turn (as in the FL-TAC authors'
 baseline) and the server averages every upload, weighted by the client's example count (the
-default aggregate).
+default aggregate). `federation.fedit_budget`: per_task (default) gives every task
+train.local_steps, as many as an FL-TAC adapter gets, so a comparison isolates sharing one
+adapter from training less; per_adapter splits train.local_steps over the client's tasks
+(local_steps // tasks each, at least 1): the FL-TAC authors' baseline, one adapter's budget.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from fltac_ray.algorithms.base import FederatedAlgorithm
 class FedIT(FederatedAlgorithm):
     name = "fedit"
     summary = "FedIT: one adapter per client trained over all its tasks; FedAvg"
-    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction",
+                         "federation.fedit_budget"})
 
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:
         return [list(tasks)]  # one adapter, trained on each task in turn
+
+    def task_steps(self, tasks: list[str], local_steps: int) -> tuple[int, ...]:
+        if self.config.federation.fedit_budget == "per_adapter":
+            return (max(1, local_steps // len(tasks)),) * len(tasks)
+        return (local_steps,) * len(tasks)

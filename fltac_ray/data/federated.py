@@ -18,6 +18,8 @@ from fltac_ray.data.partition import dirichlet_shares, split_counts, split_indic
 from fltac_ray.data.registry import TASKS
 from fltac_ray.data.types import Examples
 
+ALL_EXAMPLES = 2**40  # "as many as the source has": every loader draws min(n, its pool)
+
 
 @dataclass
 class EncodedSplit:
@@ -108,14 +110,15 @@ def load_task(name: str, config: ExperimentConfig, rng: np.random.Generator,
     """A task's examples in random order (or, for hub tasks, its own (train, test) splits).
     `cluster` (concept shift rank1 only) selects the teacher of that cluster."""
     data = config.data
-    n = data.train_per_task + data.test_per_task
+    # train_per_task: all takes a source's every example (the loaders draw min(n, pool))
+    n = ALL_EXAMPLES if data.train_limit is None else data.train_limit + data.test_per_task
     wn = data.wordnet_dir
     if name in TASKS and TASKS[name].loader is not None:  # a plug-in (data/registry.register_task)
         return _checked_plugin(TASKS[name], TASKS[name].loader(config, rng))
     if name in TASKS and TASKS[name].source == "hf":
         from fltac_ray.data.hf import load_hub_task
 
-        return load_hub_task(name, TASKS[name].kind, data.train_per_task, data.test_per_task, rng,
+        return load_hub_task(name, TASKS[name].kind, data.train_limit, data.test_per_task, rng,
                              data.files.get(name))
     if name in ("wordnet_define", "wordnet_synonym", "wordnet_category", "wordnet_hypernym"):
         from fltac_ray.data.instructions import build_category
@@ -155,11 +158,14 @@ def _checked_plugin(spec, loaded) -> Examples | tuple[Examples, Examples]:
     return loaded
 
 
-def _split_train_test(examples: Examples, n_train: int, n_test: int) -> tuple[Examples, Examples]:
-    # Loaders return examples in random order; when a source is smaller than asked, keep the
-    # requested train:test proportion.
+def _split_train_test(examples: Examples, n_train: int | None, n_test: int) -> tuple[Examples, Examples]:
+    """Loaders return examples in random order; when a source is smaller than asked, keep the
+    requested train:test proportion. n_train None (train_per_task: all): n_test examples (at most
+    half the source) are the test set, every other one trains."""
     total = len(examples)
-    if total < n_train + n_test:
+    if n_train is None:
+        n_train = total - min(n_test, total // 2)
+    elif total < n_train + n_test:
         n_train = round(total * n_train / (n_train + n_test))
     return examples.subset(slice(0, n_train)), examples.subset(slice(n_train, min(total, n_train + n_test)))
 
@@ -212,7 +218,7 @@ def build_federated_data(config: ExperimentConfig, featurize: Featurizer) -> Fed
         else:
             loaded = load_task(name, config, rng)
         train, test = (loaded if isinstance(loaded, tuple)
-                       else _split_train_test(loaded, data.train_per_task, data.test_per_task))
+                       else _split_train_test(loaded, data.train_limit, data.test_per_task))
         bundles[name] = TaskBundle(
             name=name,
             class_names=train.class_names,

@@ -189,9 +189,9 @@ def _classification(source: HubSource, rows: Any, kind: TaskKind) -> Examples:
     return Examples(kind, labels, names, texts=texts, pairs=pairs)
 
 
-def load_hub_task(task: str, kind: TaskKind, n_train: int, n_test: int, rng: np.random.Generator,
+def load_hub_task(task: str, kind: TaskKind, n_train: int | None, n_test: int, rng: np.random.Generator,
                   files: dict[str, str] | None = None) -> tuple[Examples, Examples]:
-    """(train, test) examples of one paper task, at most n_train / n_test of each."""
+    """(train, test) examples of one paper task, at most n_train (None: all) / n_test of each."""
     source = SOURCES[task]
     if task.startswith("dolly_"):
         category = task.removeprefix("dolly_")
@@ -199,11 +199,15 @@ def load_hub_task(task: str, kind: TaskKind, n_train: int, n_test: int, rng: np.
         pool = pool.filter(lambda row: row["category"] == category)
         if len(pool) == 0:
             raise ResourceUnavailableError(f"no Dolly rows with category {category!r} for task {task}")
-        rows = _take(pool, n_train + n_test, rng)
+        rows = _take(pool, len(pool) if n_train is None else n_train + n_test, rng)
         prompts = [format_prompt(i, c or "") for i, c in zip(rows["instruction"], rows["context"], strict=True)]
         examples = instructions(prompts, [str(r) for r in rows["response"]])
-        cut = round(len(examples) * n_train / (n_train + n_test))
+        if n_train is None:  # all: n_test examples (at most half) for testing, the rest trains
+            cut = len(examples) - min(n_test, len(examples) // 2)
+        else:
+            cut = round(len(examples) * n_train / (n_train + n_test))
         return examples.subset(slice(0, cut)), examples.subset(slice(cut, None))
-    train = _take(_load_split(source, "train", files, task), n_train, rng)
+    train_split = _load_split(source, "train", files, task)
+    train = _take(train_split, len(train_split) if n_train is None else n_train, rng)
     test = _take(_load_split(source, "test", files, task), n_test, rng)
     return _classification(source, train, kind), _classification(source, test, kind)

@@ -50,7 +50,9 @@ def data_memory_estimate(config) -> tuple[int, list[tuple[int, str]]]:
     parts = [(partition, f"data.num_clients = {data.num_clients:,} x {len(tasks)} tasks x "
                          f"~{PER_CLIENT_TASK_BYTES} B = {_size(partition)}")]
     total = partition
-    examples = data.train_per_task + data.test_per_task
+    if data.train_limit is None:  # all: only sources with an end allow it (config validation)
+        return partition, parts
+    examples = data.train_limit + data.test_per_task
     for task in tasks:
         spec = TASKS.get(task)
         if spec is None or spec.source != "synthetic" or spec.loader is not None:

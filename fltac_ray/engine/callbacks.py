@@ -193,7 +193,12 @@ class Exporter(Callback):
         assignments = [{"client": int(c), "slot": int(s), "tasks": tasks, "cluster": int(label)}
                        for (c, s), tasks, label in zip(outcome["keys"], truth, outcome["labels"], strict=True)]
         mixture = run.spec.adaptor_index is not None and bool(np.any(run.spec.adaptor_index >= 0))
-        folder = export_adapters(run.run_dir, outcome["adapters"], list(run.spec.layout), clusters,
+        adapters, layout = outcome["adapters"], list(run.spec.layout)
+        if run.spec.fixed:  # a frozen head: written beside every adapter, so the export loads whole
+            fixed = np.concatenate([value.reshape(-1) for value in run.spec.fixed.values()])
+            adapters = np.hstack([adapters, np.tile(fixed, (len(adapters), 1))])
+            layout += [(name, tuple(value.shape)) for name, value in run.spec.fixed.items()]
+        folder = export_adapters(run.run_dir, adapters, layout, clusters,
                                  run.config, class_names, assignments, peft_layout=not mixture)
         if not quiet:
             run.say(f"  final adaptors: {folder}" if mixture else f"  final cluster adapters: {folder} (peft layout)")

@@ -125,7 +125,8 @@ class ClientWorker:
             self.model.to(self.device)
         else:
             self.model.place_beside_quantized_base(self.device)
-        self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index())
+        self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index(),
+                                self.model.fixed_tensors())
         self.algorithm.setup(self.spec)
         self.frozen = self._frozen_entries()
         self.batched = config.engine.batched_training and self._batchable()

@@ -297,6 +297,9 @@ class Simulation:
             callbacks.append(DashboardMetrics(config.name))
         # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
         self.groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
+        # (client, slot) -> local steps of each of its tasks (FedIT: federation.fedit_budget)
+        self.budgets = {(client, slot): algorithm.task_steps(list(group), config.train.local_steps)
+                        for client, groups in self.groups.items() for slot, group in enumerate(groups)}
         # each key's records, reused while its committed state is unchanged; in every checkpoint
         self.evaluated = EvaluationCache()
         if checkpoint is not None and GROUP in checkpoint.groups:
@@ -403,12 +406,13 @@ class Simulation:
 
     # --- one round ----------------------------------------------------------------------------
     def _jobs(self, data: FederatedData, clients: list[int]) -> list[TrainJob]:
-        local_steps, jobs = self.config.train.local_steps, []
+        jobs = []
         for client in clients:
             shard = data.clients[client]
             for slot, group in enumerate(self.groups[client]):
+                budget = self.budgets[(client, slot)]
                 jobs.append(TrainJob((client, slot), tuple(group), sum(shard.num_train(t) for t in group),
-                                     tuple(shard.steps.get(t, local_steps) for t in group)))
+                                     tuple(shard.steps.get(t, steps) for t, steps in zip(group, budget, strict=True))))
         return jobs
 
     def _eval_jobs(self, data: FederatedData, active: list[int]) -> list[EvalJob]:

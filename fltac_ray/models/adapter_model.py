@@ -92,8 +92,22 @@ class PooledFeatures:
         input_ids = input_ids[:, :width].long()
         mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
         extra = {"token_type_ids": token_type_ids[:, :width].long()} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
-        return self._pool(hidden, mask)
+        out = self.encoder(input_ids=input_ids, attention_mask=mask, **extra)
+        if self.pooling == "pooler":
+            return self._pretrained_pooler(out)
+        return self._pool(out.last_hidden_state, mask)
+
+    def _pretrained_pooler(self, out) -> torch.Tensor:
+        """model.pooling: pooler — the backbone's own pretrained (frozen) pooler over the first
+        token (BERT: dense + tanh) and the classifier dropout of its config, as
+        BertForSequenceClassification feeds its head (the FL-TAC authors' GLUE model)."""
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            raise ValueError("model.pooling = 'pooler': this backbone has no pretrained pooler; use cls or mean")
+        config = self.encoder.config
+        rate = getattr(config, "classifier_dropout", None)
+        rate = getattr(config, "hidden_dropout_prob", 0.0) if rate is None else rate
+        return F.dropout(pooled, p=float(rate), training=self.training)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooling == "cls":
@@ -162,6 +176,9 @@ class AdapterModel(PooledFeatures, nn.Module):
             except ValueError as exc:
                 raise ValueError(f"model.lora.target_modules = {targets}: {exc}") from exc
             self.head = nn.Linear(hidden, head_classes) if head_classes else None
+            if self.head is not None and model_config.head == "frozen":
+                # seeded above, so every worker holds the same head; never in the adapter vector
+                self.head.requires_grad_(False)
         else:
             self.router = Router(num_adaptors, floral.temperature, floral.min_weight)
             rank = None if floral.rank_fraction is not None else lora.rank
@@ -267,8 +284,15 @@ class AdapterModel(PooledFeatures, nn.Module):
         for module in self.encoder.modules():
             if hasattr(module, "reset_lora_parameters"):
                 module.reset_lora_parameters("default", True)
-        if self.head is not None:
+        if self.head is not None and self.head.weight.requires_grad:  # a frozen head stays as drawn
             self.head.reset_parameters()
+
+    def fixed_tensors(self) -> dict[str, np.ndarray]:
+        """A frozen head's tensors (model.head: frozen): part of the model, not of the adapter;
+        an export writes them beside each adapter. Empty otherwise."""
+        if self.head is None or self.head.weight.requires_grad:
+            return {}
+        return {f"head.{name}": p.detach().cpu().float().numpy().copy() for name, p in self.head.named_parameters()}
 
     # --- forward ---------------------------------------------------------------------------
     def autocast(self):

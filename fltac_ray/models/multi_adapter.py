@@ -80,7 +80,7 @@ def check_batchable(model: AdapterModel) -> None:
     layer or the classifier head."""
     if model.router is not None:
         raise UnsupportedBatching("FLoRAL's router-mixed adaptors train one adapter at a time")
-    covered = {"head.weight", "head.bias"} if model.head is not None else set()
+    covered = {"head.weight", "head.bias"} if model.head is not None and model.head.weight.requires_grad else set()
     for name, module in _lora_layers(model):
         if not isinstance(module, _routable_layers()):
             raise UnsupportedBatching(f"LoRA on {type(module).__name__} ({name}) is not batched")
@@ -152,9 +152,14 @@ def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -
             module._disable_adapters = before
 
 
-def routed_head(features: torch.Tensor, stacked: StackedAdapters, route: torch.Tensor) -> torch.Tensor:
+def routed_head(model: AdapterModel, features: torch.Tensor, stacked: StackedAdapters,
+                route: torch.Tensor) -> torch.Tensor:
     """(batch, hidden) features -> (batch, head_classes) float32 logits, each sample through its
-    adapter's head (in float32 in a half-precision pass too: a matrix-vector product per sample)."""
+    adapter's head (in float32 in a half-precision pass too: a matrix-vector product per sample),
+    or through the model's one frozen head (model.head: frozen)."""
+    if "head.weight" not in stacked.tensors:
+        with torch.autocast(features.device.type, enabled=False):
+            return model.head(features.float())
     weight = stacked.tensors["head.weight"][route]  # (batch, classes, hidden)
     bias = stacked.tensors["head.bias"][route]  # (batch, classes)
     with torch.autocast(features.device.type, enabled=False):
