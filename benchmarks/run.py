@@ -96,7 +96,8 @@ def experiment(quick: bool, name: str, clients: int, rounds: int, local_steps: i
     raw.update(name=name, rounds=rounds, output_dir=tempfile.mkdtemp(prefix="fltac-bench-"))
     # data.min_share is left to its default, 0.1 / clients: large federations keep data on most clients
     raw["data"].update(num_clients=clients, train_per_task=train_per_task, test_per_task=300)
-    raw["train"] = {"local_steps": local_steps, "batch_size": batch_size, "eval_every": NO_EVAL}
+    raw["train"] = {"local_steps": local_steps, "batch_size": batch_size, "eval_every": NO_EVAL,
+                    "eval_round_0": False}
     raw["engine"] = {"checkpoint_every": 0, "metrics": False, **engine}
     raw["federation"] = {"client_fraction": client_fraction}
     return build_config(raw)

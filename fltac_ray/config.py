@@ -259,6 +259,11 @@ class TrainConfig(_Section):
     lr: float = Field(default=2e-3, gt=0, description="AdamW learning rate (eta).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     eval_batch_size: int = Field(default=128, ge=1, description="Examples per evaluation batch.")
+    eval_round_0: bool = Field(
+        default=True,
+        description="Evaluate every client's starting adapter (the pre-trained model, zero LoRA "
+        "update) before round 1: round 0 of metrics.csv and clients.csv, the summary's start column.",
+    )
     eval_every: int = Field(
         default=1, ge=1, description="Evaluate every k rounds (the last round is always evaluated)."
     )

@@ -134,6 +134,13 @@ class Progress:
             self._drawn = False
 
     # --- round lines and the summary -----------------------------------------------------------
+    def round_zero_line(self, rounds: int, task_accuracy: dict[str, float]) -> None:
+        """The starting adapter's evaluation (train.eval_round_0), before round 1."""
+        accs = "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
+        mean = sum(task_accuracy.values()) / len(task_accuracy) if task_accuracy else float("nan")
+        self._status = ""
+        self.say(f"round {0:>3}/{rounds}  {accs}  | mean {mean:.3f}  | the starting adapter (pre-trained model)")
+
     def round_line(self, round_index: int, rounds: int, row: dict, task_accuracy: dict[str, float]) -> None:
         self._done = round_index
         self._status = ""
@@ -164,10 +171,12 @@ def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
     lines = []
     if not metrics.empty:
         final = final_round_metrics(metrics).set_index("task")["accuracy"]
+        # round 0 (train.eval_round_0): the starting adapter, i.e. the pre-trained model
+        start = metrics[metrics["round"] == 0].set_index("task")["accuracy"]
         rows = []
         for task, group in metrics.groupby("task", sort=False):
             best = group.loc[group["accuracy"].idxmax()]
-            rows.append({"task": task,
+            rows.append({"task": task, **({"round 0": float(start.get(task, float("nan")))} if len(start) else {}),
                          "final": float(final.get(task, float("nan"))),
                          "best": float(best["accuracy"]), "best round": int(best["round"]),
                          "majority class": float(group["majority_accuracy"].iloc[0]),
@@ -175,8 +184,12 @@ def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
         table = pd.DataFrame(rows)
         mean = {"task": "mean", "final": table["final"].mean(), "best": float("nan"),
                 "best round": "", "majority class": table["majority class"].mean(), "test examples": ""}
+        if "round 0" in table:
+            mean["round 0"] = table["round 0"].mean()
         table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
-        for column in ("final", "best", "majority class"):
+        for column in ("round 0", "final", "best", "majority class"):
+            if column not in table:
+                continue
             table[column] = table[column].map(lambda v: "-" if not _finite(v) else f"{v:.3f}")
         lines.append(table.to_string(index=False))
     if not rounds.empty:

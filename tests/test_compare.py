@@ -55,7 +55,8 @@ def test_comparison_runs_every_variant_and_writes_tables(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(out)]) == 0
     tidy = pd.read_csv(out / "comparison.csv")
     assert set(tidy["label"]) == {"fltac", "local"}
-    assert len(tidy) == 2 * 3  # variants x tasks (one round)
+    assert len(tidy) == 2 * 3 * 2  # variants x tasks x (round 0 and the one round)
+    assert sorted(set(tidy["round"])) == [0, 1]
     assert {"algorithm", "lora_rank", "round", "task", "accuracy", "params_up_per_client"} <= set(tidy.columns)
     summary = pd.read_csv(out / "summary.csv").set_index("label")
     assert summary.loc["local", "params_up_per_client_per_round"] == 0

@@ -37,7 +37,8 @@ def test_run_writes_config_metrics_rounds_and_adapters(tiny_run):
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics.columns) == METRICS_COLUMNS
-    assert len(metrics) == 2 * 3  # rounds x tasks
+    assert len(metrics) == (1 + 2) * 3  # (round 0: the starting adapter, and 2 rounds) x tasks
+    assert metrics["round"].tolist() == [0] * 3 + [1] * 3 + [2] * 3
     assert metrics["accuracy"].between(0, 1).all() and np.isfinite(metrics["loss"]).all()
     assert (metrics["test_samples"] > 0).all()
 
@@ -145,3 +146,29 @@ def _is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
     return (mapped or address).is_loopback
+
+
+def test_round_0_is_the_starting_adapter_whatever_the_training(tmp_path, capsys):
+    """Round 0 evaluates v^0 (the pre-trained model with a zero LoRA update): a function of the
+    seed and the model only, so runs that train differently agree on it and differ after."""
+    import io
+
+    runs = []
+    for lr in (1e-2, 5e-2):
+        stream = io.StringIO()
+        config = tiny_config(rounds=1, train={"local_steps": 2, "batch_size": 4, "lr": lr}, engine={"backend": "local"})
+        runs.append(Simulation(config, out=str(tmp_path / f"lr{lr}"), progress=Progress(stream=stream, bar=False)).run())
+        said = stream.getvalue()
+        assert "round   0/1" in said and "the starting adapter (pre-trained model)" in said
+        assert "round 0" in said.split("task")[-1].splitlines()[0]  # the summary's start column
+    zero = [run.metrics[run.metrics["round"] == 0].reset_index(drop=True) for run in runs]
+    assert len(zero[0]) == 3
+    pd.testing.assert_frame_equal(zero[0], zero[1], check_exact=True)
+    clients = [pd.read_csv(run.run_dir / "clients.csv") for run in runs]
+    pd.testing.assert_frame_equal(clients[0][clients[0]["round"] == 0], clients[1][clients[1]["round"] == 0],
+                                  check_exact=True)
+    first = [run.metrics[run.metrics["round"] == 1]["loss"].to_numpy() for run in runs]
+    assert not np.array_equal(first[0], first[1])
+    off = tiny_config(rounds=1, train={"eval_round_0": False}, engine={"backend": "local"})
+    result = Simulation(off, out=str(tmp_path / "off"), progress=Progress(quiet=True)).run()
+    assert result.metrics["round"].min() == 1

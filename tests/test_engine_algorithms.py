@@ -30,7 +30,7 @@ def test_fedit_uploads_one_adapter_per_client(tmp_path):
     assert (rounds["adapters"] == rounds["clients"]).all()
     assert (rounds["clusters"] == 1).all()
     assert rounds["clustering_accuracy"].isna().all()  # FedIT does not try to recover tasks
-    assert len(result.metrics) == 2 * 3
+    assert len(result.metrics) == (1 + 2) * 3  # round 0 too
 
 
 def test_oracle_groups_every_round_perfectly(tmp_path):

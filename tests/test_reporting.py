@@ -63,6 +63,16 @@ def test_run_summary_table_from_hand_made_rows():
                          "0.50 (ARI 0.00); mean round 4.0s")
 
 
+def test_run_summary_has_a_round_0_column_when_the_start_was_evaluated():
+    metrics = pd.DataFrame({"round": [0, 0, 1, 1], "task": ["a", "b", "a", "b"],
+                            "accuracy": [0.1, 0.3, 0.7, 0.8], "majority_accuracy": [0.25, 0.5, 0.25, 0.5],
+                            "test_samples": [10, 20, 10, 20]})
+    lines = format_run_summary(metrics, pd.DataFrame()).splitlines()
+    assert re.search(r"task\s+round 0\s+final\s+best", lines[0])
+    assert re.search(r"\ba\s+0\.100\s+0\.700\s+0\.700\s+1\b", lines[1])
+    assert re.search(r"mean\s+0\.200\s+0\.750", lines[3])
+
+
 def test_progress_bar_only_on_a_terminal_and_never_when_quiet():
     row = {"bytes_up": 1e6, "bytes_down": 5e5, "mean_accuracy": 0.5, "clustering_accuracy": 1.0,
            "ari": 1.0, "seconds": 1.0}
@@ -115,7 +125,7 @@ def test_api_returns_the_run_as_dataframes(api_run):
     result = api_run
     assert isinstance(result, fltac_ray.Result)
     assert result.rounds["round"].tolist() == [1, 2, 3]
-    assert len(result.metrics) == 3 * 3 and set(result.final.index) == set(TINY_EXPERIMENT["data"]["tasks"])
+    assert len(result.metrics) == (1 + 3) * 3 and set(result.final.index) == set(TINY_EXPERIMENT["data"]["tasks"])
     assert math.isclose(result.mean_accuracy, result.final["accuracy"].mean())
     pd.testing.assert_frame_equal(result.metrics, pd.read_csv(result.run_dir / "metrics.csv"))
     assert len(result.adapters) == 3 and all((result.run_dir / "adapters" / f).is_dir()
@@ -135,6 +145,7 @@ def test_every_run_leaves_the_report_with_all_six_figures(api_run):
     for png in (api_run.run_dir / "report").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Exported adapters" in page and "Not drawn" not in page
+    assert "<td>pre-trained (round 0)</td>" in page  # the final table's zero-shot row
     # snapshots at rounds 1, 2, 3 (report.adapter_snapshots = 4 > rounds) of 3 x n uploads
     assert sorted(p.name for p in (api_run.run_dir / "snapshots").iterdir()) == [
         f"round_0000{r}.safetensors" for r in (1, 2, 3)]

@@ -382,6 +382,8 @@ class Simulation:
                 backend.load_server_state(checkpoint.groups)
             for callback in self.all_callbacks:
                 callback.on_start(run)
+            if checkpoint is None and config.train.eval_round_0:
+                self._round_zero(run, active, writer)
             first = checkpoint.round + 1 if checkpoint is not None else 1
             done = pd.read_csv(writer.rounds_path)  # a resumed run's earlier rounds
             self.progress.start_rounds(config.rounds, first,
@@ -514,10 +516,7 @@ class Simulation:
         if evaluate:
             records, evaluated = self._evaluate(round_index, backend, run.data, active)
             task_rows, task_accuracy = self._task_rows(round_index, records, run.data)
-            client_rows = [{"round": round_index, "client": r.client_id, "task": r.task,
-                            "accuracy": r.correct / r.scored, "loss": r.loss_sum / r.scored,
-                            "test_samples": r.count}
-                           for r in sorted(records, key=lambda r: (r.client_id, r.task))]
+            client_rows = self._client_rows(round_index, records)
         row = self._round_row(round_index, sampled, failed, reports, outcome, task_accuracy, started,
                               trained, aggregated, "ok", evaluated)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
@@ -574,6 +573,23 @@ class Simulation:
             "eval_seconds": finished - aggregated,
             "seconds": finished - started,
         }
+
+    def _round_zero(self, run: RunInfo, active: list[int], writer: RunWriter) -> None:
+        """Round 0: every active client's starting adapter v^0 — the pre-trained model with a zero
+        LoRA update (and a fresh head) — on its test examples, so every table has its
+        pre-trained row (train.eval_round_0)."""
+        self.progress.phase("round 0: evaluating the starting adapter")
+        records, _ = self._evaluate(0, run.backend, run.data, active)
+        task_rows, task_accuracy = self._task_rows(0, records, run.data)
+        writer.append_metrics(task_rows)
+        writer.append_client_metrics(self._client_rows(0, records))
+        self.progress.round_zero_line(self.config.rounds, task_accuracy)
+
+    @staticmethod
+    def _client_rows(round_index: int, records: list[EvalRecord]) -> list[dict]:
+        return [{"round": round_index, "client": r.client_id, "task": r.task,
+                 "accuracy": r.correct / r.scored, "loss": r.loss_sum / r.scored, "test_samples": r.count}
+                for r in sorted(records, key=lambda r: (r.client_id, r.task))]
 
     @staticmethod
     def _task_rows(round_index: int, records: list[EvalRecord], data: FederatedData):

@@ -166,6 +166,7 @@ class AdapterModel(PooledFeatures, nn.Module):
         hidden = encoder.config.hidden_size
         self.router: Router | None = None
         self.router_lr = floral.router_lr if floral is not None else None
+        self.head_frozen = False  # model.head: frozen (plain LoRA only)
         if floral is None:
             peft_config = PeftLoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -179,6 +180,7 @@ class AdapterModel(PooledFeatures, nn.Module):
             if self.head is not None and model_config.head == "frozen":
                 # seeded above, so every worker holds the same head; never in the adapter vector
                 self.head.requires_grad_(False)
+                self.head_frozen = True
         else:
             self.router = Router(num_adaptors, floral.temperature, floral.min_weight)
             rank = None if floral.rank_fraction is not None else lora.rank
@@ -284,13 +286,13 @@ class AdapterModel(PooledFeatures, nn.Module):
         for module in self.encoder.modules():
             if hasattr(module, "reset_lora_parameters"):
                 module.reset_lora_parameters("default", True)
-        if self.head is not None and self.head.weight.requires_grad:  # a frozen head stays as drawn
+        if self.head is not None and not self.head_frozen:  # a frozen head stays as drawn
             self.head.reset_parameters()
 
     def fixed_tensors(self) -> dict[str, np.ndarray]:
         """A frozen head's tensors (model.head: frozen): part of the model, not of the adapter;
         an export writes them beside each adapter. Empty otherwise."""
-        if self.head is None or self.head.weight.requires_grad:
+        if not self.head_frozen:
             return {}
         return {f"head.{name}": p.detach().cpu().float().numpy().copy() for name, p in self.head.named_parameters()}
 

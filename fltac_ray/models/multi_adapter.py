@@ -80,7 +80,7 @@ def check_batchable(model: AdapterModel) -> None:
     layer or the classifier head."""
     if model.router is not None:
         raise UnsupportedBatching("FLoRAL's router-mixed adaptors train one adapter at a time")
-    covered = {"head.weight", "head.bias"} if model.head is not None and model.head.weight.requires_grad else set()
+    covered = {"head.weight", "head.bias"} if model.head is not None and not model.head_frozen else set()
     for name, module in _lora_layers(model):
         if not isinstance(module, _routable_layers()):
             raise UnsupportedBatching(f"LoRA on {type(module).__name__} ({name}) is not batched")

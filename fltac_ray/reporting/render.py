@@ -124,8 +124,19 @@ def _projection_figure(run: RunTables, method: str):
 
 
 def final_table(runs: list[RunTables]) -> pd.DataFrame:
-    """One row per run: final accuracy per task, their mean, clustering accuracy, bytes sent."""
-    rows = []
+    """One row per run: final accuracy per task, their mean, clustering accuracy, bytes sent;
+    first, the pre-trained model's row (round 0: the starting adapter, train.eval_round_0), once
+    per distinct starting point (runs of one model and seed share it)."""
+    rows, starts = [], []
+    for run in runs:
+        zero = run.metrics[run.metrics["round"] == 0] if not run.metrics.empty else run.metrics
+        if len(zero):
+            accuracy = {figures.short_task(t): a for t, a in zip(zero["task"], zero["accuracy"], strict=True)}
+            if accuracy not in starts:
+                starts.append(accuracy)
+                rows.append({"run": f"pre-trained (round 0){'' if len(runs) == 1 else ', as ' + run.label}",
+                             "algorithm": "-", "rank": "-", **accuracy, "mean": float(zero["accuracy"].mean()),
+                             "rounds": 0})
     for run in runs:
         row: dict[str, object] = {"run": run.label, "algorithm": run.algorithm,
                                   "rank": run.config.get("model", {}).get("lora", {}).get("rank")}
@@ -138,7 +149,9 @@ def final_table(runs: list[RunTables]) -> pd.DataFrame:
             row["MB sent"] = float((run.rounds["bytes_up"] + run.rounds["bytes_down"]).sum() / 1e6)
             row["rounds"] = int(run.rounds["round"].max())
         rows.append(row)
-    return pd.DataFrame(rows)
+    # the runs' column order, the pre-trained rows' columns among them
+    order = list(dict.fromkeys([key for row in rows[len(starts):] for key in row] + [key for row in rows for key in row]))
+    return pd.DataFrame(rows, columns=order)
 
 
 def _table_html(frame: pd.DataFrame) -> str:
