@@ -34,8 +34,9 @@ def test_instruction_mirror_trains_smollm2_and_scores_answers(tmp_path):
     config, result = _run("mirror_instruction", [
         "rounds=1", "data.train_per_task=40", "data.test_per_task=16", "train.local_steps=2",
         "train.max_new_tokens=8"], tmp_path)
-    metrics = result.metrics
+    metrics = result.metrics[result.metrics["round"] == 1]
     assert sorted(metrics["task"]) == sorted(config.data.tasks)
+    assert (result.metrics["round"] == 0).sum() == len(config.data.tasks)  # the pre-trained SmolLM2
     assert metrics["rouge_l"].between(0, 1).all() and np.isfinite(metrics["perplexity"]).all()
     assert (metrics["perplexity"] > 1).all()
 
@@ -46,5 +47,6 @@ def test_floral_concept_shift_scenarios_run(tmp_path):
     last = result.metrics[result.metrics["round"] == 2]
     assert (last["accuracy"] > last["majority_accuracy"]).all()
     config, result = _run("floral_rotation", ["rounds=1", "data.train_per_task=120", "data.test_per_task=48"], tmp_path)
-    assert sorted(result.metrics["task"]) == ["fashion_mnist@rot0", "fashion_mnist@rot180",
-                                              "fashion_mnist@rot270", "fashion_mnist@rot90"]
+    trained = result.metrics[result.metrics["round"] == 1]
+    assert sorted(trained["task"]) == ["fashion_mnist@rot0", "fashion_mnist@rot180",
+                                       "fashion_mnist@rot270", "fashion_mnist@rot90"]
