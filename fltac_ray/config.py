@@ -366,11 +366,32 @@ class FloralConfig(_Section):
     )
     temperature: float = Field(default=1.0, gt=0, description="Router softmax temperature.")
     min_weight: float = Field(
-        default=0.01, ge=0, lt=1, description="Floor on every adaptor's mixing weight."
+        default=0.0, ge=0, lt=1,
+        description="Floor on every adaptor's mixing weight (the reference has none: 0).",
     )
     rank_fraction: float | None = Field(
-        default=None, gt=0, le=1,
-        description="Rank as a fraction of each layer's smaller side (instead of model.lora.rank).",
+        default=0.01, gt=0, le=1,
+        description="Each layer's rank as a share f of its parameter budget, int(f x in x out / "
+        "(in + out)), at least 1 (the reference's default 1%); None: model.lora.rank everywhere.",
+    )
+    alpha: float | None = Field(
+        default=1.0, gt=0,
+        description="Scale of the mixed adaptors' output (the reference: 1.0); None: "
+        "model.lora.alpha / rank, as peft LoRA.",
+    )
+    bias: bool = Field(
+        default=True,
+        description="A zero-initialised bias per adaptor on layers that have a bias (the reference's default).",
+    )
+    router: Literal["learned", "optimal"] = Field(
+        default="learned",
+        description="learned: each client's private router trains; optimal: fixed to the client's "
+        "true concept-shift cluster (the paper's optimal-router baseline; needs data.concept_shift).",
+    )
+    router_noise: float = Field(
+        default=1.0, ge=0,
+        description="In training, U(0, router_noise) added to the router's weights at each forward "
+        "pass (the reference's noisy gating, 1.0); 0: none.",
     )
     # Adam moves each router weight by about router_lr per step; at the adapters' lr (2e-3) the
     # routers of the offline default were still uniform after 3 rounds (max |w| 0.066, pi within
@@ -684,6 +705,13 @@ class ExperimentConfig(_Section):
         if self.model.pooling == "pooler" and modality not in ("text",):
             raise ValueError(f"model.pooling = 'pooler': only for text models with a pretrained pooler "
                              f"(this experiment's tasks are {modality}); use cls or mean")
+        shift = self.data.concept_shift
+        if self.algorithm == "floral" and self.floral.router == "optimal" and (
+                shift is None or self.resolved_num_adaptors != shift.clusters):
+            have = "no data.concept_shift" if shift is None else f"{shift.clusters} clusters"
+            raise ValueError(f"floral.router = 'optimal': fixes each client's router to its true "
+                             f"concept-shift cluster, so it needs data.concept_shift with as many clusters as "
+                             f"floral.num_adaptors ({self.resolved_num_adaptors}); here {have}")
         if self.model.head == "frozen" and (modality == "causal_lm" or self.algorithm == "floral"):
             what = "instruction tasks have no classifier head" if modality == "causal_lm" else (
                 "FLoRAL's head carries its mixture adaptors and is federated")

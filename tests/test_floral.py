@@ -81,10 +81,54 @@ def test_conv_mixture_matches_per_adaptor_convolutions():
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
-def test_rank_as_fraction_of_the_layer():
-    assert layer_rank(None, 0.01, 384, 384) == 4  # round(3.84)
+def test_rank_as_a_share_of_the_layers_parameter_budget():
+    # the reference's resolve_rank: int(f * in * out / (in + out)), at least 1
+    assert layer_rank(None, 0.01, 384, 384) == 1  # int(1.92)
+    assert layer_rank(None, 0.1, 384, 384) == 19  # int(19.2)
+    assert layer_rank(None, 0.05, 1024, 4096) == 40  # int(40.96)
     assert layer_rank(None, 0.01, 30, 768) == 1  # at least one
     assert layer_rank(3, None, 384, 384) == 3
+
+
+def test_adaptor_bias_is_mixed_and_scaled_like_the_adaptors():
+    router = _router(c=2)
+    layer = MixtureLinear(nn.Linear(2, 1), router, rank=1, scale=2.0, dropout=0.0, bias=True)
+    with torch.no_grad():
+        layer.base.weight.zero_()
+        layer.base.bias.zero_()
+        layer.lora_A.zero_()
+        layer.lora_bias.copy_(torch.tensor([[1.0], [5.0]]))  # (C=2, out=1)
+        router.weight.copy_(torch.tensor([0.0, np.log(3.0)]))  # pi = [1/4, 3/4]
+    # 2 * (1/4 * 1 + 3/4 * 5) = 8
+    assert layer(torch.tensor([[2.0, 1.0]])).item() == pytest.approx(8.0)
+    assert MixtureLinear(nn.Linear(2, 1, bias=False), router, 1, 1.0, 0.0, bias=True).lora_bias is None
+
+
+def test_router_noise_only_in_training_once_per_pass_and_seeded():
+    router = Router(3, temperature=1.0, min_weight=0.0, noise=1.0)
+    router.eval()
+    router.resample()
+    np.testing.assert_allclose(router.gates().detach().numpy(), [1 / 3] * 3, rtol=1e-6)  # no noise
+    router.train()
+    torch.manual_seed(0)
+    router.resample()
+    first = router.gates().detach().clone()
+    assert torch.equal(router.gates().detach(), first)  # the same draw for every layer of the pass
+    assert not torch.allclose(first, torch.full((3,), 1 / 3))
+    torch.manual_seed(0)
+    router.resample()
+    assert torch.equal(router.gates().detach(), first)  # seeded by torch's generator
+    torch.testing.assert_close(router.mixture(), torch.full((3,), 1 / 3))  # what the server is told
+
+
+def test_floral_defaults_follow_the_reference_code():
+    floral = FloralConfig()
+    assert (floral.rank_fraction, floral.alpha, floral.bias, floral.router_noise, floral.min_weight) == (
+        0.01, 1.0, True, 1.0, 0.0)
+    torch.manual_seed(0)
+    layer = MixtureLinear(nn.Linear(400, 8), _router(), rank=2, scale=1.0, dropout=0.0)
+    bound = (6 / 400) ** 0.5  # A ~ U(-sqrt(6 / fan_in), +)
+    assert layer.lora_A.abs().max().item() <= bound and layer.lora_A.abs().max().item() > 0.9 * bound
 
 
 def test_inject_mixtures_reports_unmatched_targets():
@@ -148,3 +192,27 @@ def test_floral_options_only_for_floral():
     assert "floral" not in build_config({"algorithm": "fltac"}).resolved()
     with pytest.raises(ConfigError, match="floral.temperature"):
         build_config({"algorithm": "floral", "floral": {"temperature": 0}})
+
+
+def test_optimal_router_fixes_each_client_to_its_true_cluster():
+    from fltac_ray.algorithms.base import ClientJob
+
+    shift = {"tasks": ["fashion_mnist"], "concept_shift": {"kind": "label_shift", "clusters": 4},
+             "num_clients": 8}
+    config = build_config({"algorithm": "floral", "data": shift, "model": {"name": "efficientnet-lite0"},
+                           "floral": {"router": "optimal"}})
+    algorithm = FLoRAL(config)
+    names = config.data.task_names  # one task per cluster: fashion_mnist@shift0..3
+    private = algorithm.private_start(ClientJob((5, 0), (names[1],), 10), np.array([9.0, 0, 0, 0], np.float32))
+    np.testing.assert_array_equal(private, [0.0, 30.0, 0.0, 0.0])  # what it kept is ignored
+    np.testing.assert_allclose(algorithm.mixture(private), [0, 1, 0, 0], atol=1e-12)
+    learned = FLoRAL(build_config({"algorithm": "floral", "data": shift, "model": {"name": "efficientnet-lite0"}}))
+    assert learned.private_start(ClientJob((5, 0), (names[1],), 10), None) is None
+    model = AdapterModel(load_backbone("tiny-random-bert", "text"), ModelConfig(name="tiny-random-bert"), 4, 0,
+                         floral=FloralConfig(router="optimal"), num_adaptors=4)
+    assert model.optimizer_groups(lr=1e-3)[1]["lr"] == 0.0 and model.router.noise == 0.0  # never trained
+    with pytest.raises(ConfigError, match="floral.router = 'optimal'.*here no data.concept_shift"):
+        build_config({"algorithm": "floral", "floral": {"router": "optimal"}})
+    with pytest.raises(ConfigError, match="floral.num_adaptors \\(3\\); here 4 clusters"):
+        build_config({"algorithm": "floral", "data": shift, "model": {"name": "efficientnet-lite0"},
+                      "floral": {"router": "optimal", "num_adaptors": 3}})

@@ -8,6 +8,7 @@ methods differ; each hook has a default, so a method overrides only what it chan
     task_steps       how many local steps each of an adapter's tasks gets (FedIT: a budget option)
     trainable_entries  which adapter entries local training may change (FFA-LoRA: not A)
     start            which state local training starts from (IFCA: the best-fitting global)
+    private_start    which private state it trains with (FLoRAL's optimal router: the true one)
     upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
     merge            how the server's answer becomes the client's new adapter (FedSA: B kept)
   server side (runs in the coordinator)
@@ -168,6 +169,11 @@ class FederatedAlgorithm:
     def shared_entries(self) -> np.ndarray | None:
         """(d,) bool: the adapter entries a client sends and the server answers; None: all."""
         return None
+
+    def private_start(self, job: ClientJob, private: np.ndarray | None) -> np.ndarray | None:
+        """The private state (FLoRAL's router) a job trains and evaluates with, from the one it
+        kept (None: never trained). Default: what it kept."""
+        return private
 
     def start(self, job: ClientJob, committed: np.ndarray | None, broadcast: np.ndarray,
               probe_loss) -> tuple[np.ndarray, dict[str, Any]]:

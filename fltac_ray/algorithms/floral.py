@@ -11,6 +11,10 @@ upload, counted in the traffic; the router's parameters themselves stay on the c
 
 Our clients hold several tasks; each (client, task) is one FLoRAL client here, with its own
 router, since a client's tasks are different distributions (the paper's clients hold one).
+
+`floral.router: optimal` is the paper's optimal-router baseline under a concept shift: each
+client's router is fixed to its true cluster (the task index of its cluster task), so adaptor c
+is trained and averaged by cluster c's clients alone — the ceiling a learned router can reach.
 """
 
 from __future__ import annotations
@@ -21,11 +25,21 @@ import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Upload, Uploads
 
+OPTIMAL_LOGIT = 30.0
+
 
 class FLoRAL(FederatedAlgorithm):
     name = "floral"
     summary = "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router"
     options = frozenset({"federation.weighting", "floral"})
+
+    def private_start(self, job: ClientJob, private: np.ndarray | None) -> np.ndarray | None:
+        if self.config.floral.router != "optimal":
+            return private
+        # a logit gap of 30: softmax puts all but e^-30 of the mixture on the true cluster
+        weights = np.zeros(self.config.resolved_num_adaptors, np.float32)
+        weights[self.config.data.task_names.index(job.tasks[0])] = OPTIMAL_LOGIT
+        return weights
 
     def model_options(self) -> dict[str, Any]:
         return {"floral": self.config.floral, "num_adaptors": self.config.resolved_num_adaptors}

@@ -323,7 +323,7 @@ class ClientWorker:
             starts[row], meta = algorithm.start(client_job, state.adapter(job.key), state.broadcast,
                                                 self._probe_loss(job))
             metas.append(meta)
-            private[job.key] = state.private.get(job.key)
+            private[job.key] = algorithm.private_start(client_job, state.private.get(job.key))
         stepping = time.perf_counter()
         # One (n, d) matrix receives the trained adapters; uploads are views or parts of its rows.
         trained = np.empty_like(starts)
@@ -372,7 +372,8 @@ class ClientWorker:
                         item = EvalItem(vector, bundle.test, indices, bundle.num_classes)
                         batchable.setdefault(item.signature(), []).append(((position, task), item))
                     continue
-                self.model.set_private(state.private.get(job.key))
+                self.model.set_private(self.algorithm.private_start(ClientJob(job.key, job.tasks, 0),
+                                                                    state.private.get(job.key)))
                 outcomes[position, task] = evaluate_adapter(
                     self.model, vector, bundle.test, indices, bundle.num_classes, train.eval_batch_size,
                     self.device, self.generation)

@@ -182,17 +182,21 @@ class AdapterModel(PooledFeatures, nn.Module):
                 self.head.requires_grad_(False)
                 self.head_frozen = True
         else:
-            self.router = Router(num_adaptors, floral.temperature, floral.min_weight)
+            optimal = floral.router == "optimal"  # fixed to the true cluster: no noise, never trained
+            self.router = Router(num_adaptors, floral.temperature, floral.min_weight,
+                                 0.0 if optimal else floral.router_noise)
+            self.router_lr = 0.0 if optimal else floral.router_lr
             rank = None if floral.rank_fraction is not None else lora.rank
-            inject_mixtures(encoder, targets, self.router, rank,
-                            floral.rank_fraction, lora.alpha, lora.dropout)
+            inject_mixtures(encoder, targets, self.router, rank, floral.rank_fraction, lora.alpha,
+                            lora.dropout, scale=floral.alpha, bias=floral.bias)
             self.encoder = encoder
             # the head itself is federated (FedAvg) and carries C adaptors like every layer
             self.head = None
             if head_classes:
                 head_rank = layer_rank(rank, floral.rank_fraction, hidden, head_classes)
                 self.head = MixtureLinear(nn.Linear(hidden, head_classes), self.router, head_rank,
-                                          lora.alpha / head_rank, lora.dropout)
+                                          lora.alpha / head_rank if floral.alpha is None else floral.alpha,
+                                          lora.dropout, floral.bias)
         self.pooling = model_config.pooling
         private = {id(self.router.weight)} if self.router is not None else set()
         # (name, parameter) in sorted name order: defines the flattened adapter layout.
@@ -305,6 +309,8 @@ class AdapterModel(PooledFeatures, nn.Module):
 
     def forward(self, num_classes: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits (batch, num_classes) for a task that uses the first num_classes head rows."""
+        if self.router is not None:
+            self.router.resample()  # FLoRAL: one draw of router noise per pass (training only)
         return self.head(self.features(**inputs))[:, :num_classes]
 
     # --- causal LM ---------------------------------------------------------------------------
@@ -321,6 +327,8 @@ class AdapterModel(PooledFeatures, nn.Module):
         response token (prompt_length <= t+1 < length). Only those positions go through the
         output layer: logits over the whole vocabulary at every prompt position would be most of
         a pass's activation memory on instruction data (Llama: 32,000 floats per token)."""
+        if self.router is not None:
+            self.router.resample()  # FLoRAL: one draw of router noise per pass (training only)
         width = int(lengths.max())
         ids = input_ids[:, :width].long()
         positions = torch.arange(width, device=ids.device)[None, :]

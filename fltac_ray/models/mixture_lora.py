@@ -1,14 +1,18 @@
 """Mixtures of LoRA adaptors mixed by a private router, for FLoRAL (Almansoori, Horvath, Takac,
 arXiv 2410.03497, "Collaborative and Efficient Personalization with Mixtures of Adaptors").
 
-Every adapted layer computes  y = base(x) + sum_c gate_c * adaptor_c(x), where
-gate = max(softmax(w / temperature), min_weight) and w (C,) is the client's private router,
-shared by all layers of the model. The C adaptors of each layer are stored stacked along a
-leading C axis, so a flattened upload is laid out adaptor-major inside every tensor and the
-server can average adaptor c with its own weights.
+Every adapted layer computes  y = base(x) + scale * sum_c gate_c * adaptor_c(x), where
+gate = max(softmax((w + noise) / temperature), min_weight) and w (C,) is the client's private
+router, shared by all layers of the model; in training, noise ~ U(0, router_noise) per entry is
+drawn once per forward pass (the reference's noisy gating; none in evaluation). The C adaptors of
+each layer are stored stacked along a leading C axis, so a flattened upload is laid out
+adaptor-major inside every tensor and the server can average adaptor c with its own weights.
+As in the reference code (zeligism/FLoRAL): scale 1.0, ranks as a share of each layer's
+parameter budget, A ~ U(-sqrt(6 / fan_in), +), a zero-initialised bias per adaptor on layers
+that have a bias, no gate floor (floral.* options select the alternatives).
 
 Adaptor shapes (C adaptors, rank r):
-  Linear(in, out):      A (C, r, in), B (C, out, r); B zero-initialised
+  Linear(in, out):      A (C, r, in), B (C, out, r); B zero-initialised; bias (C, out) optional
   Conv2d(in, out, k):   a (1, k_w) conv in -> r then a (k_h, 1) conv r -> out per adaptor,
                         stored as (C, r, in, 1, k_w) and (C, out, r, k_h, 1); the second zero
   Embedding(n, dim):    A (C, n, r), B (C, r, dim); B zero-initialised
@@ -28,25 +32,35 @@ from torch import nn
 class Router(nn.Module):
     """Holds the private router w (C,) and turns it into gates for every adapted layer."""
 
-    def __init__(self, num_adaptors: int, temperature: float, min_weight: float) -> None:
+    def __init__(self, num_adaptors: int, temperature: float, min_weight: float, noise: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_adaptors))  # w: zero-initialised (uniform mix)
         self.temperature = temperature
         self.min_weight = min_weight
+        self.noise = noise
+        self._drawn: torch.Tensor | None = None  # this forward pass's noise (training only)
+
+    def resample(self) -> None:
+        """Draw the noise of one forward pass (training with router noise); call before it."""
+        self._drawn = (self.noise * torch.rand_like(self.weight.detach())
+                       if self.training and self.noise > 0 else None)
 
     def mixture(self) -> torch.Tensor:
-        """pi = softmax(w / temperature): (C,)"""
+        """pi = softmax(w / temperature): (C,), without noise (what the server is told)."""
         return torch.softmax(self.weight / self.temperature, dim=0)
 
     def gates(self) -> torch.Tensor:
-        # The floor keeps every adaptor trained a little, so none dies for a client early on.
-        return self.mixture().clamp_min(self.min_weight)
+        # The optional floor keeps every adaptor trained a little, so none dies for a client.
+        weight = self.weight if self._drawn is None or not self.training else self.weight + self._drawn
+        return torch.softmax(weight / self.temperature, dim=0).clamp_min(self.min_weight)
 
 
 def layer_rank(rank: int | None, rank_fraction: float | None, in_size: int, out_size: int) -> int:
-    """An integer rank, or a fraction of the layer's smaller side (at least 1)."""
+    """An integer rank, or a share f of the layer's parameter budget as the reference resolves
+    it: int(f x in x out / (in + out)) — rank r adds r (in + out) parameters to in x out — at
+    least 1."""
     if rank_fraction is not None:
-        return max(1, round(rank_fraction * min(in_size, out_size)))
+        return max(1, int(rank_fraction * in_size * out_size / (in_size + out_size)))
     if rank is None:
         raise ValueError("give a rank or a rank_fraction")
     return rank
@@ -64,21 +78,33 @@ class _Mixture(nn.Module):
         return self._router[0]
 
 
+def _init_a(a: torch.Tensor, fan_in: int) -> None:
+    """The reference's "uniform_in": A ~ U(-sqrt(6 / fan_in), sqrt(6 / fan_in)) (B is zero)."""
+    bound = math.sqrt(6.0 / fan_in)
+    nn.init.uniform_(a, -bound, bound)
+
+
 class MixtureLinear(_Mixture):
-    def __init__(self, base: nn.Linear, router: Router, rank: int, scale: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear, router: Router, rank: int, scale: float, dropout: float,
+                 bias: bool = False) -> None:
         super().__init__(base, router)
         c = router.weight.numel()
         self.lora_A = nn.Parameter(torch.empty(c, rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(c, base.out_features, rank))
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        _init_a(self.lora_A, base.in_features)
+        # a bias per adaptor, on layers that have one (the reference's bias=True)
+        self.lora_bias = (nn.Parameter(torch.zeros(c, base.out_features))
+                          if bias and base.bias is not None else None)
         self.scale = scale
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router.gates()  # (C,)
         low = torch.einsum("...i,cri->...cr", self.dropout(x), self.lora_A)  # (..., C, r)
-        low = low * self.router.gates()[:, None]
-        return self.base(x) + self.scale * torch.einsum("...cr,cor->...o", low, self.lora_B)
+        delta = torch.einsum("...cr,cor->...o", low * gates[:, None], self.lora_B)  # (..., out)
+        if self.lora_bias is not None:
+            delta = delta + gates @ self.lora_bias  # (out,)
+        return self.base(x) + self.scale * delta
 
 
 class MixtureConv2d(_Mixture):
@@ -90,8 +116,7 @@ class MixtureConv2d(_Mixture):
         k_h, k_w = base.kernel_size
         self.lora_A = nn.Parameter(torch.empty(c, rank, base.in_channels, 1, k_w))
         self.lora_B = nn.Parameter(torch.zeros(c, base.out_channels, rank, k_h, 1))
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        _init_a(self.lora_A, base.in_channels * k_w)
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +191,13 @@ def inject_mixtures(
     rank_fraction: float | None,
     alpha: float,
     dropout: float,
+    scale: float | None = None,
+    bias: bool = False,
 ) -> list[str]:
     """Replace every module whose last name part is in `target_modules` by its mixture version.
-    Returns the replaced module names; raises when a target matches nothing adaptable."""
+    Each scales its adaptors by `scale` (None: alpha / its rank); `bias`: a bias per adaptor on
+    Linear layers with a bias. Returns the replaced module names; raises when a target matches
+    nothing adaptable."""
     replaced, unmatched = [], set(target_modules)
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
@@ -176,13 +205,13 @@ def inject_mixtures(
             continue
         if isinstance(module, nn.Linear):
             r = layer_rank(rank, rank_fraction, module.in_features, module.out_features)
-            new = MixtureLinear(module, router, r, alpha / r, dropout)
+            new = MixtureLinear(module, router, r, alpha / r if scale is None else scale, dropout, bias)
         elif isinstance(module, nn.Conv2d):
             r = layer_rank(rank, rank_fraction, module.in_channels, module.out_channels)
-            new = MixtureConv2d(module, router, r, alpha / r)
+            new = MixtureConv2d(module, router, r, alpha / r if scale is None else scale)
         elif isinstance(module, nn.Embedding):
             r = layer_rank(rank, rank_fraction, module.num_embeddings, module.embedding_dim)
-            new = MixtureEmbedding(module, router, r, alpha / r)
+            new = MixtureEmbedding(module, router, r, alpha / r if scale is None else scale)
         elif isinstance(module, NORM_TYPES):
             new = MixtureNorm(module, router)
         else:
