@@ -136,7 +136,7 @@ class Progress:
     # --- round lines and the summary -----------------------------------------------------------
     def round_zero_line(self, rounds: int, task_accuracy: dict[str, float]) -> None:
         """The starting adapter's evaluation (train.eval_round_0), before round 1."""
-        accs = "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
+        accs = _task_accuracies(task_accuracy)
         mean = sum(task_accuracy.values()) / len(task_accuracy) if task_accuracy else float("nan")
         self._status = ""
         self.say(f"round {0:>3}/{rounds}  {accs}  | mean {mean:.3f}  | the starting adapter (pre-trained model)")
@@ -151,7 +151,7 @@ class Progress:
         clustering = row["clustering_accuracy"]
         if _finite(clustering):
             self._cluster = clustering
-        accs = "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
+        accs = _task_accuracies(task_accuracy)
         mean_text = f"mean {mean:.3f}" if _finite(mean) else "mean -"
         cluster_text = (f"  | cluster acc {clustering:.2f} ARI {row['ari']:.2f}"
                         if _finite(clustering) else "")  # NaN: the algorithm does not cluster
@@ -163,6 +163,11 @@ class Progress:
             f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}{dropped}"
             f"  | up {_megabytes(row['bytes_up'])}  {row['seconds']:.1f}s"
         )
+
+
+def _task_accuracies(task_accuracy: dict[str, float]) -> str:
+    """A round line's per-task part: `noun_ss 0.273  verb_ss 0.270  ...`."""
+    return "  ".join(f"{short_task(t)} {a:.3f}" for t, a in task_accuracy.items())
 
 
 def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:

@@ -26,4 +26,4 @@ class FedIT(FederatedAlgorithm):
     def task_steps(self, tasks: list[str], local_steps: int) -> tuple[int, ...]:
         if self.config.federation.fedit_budget == "per_adapter":
             return (max(1, local_steps // len(tasks)),) * len(tasks)
-        return (local_steps,) * len(tasks)
+        return super().task_steps(tasks, local_steps)

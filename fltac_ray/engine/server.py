@@ -132,13 +132,13 @@ class Server:
         accepted.sort(key=lambda u: tuple(u.key))
         return accepted, rejected
 
-    def _screen(self, round_index: int, accepted: list[Upload]) -> tuple[np.ndarray, list[tuple[AdapterKey, str]]]:
-        """federation.screening over the checked uploads (screening.py): (n,) kept mask and the
-        screened-out ones with the reason."""
+    def _screen(self, round_index: int, accepted: list[Upload], vectors: np.ndarray | None
+                ) -> tuple[np.ndarray, list[tuple[AdapterKey, str]]]:
+        """federation.screening over the checked uploads (screening.py), stacked in `vectors`
+        (n, p): (n,) kept mask and the screened-out ones with the reason."""
         fed = self.config.federation
         if fed.screening == "none" or not accepted:
             return np.ones(len(accepted), dtype=bool), []
-        vectors = np.stack([u.vector for u in accepted])  # (n, p)
         k = fed.screening_neighbours or default_neighbours(len(accepted), self.config.resolved_n_clusters)
         screen = screen_uploads(vectors, fed.screening, fed.screening_threshold, k)
         screened = []
@@ -152,8 +152,8 @@ class Server:
                 screened.append((key, problem))
         return screen.kept, screened
 
-    def _audit(self, checked: list[Upload], kept: np.ndarray, outcome: Aggregate | None,
-               truth: dict[AdapterKey, str]) -> dict[str, float]:
+    def _audit(self, checked: list[Upload], vectors: np.ndarray | None, kept: np.ndarray,
+               outcome: Aggregate | None, truth: dict[AdapterKey, str]) -> dict[str, float]:
         """attacks.honest_damage of the round, in the simulator's own tables (the algorithm
         never sees `truth`). Call before the round is committed: it reads where each upload's
         training started (the committed adapter, or the broadcast v^0)."""
@@ -169,7 +169,7 @@ class Server:
             start = first if start is None else start
             starts.append(start if shared is None else start[shared])
         return honest_damage(
-            [tuple(u.key) for u in checked], np.stack([u.vector for u in checked]), np.stack(starts),
+            [tuple(u.key) for u in checked], vectors, np.stack(starts),
             self.algorithm.weights(np.asarray([u.num_samples for u in checked])), kept,
             np.asarray(outcome.labels), outcome.adapters, truth, malicious, outcome.groups_tasks)
 
@@ -219,7 +219,10 @@ class Server:
         self.received = {}
         uploads = [upload for result in results for upload in result.uploads]
         checked, rejected = self._accept(round_index, {tuple(k) for k in expected}, uploads)
-        kept, screened = self._screen(round_index, checked)
+        # (n, p) once for the screen and the audit (aggregation takes its own copy of the kept)
+        measured = bool(checked) and (self.config.federation.screening != "none" or truth is not None)
+        vectors = np.stack([u.vector for u in checked]) if measured else None
+        kept, screened = self._screen(round_index, checked, vectors)
         accepted = [upload for upload, keep in zip(checked, kept, strict=True) if keep]
         outcome = None
         if accepted:
@@ -238,7 +241,7 @@ class Server:
                 adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
                 if key in result.private:
                     private[key] = result.private[key]
-        audit = self._audit(checked, kept, outcome, truth) if truth is not None else {}
+        audit = self._audit(checked, vectors, kept, outcome, truth) if truth is not None else {}
         self.store.commit(adapters, private)
         if outcome is not None:
             whole = algorithm.global_adapters(outcome)

@@ -198,6 +198,9 @@ def inject_mixtures(
     Each scales its adaptors by `scale` (None: alpha / its rank); `bias`: a bias per adaptor on
     Linear layers with a bias. Returns the replaced module names; raises when a target matches
     nothing adaptable."""
+    def scale_of(r: int) -> float:
+        return alpha / r if scale is None else scale
+
     replaced, unmatched = [], set(target_modules)
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
@@ -205,13 +208,13 @@ def inject_mixtures(
             continue
         if isinstance(module, nn.Linear):
             r = layer_rank(rank, rank_fraction, module.in_features, module.out_features)
-            new = MixtureLinear(module, router, r, alpha / r if scale is None else scale, dropout, bias)
+            new = MixtureLinear(module, router, r, scale_of(r), dropout, bias)
         elif isinstance(module, nn.Conv2d):
             r = layer_rank(rank, rank_fraction, module.in_channels, module.out_channels)
-            new = MixtureConv2d(module, router, r, alpha / r if scale is None else scale)
+            new = MixtureConv2d(module, router, r, scale_of(r))
         elif isinstance(module, nn.Embedding):
             r = layer_rank(rank, rank_fraction, module.num_embeddings, module.embedding_dim)
-            new = MixtureEmbedding(module, router, r, alpha / r if scale is None else scale)
+            new = MixtureEmbedding(module, router, r, scale_of(r))
         elif isinstance(module, NORM_TYPES):
             new = MixtureNorm(module, router)
         else:
