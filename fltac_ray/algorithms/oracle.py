@@ -3,6 +3,10 @@
 Not a deployable method (the server would need task labels): it is the ceiling for FL-TAC's
 clustering step. Same per-task adapters, same sample-weighted per-cluster FedAvg; each upload
 carries its true task as meta (no model parameter, so not counted as traffic).
+
+Under a concept shift (data.concept_shift) every cluster is a task, so this is also FLoRAL's
+"ensemble with the optimal router" baseline (Almansoori et al. 2024): C separate models, each
+client routed to its true cluster's; on a frozen backbone a model is an adapter with its own head.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, 
 
 class OracleClustering(FederatedAlgorithm):
     name = "oracle"
-    summary = "FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step)"
+    summary = ("FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step; "
+               "under a concept shift, FLoRAL's optimal-router ensemble)")
     options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
 
     def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
