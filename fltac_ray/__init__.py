@@ -7,9 +7,15 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
-__all__ = ["ComparisonResult", "FederatedAlgorithm", "Result", "SweepResult", "load_result",
+try:
+    __version__ = metadata.version("fltac-ray")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["ComparisonResult", "FederatedAlgorithm", "Result", "SweepResult", "__version__", "load_result",
            "register_algorithm", "resume", "run"]
 _ALGORITHMS = {"FederatedAlgorithm", "register_algorithm"}
 
@@ -25,3 +31,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     raise AttributeError(f"module 'fltac_ray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (lazy ones included), so tab completion offers them."""
+    return sorted(__all__)

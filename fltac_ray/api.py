@@ -64,7 +64,8 @@ class Result:
         return float(self.final["accuracy"].mean()) if len(self.final) else float("nan")
 
     def load_adapter(self, cluster: int = 0):
-        """The exported adapter of `cluster` on its base model, loaded with plain peft."""
+        """The exported adapter of `cluster` on its base model, loaded with peft
+        (fltac_ray.export.load_adapter: a classifier's call on standard inputs gives logits)."""
         from fltac_ray.export import load_adapter
 
         if self.adapters.empty or cluster not in set(self.adapters["cluster"]):

@@ -1,4 +1,4 @@
-"""`fltac-ray run | report | validate | params | tune | toy | tasks` — the command-line entry point."""
+"""`fltac-ray run | report | export | validate | params | tune | toy | tasks` — the command-line entry point."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="fltac-ray",
         description="Federated multi-task fine-tuning with low-rank adapters, simulated on Ray.",
     )
+    from fltac_ray import __version__
+
+    parser.add_argument("--version", action="version", version=f"fltac-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def experiment_args(sub: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -56,6 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a comparison folder")
     report.add_argument("--projection", default="auto", choices=["auto", "umap", "pca"],
                         help="adapter projection (auto: UMAP when umap-learn is installed, else PCA)")
+
+    export = commands.add_parser(
+        "export", help="copy a run's exported peft adapters to a folder, or push them to the Hugging Face Hub")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (its adapters/ folder)")
+    export.add_argument("--cluster", type=int, help="only this cluster's adapter, at the top of the "
+                        "destination (default: every cluster, each in cluster_<k>/)")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="a new or empty folder to copy the adapters to")
+    where.add_argument("--push-to-hub", metavar="REPO", help="Hub model repository (user/name), created if missing")
+    export.add_argument("--private", action="store_true", help="create the Hub repository private")
 
     validate = commands.add_parser("validate", help="check an experiment file and print the resolved config")
     experiment_args(validate)
@@ -109,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:<20} not drawn: {why}")
             print(f"report: {drawn.html}")
             return 0
+        if args.command == "export":
+            return _export(args)
         if args.command == "tune":
             from fltac_ray.errors import ConfigError, ConfigIssue
             from fltac_ray.progress import Progress
@@ -165,6 +180,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fltac-ray: interrupted; completed rounds are in the run directory", file=sys.stderr)
         return 130
+
+
+def _export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from fltac_ray.errors import RunFolderError
+    from fltac_ray.export import push_to_hub, read_info
+
+    adapters = Path(args.run_dir) / "adapters"
+    if not (adapters / "index.json").is_file():
+        raise RunFolderError(args.run_dir, "has no adapters/index.json; give a finished run's directory "
+                             "(fltac-ray run exports its adapters at the end)")
+    source = adapters
+    if args.cluster is not None:
+        source = adapters / f"cluster_{args.cluster}"
+        if not source.is_dir():
+            have = sorted(p.name for p in adapters.glob("cluster_*"))
+            raise RunFolderError(args.run_dir, f"--cluster {args.cluster}: no adapters/{source.name}; it has {have}")
+        read_info(source)  # peft adapters only (FLoRAL's mixtures are not)
+    if args.push_to_hub:
+        url = push_to_hub(source, args.push_to_hub, private=args.private)
+        print(f"pushed {source} to {args.push_to_hub}: {url}")
+        return 0
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise RunFolderError(out, "--out is not empty; give a new or empty folder")
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    print(f"copied {source} to {out}")
+    return 0
 
 
 def _print_params(configs: list) -> int:

@@ -119,7 +119,7 @@ def run_comparison(variants: list[Variant], out: str | None, progress: Progress)
                  f"{', '.join(v.label for v in variants)}")
     results = {}
     started = time.perf_counter()
-    with ray_session(base.engine):  # one Ray for all runs
+    with ray_session(base.engine, progress.say):  # one Ray for all runs
         for variant in variants:
             progress.say(f"\n=== {variant.label} ===")
             results[variant.label] = Simulation(

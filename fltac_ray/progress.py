@@ -13,8 +13,6 @@ import pandas as pd
 
 from fltac_ray.outputs import final_round_metrics
 
-BAR_WIDTH = 24
-
 
 def short_task(task: str) -> str:
     """A task name short enough for a terminal column or a plot label."""
@@ -37,16 +35,22 @@ def _finite(value: float | None) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+def _interactive(stream: TextIO) -> bool:
+    """A terminal, or a Jupyter kernel (where tqdm.auto draws a notebook widget)."""
+    return bool(getattr(stream, "isatty", lambda: False)()) or "ipykernel" in sys.modules
+
+
 class Progress:
-    """`bar`: draw a live bar over rounds under the round lines (default: when the stream is a
-    terminal; a log file gets the round lines only, never carriage returns)."""
+    """`bar`: draw a live tqdm bar over rounds under the round lines (default: on a terminal or in
+    a notebook; a log file gets the round lines only, never carriage returns)."""
 
     def __init__(self, quiet: bool = False, stream: TextIO | None = None, bar: bool | None = None) -> None:
         self.quiet = quiet
         self.stream = stream or sys.stdout
         if bar is None:
-            bar = bool(getattr(self.stream, "isatty", lambda: False)())
+            bar = _interactive(self.stream)
         self.bar = bar and not quiet
+        self._tqdm = None  # the bar while rounds run
         self._total = 0
         self._done = 0
         self._first = 1
@@ -55,7 +59,7 @@ class Progress:
         self._cluster: float | None = None
         self._sent = 0.0
         self._started = 0.0
-        self._drawn = False
+        self._round_ended = 0.0  # when the last round ended (clock of the ETA)
         # the bar's clock ticks once a second while a round runs (a daemon thread redraws it)
         self._lock = threading.Lock()
         self._stop_ticking: threading.Event | None = None
@@ -64,18 +68,28 @@ class Progress:
         if self.quiet:
             return
         with self._lock:
-            self._clear()
-            print(message, file=self.stream, flush=True)
-            self._draw()
+            if self._tqdm is not None:  # clears the bar, prints the line, draws the bar again
+                self._tqdm.write(message, file=self.stream)
+            else:
+                print(message, file=self.stream, flush=True)
 
     # --- the bar --------------------------------------------------------------------------
     def start_rounds(self, total: int, first: int = 1, sent_so_far: float = 0.0) -> None:
         """The run's rounds begin at `first` (after a resume, rounds before it are done)."""
         self._total, self._first, self._done = total, first, first - 1
         self._sent = sent_so_far
-        self._started = time.perf_counter()
-        self._redraw()
-        if self.bar and self._stop_ticking is None:
+        self._started = self._round_ended = time.perf_counter()
+        if not self.bar:
+            return
+        from tqdm.auto import tqdm
+
+        with self._lock:
+            if self._tqdm is None:
+                self._tqdm = tqdm(total=total, initial=first - 1, file=self.stream, leave=False,
+                                  dynamic_ncols=True, mininterval=0.0,
+                                  bar_format="{n_fmt}/{total_fmt} rounds |{bar}| {elapsed}{postfix}")
+            self._draw()
+        if self._stop_ticking is None:
             self._stop_ticking = threading.Event()
             threading.Thread(target=self._tick, args=(self._stop_ticking,), daemon=True,
                              name="fltac-progress").start()
@@ -95,43 +109,49 @@ class Progress:
 
     def advance(self, round_index: int) -> None:
         """Round `round_index` is over (round_line does this; a rejected round has no line)."""
-        self._done = round_index
-        self._status = ""
+        self._round_over(round_index)
         self._redraw()
+
+    def _round_over(self, round_index: int) -> None:
+        if round_index != self._done:
+            self._done = round_index
+            self._round_ended = time.perf_counter()
+        self._status = ""
 
     def finish(self) -> None:
         if self._stop_ticking is not None:
             self._stop_ticking.set()
             self._stop_ticking = None
         with self._lock:
-            self._clear()
+            if self._tqdm is not None:
+                self._tqdm.close()
+                self._tqdm = None
             self._total = 0
 
-    def _bar_text(self) -> str:
-        total = max(self._total, 1)
-        filled = int(BAR_WIDTH * self._done / total)
-        elapsed = time.perf_counter() - self._started
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left: the mean round so far times the rounds left, less the time the current
+        round has already run (so it counts down during a round); None before a round ended."""
         finished_here = self._done - self._first + 1
-        eta = (f" eta {_clock(elapsed / finished_here * (self._total - self._done))}"
-               if finished_here > 0 and self._done < self._total else "")
-        mean = f"  mean {self._mean:.3f}" if _finite(self._mean) else ""
-        cluster = f"  cluster {self._cluster:.2f}" if _finite(self._cluster) else ""
-        status = f"  [{self._status}]" if self._status else ""
-        return (f"|{'#' * filled}{'.' * (BAR_WIDTH - filled)}| {self._done}/{self._total} rounds{mean}"
-                f"{cluster}  sent {_megabytes(self._sent)}  {_clock(elapsed)}{eta}{status}")
+        if finished_here <= 0 or self._done >= self._total:
+            return None
+        now = time.perf_counter() if now is None else now
+        per_round = (self._round_ended - self._started) / finished_here
+        return max(per_round * (self._total - self._done) - (now - self._round_ended), 0.0)
+
+    def _postfix(self) -> str:
+        eta = self.eta()
+        parts = [f"eta {_clock(eta)}" if eta is not None else "",
+                 f"mean {self._mean:.3f}" if _finite(self._mean) else "",
+                 f"cluster {self._cluster:.2f}" if _finite(self._cluster) else "",
+                 f"sent {_megabytes(self._sent)}", f"[{self._status}]" if self._status else ""]
+        return "  ".join(part for part in parts if part)
 
     def _draw(self) -> None:
-        if not self.bar or not self._total:
+        if self._tqdm is None or not self._total:
             return
-        self.stream.write("\r\033[K" + self._bar_text())
-        self.stream.flush()
-        self._drawn = True
-
-    def _clear(self) -> None:
-        if self._drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self._drawn = False
+        self._tqdm.n = self._done
+        self._tqdm.postfix = self._postfix()
+        self._tqdm.refresh(nolock=True)
 
     # --- round lines and the summary -----------------------------------------------------------
     def round_zero_line(self, rounds: int, task_accuracy: dict[str, float]) -> None:
@@ -142,8 +162,7 @@ class Progress:
         self.say(f"round {0:>3}/{rounds}  {accs}  | mean {mean:.3f}  | the starting adapter (pre-trained model)")
 
     def round_line(self, round_index: int, rounds: int, row: dict, task_accuracy: dict[str, float]) -> None:
-        self._done = round_index
-        self._status = ""
+        self._round_over(round_index)
         self._sent += float(row.get("bytes_up", 0)) + float(row.get("bytes_down", 0))
         mean = row.get("mean_accuracy")
         if _finite(mean):
@@ -159,6 +178,7 @@ class Progress:
         dropped = "".join(f"  | {row[column]} {label}" for column, label in
                           (("rejected_uploads", "rejected"), ("screened_uploads", "screened out"))
                           if row.get(column, 0))
+        self._redraw()
         self.say(
             f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}{dropped}"
             f"  | up {_megabytes(row['bytes_up'])}  {row['seconds']:.1f}s"

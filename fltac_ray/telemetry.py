@@ -2,8 +2,9 @@
 
 A round callback of the simulation: after every round it sets gauges and bumps counters tagged
 with the experiment (and task). Ray exports them in Prometheus text on each node's metrics
-export port with a `ray_` prefix (e.g. `ray_fltac_task_accuracy{experiment=..., task=...}`), and
-the dashboard's Metrics view charts them when Prometheus/Grafana are set up.
+export port with a `ray_` prefix (e.g. `ray_fltac_task_accuracy{experiment=..., task=...}`) —
+counters also with Prometheus' `_total` suffix (`ray_fltac_bytes_up_total`) — and the
+dashboard's Metrics view charts them when Prometheus/Grafana are set up.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class DashboardMetrics(Callback):
         self.bytes_down = Counter("fltac_bytes_down", "bytes downloaded by clients", tag_keys=keys)
         self.clients = Counter("fltac_clients_trained", "client trainings completed", tag_keys=keys)
         self.rejected = Counter("fltac_rejected_uploads", "uploads rejected by the server", tag_keys=keys)
+        # A series appears only once recorded, and Counter.inc refuses 0: record each counter's 0
+        # now, so a scrape sees rejected_uploads 0 (not no series) in a run that rejects nothing.
+        for counter in (self.bytes_up, self.bytes_down, self.clients, self.rejected):
+            counter._record(0.0, tags=self.tags)
 
     def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
         tags, row = self.tags, ctx.row

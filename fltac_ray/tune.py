@@ -515,7 +515,7 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
     # Tune warns when trials checkpoint more often than every 5 s; a round per report is how
     # ASHA and --resume work here, and short rounds are no bottleneck worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    with ray_session(base_config.engine):
+    with ray_session(base_config.engine, say):
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         storage_path, experiment = resolve_storage(spec.storage, sweep_dir, len(nodes))
         if resume is None:  # the resolved storage, so that --resume finds the trials

@@ -21,6 +21,7 @@ def test_run_with_overrides(tiny_yaml, tmp_path, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "round   1/1" in printed and "cluster acc" in printed
+    assert "  Ray metrics (Prometheus text, ray_fltac_*): http://127.0.0.1:" in printed  # this Ray's own port
     assert len(pd.read_csv(out / "rounds.csv")) == 1
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["local_steps"] == 1
     # the final summary table and the report

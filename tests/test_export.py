@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,13 @@ from peft import PeftModel
 
 from fltac_ray.config import build_config
 from fltac_ray.errors import ConfigError
-from fltac_ray.export import load_adapter, load_base, peft_tensor_name, write_peft_adapter
+from fltac_ray.export import (
+    load_adapter,
+    load_base,
+    peft_tensor_name,
+    standard_inputs,
+    write_peft_adapter,
+)
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.builders import load_backbone
 from fltac_ray.models.counting import count_parameters
@@ -51,7 +58,7 @@ def _export(tmp_path, config, model: AdapterModel, vector: np.ndarray, head_rows
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_plain_peft_loads_an_exported_classifier_and_predicts_the_same(tmp_path, name):
+def test_an_adapter_of_a_base_built_in_code_loads_with_peft_on_load_base(tmp_path, name):
     tasks, head_rows, make_inputs = CASES[name]
     size = {"image_size": 48} if name == "efficientnet-lite0" else {}  # smallest that keeps features
     config = build_config({"data": {"tasks": tasks}, "model": {"name": name, "lora": {"rank": 2}, **size}})
@@ -66,15 +73,17 @@ def test_plain_peft_loads_an_exported_classifier_and_predicts_the_same(tmp_path,
     peft_config = json.loads((folder / "adapter_config.json").read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 2
     assert peft_config["modules_to_save"] == ["task_head"]
+    assert peft_config["base_model_name_or_path"] == name  # what load_base resolves
+    assert json.loads((folder / "fltac_ray.json").read_text())["load_with"] == "fltac_ray.export.load_base"
     loaded = PeftModel.from_pretrained(load_base(folder), str(folder)).eval()
     inputs = make_inputs(np.random.default_rng(2))
     with torch.no_grad():
         expected = model(num_classes=head_rows, **inputs)
-        got = loaded(**inputs)
+        got = loaded(**standard_inputs(inputs, folder))  # input_ids + attention_mask, pixel_values
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # the adapter matters: the bare base (fresh head, no LoRA) predicts something else
     with torch.no_grad():
-        assert not torch.allclose(load_base(folder)(**inputs), expected, atol=1e-3)
+        assert not torch.allclose(load_base(folder)(**standard_inputs(inputs, folder)), expected, atol=1e-3)
 
 
 def test_plain_peft_loads_an_exported_causal_lm_adapter(tmp_path):
@@ -97,15 +106,115 @@ def test_plain_peft_loads_an_exported_causal_lm_adapter(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_tensor_names_follow_peft():
+def test_tensor_names_follow_peft_on_the_class_the_adapter_loads_into():
     lora = "encoder.base_model.model.encoder.layer.0.attention.self.query.lora_A.default.weight"
-    assert peft_tensor_name(lora, causal_lm=False) == \
+    assert peft_tensor_name(lora, "AutoModel") == "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+    assert peft_tensor_name(lora, "AutoModelForSequenceClassification", "bert") == \
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    assert peft_tensor_name(lora, "fltac_ray.export.load_base", "encoder") == \
         "base_model.model.encoder.encoder.layer.0.attention.self.query.lora_A.weight"
     llama = "encoder.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
-    assert peft_tensor_name(llama, causal_lm=True) == "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
-    assert peft_tensor_name("head.bias", causal_lm=False) == "base_model.model.task_head.bias"
+    assert peft_tensor_name(llama, "AutoModelForCausalLM") == "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert peft_tensor_name("head.bias", "AutoModelForImageClassification", "vit") == "base_model.model.classifier.bias"
+    assert peft_tensor_name("head.bias", "fltac_ray.export.load_base", "encoder") == "base_model.model.task_head.bias"
+    with pytest.raises(ValueError, match="head.safetensors"):
+        peft_tensor_name("head.weight", "AutoModel")
     with pytest.raises(ValueError, match="router"):
-        peft_tensor_name("router.weight", causal_lm=False)
+        peft_tensor_name("router.weight", "AutoModel")
+
+
+@pytest.fixture(scope="module")
+def hub_bert(tmp_path_factory) -> str:
+    """A 2-layer BERT with its pooler and MiniLM's tokenizer saved as a Hugging Face folder: a
+    checkpoint that from_pretrained loads, as it would a hub id."""
+    from transformers import BertConfig, BertModel
+
+    from fltac_ray.models.builders import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("hub_bert")
+    tokenizer = load_tokenizer("minilm")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def hub_vit(tmp_path_factory) -> str:
+    """A 2-layer ViT (32 px, patch 8) saved as a Hugging Face folder."""
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path_factory.mktemp("hub_vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(folder)
+    return str(folder)
+
+
+TEXTS = ["the match ended in a draw", "rain all week long", "a new album is out today"]
+
+
+@pytest.mark.parametrize("pooling", ["pooler", "mean"])
+def test_a_text_adapter_loads_with_transformers_and_peft_alone(tmp_path, hub_bert, pooling):
+    """BERT with its pooler loads as AutoModelForSequenceClassification (the head is its
+    classifier); mean pooling has no such class: the LoRA loads into AutoModel, the head is a
+    safetensors file. Either way: the training model's logits from the tokenizer's inputs."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = build_config({"data": {"tasks": ["synthetic_topic"]},
+                           "model": {"name": hub_bert, "pooling": pooling, "lora": {"rank": 2}}})
+    model = AdapterModel(load_backbone(hub_bert, "text"), config.model, 4, seed=0, modality="text").eval()
+    folder = _export(tmp_path / "adapter", config, model, _trained_like(model, seed=5), head_rows=4)
+    info = json.loads((folder / "fltac_ray.json").read_text())
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == hub_bert
+
+    batch = AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        if pooling == "pooler":
+            assert info["load_with"] == "AutoModelForSequenceClassification"
+            base = AutoModelForSequenceClassification.from_pretrained(hub_bert, num_labels=info["head_rows"])
+            logits = PeftModel.from_pretrained(base, folder).eval()(**batch).logits
+        else:
+            assert info["load_with"] == "AutoModel"
+            with warnings.catch_warnings(record=True) as caught:  # peft's word for keys named wrongly
+                warnings.simplefilter("always")
+                plain = PeftModel.from_pretrained(AutoModel.from_pretrained(hub_bert), folder).eval()
+            assert not [w for w in caught if "missing" in str(w.message).lower()]
+            head = load_file(folder / "head.safetensors")
+            hidden = plain(**batch).last_hidden_state  # (3, width, 32) -> mean over real tokens
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            logits = ((hidden * mask).sum(1) / mask.sum(1)) @ head["weight"].T + head["bias"]
+        expected = model(num_classes=4, input_ids=batch["input_ids"], lengths=batch["attention_mask"].sum(1),
+                         token_type_ids=batch["token_type_ids"])
+        ours = load_adapter(folder)(**batch)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the adapter matters
+        bare = AutoModelForSequenceClassification.from_pretrained(hub_bert, num_labels=4).eval()(**batch).logits
+    assert not torch.allclose(bare, expected, atol=1e-3)
+
+
+def test_a_vit_adapter_loads_as_an_image_classifier_with_its_image_processor(tmp_path, hub_vit):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    config = build_config({"data": {"tasks": ["digits"]},
+                           "model": {"name": hub_vit, "pooling": "cls", "lora": {"rank": 2}}})
+    model = AdapterModel(load_backbone(hub_vit, "image"), config.model, 10, seed=0, modality="image").eval()
+    folder = _export(tmp_path / "adapter", config, model, _trained_like(model, seed=6), head_rows=10)
+    info = json.loads((folder / "fltac_ray.json").read_text())
+    assert info["load_with"] == "AutoModelForImageClassification"
+
+    images = np.random.default_rng(7).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)  # RGB at the run's size
+    pixel_values = AutoImageProcessor.from_pretrained(folder)(list(images), return_tensors="pt")["pixel_values"]
+    base = AutoModelForImageClassification.from_pretrained(hub_vit, num_labels=info["head_rows"])
+    plain = PeftModel.from_pretrained(base, folder).eval()
+    with torch.no_grad():
+        logits = plain(pixel_values=pixel_values).logits
+        expected = model(num_classes=10, pixels=torch.from_numpy(images).permute(0, 3, 1, 2))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
 def test_a_folder_without_export_info_is_refused(tmp_path):
@@ -141,7 +250,8 @@ def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_pa
         task = row.tasks
         bundle = data.tasks[task]
         test_index = data.clients[row.client].tasks[task][1]
-        inputs = batch_tensors(bundle.test, test_index, torch.device("cpu"))
+        inputs = standard_inputs(batch_tensors(bundle.test, test_index, torch.device("cpu")),
+                                 adapters / f"cluster_{row.cluster}")
         with torch.no_grad():
             logits = models[row.cluster](num_classes=bundle.num_classes, **inputs)
         correct = int((logits.argmax(-1).numpy() == bundle.test.labels[test_index]).sum())
@@ -149,3 +259,68 @@ def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_pa
         assert correct == round(engine["accuracy"] * engine["test_samples"])
         checked += 1
     assert checked == len(final) > 0
+
+
+class LocalHub:
+    """huggingface_hub.HfApi's create_repo / upload_folder, writing each repository into a local
+    folder instead of the Hub (the call contract, offline)."""
+
+    root = None
+
+    def __init__(self, token=None) -> None:
+        self.token = token
+
+    def create_repo(self, repo_id, repo_type="model", private=False, exist_ok=False):
+        (self.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, repo_type="model", commit_message=""):
+        import shutil
+
+        assert repo_type == "model" and commit_message
+        shutil.copytree(folder_path, self.root / repo_id / (path_in_repo or ""), dirs_exist_ok=True)
+        return f"local://{repo_id}"
+
+
+def test_export_pushes_a_cluster_adapter_that_loads_from_the_repository(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from fltac_ray.cli import main
+
+    config = build_config({"data": {"tasks": ["synthetic_topic"]}, "model": {"name": "tiny-random-bert"}})
+    model = AdapterModel(load_backbone("tiny-random-bert", "text", seed=0), config.model, 4, seed=0).eval()
+    adapters = tmp_path / "run" / "adapters"
+    folder = _export(adapters / "cluster_0", config, model, _trained_like(model, seed=8), head_rows=4)
+    (adapters / "index.json").write_text(json.dumps([{"cluster": 0, "folder": "cluster_0"}]))
+    card = (folder / "README.md").read_text()
+    assert "library_name: peft" in card and "base_model: tiny-random-bert" in card
+
+    LocalHub.root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
+    assert main(["export", str(tmp_path / "run"), "--cluster", "0", "--push-to-hub", "me/topics"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    repo = LocalHub.root / "me" / "topics"
+    inputs = {"input_ids": torch.tensor([[101, 2000, 2001, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(num_classes=4, input_ids=inputs["input_ids"], lengths=torch.tensor([4]))
+        torch.testing.assert_close(load_adapter(repo)(**inputs), expected, rtol=1e-5, atol=1e-5)
+
+    # every cluster at once lands in cluster_<k>/; a missing cluster or a non-run folder is refused
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "cluster_0" / "adapter_model.safetensors").is_file()
+    assert main(["export", str(tmp_path / "run"), "--cluster", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--cluster 3: no adapters/cluster_3; it has ['cluster_0']" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "adapters/index.json" in capsys.readouterr().err
+
+
+def test_version_and_public_names(capsys):
+    import fltac_ray
+    from fltac_ray.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fltac-ray {fltac_ray.__version__}"
+    assert fltac_ray.__version__[0].isdigit()
+    assert set(dir(fltac_ray)) == set(fltac_ray.__all__)
+    assert all(hasattr(fltac_ray, name) for name in fltac_ray.__all__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 
@@ -12,7 +11,7 @@ import pytest
 
 import fltac_ray
 from fltac_ray.cli import main
-from fltac_ray.progress import Progress, format_run_summary
+from fltac_ray.progress import format_run_summary
 from fltac_ray.reporting.projection import pca_2d, project, umap_available
 from fltac_ray.snapshots import sample_rows, snapshot_rounds
 
@@ -71,31 +70,6 @@ def test_run_summary_has_a_round_0_column_when_the_start_was_evaluated():
     assert re.search(r"task\s+round 0\s+final\s+best", lines[0])
     assert re.search(r"\ba\s+0\.100\s+0\.700\s+0\.700\s+1\b", lines[1])
     assert re.search(r"mean\s+0\.200\s+0\.750", lines[3])
-
-
-def test_progress_bar_only_on_a_terminal_and_never_when_quiet():
-    row = {"bytes_up": 1e6, "bytes_down": 5e5, "mean_accuracy": 0.5, "clustering_accuracy": 1.0,
-           "ari": 1.0, "seconds": 1.0}
-    stream = io.StringIO()
-    bar = Progress(stream=stream, bar=True)
-    bar.start_rounds(2)
-    bar.phase("round 1: training")
-    bar.round_line(1, 2, row, {"a": 0.5})
-    bar.finish()
-    out = stream.getvalue()
-    assert "\r\x1b[K|" in out and "[round 1: training]" in out
-    assert "1/2 rounds  mean 0.500  cluster 1.00  sent 1.50 MB" in out
-    assert out.endswith("\r\x1b[K")  # the bar is cleared at the end
-    log = io.StringIO()  # a StringIO is not a terminal: round lines only
-    plain = Progress(stream=log)
-    plain.start_rounds(2)
-    plain.round_line(1, 2, row, {"a": 0.5})
-    assert "\r" not in log.getvalue() and log.getvalue().startswith("round   1/2  a 0.500")
-    quiet = io.StringIO()
-    muted = Progress(quiet=True, stream=quiet, bar=True)
-    muted.start_rounds(2)
-    muted.round_line(1, 2, row, {"a": 0.5})
-    assert quiet.getvalue() == ""
 
 
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):

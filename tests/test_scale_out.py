@@ -79,8 +79,9 @@ def test_run_metrics_reach_the_prometheus_endpoint(tmp_path):
                progress=Progress(quiet=True)).run()
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
-    wanted = ("ray_fltac_task_accuracy", "ray_fltac_round", "ray_fltac_bytes_up",
-              "ray_fltac_clustering_accuracy", "ray_fltac_clients_trained")
+    wanted = ("ray_fltac_task_accuracy", "ray_fltac_round", "ray_fltac_bytes_up_total",
+              "ray_fltac_clustering_accuracy", "ray_fltac_clients_trained_total",
+              "ray_fltac_rejected_uploads_total")  # a counter that stayed 0 is exported too
     found: set[str] = set()
     for _ in range(40):  # metrics are exported every few seconds; bounded wait on loopback only
         text = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -91,3 +92,5 @@ def test_run_metrics_reach_the_prometheus_endpoint(tmp_path):
         time.sleep(1)
     assert found == set(wanted), f"missing {set(wanted) - found}"
     assert any('task="synthetic_topic"' in line for line in lines if line.startswith("ray_fltac_task_accuracy"))
+    rejected = [line for line in lines if line.startswith("ray_fltac_rejected_uploads_total")]
+    assert float(rejected[0].rsplit(" ", 1)[1]) == 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from fltac_ray.config import EngineConfig
@@ -78,13 +78,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 @contextmanager
-def ray_session(engine: EngineConfig) -> Iterator[bool]:
-    """Yield True when this call started Ray (and will stop it), False when Ray was running."""
+def ray_session(engine: EngineConfig, say: Callable[[str], None] = print) -> Iterator[bool]:
+    """Yield True when this call started Ray (and will stop it), False when Ray was running.
+    `say` prints the dashboard's URL and the metrics endpoint (a muted Progress.say: nothing)."""
     if engine.ray_address is None:
         _force_loopback()
     import ray
 
     if ray.is_initialized():
+        if engine.metrics:
+            say(f"  Ray metrics (Prometheus text, ray_fltac_*): {metrics_endpoint()}")
         yield False
         return
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -104,11 +107,25 @@ def ray_session(engine: EngineConfig) -> Iterator[bool]:
         finally:
             notice.setLevel(level)
         if engine.dashboard and context.dashboard_url:
-            print(f"  Ray dashboard: http://{context.dashboard_url}", flush=True)
+            say(f"  Ray dashboard: http://{context.dashboard_url}")
+    if engine.metrics:
+        say(f"  Ray metrics (Prometheus text, ray_fltac_*): {metrics_endpoint()}")
     try:
         yield True
     finally:
         ray.shutdown()
+
+
+def metrics_endpoint() -> str:
+    """The URL where this driver's node serves the run's metrics: the driver records them
+    (telemetry.py), and every node serves what its processes record at its MetricsExportPort."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
+    if node is None:
+        return "(unknown: this driver's node is not in ray.nodes())"
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def cluster_totals() -> tuple[float, float]:

@@ -310,7 +310,7 @@ class Simulation:
 
             callbacks.extend(make_trackers(config))
         self.all_callbacks = callbacks + self.callbacks
-        with ray_session(config.engine) if config.engine.backend == "ray" else contextlib.nullcontext():
+        with ray_session(config.engine, say) if config.engine.backend == "ray" else contextlib.nullcontext():
             self._run(algorithm, data, active, writer, checkpoint, run_dir)
         wall = time.perf_counter() - started
         metrics = pd.read_csv(run_dir / "metrics.csv")

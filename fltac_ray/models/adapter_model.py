@@ -13,6 +13,9 @@ read task identity from shapes.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,15 @@ from torch import nn
 from fltac_ray.config import FloralConfig, ModelConfig
 from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures, layer_rank
 from fltac_ray.models.registry import default_targets
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a
+    model: a FutureWarning per model (per worker, per `params` call) that no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def gradient_checkpointing_problem(encoder: nn.Module) -> str | None:
@@ -57,6 +69,28 @@ def split_adapter(vectors: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]
     return tensors
 
 
+def pixel_statistics(model_type: str) -> tuple[list[float], list[float]]:
+    """(mean, std) per RGB channel the backbone was trained on: EfficientNet-lite0 ImageNet's,
+    ViT-in21k (and the rest) 0.5 and 0.5."""
+    if model_type == "efficientnet-lite0":
+        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    return [0.5] * 3, [0.5] * 3
+
+
+def normalise_pixels(pixels: torch.Tensor, image_size: int, mean: torch.Tensor | list[float],
+                     std: torch.Tensor | list[float]) -> torch.Tensor:
+    """(batch, 1 or 3, h, w) uint8 -> (batch, 3, S, S) normalised floats: what the backbone reads
+    (`pixel_values`; an exported adapter's image processor makes the same from images)."""
+    x = pixels.float() / 255.0
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class PooledFeatures:
     """Pooled (batch, hidden) features of `self.encoder` for every modality. Shared by the
     training model and the exported classifier (fltac_ray/export.py), so both read inputs alike.
@@ -71,31 +105,33 @@ class PooledFeatures:
 
     def _register_pixel_statistics(self, encoder: nn.Module, image_size: int | None) -> None:
         self.image_size = image_size or int(getattr(encoder.config, "image_size", 64))
-        # EfficientNet was trained on ImageNet statistics; ViT-in21k on mean = std = 0.5.
-        imagenet = getattr(encoder.config, "model_type", "") == "efficientnet-lite0"
-        mean = [0.485, 0.456, 0.406] if imagenet else [0.5] * 3
-        std = [0.229, 0.224, 0.225] if imagenet else [0.5] * 3
+        mean, std = pixel_statistics(getattr(encoder.config, "model_type", ""))
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def features(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """(batch, hidden) pooled features of the frozen body (with its LoRA)."""
+        """(batch, hidden) pooled features of the frozen body (with its LoRA) of a batch as the
+        engine stores it: input_ids + lengths, uint8 pixels, or features."""
         if self.modality == "vector":
             return self.encoder(inputs["features"].float())
         if self.modality == "image":
-            return self._image_features(inputs["pixels"])
-        return self._text_features(inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids"))
-
-    def _text_features(self, input_ids, lengths, token_type_ids=None) -> torch.Tensor:
+            return self.pixel_features(normalise_pixels(inputs["pixels"], self.image_size,
+                                                        self.pixel_mean, self.pixel_std))
         # input_ids: (batch, max_length); trim to the longest example of this batch
+        input_ids, lengths, token_type_ids = inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids")
         width = int(lengths.max())
-        input_ids = input_ids[:, :width].long()
         mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
-        extra = {"token_type_ids": token_type_ids[:, :width].long()} if token_type_ids is not None else {}
-        out = self.encoder(input_ids=input_ids, attention_mask=mask, **extra)
+        return self.text_features(input_ids[:, :width].long(), mask,
+                                  None if token_type_ids is None else token_type_ids[:, :width].long())
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, hidden) pooled features of (batch, width) token ids and their mask."""
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
         if self.pooling == "pooler":
             return self._pretrained_pooler(out)
-        return self._pool(out.last_hidden_state, mask)
+        return self._pool(out.last_hidden_state, attention_mask)
 
     def _pretrained_pooler(self, out) -> torch.Tensor:
         """model.pooling: pooler — the backbone's own pretrained (frozen) pooler over the first
@@ -118,14 +154,9 @@ class PooledFeatures:
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        # pixels: (batch, 1 or 3, h, w) uint8 -> (batch, 3, S, S) normalised floats
-        x = pixels.float() / 255.0
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = (x - self.pixel_mean) / self.pixel_std
+    def pixel_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) pooled features of (batch, 3, S, S) normalised images."""
+        x = pixel_values
         out = self.encoder(pixel_values=x) if hasattr(self.encoder.config, "patch_size") else self.encoder(x)
         if isinstance(out, torch.Tensor):  # EfficientNet: already pooled (batch, 1280)
             return out
@@ -173,7 +204,8 @@ class AdapterModel(PooledFeatures, nn.Module):
                 target_modules=targets,
             )
             try:
-                self.encoder = get_peft_model(encoder, peft_config)
+                with peft_wrapping():
+                    self.encoder = get_peft_model(encoder, peft_config)
             except ValueError as exc:
                 raise ValueError(f"model.lora.target_modules = {targets}: {exc}") from exc
             self.head = nn.Linear(hidden, head_classes) if head_classes else None

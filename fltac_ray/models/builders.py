@@ -90,6 +90,38 @@ def smollm2_dir() -> str:
     return str(target)
 
 
+# The hub ids of the packaged models: what an exported adapter names as its base, so that anyone
+# can load it with from_pretrained (fltac-ray itself reads the packaged copy).
+PACKAGED_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hub_id(name: str) -> str:
+    """The base an exported adapter names (`base_model_name_or_path`): a packaged model's hub id,
+    a hub id or folder as given, or fltac-ray's own name for a base built in code (what
+    fltac_ray.export.load_base resolves)."""
+    return PACKAGED_HUB_IDS.get(name, name)
+
+
+def is_built_in(name: str) -> bool:
+    """Built in code (plug-ins, EfficientNet-lite0, the random MLP, the random test models), not
+    a Hugging Face checkpoint that from_pretrained can load."""
+    return (_plugin(name) is not None or name in ("efficientnet-lite0", "random-mlp")
+            or name.startswith("tiny-random-"))
+
+
+def image_preprocessing(name: str, image_size: int | None) -> tuple[int, list[float], list[float]]:
+    """(side S, channel mean, channel std) an image backbone reads (from its architecture; no
+    weights read): model.image_size, else its config's image_size, else 64."""
+    from fltac_ray.models.adapter_model import pixel_statistics
+
+    config = build_on_meta(name, "image").config
+    mean, std = pixel_statistics(getattr(config, "model_type", ""))
+    return image_size or int(getattr(config, "image_size", 64)), mean, std
+
+
 def _plugin(name: str):
     from fltac_ray.models.registry import MODELS
 

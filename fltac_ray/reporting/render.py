@@ -192,8 +192,8 @@ def _page(kind: str, root: Path, runs: list[RunTables], report: Report,
                    if c in frame]
         parts += ["<h2>Exported adapters</h2>",
                   "<p>The final global adapter of every cluster, under each run's <code>adapters/</code> "
-                  "(peft layout: <code>PeftModel.from_pretrained(fltac_ray.export.load_base(folder), "
-                  "folder)</code>).</p>", _table_html(frame[columns])]
+                  "(plain peft adapters of the Hugging Face base: each folder's README.md says how to load it; "
+                  "<code>fltac_ray.export.load_adapter(folder)</code> does it for any).</p>", _table_html(frame[columns])]
     if report.skipped:
         parts += ["<h2>Not drawn</h2>", "<ul>" + "".join(
             f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in report.skipped.items()) + "</ul>"]
