@@ -117,6 +117,9 @@ class RunWriter:
         self.clients_path = run_dir / "clients.csv"
         tables = ((self.metrics_path, METRICS_COLUMNS), (self.clients_path, CLIENT_COLUMNS),
                   (self.rounds_path, ROUNDS_COLUMNS))
+        from fltac_ray.environment import record_session
+
+        record_session(run_dir, "start" if resume_round is None else "resume")
         if resume_round is None:
             save_config(config, run_dir / "config.yaml")
             for path, columns in tables:

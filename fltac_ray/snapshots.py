@@ -69,3 +69,40 @@ def read_snapshots(run_dir: Path) -> list[Snapshot]:
         out.append(Snapshot(int(metadata["round"]), tensors["adapters"], tensors["clients"], tensors["slots"],
                             tensors["labels"], json.loads(metadata["tasks"])))
     return out
+
+
+def align_cluster_ids(snapshots: list[Snapshot]) -> list[np.ndarray]:
+    """Each snapshot's server labels renumbered so that a cluster keeps its id from round to
+    round (K-means numbers its clusters afresh every round). Round r's clusters are matched to
+    round r-1's, as renumbered, by the Hungarian method on the number of uploads (client, slot)
+    each pair shares; a cluster that shares none gets the next id never used. The first snapshot
+    keeps its labels."""
+    from scipy.optimize import linear_sum_assignment
+
+    aligned: list[np.ndarray] = []
+    previous: dict[tuple[int, int], int] = {}
+    next_id = 0
+    for snap in snapshots:
+        keys = list(zip(snap.clients.tolist(), snap.slots.tolist(), strict=True))
+        ids = np.unique(snap.labels)
+        mapping: dict[int, int] = {}
+        if aligned:
+            old_ids = sorted(set(previous.values()))
+            shared = np.zeros((len(ids), len(old_ids)))  # (this round's clusters, last round's)
+            for key, label in zip(keys, snap.labels.tolist(), strict=True):
+                if key in previous:
+                    shared[np.searchsorted(ids, label), old_ids.index(previous[key])] += 1
+            for row, col in zip(*linear_sum_assignment(-shared), strict=True):
+                if shared[row, col] > 0:
+                    mapping[int(ids[row])] = old_ids[col]
+        else:
+            mapping = {int(label): int(label) for label in ids}
+        for label in ids.tolist():
+            if label not in mapping:  # a cluster new this round: an id no round has used
+                mapping[label] = next_id
+                next_id += 1
+        next_id = max(next_id, max(mapping.values()) + 1)
+        relabelled = np.array([mapping[label] for label in snap.labels.tolist()], dtype=np.int64)
+        aligned.append(relabelled)
+        previous = dict(zip(keys, relabelled.tolist(), strict=True))
+    return aligned

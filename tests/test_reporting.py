@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import fltac_ray
 from fltac_ray.cli import main
 from fltac_ray.progress import format_run_summary
 from fltac_ray.reporting.projection import pca_2d, project, umap_available
-from fltac_ray.snapshots import sample_rows, snapshot_rounds
+from fltac_ray.snapshots import Snapshot, align_cluster_ids, sample_rows, snapshot_rounds
 
 from .conftest import TINY_EXPERIMENT
 
@@ -72,6 +75,45 @@ def test_run_summary_has_a_round_0_column_when_the_start_was_evaluated():
     assert re.search(r"mean\s+0\.200\s+0\.750", lines[3])
 
 
+def _snapshot(round_index: int, keys: list[int], labels: list[int]) -> Snapshot:
+    n = len(keys)
+    return Snapshot(round_index, np.zeros((n, 2), np.float32), np.array(keys), np.zeros(n, np.int64),
+                    np.array(labels), ["t"] * n)
+
+
+def test_cluster_ids_are_matched_across_rounds_by_the_uploads_they_share():
+    rounds = [
+        _snapshot(1, [0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2]),
+        _snapshot(2, [0, 1, 2, 3, 4, 5], [2, 2, 0, 0, 1, 1]),  # same clusters, renumbered by K-means
+        # clients 0-1 stay together (id 0 last round) and so do 2-3 (id 1); 4-5 are not sampled;
+        # 6 and 7 are new clients in a cluster of their own
+        _snapshot(3, [0, 1, 2, 3, 6, 7], [1, 1, 0, 0, 2, 2]),
+        _snapshot(4, [0, 2, 4, 5], [0, 0, 1, 1]),  # 0 and 2 merged; 4-5 back with their old id 2
+    ]
+    aligned = align_cluster_ids(rounds)
+    assert aligned[0].tolist() == [0, 0, 1, 1, 2, 2]  # the first round keeps its ids
+    assert aligned[1].tolist() == [0, 0, 1, 1, 2, 2]
+    # K-means' 1 -> 0 and 0 -> 1 (2 shared uploads each); its 2 shares nothing: a new id, 3
+    assert aligned[2].tolist() == [0, 0, 1, 1, 3, 3]
+    # the merged cluster shares one upload with 0 and one with 1 (a tie: one of them); 4-5 share
+    # none with round 3, so their cluster takes the next unused id, 4 — ids are never reused
+    assert aligned[3][:2].tolist() in ([0, 0], [1, 1]) and aligned[3][2:].tolist() == [4, 4]
+
+
+def test_settings_table_lists_the_key_settings_and_every_difference():
+    from fltac_ray.reporting.render import settings_table
+    from fltac_ray.reporting.runs import RunTables
+
+    def run(label, lr, extra):
+        config = {"algorithm": "fltac", "seed": 3, "train": {"lr": lr, "local_steps": 15}, **extra}
+        return RunTables(label, Path("."), config, *(pd.DataFrame(),) * 4)
+
+    table = settings_table([run("a", 0.002, {"engine": {"num_workers": 2}}), run("b", 0.01, {})]).set_index("setting")
+    assert list(table.index) == ["algorithm", "seed", "train.lr", "train.local_steps", "engine.num_workers"]
+    assert table.loc["train.lr"].tolist() == ["0.002", "0.01"] and table.loc["seed"].tolist() == ["3", "3"]
+    assert table.loc["engine.num_workers"].tolist() == ["2", "-"]
+
+
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
@@ -120,6 +162,13 @@ def test_every_run_leaves_the_report_with_all_six_figures(api_run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Exported adapters" in page and "Not drawn" not in page
     assert "<td>pre-trained (round 0)</td>" in page  # the final table's zero-shot row
+    assert "<th>MB up</th><th>MB down</th>" in page  # each direction, as the terminal prints them
+    # the settings, the seed and the software the run started with (environment.json)
+    assert "<h2>Settings</h2>" in page and "<td>seed</td>" in page and "<td>train.lr</td>" in page
+    environment = json.loads((api_run.run_dir / "environment.json").read_text())
+    versions = environment["sessions"][0]["versions"]
+    assert environment["sessions"][0]["kind"] == "start" and versions["torch"] == torch.__version__
+    assert f"<td>{versions['peft']}</td>" in page and f"<td>{versions['fltac-ray']}</td>" in page
     # snapshots at rounds 1, 2, 3 (report.adapter_snapshots = 4 > rounds) of 3 x n uploads
     assert sorted(p.name for p in (api_run.run_dir / "snapshots").iterdir()) == [
         f"round_0000{r}.safetensors" for r in (1, 2, 3)]

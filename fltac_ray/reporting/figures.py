@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 from fltac_ray.outputs import final_round_metrics  # noqa: E402
 from fltac_ray.progress import short_task  # noqa: E402
 from fltac_ray.reporting.runs import RunTables  # noqa: E402
-from fltac_ray.snapshots import Snapshot  # noqa: E402
+from fltac_ray.snapshots import Snapshot, align_cluster_ids  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>"
 
@@ -159,33 +159,39 @@ def clustering_over_rounds(runs: list[RunTables]) -> Figure | None:
 def adapter_projection(run: RunTables, snapshots: list[Snapshot], points: list[np.ndarray],
                        method: str) -> Figure | None:
     """Paper Fig. 4: each snapshot round's uploaded adapters in 2-D, coloured by true task,
-    marker = the server's assignment (K-means cluster, IFCA choice)."""
+    marker = the server's assignment (K-means cluster, IFCA choice). K-means numbers its
+    clusters afresh every round, so its ids are matched across rounds (snapshots.align_cluster_ids)
+    and a marker means one cluster in every panel; IFCA's choices already are global models."""
     if not snapshots:
         return None
     tasks = _tasks([run])
     tasks += sorted({t for snap in snapshots for t in snap.tasks} - set(tasks))  # FedIT "a+b"
     colours = task_colours(tasks)
-    fig, axes = _grid(len(snapshots), width=4.0, height=3.8, columns=4)
-    for ax, snap, xy in zip(axes, snapshots, points, strict=True):
+    matched = run.algorithm != "ifca"
+    labels_of = align_cluster_ids(snapshots) if matched else [snap.labels for snap in snapshots]
+    # three panels a row: at the report's width the tick labels stay readable
+    fig, axes = _grid(len(snapshots), width=3.6, height=3.4, columns=3)
+    for ax, snap, xy, labels in zip(axes, snapshots, points, labels_of, strict=True):
         for task in tasks:
-            for label in np.unique(snap.labels):
-                pick = np.array([t == task for t in snap.tasks]) & (snap.labels == label)
+            for label in np.unique(labels):
+                pick = np.array([t == task for t in snap.tasks]) & (labels == label)
                 if pick.any():
                     ax.scatter(xy[pick, 0], xy[pick, 1], color=colours[task], s=36, alpha=0.85,
                                marker=MARKERS[int(label) % len(MARKERS)], edgecolors="black", linewidths=0.4)
         accuracy = run.rounds.loc[run.rounds["round"] == snap.round, "clustering_accuracy"]
         note = f", clustering acc {float(accuracy.iloc[0]):.2f}" if len(accuracy) and accuracy.notna().all() else ""
-        ax.set_title(f"round {snap.round} ({len(snap.tasks)} adapters{note})", fontsize=10)
-        ax.set_xlabel(f"{method} 1")
-        ax.set_ylabel(f"{method} 2")
-        ax.tick_params(labelsize=7)
+        ax.set_title(f"round {snap.round} ({len(snap.tasks)} adapters{note})", fontsize=9)
+        ax.set_xlabel(f"{method} 1", fontsize=9)
+        ax.set_ylabel(f"{method} 2", fontsize=9)
+        ax.tick_params(labelsize=8)
     task_handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours[t], label=short_group(t))
                     for t in tasks if any(t in snap.tasks for snap in snapshots)]
-    labels = sorted({int(label) for snap in snapshots for label in snap.labels})
+    ids = sorted({int(label) for labels in labels_of for label in labels})
     cluster_handles = [plt.Line2D([], [], linestyle="", marker=MARKERS[k % len(MARKERS)], color="0.4",
-                                  label=f"cluster {k}") for k in labels[:8]]
+                                  label=f"cluster {k}") for k in ids[:8]]
     fig.suptitle(f"{run.label}: uploaded adapters projected with {method}")
-    legend_below(fig, task_handles + cluster_handles, title="colour: true task   marker: server's assignment")
+    what = "server's cluster (ids matched across rounds)" if matched else "IFCA's chosen model"
+    legend_below(fig, task_handles + cluster_handles, title=f"colour: true task   marker: {what}")
     return fig
 
 

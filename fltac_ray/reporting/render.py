@@ -146,7 +146,8 @@ def final_table(runs: list[RunTables]) -> pd.DataFrame:
             row["mean"] = float(last["accuracy"].mean())
         if not run.rounds.empty:
             row["cluster acc"] = float(run.rounds["clustering_accuracy"].iloc[-1])
-            row["MB sent"] = float((run.rounds["bytes_up"] + run.rounds["bytes_down"]).sum() / 1e6)
+            row["MB up"] = float(run.rounds["bytes_up"].sum() / 1e6)  # clients -> server, all rounds
+            row["MB down"] = float(run.rounds["bytes_down"].sum() / 1e6)  # server -> clients
             row["rounds"] = int(run.rounds["round"].max())
         rows.append(row)
     # the runs' column order, the pre-trained rows' columns among them
@@ -164,6 +165,63 @@ def _table_html(frame: pd.DataFrame) -> str:
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# The settings a reader needs to reproduce or compare a run, in this order; the report adds any
+# other setting on which the runs of a comparison or sweep differ.
+KEY_SETTINGS = ("algorithm", "seed", "rounds", "model.name", "model.lora.rank", "model.lora.alpha",
+                "model.lora.target_modules", "model.pooling", "model.head", "model.dtype", "train.lr",
+                "train.local_steps", "train.batch_size", "train.weight_decay", "data.tasks", "data.num_clients",
+                "data.dirichlet_alpha", "data.train_per_task", "federation.client_fraction",
+                "federation.n_clusters", "federation.weighting", "federation.aggregation")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = ", ".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+def settings_table(runs: list[RunTables]) -> pd.DataFrame:
+    """One row per setting (KEY_SETTINGS, then every other one the runs differ on), one column
+    per run: the values from each run's config.yaml."""
+    flat = [_flatten(run.config) for run in runs]
+    differing = sorted({key for values in flat for key in values
+                        if len({repr(values_.get(key)) for values_ in flat}) > 1} - set(KEY_SETTINGS))
+    keys = [key for key in KEY_SETTINGS if any(key in values for values in flat)] + differing
+    rows = [{"setting": key, **{run.label: values.get(key, "-") for run, values in zip(runs, flat, strict=True)}}
+            for key in keys]
+    return pd.DataFrame(rows).astype(str)
+
+
+def _settings_html(runs: list[RunTables]) -> list[str]:
+    """Settings, seed and the software each run ran with (environment.json)."""
+    import yaml
+
+    from fltac_ray.environment import read_sessions, versions
+
+    parts = ["<h2>Settings</h2>", "<p>From each run's <code>config.yaml</code>; the full configuration "
+             "is below.</p>", _table_html(settings_table(runs))]
+    for run in runs[:1] if len(runs) == 1 else runs:
+        parts.append(f"<details><summary>full configuration{'' if len(runs) == 1 else ' of ' + html.escape(run.label)}"
+                     f"</summary><pre>{html.escape(yaml.safe_dump(run.config, sort_keys=False))}</pre></details>")
+    rows = []
+    for run in runs:
+        for entry in read_sessions(run.run_dir):
+            rows.append({"run": run.label, "session": entry.get("kind", ""), "time": entry.get("time", ""),
+                         **entry.get("versions", {}), "platform": entry.get("platform", "")})
+    parts.append("<h2>Software</h2>")
+    if rows:
+        parts += ["<p>What each run started (and every resume) with, from its <code>environment.json</code>.</p>",
+                  _table_html(pd.DataFrame(rows).fillna("-").astype(str))]
+    else:  # runs from before environment.json
+        now = ", ".join(f"{name} {version}" for name, version in versions().items())
+        parts.append(f"<p>Not recorded by these runs; this report was made with {html.escape(now)}.</p>")
+    return parts
 
 
 def _page(kind: str, root: Path, runs: list[RunTables], report: Report,
@@ -194,11 +252,13 @@ def _page(kind: str, root: Path, runs: list[RunTables], report: Report,
                   "<p>The final global adapter of every cluster, under each run's <code>adapters/</code> "
                   "(plain peft adapters of the Hugging Face base: each folder's README.md says how to load it; "
                   "<code>fltac_ray.export.load_adapter(folder)</code> does it for any).</p>", _table_html(frame[columns])]
+    parts += _settings_html(runs)
     if report.skipped:
         parts += ["<h2>Not drawn</h2>", "<ul>" + "".join(
             f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in report.skipped.items()) + "</ul>"]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+             "pre{background:#f7f7f7;padding:1em;font-size:12px;overflow-x:auto}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
