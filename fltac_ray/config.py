@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fltac_ray.algorithms.registry import UnknownAlgorithm, resolve_algorithm
-from fltac_ray.data.registry import TASKS
+from fltac_ray.data.registry import TASKS, TaskSpec
 from fltac_ray.errors import ConfigError, ConfigIssue, ExperimentFileError
 from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 
@@ -69,7 +69,94 @@ class ConceptShiftConfig(_Section):
     clusters: int = Field(default=4, ge=2, description="C, the number of clusters (tasks).")
 
 
+DATA_FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+class CustomTaskConfig(_Section):
+    """A task of your own, declared in YAML (data.custom_tasks.<name>): examples from local files
+    (`train`, optionally `test`) or a Hugging Face dataset (`dataset`: a hub id, a data folder or
+    a `save_to_disk` folder), read by the named columns."""
+
+    kind: Literal["text", "text_pair", "image", "instruction"] = Field(
+        default="text", description="text, text_pair (two text columns), image, or instruction.")
+    train: str | None = Field(default=None, description="Training file (.csv/.tsv/.json/.jsonl/.parquet).")
+    test: str | None = Field(
+        default=None, description="Test file; without it the test examples are cut from train.")
+    dataset: str | None = Field(
+        default=None, description="A Hugging Face dataset instead of files: a hub id, a folder of data "
+        "files, or a folder written by Dataset.save_to_disk.")
+    subset: str | None = Field(default=None, description="The dataset's configuration name (e.g. GLUE's sst2).")
+    train_split: str = Field(default="train", description="The dataset's training split.")
+    test_split: str | None = Field(
+        default=None, description="The dataset's test split; without it the test examples are cut from "
+        "train_split.")
+    text: str | list[str] = Field(
+        default="text", description="The text column (text) or the two columns of a pair (text_pair).")
+    label: str = Field(default="label", description="The label column (classification kinds).")
+    image: str = Field(
+        default="image", description="The image column: images (datasets' Image) or paths relative to the file.")
+    instruction: str = Field(default="instruction", description="The instruction column (instruction kind).")
+    context: str | None = Field(default=None, description="An optional context column (instruction kind).")
+    response: str = Field(default="response", description="The reference response column (instruction kind).")
+    classes: list[str] | None = Field(
+        default=None, min_length=2, description="Class names in label order; labels may be these names "
+        "or their indices 0..len-1.")
+    num_classes: int | None = Field(
+        default=None, ge=2, description="The number of classes when labels are the indices 0..n-1 "
+        "(without class names).")
+    description: str = Field(default="", description="A line for listings.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> CustomTaskConfig:
+        if (self.train is None) == (self.dataset is None):
+            raise ValueError("give either train (a file) or dataset (a Hugging Face dataset), not "
+                             f"{'both' if self.train else 'neither'}")
+        if self.dataset is not None and self.test is not None:
+            raise ValueError("test is a file for train files; a dataset names its test split in test_split")
+        if self.train is not None and self.test_split is not None:
+            raise ValueError("test_split is for a dataset; with train files give test (a file)")
+        for role in ("train", "test"):
+            path = getattr(self, role)
+            if path is not None and Path(path).suffix.lower() not in DATA_FILE_TYPES:
+                raise ValueError(f"{role} = {path!r}: unsupported file type; use one of {list(DATA_FILE_TYPES)}")
+        columns = [self.text] if isinstance(self.text, str) else list(self.text)
+        if self.kind in ("text", "text_pair") and len(columns) != (1 if self.kind == "text" else 2):
+            raise ValueError(f"text = {self.text!r}: a {self.kind} task reads "
+                             f"{'one text column' if self.kind == 'text' else 'two text columns, e.g. [question, answer]'}")
+        if self.kind == "instruction":
+            if self.classes is not None or self.num_classes is not None:
+                raise ValueError("an instruction task has no classes: drop classes / num_classes")
+        elif self.classes is None and self.num_classes is None:
+            raise ValueError("give classes (the class names in label order) or num_classes (labels 0..n-1)")
+        elif self.classes is not None and self.num_classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"classes has {len(self.classes)} names but num_classes = {self.num_classes}")
+        return self
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.kind == "instruction":
+            return []
+        return list(self.classes) if self.classes is not None else [str(i) for i in range(self.num_classes or 0)]
+
+    def spec(self, name: str) -> TaskSpec:
+        """The task as the registry describes tasks."""
+        where = self.dataset if self.dataset is not None else self.train
+        return TaskSpec(name, len(self.class_names), "custom", self.description or f"your task from {where}",
+                        self.kind)
+
+
 class DataConfig(_Section):
+    # Before `tasks`: pydantic validates in order, so `tasks` may name the tasks declared here.
+    custom_tasks: dict[str, CustomTaskConfig] = Field(
+        default_factory=dict,
+        description="Your own tasks from local files or Hugging Face datasets, by name: "
+        "{name: {train: file, test: file, text: column, label: column, classes: [...]}} (see the "
+        "README's 'Your own data').",
+    )
     tasks: list[str] = Field(
         default=["wordnet_noun_supersense", "wordnet_verb_supersense", "wordnet_pos"],
         description="Task names from the task registry; one adapter per (client, task) under FL-TAC.",
@@ -121,38 +208,57 @@ class DataConfig(_Section):
         keep data at 0.01, 499 at 0.1 / 500)."""
         return self.min_share if self.min_share is not None else 0.1 / self.num_clients
 
+    @field_validator("custom_tasks")
+    @classmethod
+    def _custom_task_names(cls, custom: dict[str, CustomTaskConfig]) -> dict[str, CustomTaskConfig]:
+        for name in custom:
+            if name in TASKS:
+                raise ValueError(f"'{name}' is a registered task; give your task another name")
+            if not name or any(c in name for c in " @:/"):
+                raise ValueError(f"'{name}': a task name has no spaces, '@', ':' or '/'")
+        return custom
+
     @field_validator("tasks")
     @classmethod
-    def _known_unique_tasks(cls, tasks: list[str]) -> list[str]:
+    def _known_unique_tasks(cls, tasks: list[str], info: Any) -> list[str]:
         if not tasks:
             raise ValueError("at least one task is needed")
-        unknown = [t for t in tasks if t not in TASKS]
+        custom = info.data.get("custom_tasks", {})
+        specs = {t: custom[t].spec(t) if t in custom else TASKS.get(t) for t in tasks}
+        unknown = [t for t, spec in specs.items() if spec is None]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+            hint = f"; your own: {sorted(custom)}" if custom else " (declare your own in data.custom_tasks)"
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}{hint}")
         if len(set(tasks)) != len(tasks):
             raise ValueError("task names must be unique")
-        kinds = {TASKS[t].modality for t in tasks}
+        kinds = {spec.modality for spec in specs.values()}
         if len(kinds) > 1:
-            by = {t: TASKS[t].modality for t in tasks}
+            by = {t: spec.modality for t, spec in specs.items()}
             raise ValueError(f"tasks of one run must share a model family; these mix {by}")
         return tasks
 
+    def spec(self, task: str) -> TaskSpec:
+        """The registry entry of a task (a concept-shift cluster task `base@...`: its base's),
+        or of one declared in data.custom_tasks."""
+        base = task.split("@")[0]
+        return self.custom_tasks[base].spec(base) if base in self.custom_tasks else TASKS[base]
+
     @property
     def modality(self) -> str:
-        return TASKS[self.tasks[0]].modality
+        return self.spec(self.tasks[0]).modality
 
     @model_validator(mode="after")
     def _files_and_shift(self) -> DataConfig:
         for task, entry in self.files.items():
-            if task not in self.tasks or TASKS[task].source != "hf":
-                hub = [t for t in self.tasks if TASKS[t].source == "hf"]
+            if task not in self.tasks or self.spec(task).source != "hf":
+                hub = [t for t in self.tasks if self.spec(t).source == "hf"]
                 raise ValueError(f"data.files = {{{task}: ...}}: '{task}' is not a hub task of this "
                                  f"run (hub tasks here: {hub})")
             needed = {"train"} if task.startswith("dolly_") else {"train", "test"}
             if not needed <= set(entry) or set(entry) - {"train", "test"}:
                 raise ValueError(f"data.files.{task} = {entry}: needs keys {sorted(needed)} "
                                  "(and nothing else)")
-        generated = [t for t in self.tasks if TASKS[t].source == "synthetic" and TASKS[t].loader is None]
+        generated = [t for t in self.tasks if self.spec(t).source == "synthetic" and self.spec(t).loader is None]
         if self.train_per_task == "all" and generated:
             raise ValueError(f"data.train_per_task = 'all': tasks {generated} are generated without "
                              "end; give a number")
@@ -161,7 +267,7 @@ class DataConfig(_Section):
             if len(self.tasks) != 1:
                 raise ValueError(f"data.concept_shift = {shift.kind}: needs exactly one base task in "
                                  f"data.tasks, got {self.tasks}")
-            spec = TASKS[self.tasks[0]]
+            spec = self.spec(self.tasks[0])
             allowed = {"rotation": spec.kind == "image",
                        "label_shift": spec.num_classes > 0,
                        "rank1": spec.name in ("synthetic_linear", "synthetic_mlp")}

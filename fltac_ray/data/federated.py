@@ -113,6 +113,10 @@ def load_task(name: str, config: ExperimentConfig, rng: np.random.Generator,
     # train_per_task: all takes a source's every example (the loaders draw min(n, pool))
     n = ALL_EXAMPLES if data.train_limit is None else data.train_limit + data.test_per_task
     wn = data.wordnet_dir
+    if name in data.custom_tasks:  # declared in YAML (data/custom.py)
+        from fltac_ray.data.custom import load_custom_task
+
+        return load_custom_task(name, data.custom_tasks[name], config, rng)
     if name in TASKS and TASKS[name].loader is not None:  # a plug-in (data/registry.register_task)
         return _checked_plugin(TASKS[name], TASKS[name].loader(config, rng))
     if name in TASKS and TASKS[name].source == "hf":

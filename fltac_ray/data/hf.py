@@ -90,22 +90,7 @@ def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task
             raise ResourceUnavailableError(
                 f"data.files.{task} has no '{role}' entry (has {sorted(files)})")
         path = Path(files[role]).expanduser()
-        fmt = _FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise DataFileError(path, f"(data.files.{task}.{role}) unsupported file type "
-                                f"{path.suffix or '(none)'!r}; use one of {sorted(_FORMATS)}")
-        if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "no such file"
-            raise DataFileError(path, f"(data.files.{task}.{role}) {what}")
-        extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        try:
-            with _no_progress_bars():  # a local file reads in seconds; a bar would precede any error
-                dataset = load_dataset(fmt, data_files={role: str(path)}, split=role, **extra)
-        except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a bad file
-            if "corresponds to no data" in str(exc):  # datasets' words for a file without rows
-                raise DataFileError(path, f"(data.files.{task}.{role}) has no rows") from None
-            raise DataFileError(path, f"(data.files.{task}.{role}) cannot be read as {fmt.upper()}"
-                                f"{' (tab-separated)' if extra else ''}: {_reason(exc)}") from None
+        dataset = read_data_file(path, f"data.files.{task}.{role}")
         _check_columns(source, dataset, path, task, role)
         return dataset
     try:
@@ -115,6 +100,29 @@ def _load_split(source: HubSource, role: str, files: dict[str, str] | None, task
             f"could not load {source.path}{'/' + source.config if source.config else ''} split "
             f"{split!r} for task {task} ({type(exc).__name__}: {exc}); without hub access, set "
             f"data.files.{task} to local train/test files in the same format") from exc
+
+
+def read_data_file(path: Path, where: str) -> Any:
+    """A local CSV/TSV/JSON(L)/Parquet file as a datasets Dataset, read offline; `where` names the
+    setting that gave the path, for the errors (unsupported type, missing, unreadable, no rows)."""
+    from datasets import load_dataset
+
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataFileError(path, f"({where}) unsupported file type {path.suffix or '(none)'!r}; use one of "
+                            f"{sorted(_FORMATS)}")
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise DataFileError(path, f"({where}) {what}")
+    extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        with _no_progress_bars():  # a local file reads in seconds; a bar would precede any error
+            return load_dataset(fmt, data_files={"rows": str(path)}, split="rows", **extra)
+    except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a bad file
+        if "corresponds to no data" in str(exc):  # datasets' words for a file without rows
+            raise DataFileError(path, f"({where}) has no rows") from None
+        raise DataFileError(path, f"({where}) cannot be read as {fmt.upper()}"
+                            f"{' (tab-separated)' if extra else ''}: {_reason(exc)}") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fltac_ray.config import ExperimentConfig
-from fltac_ray.data.registry import TASKS
 
 
 @dataclass
@@ -58,8 +57,7 @@ def count_parameters(config: ExperimentConfig) -> ParameterCount:
 
     algorithm = create_algorithm(config)
     tasks = config.data.task_names
-    base_task = {name: name.split("@")[0] for name in tasks}
-    head_classes = max(TASKS[base_task[t]].num_classes for t in tasks)
+    head_classes = max(config.data.spec(t).num_classes for t in tasks)
     backbone = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
     base_parameters = sum(p.numel() for p in backbone.parameters())
     with torch.device("meta"):
