@@ -53,3 +53,14 @@ def test_tasks_lists_registries(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "wordnet_noun_supersense" in out and "minilm" in out and "fltac" in out
+
+
+def test_params_prints_the_counts_without_library_warnings(tiny_yaml, capsys):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["params", str(tiny_yaml)]) == 0
+    assert "LoRA parameters per adapter" in capsys.readouterr().out
+    # peft reads transformers' deprecated is_gradient_checkpointing once per wrapped model
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
