@@ -94,3 +94,23 @@ def test_run_metrics_reach_the_prometheus_endpoint(tmp_path):
     assert any('task="synthetic_topic"' in line for line in lines if line.startswith("ray_fltac_task_accuracy"))
     rejected = [line for line in lines if line.startswith("ray_fltac_rejected_uploads_total")]
     assert float(rejected[0].rsplit(" ", 1)[1]) == 0.0
+
+
+def test_the_dashboard_url_and_metrics_endpoint_go_through_say_so_quiet_mutes_them(monkeypatch, capsys):
+    """ray_session prints nothing itself: a quiet run passes a muted say (here: none at all)."""
+    from types import SimpleNamespace
+
+    from fltac_ray.engine import ray_session as session
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: SimpleNamespace(dashboard_url="127.0.0.1:8265"))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(session, "metrics_endpoint", lambda: "http://127.0.0.1:9999/metrics")
+    said: list[str] = []
+    with session.ray_session(EngineConfig(dashboard=True), said.append) as started:
+        assert started
+    assert said == ["  Ray dashboard: http://127.0.0.1:8265",
+                    "  Ray metrics (Prometheus text, ray_fltac_*): http://127.0.0.1:9999/metrics"]
+    with session.ray_session(EngineConfig(dashboard=True), lambda line: None):
+        pass
+    assert capsys.readouterr().out == ""
