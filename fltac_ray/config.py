@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fltac_ray.algorithms.registry import UnknownAlgorithm, resolve_algorithm
-from fltac_ray.data.registry import TASKS, TaskSpec
+from fltac_ray.data.registry import TASKS, TaskSpec, task_name_problem
+from fltac_ray.data.types import DATA_FILE_FORMATS
 from fltac_ray.errors import ConfigError, ConfigIssue, ExperimentFileError
 from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 
@@ -69,9 +70,6 @@ class ConceptShiftConfig(_Section):
     clusters: int = Field(default=4, ge=2, description="C, the number of clusters (tasks).")
 
 
-DATA_FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-
-
 class CustomTaskConfig(_Section):
     """A task of your own, declared in YAML (data.custom_tasks.<name>): examples from local files
     (`train`, optionally `test`) or a Hugging Face dataset (`dataset`: a hub id, a data folder or
@@ -117,10 +115,9 @@ class CustomTaskConfig(_Section):
             raise ValueError("test_split is for a dataset; with train files give test (a file)")
         for role in ("train", "test"):
             path = getattr(self, role)
-            if path is not None and Path(path).suffix.lower() not in DATA_FILE_TYPES:
-                raise ValueError(f"{role} = {path!r}: unsupported file type; use one of {list(DATA_FILE_TYPES)}")
-        columns = [self.text] if isinstance(self.text, str) else list(self.text)
-        if self.kind in ("text", "text_pair") and len(columns) != (1 if self.kind == "text" else 2):
+            if path is not None and Path(path).suffix.lower() not in DATA_FILE_FORMATS:
+                raise ValueError(f"{role} = {path!r}: unsupported file type; use one of {list(DATA_FILE_FORMATS)}")
+        if self.kind in ("text", "text_pair") and len(self.text_columns) != (1 if self.kind == "text" else 2):
             raise ValueError(f"text = {self.text!r}: a {self.kind} task reads "
                              f"{'one text column' if self.kind == 'text' else 'two text columns, e.g. [question, answer]'}")
         if self.kind == "instruction":
@@ -214,8 +211,8 @@ class DataConfig(_Section):
         for name in custom:
             if name in TASKS:
                 raise ValueError(f"'{name}' is a registered task; give your task another name")
-            if not name or any(c in name for c in " @:/"):
-                raise ValueError(f"'{name}': a task name has no spaces, '@', ':' or '/'")
+            if (problem := task_name_problem(name)) is not None:
+                raise ValueError(f"'{name}': {problem}")
         return custom
 
     @field_validator("tasks")

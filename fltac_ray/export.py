@@ -49,6 +49,7 @@ from fltac_ray.models.adapter_model import (
     normalise_pixels,
     peft_wrapping,
     split_adapter,
+    text_batch,
 )
 
 INFO_FILE = "fltac_ray.json"
@@ -339,13 +340,7 @@ def standard_inputs(batch: Mapping[str, torch.Tensor], folder: str | Path) -> di
                                                  info["image_std"])}
     if "features" in batch:
         return {"features": batch["features"]}
-    lengths = batch["lengths"]
-    width = int(lengths.max())
-    inputs = {"input_ids": batch["input_ids"][:, :width].long(),
-              "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long()}
-    if "token_type_ids" in batch:
-        inputs["token_type_ids"] = batch["token_type_ids"][:, :width].long()
-    return inputs
+    return text_batch(batch["input_ids"], batch["lengths"], batch.get("token_type_ids"))
 
 
 def model_card(info: dict[str, Any]) -> str:

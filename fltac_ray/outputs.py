@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from fltac_ray.config import ExperimentConfig, save_config
+from fltac_ray.environment import record_session
 from fltac_ray.errors import RunFolderError
 
 # Generation (instruction) tasks: accuracy and loss are over response tokens; rouge_l,
@@ -117,8 +118,6 @@ class RunWriter:
         self.clients_path = run_dir / "clients.csv"
         tables = ((self.metrics_path, METRICS_COLUMNS), (self.clients_path, CLIENT_COLUMNS),
                   (self.rounds_path, ROUNDS_COLUMNS))
-        from fltac_ray.environment import record_session
-
         record_session(run_dir, "start" if resume_round is None else "resume")
         if resume_round is None:
             save_config(config, run_dir / "config.yaml")

@@ -17,7 +17,6 @@ and rows, and every label is one of the classes (the error names the file, the r
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,25 +97,23 @@ def _check_columns(custom: CustomTaskConfig, rows: Any, path: Path | None, where
 
 def label_ids(values: list[Any], class_names: list[str], named: bool, path: Path | None, where: str,
               column: str) -> np.ndarray:
-    """Labels -> class ids: a class's name (when names were given) or its index 0..n-1 (also as
-    text, or a whole float such as 1.0). Anything else is refused with its row and value."""
+    """Labels -> class ids: a class's name (when names were given) or its index 0..n-1 (hf's
+    class_index: also as text, or a whole float such as 1.0). Anything else is refused with its
+    row and value."""
+    from fltac_ray.data.hf import class_index
+
     index = {name: i for i, name in enumerate(class_names)} if named else {}
     ids = np.empty(len(values), dtype=np.int64)
     for row, value in enumerate(values):
-        if isinstance(value, str) and value in index:
-            ids[row] = index[value]
-            continue
-        number = value.strip() if isinstance(value, str) else value
-        if isinstance(number, str) and number.lstrip("-").isdigit():
-            number = int(number)
-        whole = (isinstance(number, (int, np.integer)) and not isinstance(number, bool)) or (
-            isinstance(number, (float, np.floating)) and np.isfinite(number) and float(number).is_integer())
-        if not whole or not 0 <= int(number) < len(class_names):
+        found = index.get(value) if isinstance(value, str) else None
+        if found is None:
+            found = class_index(value.strip() if isinstance(value, str) else value, len(class_names))
+        if found is None:
             allowed = (f"one of {class_names[:6]}{' ...' if len(class_names) > 6 else ''} or "
                        if named else "") + f"a whole number in 0..{len(class_names) - 1}"
             _fail(path, where, f"row {row} (from 0, after any header): label {value!r} in column "
                   f"{column!r}; expected {allowed}")
-        ids[row] = int(number)
+        ids[row] = found
     return ids
 
 
@@ -126,15 +123,15 @@ def _images(values: list[Any], path: Path | None, where: str, size: int | None) 
     most common size, the larger on a tie), since a task's images are stacked into one array."""
     from PIL import Image
 
+    from fltac_ray.data.hf import rgb_image
+
     pictures = []
     for row, value in enumerate(values):
         try:
             if isinstance(value, str):
                 file = Path(value).expanduser()
                 value = Image.open(file if file.is_absolute() or path is None else path.parent / file)
-            elif isinstance(value, dict):
-                value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-            pictures.append(value.convert("RGB"))
+            pictures.append(rgb_image(value))
         except (OSError, AttributeError, KeyError) as exc:
             _fail(path, where, f"row {row}: cannot read the image {str(value)[:120]!r} ({type(exc).__name__}: {exc})")
     counts = Counter(p.size for p in pictures)  # (w, h) -> images of that size
@@ -144,14 +141,14 @@ def _images(values: list[Any], path: Path | None, where: str, size: int | None) 
     return np.stack([np.asarray(p, dtype=np.uint8).transpose(2, 0, 1) for p in pictures])
 
 
-def _examples(custom: CustomTaskConfig, rows: Any, path: Path | None, where: str,
+def _examples(custom: CustomTaskConfig, rows: Any, labels: np.ndarray | None, path: Path | None, where: str,
               config: ExperimentConfig) -> Examples:
+    """The drawn rows as Examples; `labels`: their class ids (None for instruction rows)."""
     if custom.kind == "instruction":
         contexts = rows[custom.context] if custom.context else [""] * len(rows)
         prompts = [format_prompt(str(i), str(c or "")) for i, c in zip(rows[custom.instruction], contexts, strict=True)]
         return instructions(prompts, [str(r) for r in rows[custom.response]])
     names = custom.class_names
-    labels = label_ids(rows[custom.label], names, custom.classes is not None, path, where, custom.label)
     if custom.kind == "image":
         return Examples("image", labels, names, images=_images(rows[custom.image], path, where, config.model.image_size))
     columns = custom.text_columns
@@ -160,34 +157,39 @@ def _examples(custom: CustomTaskConfig, rows: Any, path: Path | None, where: str
     return Examples(custom.kind, labels, names, texts=texts, pairs=pairs)
 
 
-def _checked(custom: CustomTaskConfig, rows: Any, path: Path | None, where: str) -> Any:
-    """The rows, once their columns and every label (not only those drawn) are known good."""
+def _checked_labels(custom: CustomTaskConfig, rows: Any, path: Path | None, where: str) -> np.ndarray | None:
+    """(rows,) class ids of every row — so every label is checked, not only those drawn, and an
+    error's row number is the file's — once the columns are known good; None for instructions."""
     _check_columns(custom, rows, path, where)
-    if custom.kind != "instruction":  # row numbers in an error are the file's
-        label_ids(rows[custom.label], custom.class_names, custom.classes is not None, path, where, custom.label)
-    return rows
+    if custom.kind == "instruction":
+        return None
+    return label_ids(rows[custom.label], custom.class_names, custom.classes is not None, path, where, custom.label)
 
 
-def _take(rows: Any, n: int | None, rng: np.random.Generator) -> Any:
-    """n rows drawn at random (None or more than there are: all), in random order."""
-    order = rng.permutation(len(rows))
-    return rows.select(order[:n].tolist() if n is not None else order.tolist())
+def _source(custom: CustomTaskConfig, role: str, task: str) -> tuple[Any, np.ndarray | None, Path | None, str]:
+    """train's or test's rows, checked, with their class ids, file and setting."""
+    rows, path, where = _rows(custom, role, task)
+    return rows, _checked_labels(custom, rows, path, where), path, where
+
+
+def _draw(source: tuple[Any, np.ndarray | None, Path | None, str], n: int | None, rng: np.random.Generator,
+          config: ExperimentConfig, custom: CustomTaskConfig) -> Examples:
+    """n rows drawn at random (None or more than there are: all), in random order, as Examples."""
+    rows, labels, path, where = source
+    order = rng.permutation(len(rows))[:n]
+    return _examples(custom, rows.select(order.tolist()), None if labels is None else labels[order], path, where,
+                     config)
 
 
 def load_custom_task(task: str, custom: CustomTaskConfig, config: ExperimentConfig,
                      rng: np.random.Generator) -> Examples | tuple[Examples, Examples]:
     """The task's (train, test) examples when it has a test file or split (at most
     data.train_per_task / test_per_task of each), else one pool in random order that the engine
-    cuts into train and test."""
+    cuts into train and test. Both sources are checked before either is drawn from."""
     data = config.data
-    has_test = custom.test is not None or custom.test_split is not None
-    train_rows, path, where = _rows(custom, "train", task)
-    train_rows = _checked(custom, train_rows, path, where)
-    if not has_test:
+    train = _source(custom, "train", task)
+    if custom.test is None and custom.test_split is None:
         limit = None if data.train_limit is None else data.train_limit + data.test_per_task
-        return _examples(custom, _take(train_rows, limit, rng), path, where, config)
-    test_rows, test_path, test_where = _rows(custom, "test", task)
-    test_rows = _checked(custom, test_rows, test_path, test_where)
-    train = _examples(custom, _take(train_rows, data.train_limit, rng), path, where, config)
-    test = _examples(custom, _take(test_rows, data.test_per_task, rng), test_path, test_where, config)
-    return train, test
+        return _draw(train, limit, rng, config, custom)
+    test = _source(custom, "test", task)
+    return _draw(train, data.train_limit, rng, config, custom), _draw(test, data.test_per_task, rng, config, custom)

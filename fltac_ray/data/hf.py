@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.data.instructions import format_prompt
-from fltac_ray.data.types import Examples, TaskKind, instructions
+from fltac_ray.data.types import DATA_FILE_FORMATS, Examples, TaskKind, instructions
 from fltac_ray.errors import DataFileError, ResourceUnavailableError
 
 
@@ -63,7 +63,6 @@ SOURCES: dict[str, HubSource] = {
        for category in DOLLY_CATEGORIES},
 }
 
-_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @contextlib.contextmanager
@@ -107,10 +106,10 @@ def read_data_file(path: Path, where: str) -> Any:
     setting that gave the path, for the errors (unsupported type, missing, unreadable, no rows)."""
     from datasets import load_dataset
 
-    fmt = _FORMATS.get(path.suffix.lower())
+    fmt = DATA_FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataFileError(path, f"({where}) unsupported file type {path.suffix or '(none)'!r}; use one of "
-                            f"{sorted(_FORMATS)}")
+                            f"{sorted(DATA_FILE_FORMATS)}")
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "no such file"
         raise DataFileError(path, f"({where}) {what}")
@@ -156,25 +155,38 @@ def _check_columns(source: HubSource, dataset: Any, path: Path, task: str, role:
     # labels must be whole numbers: a string, a fraction (0.5) or a missing value is refused, not
     # truncated or turned into a class
     for row, value in enumerate(dataset[source.label_column]):
-        number = value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            number = int(value)  # a column read as text because of another row
-        whole = (isinstance(number, (int, np.integer)) and not isinstance(number, bool)) or (
-            isinstance(number, (float, np.floating)) and np.isfinite(number) and float(number).is_integer())
-        if not whole or not 0 <= number < len(source.class_names):
+        if class_index(value, len(source.class_names)) is None:
             raise DataFileError(path, f"(data.files.{task}.{role}) data row {row} (from 0, after any header): "
                                 f"label {value!r} in column {source.label_column!r}; expected a whole number in "
                                 f"0..{len(source.class_names) - 1} ({', '.join(source.class_names[:5])}"
                                 f"{', ...' if len(source.class_names) > 5 else ''})")
 
 
-def _image_array(value: Any) -> np.ndarray:
-    """A decoded datasets Image (PIL) or its stored form {"bytes": ..., "path": ...} -> (3, h, w)."""
+def class_index(value: Any, count: int) -> int | None:
+    """A label as a class index in 0..count-1: a whole number, also as text (a column read as
+    text because of another row) or as a whole float (1.0); None for anything else (a fraction,
+    a missing value, other text, a bool), which is refused, never truncated or made a class."""
+    number = value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value)
+    whole = (isinstance(number, (int, np.integer)) and not isinstance(number, bool)) or (
+        isinstance(number, (float, np.floating)) and np.isfinite(number) and float(number).is_integer())
+    return int(number) if whole and 0 <= number < count else None
+
+
+def rgb_image(value: Any) -> Any:
+    """A decoded datasets Image (PIL) or its stored form {"bytes": ..., "path": ...} as an RGB
+    PIL image."""
     from PIL import Image
 
     if isinstance(value, dict):
         value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    return np.asarray(value.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    return value.convert("RGB")
+
+
+def _image_array(value: Any) -> np.ndarray:
+    """A datasets image (see rgb_image) -> (3, h, w) uint8."""
+    return np.asarray(rgb_image(value), dtype=np.uint8).transpose(2, 0, 1)
 
 
 def _take(dataset: Any, n: int, rng: np.random.Generator) -> Any:

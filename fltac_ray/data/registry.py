@@ -92,6 +92,14 @@ _SPECS = [
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
 
 
+def task_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a task (`@` marks a concept-shift cluster task, `:` and `/` would
+    break run folder and tracker names), or None."""
+    if not name or any(c in name for c in " @:/"):
+        return "a task name has no spaces, '@', ':' or '/'"
+    return None
+
+
 def register_task(name: str, num_classes: int, kind: str = "text", description: str = ""):
     """Decorator: make a loader function available as task `name` in `data.tasks`.
 
@@ -105,8 +113,8 @@ def register_task(name: str, num_classes: int, kind: str = "text", description: 
     must be imported before the config is read: list it in the config's `plugins`."""
     if kind not in MODALITY:
         raise ValueError(f"register_task({name!r}): kind {kind!r}; allowed: {sorted(MODALITY)}")
-    if not name or any(c in name for c in " @:/"):
-        raise ValueError(f"register_task({name!r}): a task name has no spaces, '@', ':' or '/'")
+    if (problem := task_name_problem(name)) is not None:
+        raise ValueError(f"register_task({name!r}): {problem}")
     if name in TASKS and TASKS[name].loader is None:
         raise ValueError(f"register_task({name!r}): taken by a built-in task")
     if num_classes < 0 or (kind == "instruction") != (num_classes == 0):

@@ -13,6 +13,9 @@ import numpy as np
 
 TaskKind = Literal["text", "text_pair", "image", "vector", "instruction"]
 
+# Local data files a task may come from: suffix -> the `datasets` builder that reads it.
+DATA_FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
 # Which family of base model reads each kind of task.
 MODALITY: dict[str, str] = {
     "text": "text",

@@ -77,6 +77,30 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
             "leave engine.ray_address unset to start a local Ray") from None
 
 
+def _start_ray(engine: EngineConfig, say: Callable[[str], None]) -> None:
+    """Join engine.ray_address, or start a Ray on this machine (loopback, token authentication)."""
+    import ray
+
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if engine.ray_address is not None:
+        check_reachable(engine.ray_address)
+        ray.init(address=engine.ray_address, **kwargs)
+        return
+    if engine.dashboard and not is_loopback(engine.dashboard_host):
+        print(EXPOSED_DASHBOARD_WARNING.format(host=engine.dashboard_host), file=sys.stderr, flush=True)
+    # The Ray we start listens on 127.0.0.1 with token authentication (token in
+    # ~/.ray/auth_token, see the README); Ray's notice saying so on every start is noise here.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        context = ray.init(**ray_init_kwargs(engine), **kwargs)
+    finally:
+        notice.setLevel(level)
+    if engine.dashboard and context.dashboard_url:
+        say(f"  Ray dashboard: http://{context.dashboard_url}")
+
+
 @contextmanager
 def ray_session(engine: EngineConfig, say: Callable[[str], None] = print) -> Iterator[bool]:
     """Yield True when this call started Ray (and will stop it), False when Ray was running.
@@ -85,35 +109,16 @@ def ray_session(engine: EngineConfig, say: Callable[[str], None] = print) -> Ite
         _force_loopback()
     import ray
 
-    if ray.is_initialized():
-        if engine.metrics:
-            say(f"  Ray metrics (Prometheus text, ray_fltac_*): {metrics_endpoint()}")
-        yield False
-        return
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if engine.ray_address is not None:
-        check_reachable(engine.ray_address)
-        ray.init(address=engine.ray_address, **kwargs)
-    else:
-        if engine.dashboard and not is_loopback(engine.dashboard_host):
-            print(EXPOSED_DASHBOARD_WARNING.format(host=engine.dashboard_host), file=sys.stderr, flush=True)
-        # The Ray we start listens on 127.0.0.1 with token authentication (token in
-        # ~/.ray/auth_token, see the README); Ray's notice saying so on every start is noise here.
-        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-        level = notice.level
-        notice.setLevel(logging.ERROR)
-        try:
-            context = ray.init(**ray_init_kwargs(engine), **kwargs)
-        finally:
-            notice.setLevel(level)
-        if engine.dashboard and context.dashboard_url:
-            say(f"  Ray dashboard: http://{context.dashboard_url}")
+    started = not ray.is_initialized()
+    if started:
+        _start_ray(engine, say)
     if engine.metrics:
         say(f"  Ray metrics (Prometheus text, ray_fltac_*): {metrics_endpoint()}")
     try:
-        yield True
+        yield started
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def metrics_endpoint() -> str:

@@ -91,6 +91,18 @@ def normalise_pixels(pixels: torch.Tensor, image_size: int, mean: torch.Tensor |
     return (x - mean) / std
 
 
+def text_batch(input_ids: torch.Tensor, lengths: torch.Tensor, token_type_ids: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+    """The engine's right-padded (batch, max_length) token ids and their lengths -> the standard
+    inputs trimmed to the batch's longest example: input_ids, attention_mask (and token_type_ids)."""
+    width = int(lengths.max())
+    batch = {"input_ids": input_ids[:, :width].long(),
+             "attention_mask": (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = token_type_ids[:, :width].long()
+    return batch
+
+
 class PooledFeatures:
     """Pooled (batch, hidden) features of `self.encoder` for every modality. Shared by the
     training model and the exported classifier (fltac_ray/export.py), so both read inputs alike.
@@ -117,12 +129,7 @@ class PooledFeatures:
         if self.modality == "image":
             return self.pixel_features(normalise_pixels(inputs["pixels"], self.image_size,
                                                         self.pixel_mean, self.pixel_std))
-        # input_ids: (batch, max_length); trim to the longest example of this batch
-        input_ids, lengths, token_type_ids = inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids")
-        width = int(lengths.max())
-        mask = (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()
-        return self.text_features(input_ids[:, :width].long(), mask,
-                                  None if token_type_ids is None else token_type_ids[:, :width].long())
+        return self.text_features(**text_batch(inputs["input_ids"], inputs["lengths"], inputs.get("token_type_ids")))
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -176,20 +176,18 @@ KEY_SETTINGS = ("algorithm", "seed", "rounds", "model.name", "model.lora.rank", 
                 "federation.n_clusters", "federation.weighting", "federation.aggregation")
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = ", ".join(map(str, value)) if isinstance(value, list) else value
-    return flat
+def _settings(config: dict) -> dict[str, object]:
+    """config.yaml as dotted settings (config.flat_fields), lists as "a, b", empty sections left out."""
+    from fltac_ray.config import flat_fields
+
+    return {key: ", ".join(map(str, value)) if isinstance(value, list) else value
+            for key, value in flat_fields(config).items() if value != {}}
 
 
 def settings_table(runs: list[RunTables]) -> pd.DataFrame:
     """One row per setting (KEY_SETTINGS, then every other one the runs differ on), one column
     per run: the values from each run's config.yaml."""
-    flat = [_flatten(run.config) for run in runs]
+    flat = [_settings(run.config) for run in runs]
     differing = sorted({key for values in flat for key in values
                         if len({repr(values_.get(key)) for values_ in flat}) > 1} - set(KEY_SETTINGS))
     keys = [key for key in KEY_SETTINGS if any(key in values for values in flat)] + differing
@@ -206,7 +204,7 @@ def _settings_html(runs: list[RunTables]) -> list[str]:
 
     parts = ["<h2>Settings</h2>", "<p>From each run's <code>config.yaml</code>; the full configuration "
              "is below.</p>", _table_html(settings_table(runs))]
-    for run in runs[:1] if len(runs) == 1 else runs:
+    for run in runs:
         parts.append(f"<details><summary>full configuration{'' if len(runs) == 1 else ' of ' + html.escape(run.label)}"
                      f"</summary><pre>{html.escape(yaml.safe_dump(run.config, sort_keys=False))}</pre></details>")
     rows = []
