@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ import torch.nn.functional as F
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
+from fltac_ray.precision import LossScale
 from fltac_ray.training import _NOT_TENSORS, BatchCursor, FrozenEntries, TrainOutcome
+
+if TYPE_CHECKING:
+    from fltac_ray.engine.gpu_fit import PassMemory
 
 
 @dataclass
@@ -83,25 +88,37 @@ def task_logits(model: AdapterModel, stacked: StackedAdapters, inputs: dict[str,
 
 class BatchedAdamW:
     """torch.optim.AdamW (single-tensor form, amsgrad off) on stacked (n, ...) tensors, each row
-    an independent optimizer; `active` leading rows take a step, the rest are left untouched."""
+    an independent optimizer; `active` leading rows take a step, the rest are left untouched.
+    Each row counts its own steps (a row whose float16 gradients overflowed skips one, as
+    GradScaler skips optimizer.step), so its bias correction is that of its own optimizer."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.params, self.lr, self.weight_decay, self.betas, self.eps = params, lr, weight_decay, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
+        self.row_steps = np.zeros(params[0].shape[0] if params else 0, dtype=np.int64)
 
     @torch.no_grad()
-    def step(self, active: int) -> None:
-        self.steps += 1  # every active row has taken exactly this many steps (jobs start together)
+    def step(self, active: int, take: np.ndarray | None = None) -> None:
+        """Step rows 0..active-1, or only those where `take` ((active,) bool) is True."""
+        rows = np.arange(active) if take is None else np.flatnonzero(take)
+        self.row_steps[rows] += 1
+        counts = self.row_steps[rows]
+        if take is None and (counts == counts[0]).all():  # the usual case: one update of the block
+            self._update(slice(0, active), int(counts[0]))
+            return
+        for row in rows.tolist():  # rows out of step with each other: one update each (rare)
+            self._update(slice(row, row + 1), int(self.row_steps[row]))
+
+    def _update(self, rows: slice, steps: int) -> None:
         beta1, beta2 = self.betas
-        bias_correction1 = 1 - beta1 ** self.steps
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+        bias_correction1 = 1 - beta1 ** steps
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** steps)
         step_size = self.lr / bias_correction1
         for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            p, g = param[:active], param.grad[:active]
-            m, v = exp_avg[:active], exp_avg_sq[:active]
+            p, g = param[rows], param.grad[rows]  # views: the updates land in the stacked tensors
+            m, v = exp_avg[rows], exp_avg_sq[rows]
             p.mul_(1 - self.lr * self.weight_decay)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -192,17 +209,16 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
 
 
 def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, lr: float,
-                  weight_decay: float, device: torch.device, frozen: np.ndarray | None = None
-                  ) -> list[TrainOutcome]:
+                  weight_decay: float, device: torch.device, frozen: np.ndarray | None = None,
+                  scaling: LossScale | None = None) -> list[TrainOutcome]:
     """Train every job's adapter from its start; outcomes in the order of `jobs`. All jobs must
     share one signature() (the caller groups them). `frozen`: (adapter_size,) bool, entries
-    held at their start values (FFA-LoRA's A)."""
+    held at their start values (FFA-LoRA's A). `scaling`: the worker's float16 loss scale (kept
+    across passes); None: a fresh one for this call."""
     if not jobs:
         return []
     if len({job.signature() for job in jobs}) > 1:
         raise ValueError("train_batched needs jobs whose inputs share shapes and dtypes; group them by signature()")
-    from fltac_ray.precision import LossScale
-
     order = sorted(range(len(jobs)), key=lambda j: -jobs[j].steps)  # finished jobs drop off the end
     ordered = [jobs[j] for j in order]
     stacked = StackedAdapters(model, np.stack([job.start for job in ordered]), device)
@@ -210,8 +226,9 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     hold = FrozenEntries(stacked.parameters(), model.adapter_layout(), frozen)
     cursors = [BatchCursor(job.indices, batch_size, job.rng) for job in ordered]
     history: list[list[float]] = [[] for _ in ordered]
-    # float16: one loss scale for the pass (GradScaler's rule over all its adapters together)
-    scaling = LossScale.for_dtype(model.compute_dtype)
+    skipped = np.zeros(len(ordered), dtype=np.int64)
+    if scaling is None:
+        scaling = LossScale.for_dtype(model.compute_dtype)
     model.train()
     for step in range(ordered[0].steps):
         active = sum(1 for job in ordered if job.steps > step)
@@ -220,35 +237,48 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
             param.grad = None
         # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
         losses = _accumulate_step(model, stacked, ordered[:active], chosen, device, scaling.scale)
-        stepped = scaling.unscale(stacked.parameters())
-        if stepped:
+        finite = scaling.finite_rows(stacked.parameters(), active)  # float16 only; else None
+        if finite is None or finite.all():
             optimizer.step(active)
-        scaling.update(stepped)
+        else:  # only the overflowed adapters skip this step
+            optimizer.step(active, take=finite)
+            skipped[:active] += ~finite
+        scaling.update(finite is None or bool(finite.all()), int(active - finite.sum()) if finite is not None else 0)
         hold.restore()
         for j, value in enumerate(losses.detach().cpu().tolist()):
             history[j].append(value)
     vectors = stacked.to_numpy()
     outcomes: list[TrainOutcome | None] = [None] * len(jobs)
     for position, j in enumerate(order):
-        outcomes[j] = TrainOutcome(vectors[position], float(np.mean(history[position])))
+        outcomes[j] = TrainOutcome(vectors[position], float(np.mean(history[position])), int(skipped[position]))
     return outcomes  # type: ignore[return-value]
 
 
-def measure_bytes_per_example(model: AdapterModel, split: EncodedSplit, rows: np.ndarray, num_classes: int,
-                              device: torch.device) -> float:
-    """CUDA: peak activation bytes per example of one batched training step on `rows` (pick the
-    longest examples: buckets pad to their longest), what engine.max_batched_adapters: auto
-    divides the free memory by (engine/gpu_fit.adapters_that_fit)."""
+def measure_pass_memory(model: AdapterModel, split: EncodedSplit, rows: np.ndarray, num_classes: int,
+                        device: torch.device) -> PassMemory:
+    """CUDA: the memory of one batched training step (engine/gpu_fit.PassMemory) on `rows` (give
+    train.batch_size of the longest examples: buckets pad to their longest): a warm-up step first
+    (cuBLAS's workspace and the first kernels' buffers are paid once per process, not per
+    adapter), then the peak over what was allocated before, for a pass of one adapter and of
+    two; the difference is one adapter's share (activations, its stacked parameters, gradients
+    and AdamW moments), the rest the pass's fixed part. What engine.max_batched_adapters: auto
+    plans with (engine/gpu_fit.adapters_that_fit)."""
+    from fltac_ray.engine.gpu_fit import PassMemory
+
     if device.type != "cuda":
-        raise ValueError("measure_bytes_per_example reads CUDA's allocator statistics")
-    job = AdapterJob(model.get_adapter(), split, rows, num_classes, 1, np.random.default_rng(0))
-    stacked = StackedAdapters(model, job.start[None], device)
-    model.train()
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    _accumulate_step(model, stacked, [job], [rows], device)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del stacked
-    return peak / max(len(rows), 1)
+        raise ValueError("measure_pass_memory reads CUDA's allocator statistics")
+    start = model.get_adapter()
+
+    def peak_of(count: int) -> int:
+        jobs = [AdapterJob(start, split, rows, num_classes, 1, np.random.default_rng(j)) for j in range(count)]
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_batched(model, jobs, len(rows), 0.0, 0.0, device)  # lr 0: nothing learns
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+
+    peak_of(1)  # warm-up
+    one, two = peak_of(1), peak_of(2)
+    torch.cuda.empty_cache()  # the next worker on this GPU sees the memory free again
+    return PassMemory.from_two_passes(one, two)

@@ -563,9 +563,10 @@ class EngineConfig(_Section):
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs per client worker.")
     gpus_per_worker: float | None = Field(
         default=None, ge=0,
-        description="Ray GPUs per client worker; fractions share one GPU, each with its own copy "
-        "of the base (a preflight refuses layouts that do not fit). Default: 1 (one worker per "
-        "GPU, training its adapters batched) when the cluster has GPUs, else 0.",
+        description="Ray GPUs per client worker, at most 1 (a worker computes on one GPU); "
+        "fractions share one GPU, each worker with its own copy of the base and that fraction of "
+        "the GPU's memory for its passes (a preflight refuses layouts that do not fit). Default: "
+        "1 (one worker per GPU, training its adapters batched) when the cluster has GPUs, else 0.",
     )
     coordinator_cpus: float = Field(
         default=0.0, ge=0, description="Ray CPUs reserved for the coordinator actor."
@@ -585,6 +586,19 @@ class EngineConfig(_Section):
         default="auto",
         description="Torch device in workers: auto is cuda only when Ray assigned the worker a "
         "GPU (workers without one see none).",
+    )
+    tf32: bool = Field(
+        default=True,
+        description="float32 matmuls and convolutions on CUDA in TensorFloat-32 (Ampere and newer: "
+        "several times faster, 10-bit mantissa, float32 range); false: full float32. No effect "
+        "on the CPU or on bfloat16/float16 matmuls.",
+    )
+    deterministic: bool = Field(
+        default=False,
+        description="torch's deterministic algorithms and cuBLAS's fixed workspace in every worker: "
+        "on CUDA the same pass gives the same bits every time (same GPU model and software), "
+        "which recovery and resume need to reproduce an uninterrupted run exactly; costs speed. "
+        "The CPU is deterministic without it.",
     )
     actor_timeout_s: float = Field(
         default=1800.0, gt=0, description="Longest wait for one actor call before the run fails."
@@ -619,9 +633,11 @@ class EngineConfig(_Section):
     @field_validator("gpus_per_worker", "coordinator_gpus")
     @classmethod
     def _ray_gpu_fraction(cls, value: float | None) -> float | None:
-        # Ray accepts fractions below one GPU, or whole GPUs, never 1.5.
-        if value is not None and value > 1 and not float(value).is_integer():
-            raise ValueError("must be a fraction in [0, 1] or a whole number of GPUs")
+        # Ray accepts fractions below one GPU, or whole GPUs, never 1.5. A worker computes on
+        # one device, and the coordinator's K-means on one GPU: a second GPU would sit idle.
+        if value is not None and value > 1:
+            raise ValueError("must be a fraction in [0, 1]: a worker (and the coordinator) computes on one "
+                             "GPU; for more GPUs per node use more workers (the default: one per GPU)")
         return value
 
 

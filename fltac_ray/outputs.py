@@ -19,7 +19,7 @@ CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
     "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
     "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
-    "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "evaluated_adapters", "eval_seconds",
+    "skipped_steps", "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "evaluated_adapters", "eval_seconds",
     "seconds", "screened_uploads", "malicious_uploads", "malicious_accepted", "honest_screened",
     "honest_clustering_accuracy", "honest_aggregate_error",
 ]
@@ -126,6 +126,8 @@ class RunWriter:
             return
         for path, columns in tables:
             kept = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
+            # a folder written before a column existed gets it (empty): appended rows line up
+            kept = kept.reindex(columns=columns)
             kept[kept["round"] <= resume_round].to_csv(path, index=False)
 
     def write_partition(self, rows: list[dict]) -> None:

@@ -12,22 +12,49 @@ bfloat16 has float32's exponent range and needs no scaling.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """The GPU computes bfloat16 natively (compute capability 8.0+: Ampere, Ada, Hopper).
+    torch.cuda.is_bf16_supported() also says yes on T4 (7.5) and V100 (7.0), where bfloat16 is
+    emulated through float32 kernels: slower than float16 and no memory saved in the matmuls."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """model.dtype -> the base's torch dtype on `device`. auto: float32 on the CPU (bfloat16 is
     faster there only on CPUs with AVX-512 BF16 / AMX, so it is asked for explicitly);
-    bfloat16 on CUDA devices that support it (compute capability 8.0+), else float16."""
+    bfloat16 on GPUs that compute it natively (compute capability 8.0+), else float16 with
+    loss scaling (T4, V100)."""
     if requested != "auto":
         return DTYPES[requested]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bfloat16(device) else torch.float16
+
+
+def configure_cuda_math(device: torch.device, tf32: bool, deterministic: bool) -> None:
+    """This process's matmul settings (engine.tf32, engine.deterministic), before its first
+    CUDA kernel. tf32: float32 matmuls and convolutions on CUDA in TensorFloat-32 (10-bit
+    mantissa, float32 range; Ampere+ run them ~8x faster than full float32). deterministic:
+    torch's deterministic algorithms (a warning names an op that has none) and cuBLAS's fixed
+    workspace, so a pass gives the same bits every time on the same GPU model and software: on
+    CUDA, atomic index_add_, the attention backward and split-K matmuls otherwise vary in their
+    last bits from run to run. Costs speed (measured by benchmarks/gpu.py)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -57,9 +84,11 @@ class LossScale:
     """Dynamic loss scaling for float16 (the rule of torch.amp.GradScaler): multiply the loss by
     `scale` before backward; before the optimizer step, divide the gradients by it and skip the
     step when any is inf/NaN, halving the scale; after `growth_interval` clean steps in a row,
-    double it. Works on any list of tensors, so the batched path's stacked adapters (and their
-    own optimizer, batched_training.BatchedAdamW) use it as the one-adapter path does.
-    `enabled` False (float32, bfloat16): scale 1, nothing is ever skipped."""
+    double it. A client worker keeps one for its whole life, across passes and rounds, as
+    GradScaler lives across a training run (a fresh one per pass would restart at 2^16 and skip
+    its first steps every time). The batched path checks each stacked adapter's row on its own
+    (`finite_rows`): one adapter's overflow skips that adapter's step only. `skipped` counts the
+    adapter steps skipped so far. `enabled` False (float32, bfloat16): scale 1, nothing skipped."""
 
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
         self.enabled = enabled
@@ -85,12 +114,30 @@ class LossScale:
             finite = finite and bool(torch.isfinite(param.grad).all())
         return finite
 
-    def update(self, stepped: bool) -> None:
+    @torch.no_grad()
+    def finite_rows(self, stacked: list[torch.Tensor], active: int) -> np.ndarray | None:
+        """Stacked (n, ...) parameters: divide the first `active` rows' gradients by the scale;
+        (active,) bool, True where a row's gradients are all finite. None when scaling is off
+        (every row steps; no host sync)."""
+        if not self.enabled:
+            return None
+        finite = torch.ones(active, dtype=torch.bool, device=stacked[0].device)
+        for param in stacked:
+            if param.grad is None:
+                continue
+            grad = param.grad[:active]
+            grad.div_(self.scale)
+            finite &= torch.isfinite(grad.reshape(active, -1)).all(dim=1)
+        return finite.cpu().numpy()
+
+    def update(self, stepped: bool, skipped: int = 1) -> None:
+        """After a step: `stepped` False when any gradient overflowed (`skipped` adapter steps
+        were not taken; the one-adapter path skips 1)."""
         if not self.enabled:
             return
         if not stepped:
             self.scale, self.clean_steps = self.scale / 2.0, 0
-            self.skipped += 1
+            self.skipped += skipped
             return
         self.clean_steps += 1
         if self.clean_steps >= self.growth_interval:

@@ -224,6 +224,9 @@ def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
                  f"sent {_megabytes(rounds['bytes_up'].sum())} up, {_megabytes(rounds['bytes_down'].sum())} down"]
         if len(clustering):
             parts.append(f"final clustering accuracy {clustering.iloc[-1]:.2f} (ARI {rounds['ari'].dropna().iloc[-1]:.2f})")
+        skipped = int(rounds["skipped_steps"].fillna(0).sum()) if "skipped_steps" in rounds else 0
+        if skipped:
+            parts.append(f"{skipped} adapter steps skipped (float16 overflow; rounds.csv skipped_steps)")
         parts.append(f"mean round {rounds['seconds'].mean():.1f}s")
         lines.append("; ".join(parts))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.precision import LossScale
 from fltac_ray.rouge import rouge_l
 
 # Inputs that are not model tensors (generation references).
@@ -42,6 +43,7 @@ def _batch_loss(model: AdapterModel, inputs: dict[str, torch.Tensor], labels: to
 class TrainOutcome:
     adapter: np.ndarray  # (adapter_size,) float32
     mean_loss: float
+    skipped_steps: int = 0  # float16: steps skipped because the gradients overflowed
 
 
 class BatchCursor:
@@ -75,20 +77,22 @@ def train_adapter(
     rng: np.random.Generator,
     device: torch.device,
     frozen: np.ndarray | None = None,
+    scaling: LossScale | None = None,
 ) -> TrainOutcome:
     """Run `steps` AdamW steps from `start` on batches of `indices` (reshuffled every epoch).
     `frozen`: (adapter_size,) bool, entries held at their start value (FFA-LoRA's A). A float16
     base trains with loss scaling (precision.LossScale): a step whose gradients overflow is
-    skipped, as torch's GradScaler does."""
-    from fltac_ray.precision import LossScale
-
+    skipped, as torch's GradScaler does; `scaling`: the worker's scale, kept across calls (None:
+    a fresh one)."""
     model.set_adapter(start)
     hold = FrozenEntries(model.adapter_parameters(), model.adapter_layout(), frozen)
     model.train()
     # A fresh optimizer per (client, task, round), as in the reference implementation.
     optimizer = torch.optim.AdamW(model.optimizer_groups(lr), lr=lr, weight_decay=weight_decay)
     batches = BatchCursor(indices, batch_size, rng)
-    scaling = LossScale.for_dtype(model.compute_dtype)
+    if scaling is None:
+        scaling = LossScale.for_dtype(model.compute_dtype)
+    skipped_before = scaling.skipped
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for _ in range(steps):
@@ -104,7 +108,7 @@ def train_adapter(
         scaling.update(stepped)
         hold.restore()
         losses.append(loss.item())
-    return TrainOutcome(model.get_adapter(), float(np.mean(losses)))
+    return TrainOutcome(model.get_adapter(), float(np.mean(losses)), scaling.skipped - skipped_before)
 
 
 class FrozenEntries:

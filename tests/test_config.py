@@ -29,6 +29,7 @@ INVALID = [
     ({"train": {"lr": 0}}, "train.lr", "greater than 0"),
     ({"train": {"local_steps": "many"}}, "train.local_steps", "integer"),
     ({"engine": {"gpus_per_worker": 1.5}}, "engine.gpus_per_worker", "fraction"),
+    ({"engine": {"gpus_per_worker": 2}}, "engine.gpus_per_worker", "computes on one GPU"),
     ({"engine": {"gpus_per_worker": -0.1}}, "engine.gpus_per_worker", "greater than or equal to 0"),
     ({"engine": {"clients_per_actor": 1, "num_workers": 2}}, "engine.num_workers", "clients_per_actor"),
     ({"trian": {"lr": 1}}, "trian", "allowed here"),

@@ -54,9 +54,12 @@ def test_pool_defaults_and_planner_arithmetic():
     assert default_gpus_per_worker(1, gpus_are_real=False) == 0.0  # GPUs declared on a CPU machine
     assert default_gpus_per_worker(0, gpus_are_real=True) == 0.0
     assert gpu_memory_of(["A10G", "H100"]) == 22.0 and gpu_memory_of(["A100"]) is None
-    # 10 GiB free, 0.8 of it planned, 5 MiB per example, batch 16: 8 GiB / 80 MiB = 102 adapters
-    assert adapters_that_fit(10 * GIB, 5 * 2**20, 16) == 102
-    assert adapters_that_fit(10, 5 * 2**20, 16) == 1 and adapters_that_fit(10**15, 1.0, 1) == 256
+    # 8 GiB planned, 1 MiB per pass, 80 MiB per adapter (5 MiB per example, batch 16): 102 adapters
+    from fltac_ray.engine.gpu_fit import PassMemory
+
+    per_pass = PassMemory(2**20, 80 * 2**20)
+    assert adapters_that_fit(8 * GIB, per_pass) == 102
+    assert adapters_that_fit(80 * 2**20, per_pass) == 0 and adapters_that_fit(10**15, PassMemory(0, 1)) == 256
 
 
 def test_auto_batched_adapters_take_the_smallest_gpus_figure_or_the_cpu_default():
@@ -158,3 +161,169 @@ def test_what_needs_cuda_says_so_on_the_cpu(tmp_path):
     with pytest.raises(ConfigError, match="model.gradient_checkpointing.*random-mlp"):
         preflight(tiny_config(data={"tasks": ["synthetic_linear"]}, model={"name": "random-mlp",
                                                                             "gradient_checkpointing": True}))
+
+
+def test_a_gpu_torch_cannot_use_is_an_error_never_a_quiet_cpu_run(monkeypatch):
+    """engine.device x (GPUs Ray assigned, a real GPU on the node) x torch sees CUDA."""
+    from fltac_ray.engine.cuda_device import choose_device
+    from fltac_ray.errors import ResourceUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = torch.device("cpu")
+    assert choose_device("auto", [], True) == cpu  # a Ray worker without a GPU of its own
+    assert choose_device("auto", ["0"], False) == cpu  # a GPU only declared to Ray (CPU machine)
+    assert choose_device("auto", None, False) == cpu  # in process, no GPU here
+    assert choose_device("cpu", ["0"], True) == cpu  # on purpose
+    for setting, assigned, detected, says in (
+            ("auto", ["0"], True, "this worker holds a GPU, but torch cannot use CUDA"),
+            ("auto", None, True, "this machine has an NVIDIA GPU, but torch cannot use CUDA"),
+            ("cuda", ["1"], False, "engine.device = 'cuda', but torch cannot use CUDA")):
+        with pytest.raises(ResourceUnavailableError) as refused:
+            choose_device(setting, assigned, detected)
+        message = str(refused.value)
+        assert says in message and f"torch {torch.__version__} is a CPU-only build" in message
+        assert "NVIDIA driver:" in message and "engine.device: cpu" in message
+    assert "GPU id(s) 1 assigned by Ray" in message
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto", ["0"], True) == torch.device("cuda")
+    assert choose_device("auto", None, True) == torch.device("cuda")
+    assert choose_device("auto", [], True) == cpu  # Ray hid the node's GPUs from this worker
+    with pytest.raises(ResourceUnavailableError, match="Ray assigned this worker no GPU"):
+        choose_device("cuda", [], True)
+
+
+def test_a_worker_that_cannot_use_its_gpu_stops_the_run_before_round_one(ray_cluster, tmp_path):
+    """engine.device: cuda on workers holding the declared GPU: every worker refuses at start, and
+    the driver gets fltac-ray's own error (not Ray's ActorDiedError text), before any round.
+    (engine.ray_address joins the running Ray: the driver's preflight is about this machine.)"""
+    from fltac_ray.engine.simulation import Simulation
+    from fltac_ray.errors import ResourceUnavailableError
+    from fltac_ray.progress import Progress
+
+    config = tiny_config(output_dir=str(tmp_path), engine={
+        "device": "cuda", "gpus_per_worker": 0.5, "num_workers": 2, "ray_address": "auto",
+        "reserve_timeout_s": 60})
+    with pytest.raises(ResourceUnavailableError) as refused:
+        Simulation(config, progress=Progress(quiet=True)).run()
+    message = str(refused.value)
+    assert "engine.device = 'cuda', but torch cannot use CUDA" in message
+    assert "GPU id(s) 0 assigned by Ray" in message
+    run_dirs = list(tmp_path.glob("tiny-*"))
+    assert all(not (d / "rounds.csv").is_file() or len((d / "rounds.csv").read_text().splitlines()) <= 1
+               for d in run_dirs)
+
+
+LLAMA_7B_BF16 = 6.74e9 * 2  # bytes of the base (test_llama_7b_in_bfloat16_fits_an_a10g_once_not_four_times)
+
+
+def test_passes_are_sized_to_the_workers_part_of_the_gpu_not_its_free_memory():
+    """Llama-7B in bfloat16 at engine.gpus_per_worker 0.5 on an H200 (139.8 GiB): the old planner
+    gave each of the two workers 80% of the free memory it saw first (both ~100 GiB of passes:
+    181 GiB planned on one GPU); now each plans within its half."""
+    from fltac_ray.engine.gpu_fit import PassMemory, worker_budget
+
+    total = int(gpu_memory_of(["H200"]) * GIB)
+    resident = CUDA_CONTEXT_BYTES + int(LLAMA_7B_BF16)
+    free_first = total - resident  # the first worker, alone on the GPU so far
+    memory = PassMemory(fixed_bytes=1 * GIB, per_adapter_bytes=2 * GIB)
+    half = worker_budget(total, free_first, 0.5, resident)
+    assert half == int((total * 0.5 - resident) * 0.8)  # its half, less its base, 80% planned
+    assert adapters_that_fit(half, memory) == int((half - GIB) // (2 * GIB)) == 22  # (45.5 - 1) / 2 GiB
+    whole = worker_budget(total, free_first, 1.0, resident)
+    assert whole == int(free_first * 0.8) and adapters_that_fit(whole, memory) == 50
+    # two workers' plans together stay inside the GPU: bases, contexts and passes
+    assert 2 * (resident + memory.for_adapters(22)) < total
+    # never more than is free now (a process outside Ray holds memory on this GPU)
+    assert worker_budget(total, 10 * GIB, 1.0, resident) == int(10 * GIB * 0.8)
+    assert worker_budget(total, 0, 1.0, resident) == 0
+    assert adapters_that_fit(10 * GIB, PassMemory(0, 10**6), most=256) == 256  # capped
+
+
+def test_one_adapter_that_cannot_fit_is_refused_with_what_to_change():
+    """Llama-7B without gradient checkpointing on a 24 GB GPU: ~10 GB for one adapter's batch of
+    4 against ~7 GiB the worker may plan with: refused at start, not a CUDA OOM mid-round."""
+    from fltac_ray.engine.gpu_fit import PassMemory, pass_does_not_fit, worker_budget
+
+    config = tiny_config(data={"tasks": ["wordnet_define"], "max_length": 256},
+                         model={"name": "huggyllama/llama-7b"}, train={"batch_size": 4})
+    total = int(gpu_memory_of(["A10G"]) * GIB)
+    resident = CUDA_CONTEXT_BYTES + int(LLAMA_7B_BF16)
+    budget = worker_budget(total, total - resident, 1.0, resident)
+    memory = PassMemory(fixed_bytes=int(0.5 * GIB), per_adapter_bytes=int(9.5 * GIB))
+    assert adapters_that_fit(budget, memory) == 0
+    message = str(pass_does_not_fit(config, memory, budget, "NVIDIA A10G"))
+    for part in ("NVIDIA A10G", "needs 10.00 GiB", "0.50 GiB per pass + 9.50 GiB per adapter of 4 examples",
+                 f"may use {budget / GIB:.2f} GiB", "model.gradient_checkpointing: true",
+                 "train.batch_size (now 4)", "model.quantization: 8bit or 4bit", "data.max_length (now 256)"):
+        assert part in message, part
+
+
+def test_the_pass_is_measured_after_a_warm_up_at_the_batch_size_and_from_two_passes(monkeypatch):
+    """measure_pass_memory on a fake CUDA allocator: a warm-up pass (cuBLAS's workspace) that
+    counts for nothing, then one adapter (600 bytes over the resting 100) and two (1,000): the
+    slope 400 is one adapter's share, 200 the pass's fixed part."""
+    import fltac_ray.batched_training as batched
+    from fltac_ray.engine.gpu_fit import PassMemory
+
+    passes, peaks = [], iter([5_000, 700, 1_100])  # warm-up (ignored), 1 adapter, 2 adapters
+    monkeypatch.setattr(batched, "train_batched",
+                        lambda model, jobs, batch_size, *rest: passes.append((len(jobs), batch_size)))
+    for name, value in (("synchronize", None), ("reset_peak_memory_stats", None), ("empty_cache", None),
+                        ("memory_allocated", 100)):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
+
+    class Model:
+        def get_adapter(self):
+            return np.zeros(3, np.float32)
+
+    memory = batched.measure_pass_memory(Model(), None, np.arange(16), 2, torch.device("cuda"))
+    assert passes == [(1, 16), (1, 16), (2, 16)]
+    assert memory == PassMemory(fixed_bytes=200, per_adapter_bytes=400) and memory.for_adapters(3) == 1_400
+
+
+def test_the_longest_rows_fill_the_batch():
+    from fltac_ray.data.federated import EncodedSplit
+    from fltac_ray.engine.client_worker import longest_rows
+
+    split = EncodedSplit({"lengths": np.array([3, 9, 1, 9, 5])}, np.zeros(5, np.int64))
+    assert longest_rows(split, 3).tolist() == [1, 3, 4]
+    assert longest_rows(split, 7).tolist() == [0, 1, 1, 2, 3, 3, 4]  # fewer rows than the batch: repeated
+    images = EncodedSplit({"pixels": np.zeros((4, 1))}, np.zeros(4, np.int64))
+    assert longest_rows(images, 2).tolist() == [0, 1]
+
+
+def test_workers_starting_together_on_one_gpu_take_turns(tmp_path):
+    """gpu_lock's file lock: a second process cannot take it while the first holds it."""
+    import multiprocessing
+
+    from fltac_ray.engine.gpu_fit import file_lock
+
+    context = multiprocessing.get_context("spawn")
+    held, release = context.Event(), context.Event()
+    child = context.Process(target=_hold_lock, args=("GPU-test-uuid", held, release))
+    child.start()
+    try:
+        assert held.wait(60)
+        import fcntl
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.gettempdir()) / "fltac-ray-gpu-locks" / "GPU-test-uuid.lock"
+        with open(path, "a") as handle, pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken by the child
+        release.set()
+        child.join(60)
+        with file_lock("GPU-test-uuid"):  # free again
+            pass
+    finally:
+        release.set()
+        child.join(60)
+
+
+def _hold_lock(key, held, release) -> None:
+    from fltac_ray.engine.gpu_fit import file_lock
+
+    with file_lock(key):
+        held.set()
+        release.wait(60)

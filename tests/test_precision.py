@@ -244,3 +244,76 @@ def test_minilm_learns_every_offline_task_in_bfloat16(tmp_path):
     assert len(final) == 3
     for row in final.itertuples():
         assert row.accuracy > row.majority_accuracy + 0.05, row
+
+
+def test_auto_is_bfloat16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """T4 (7.5) and V100 (7.0) emulate bfloat16 (torch.cuda.is_bf16_supported says yes): float16
+    with loss scaling there; Ampere (8.0) and Hopper (9.0) get bfloat16."""
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+        assert resolve_dtype("auto", cuda) is expected, capability
+    assert resolve_dtype("float32", cuda) is torch.float32  # asked for: as given
+
+
+def test_an_overflowed_adapter_skips_its_own_step_and_counts_its_own_steps():
+    """Two stacked rows; row 1's gradient overflows in step 1: row 0 steps as torch's AdamW, row 1
+    is untouched and its next step is its optimizer's first (bias correction of step 1)."""
+    from fltac_ray.batched_training import BatchedAdamW
+
+    start = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    stacked = start.clone().requires_grad_(True)
+    optimizer = BatchedAdamW([stacked], lr=0.1, weight_decay=0.01)
+    scale = LossScale(enabled=True, init_scale=4.0)
+    grads = [torch.tensor([[0.4, -0.8], [float("inf"), 1.0]]), torch.tensor([[0.2, 0.2], [0.6, -0.2]])]
+    reference = [start[0].clone().requires_grad_(True), start[1].clone().requires_grad_(True)]
+    torch_adam = [torch.optim.AdamW([p], lr=0.1, weight_decay=0.01) for p in reference]
+    for step, grad in enumerate(grads):
+        stacked.grad = grad * scale.scale
+        finite = scale.finite_rows([stacked], active=2)
+        assert finite.tolist() == ([True, False] if step == 0 else [True, True])
+        optimizer.step(2, take=None if finite.all() else finite)
+        scale.update(bool(finite.all()), int((~finite).sum()))
+        for row in range(2):
+            if finite[row]:
+                reference[row].grad = grad[row].clone()
+                torch_adam[row].step()
+    assert optimizer.row_steps.tolist() == [2, 1]
+    assert (scale.skipped, scale.scale) == (1, 2.0)  # halved once, one adapter step skipped
+    torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in reference]))
+
+
+def test_the_workers_loss_scale_lives_across_passes_and_counts_skipped_steps():
+    """A scale too large for float16: every step of the first pass overflows and is skipped
+    (adapters unchanged, halving each time); the next pass starts from the scale it reached,
+    not from 2^16 again."""
+    model = _model(dtype=torch.float16)
+    split = _text_split(40, 4, seed=3)
+    jobs = _jobs(model, [(split, 4), (split, 4)], steps=[3, 3])
+    scale = LossScale(enabled=True, init_scale=2.0 ** 100)
+    outcomes = train_batched(model, jobs, 4, 1e-2, 0.0, CPU, scaling=scale)
+    assert [o.skipped_steps for o in outcomes] == [3, 3] and scale.skipped == 6
+    assert all(np.array_equal(o.adapter, job.start) for o, job in zip(outcomes, jobs, strict=True))
+    assert scale.scale == 2.0 ** 97
+    one = train_adapter(model, jobs[0].start, split, np.arange(40), 4, 2, 8, 1e-2, 0.0,
+                        np.random.default_rng(0), CPU, scaling=scale)
+    assert one.skipped_steps == 2 and scale.scale == 2.0 ** 95 and scale.skipped == 8
+
+
+def test_deterministic_mode_switches_torchs_deterministic_algorithms_on(monkeypatch):
+    from fltac_ray.precision import configure_cuda_math
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_cuda_math(CPU, tf32=True, deterministic=False)
+        assert torch.are_deterministic_algorithms_enabled() is before
+        configure_cuda_math(CPU, tf32=True, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -11,6 +11,7 @@ This class holds no Ray code: the Ray backend wraps it with `ray.remote`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -48,6 +49,14 @@ def _quiet_libraries() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
+def longest_rows(split, count: int) -> np.ndarray:
+    """`count` rows of the split's longest examples, in index order (repeated when it holds
+    fewer): the batch whose padded step costs the most memory."""
+    lengths = split.inputs.get("lengths")
+    order = np.argsort(-lengths, kind="stable") if lengths is not None else np.arange(len(split.labels))
+    return np.sort(np.resize(order, count)) if len(order) else order
+
+
 class ClientWorker:
     def __init__(
         self,
@@ -70,6 +79,7 @@ class ClientWorker:
         _quiet_libraries()
         import torch
 
+        from fltac_ray.engine.cuda_device import choose_device
         from fltac_ray.models.adapter_model import AdapterModel
         from fltac_ray.models.base_cache import (
             BaseDescription,
@@ -81,7 +91,7 @@ class ClientWorker:
             load_backbone,
             use_shipped_files,
         )
-        from fltac_ray.precision import dtype_name, resolve_dtype
+        from fltac_ray.precision import LossScale, configure_cuda_math, dtype_name, resolve_dtype
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         if model_files is not None:
@@ -91,10 +101,14 @@ class ClientWorker:
         self.config = config
         torch.set_num_threads(max(1, threads))
         # engine.device auto: CUDA when this process sees a GPU; a Ray worker without a GPU of
-        # its own sees none (engine/gpu_visibility.py hides the others before this runs).
-        wants_cuda = config.engine.device in ("auto", "cuda")
-        self.device = torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+        # its own sees none (engine/gpu_visibility.py hides the others before this runs). A GPU
+        # it holds but cannot use is an error, never a quiet fall back to the CPU.
+        assigned, detected = self.gpu_grant()
+        self.device = choose_device(config.engine.device, assigned, detected)
+        configure_cuda_math(self.device, config.engine.tf32, config.engine.deterministic)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        # float16: one loss scale for the worker's life (GradScaler's rule), across passes
+        self.loss_scale = LossScale.for_dtype(self.dtype)
         self.tasks = tasks
         self.shards = {shard.client_id: shard for shard in clients}
         self.algorithm = create_algorithm(config, cls=algorithm_class)  # its client hooks
@@ -102,37 +116,50 @@ class ClientWorker:
         modality = config.data.modality
         name, feature_dim = config.model.name, config.data.feature_dim
         quantized = config.model.quantization != "none"
-        # A quantised base is bitsandbytes' own layout on the GPU: it cannot be exported to the
-        # node's cache, so each such worker loads its own.
-        node_cache = node_cache and not quantized
+        # The node's cache shares one host copy of the base among CPU workers. A GPU worker's
+        # host copy is only on its way to the device, and a quantised base is bitsandbytes'
+        # own layout on the GPU: both load straight onto the device, no disk round trip.
+        node_cache = node_cache and self.device.type != "cuda"
+        on_gpu = contextlib.nullcontext()
         if self.device.type == "cuda":
-            from fltac_ray.engine.gpu_fit import check_worker_gpu
+            from fltac_ray.engine.gpu_fit import check_worker_gpu, gpu_lock
 
-            check_worker_gpu(config, self.device, self.dtype)  # before a byte of the base reaches the GPU
-        self.loaded_base = not node_cache
-        if node_cache:
-            description = BaseDescription(name, modality, config.seed, feature_dim, dtype_name(self.dtype))
-            weights, self.loaded_base = node_base_weights(description, config.engine.base_cache_dir)
-            encoder = backbone_from_weights(name, modality, weights, feature_dim)
-        else:
-            encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim, dtype=self.dtype,
-                                    quantization=config.model.quantization, device=self.device)
-        tensors = {t.data_ptr(): t.numel() * t.element_size() for t in encoder.state_dict().values()}
-        self.base_bytes = sum(tensors.values())  # tied tensors once
-        self.model = AdapterModel(encoder, config.model, head_classes, config.seed, modality=modality,
-                                  **self.algorithm.model_options())
-        if not quantized:  # bitsandbytes placed the quantised base already
-            self.model.to(self.device)
-        else:
-            self.model.place_beside_quantized_base(self.device)
-        self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index(),
-                                self.model.fixed_tensors())
-        self.algorithm.setup(self.spec)
-        self.frozen = self._frozen_entries()
-        self.batched = config.engine.batched_training and self._batchable()
-        self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
-        self.adapters_fit = self._adapters_that_fit()
+            on_gpu = gpu_lock(self.device)  # one worker at a time: check, load, move, measure
+        with on_gpu:
+            if self.device.type == "cuda":
+                check_worker_gpu(config, self.device, self.dtype)  # before a byte of the base reaches the GPU
+            self.loaded_base = not node_cache
+            if node_cache:
+                description = BaseDescription(name, modality, config.seed, feature_dim, dtype_name(self.dtype))
+                weights, self.loaded_base = node_base_weights(description, config.engine.base_cache_dir)
+                encoder = backbone_from_weights(name, modality, weights, feature_dim)
+            else:
+                encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim, dtype=self.dtype,
+                                        quantization=config.model.quantization, device=self.device)
+            tensors = {t.data_ptr(): t.numel() * t.element_size() for t in encoder.state_dict().values()}
+            self.base_bytes = sum(tensors.values())  # tied tensors once
+            self.model = AdapterModel(encoder, config.model, head_classes, config.seed, modality=modality,
+                                      **self.algorithm.model_options())
+            if not quantized:  # bitsandbytes placed the quantised base already
+                self.model.to(self.device)
+            else:
+                self.model.place_beside_quantized_base(self.device)
+            self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index(),
+                                    self.model.fixed_tensors())
+            self.algorithm.setup(self.spec)
+            self.frozen = self._frozen_entries()
+            self.batched = config.engine.batched_training and self._batchable()
+            self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
+            self.adapters_fit = self._adapters_that_fit()
         self.generation = self._generation_settings() if modality == "causal_lm" else None
+
+    def gpu_grant(self) -> tuple[list[str] | None, bool]:
+        """(GPU ids Ray assigned this process, or None outside Ray; whether this node really has
+        a GPU). In process: no Ray, and a loaded NVIDIA driver says a GPU is here. The Ray
+        backend's worker answers from Ray (engine/ray_backend.RayClientWorker)."""
+        from fltac_ray.engine.cuda_device import nvidia_driver
+
+        return None, nvidia_driver() is not None
 
     def _frozen_entries(self) -> np.ndarray | None:
         trainable = self.algorithm.trainable_entries()
@@ -148,27 +175,37 @@ class ClientWorker:
         return True
 
     def _adapters_that_fit(self) -> int | None:
-        """On CUDA, for engine.max_batched_adapters: auto: adapters of train.batch_size examples
-        whose batched step fits the free memory, from one measured step on the longest examples
-        of the widest task; None on the CPU (the driver then uses gpu_fit.AUTO_ADAPTERS_CPU)."""
+        """On CUDA, for engine.max_batched_adapters: auto: the adapters whose batched step fits
+        this worker's part of its GPU, from one measured pass (engine/gpu_fit.PassMemory) on
+        train.batch_size of the longest examples of the widest task; refuses to start when not
+        even one fits. None on the CPU (the driver then uses gpu_fit.AUTO_ADAPTERS_CPU)."""
         if self.device.type != "cuda" or not self.batched or self.config.engine.max_batched_adapters != "auto":
             return None
         import torch
 
-        from fltac_ray.batched_training import measure_bytes_per_example
-        from fltac_ray.engine.gpu_fit import adapters_that_fit
+        from fltac_ray.batched_training import measure_pass_memory
+        from fltac_ray.engine.gpu_fit import (
+            CUDA_CONTEXT_BYTES,
+            adapters_that_fit,
+            pass_does_not_fit,
+            worker_budget,
+        )
 
         def width(bundle: TaskBundle) -> int:
             lengths = bundle.train.inputs.get("lengths")
             return int(lengths.max()) if lengths is not None else 0
 
         bundle = max(self.tasks.values(), key=width)
-        lengths = bundle.train.inputs.get("lengths")
-        count = min(4, len(bundle.train.labels))
-        rows = np.sort(np.argsort(-lengths, kind="stable")[:count]) if lengths is not None else np.arange(count)
-        per_example = measure_bytes_per_example(self.model, bundle.train, rows, bundle.num_classes, self.device)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return adapters_that_fit(free, per_example, self.config.train.batch_size)
+        rows = longest_rows(bundle.train, self.config.train.batch_size)
+        memory = measure_pass_memory(self.model, bundle.train, rows, bundle.num_classes, self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = worker_budget(total, free, self.config.engine.gpus_per_worker,
+                               CUDA_CONTEXT_BYTES + torch.cuda.memory_allocated(self.device))
+        fit = adapters_that_fit(budget, memory)
+        if fit == 0:
+            raise pass_does_not_fit(self.config, memory, budget, torch.cuda.get_device_name(self.device))
+        self.pass_memory = memory  # describe() reports it
+        return fit
 
     def _generation_settings(self):
         from fltac_ray.models.builders import eos_token_id, load_tokenizer
@@ -199,6 +236,7 @@ class ClientWorker:
             "base_bytes": self.base_bytes,
             "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # what Ray left this process
             "adapters_fit": self.adapters_fit,  # engine.max_batched_adapters: auto on CUDA, else None
+            "pass_memory": getattr(self, "pass_memory", None),  # what adapters_fit was planned from
         }
 
     def initial_adapters(self, count: int) -> np.ndarray:
@@ -266,6 +304,7 @@ class ClientWorker:
                 outcome = train_adapter(
                     self.model, vector, bundle.train, examples, bundle.num_classes,
                     steps, train.batch_size, train.lr, train.weight_decay, rng, self.device, self.frozen,
+                    self.loss_scale,
                 )
                 vector = outcome.adapter
                 losses.append(outcome.mean_loss)
@@ -303,7 +342,8 @@ class ClientWorker:
             for entries in by_signature.values():
                 torch.manual_seed(entries[0][2])
                 outcomes = train_batched(self.model, [aj for _, aj, _ in entries], train.batch_size,
-                                         train.lr, train.weight_decay, self.device, self.frozen)
+                                         train.lr, train.weight_decay, self.device, self.frozen,
+                                         self.loss_scale)
                 for (row, _, _), outcome in zip(entries, outcomes, strict=True):
                     out[row] = outcome.adapter  # the pass's own matrix is freed after
                     current[row] = out[row]
@@ -324,7 +364,7 @@ class ClientWorker:
                                                 self._probe_loss(job))
             metas.append(meta)
             private[job.key] = algorithm.private_start(client_job, state.private.get(job.key))
-        stepping = time.perf_counter()
+        stepping, skipped_before = time.perf_counter(), self.loss_scale.skipped
         # One (n, d) matrix receives the trained adapters; uploads are views or parts of its rows.
         trained = np.empty_like(starts)
         if self.batched:
@@ -344,7 +384,8 @@ class ClientWorker:
         result = PassResult(uploads, keys, trained, {k: v for k, v in private.items() if v.size})
         report = PassReport(keys, ["+".join(job.tasks) for job in jobs],
                             [float(np.mean(group)) for group in losses],
-                            time.perf_counter() - started, step_seconds, self.worker_index)
+                            time.perf_counter() - started, step_seconds, self.worker_index,
+                            self.loss_scale.skipped - skipped_before)
         return result, report
 
     # --- evaluation -------------------------------------------------------------------------

@@ -13,13 +13,19 @@ The driver checks the layout before any actor starts when it knows the GPUs' mem
 (engine.gpu_memory_gib, this machine's GPU, or the nodes' Ray accelerator type); every GPU
 worker checks its real device again before loading the base.
 
-`adapters_that_fit` sizes engine.max_batched_adapters: auto from the free memory a worker has
-after loading the base and the activation bytes per example it measured.
+`adapters_that_fit` sizes engine.max_batched_adapters: auto from the worker's part of its GPU
+(`worker_budget`: Ray's fraction of the total, less its base) and the memory of a pass it
+measured (`PassMemory`: a fixed part plus one adapter's batch, parameters and optimiser state);
+when not one adapter's step fits, the worker refuses to start (`pass_does_not_fit`) with what to
+change, instead of a CUDA out-of-memory error mid-round. `gpu_lock` keeps workers that start
+together on one GPU from all passing the check before any of them holds its base.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,12 +150,62 @@ def gpu_memory_of(accelerator_types: list[str]) -> float | None:
     return min(sizes)  # type: ignore[type-var]
 
 
-def adapters_that_fit(free_bytes: int, bytes_per_example: float, batch_size: int,
-                      share: float = PLANNED_SHARE, most: int = MAX_AUTO_ADAPTERS) -> int:
-    """engine.max_batched_adapters: auto on a GPU: adapters whose batch (batch_size examples
-    each, at bytes_per_example of activations) fit `share` of the free memory; 1..most."""
-    per_adapter = max(bytes_per_example, 1.0) * batch_size
-    return int(min(most, max(1, math.floor(free_bytes * share / per_adapter))))
+@dataclass(frozen=True)
+class PassMemory:
+    """GPU memory of one batched training step, measured (batched_training.measure_pass_memory):
+    `fixed_bytes` + `per_adapter_bytes` x adapters. One adapter's part is the activations of its
+    train.batch_size examples (on the longest examples: buckets pad to their longest), its stacked
+    parameters, gradients and AdamW moments: the slope between a pass of one adapter and one of
+    two, both after a warm-up step (cuBLAS's workspace and the autocast caches are paid once, by
+    the warm-up, not counted per adapter)."""
+
+    fixed_bytes: int
+    per_adapter_bytes: int
+
+    @classmethod
+    def from_two_passes(cls, one_adapter: int, two_adapters: int) -> PassMemory:
+        slope = max(two_adapters - one_adapter, 1)
+        return cls(max(one_adapter - slope, 0), slope)
+
+    def for_adapters(self, count: int) -> int:
+        return self.fixed_bytes + count * self.per_adapter_bytes
+
+
+def worker_budget(total_bytes: int, free_bytes: int, gpus_per_worker: float | None, resident_bytes: int,
+                  share: float = PLANNED_SHARE) -> int:
+    """Bytes a worker's passes may plan to use on its GPU: its part of the GPU (Ray's fraction of
+    the total: 0.25 is a quarter; Ray never places fractions summing over 1 on one GPU, the
+    coordinator's engine.coordinator_gpus included) less what it holds already (`resident_bytes`:
+    its CUDA context, base and head), never more than is free now, times `share` (the rest:
+    allocator fragmentation)."""
+    part = total_bytes * min(gpus_per_worker or 1.0, 1.0)
+    return max(0, int(min(part - resident_bytes, free_bytes) * share))
+
+
+def adapters_that_fit(budget_bytes: int, memory: PassMemory, most: int = MAX_AUTO_ADAPTERS) -> int:
+    """engine.max_batched_adapters: auto on a GPU: the adapters whose batched step fits the
+    budget, at most `most`; 0 when not even one adapter's step fits."""
+    room = budget_bytes - memory.fixed_bytes
+    return int(min(most, max(0, room // max(memory.per_adapter_bytes, 1))))
+
+
+def pass_does_not_fit(config: Any, memory: PassMemory, budget_bytes: int, device_name: str) -> ResourceUnavailableError:
+    """The refusal when one adapter's step does not fit, before any training, with what to change."""
+    model, train, data = config.model, config.train, config.data
+    levers = []
+    if not model.gradient_checkpointing:
+        levers.append("model.gradient_checkpointing: true (activations recomputed in backward)")
+    levers.append(f"a smaller train.batch_size (now {train.batch_size})")
+    if model.quantization == "none":
+        levers.append("model.quantization: 8bit or 4bit (a smaller base leaves more room)")
+    levers.append(f"a smaller data.max_length (now {data.max_length})")
+    if (config.engine.gpus_per_worker or 1.0) < 1:
+        levers.append(f"engine.gpus_per_worker: 1 (now {config.engine.gpus_per_worker:g}: a part of the GPU)")
+    return ResourceUnavailableError(
+        f"one adapter's training step does not fit this worker's GPU memory ({device_name}): it needs "
+        f"{memory.for_adapters(1) / GIB:.2f} GiB ({memory.fixed_bytes / GIB:.2f} GiB per pass + "
+        f"{memory.per_adapter_bytes / GIB:.2f} GiB per adapter of {train.batch_size} examples, measured), the "
+        f"worker may use {budget_bytes / GIB:.2f} GiB after its base. Use " + "; or ".join(levers))
 
 
 def resolve_pass_limits(engine: Any, adapters_fit: list[int | None], batch_size: int) -> None:
@@ -179,19 +235,57 @@ def base_bytes_for(config: Any, dtype: Any = None) -> int:
 
 
 def check_worker_gpu(config: Any, device: Any, dtype: Any) -> None:
-    """In a GPU worker, before it loads the base in `dtype`: enough free memory on its device for
-    its copy and a pass, or an error naming the numbers (the other workers on this GPU took the
-    rest)."""
+    """In a GPU worker, before it loads the base in `dtype` (hold gpu_lock): its part of the GPU
+    (engine.gpus_per_worker of the total), and the memory free now, hold its CUDA context, its
+    copy of the base and the least working memory; else an error naming the numbers (the other
+    workers on this GPU took the rest)."""
     import torch
 
     free, total = torch.cuda.mem_get_info(device)
     base = base_bytes_for(config, dtype)
-    if free >= base + MIN_WORKING_BYTES:
+    gpus = config.engine.gpus_per_worker
+    part = total * min(gpus or 1.0, 1.0)
+    need = CUDA_CONTEXT_BYTES + base + MIN_WORKING_BYTES
+    if need <= part and base + MIN_WORKING_BYTES <= free:  # this process's context exists already
         return
-    share = config.engine.gpus_per_worker or 1.0
+    share = gpus or 1.0
     raise ResourceUnavailableError(
         f"GPU {torch.cuda.get_device_name(device)} ({total / GIB:.1f} GiB) has {free / GIB:.1f} GiB free when "
-        f"this worker starts; its copy of the base needs {base / GIB:.2f} GiB + {MIN_WORKING_BYTES / GIB:.0f} GiB "
-        f"working memory. {workers_per_gpu(share)} worker(s) share this GPU (engine.gpus_per_worker = "
-        f"{share:g}), each with its own base copy and CUDA context: use engine.gpus_per_worker: 1, "
-        "model.dtype: bfloat16 or model.quantization")
+        f"this worker starts and its part is {part / GIB:.1f} GiB (engine.gpus_per_worker = {share:g}); it needs "
+        f"{CUDA_CONTEXT_BYTES / GIB:.1f} GiB CUDA context + {base / GIB:.2f} GiB for its copy of the base + "
+        f"{MIN_WORKING_BYTES / GIB:.0f} GiB working memory. {workers_per_gpu(share)} worker(s) share this GPU, "
+        "each with its own base copy and CUDA context: use engine.gpus_per_worker: 1, model.dtype: bfloat16 "
+        "or model.quantization")
+
+
+@contextlib.contextmanager
+def gpu_lock(device: Any) -> Iterator[None]:
+    """One worker at a time on a GPU between its memory check, loading its base, moving it to the
+    device and measuring its pass: workers that start together on one GPU (a pool scaling from
+    zero) would otherwise all pass the check before any of them holds its base, and the later
+    ones run out of memory. A file lock in the node's temp folder, named by the GPU's UUID (every
+    process on the node sees the same file, whatever CUDA_VISIBLE_DEVICES renumbered)."""
+    import torch
+
+    properties = torch.cuda.get_device_properties(device)
+    key = str(getattr(properties, "uuid", "") or f"{properties.name}-{getattr(properties, 'pci_bus_id', device)}")
+    with file_lock(key):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(key: str) -> Iterator[None]:
+    """An exclusive lock shared by every process of this machine, named by `key`."""
+    import fcntl
+    import re
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.gettempdir()) / "fltac-ray-gpu-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -138,6 +138,7 @@ class PassReport:
     seconds: float  # the whole train() call
     step_seconds: float = 0.0  # of which local training steps (the rest: IFCA probes, packing)
     worker: int = -1
+    skipped_steps: int = 0  # float16: adapter steps skipped because their gradients overflowed
 
 
 def tasks_by_key(reports: list[PassReport] | tuple[PassReport, ...]) -> dict[AdapterKey, str]:

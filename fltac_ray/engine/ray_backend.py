@@ -42,7 +42,7 @@ from fltac_ray.engine.gpu_fit import (
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
 from fltac_ray.engine.server import Server
-from fltac_ray.errors import EngineError
+from fltac_ray.errors import EngineError, FltacError
 
 RESERVE_REPORT_S = 10.0  # a progress line this often while the pool is waited for
 
@@ -97,11 +97,36 @@ class SeesOnlyItsGpus:
 
 class RayClientWorker(SeesOnlyItsGpus, ClientWorker):
     """The client worker as a Ray actor: it sees only the GPU Ray gave it (none with
-    engine.gpus_per_worker 0, so engine.device auto means the CPU), and says which node it runs on."""
+    engine.gpus_per_worker 0, so engine.device auto means the CPU), and says which node it runs on.
+    A start that fails with one of fltac-ray's own errors (a GPU torch cannot use, a missing
+    model) is kept and raised by describe(): Ray passes a method's exception on as it is, while
+    an exception in __init__ reaches the driver only as text inside ActorDiedError."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.start_error: FltacError | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except FltacError as exc:
+            self.start_error = exc
+
+    def gpu_grant(self) -> tuple[list[str] | None, bool]:
+        """Ray's GPU ids for this actor, and whether Ray detected a GPU model on this node (its
+        accelerator_type resource) or an NVIDIA driver is loaded: GPUs merely declared to Ray
+        (scheduling tests on CPU machines) have neither."""
+        import ray
+
+        from fltac_ray.engine.cuda_device import nvidia_driver
+
+        here = ray.get_runtime_context().get_node_id()
+        node = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
+        detected = any(key.startswith("accelerator_type:") for key in node) or nvidia_driver() is not None
+        return [str(gpu) for gpu in ray.get_gpu_ids()], detected
 
     def describe(self) -> dict[str, Any]:
         import ray
 
+        if self.start_error is not None:
+            raise self.start_error
         return {**super().describe(), "node": ray.get_runtime_context().get_node_id(),
                 "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
 
@@ -168,6 +193,8 @@ class RayBackend(Backend):
         except RayActorError as exc:
             raise WorkerLost(f"{what}: {exc}") from exc
         except RayTaskError as exc:
+            if isinstance(exc.cause, FltacError):  # one of ours, raised in an actor: as it is
+                raise exc.cause from None
             raise EngineError(f"{what} failed: {exc}") from exc
 
     def _bundle(self) -> dict[str, float]:
@@ -420,8 +447,9 @@ class RayBackend(Backend):
                 slot.failed_starts += 1
                 if slot.failed_starts > self.config.engine.max_retries:
                     slot.starting = None
+                    cause = exc.cause if isinstance(getattr(exc, "cause", None), FltacError) else exc
                     self.say(f"  worker {slot.index} failed to start {slot.failed_starts} times; "
-                             f"its place stays empty: {exc}")
+                             f"its place stays empty: {cause}")
                 else:
                     self._launch(slot)
 

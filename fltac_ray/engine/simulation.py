@@ -562,6 +562,8 @@ class Simulation:
             "screened_uploads": len(outcome.screened) if outcome is not None else 0,
             **{column: (outcome.audit.get(column, nan) if outcome is not None else nan) for column in AUDIT_COLUMNS},
             "train_loss": float(np.mean(losses)) if losses else nan,
+            # float16: adapter steps skipped because their gradients overflowed (0 otherwise)
+            "skipped_steps": sum(rep.skipped_steps for rep in reports),
             "mean_accuracy": float(np.mean(accuracies)) if accuracies else nan,
             "train_seconds": trained - started,
             # the busiest worker's time inside local training steps: the round's compute floor

@@ -129,11 +129,21 @@ def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -
         conv = isinstance(module, lora_layers.Conv2d)
 
         def hook(_module, args, output):
-            # The low-rank update in float32 even in a half-precision pass: its matmuls are
-            # matrix-vector shaped at rank 1-8, which CPUs run slower in bfloat16 than in float32
-            # (MiniLM: the pass's bmm time 1.4x), and float32 keeps the adapters' own precision.
-            with torch.autocast(args[0].device.type, enabled=False):
-                x = dropout(args[0].to(a.dtype))
+            x = args[0]
+            if x.device.type == "cuda":
+                if not torch.is_autocast_enabled("cuda"):
+                    x = x.to(a.dtype)  # no autocast around this pass: the adapters' dtype
+                # In the pass's autocast dtype, like the base: a float32 copy of every targeted
+                # layer's input would be kept for backward (Llama: ~+20-25% activation memory),
+                # and bmm runs on the tensor cores. The adapters stay float32 (their gradients too).
+                delta = _routed_conv(module, dropout(x), a, b, route) if conv else \
+                    _routed_linear(dropout(x), a, b, route)
+                return output + (delta * scale).to(output.dtype)
+            # The CPU: in float32 even in a half-precision pass. Its matmuls are matrix-vector
+            # shaped at rank 1-8, which CPUs run slower in bfloat16 than in float32 (MiniLM: the
+            # pass's bmm time 1.4x), and float32 keeps the adapters' own precision.
+            with torch.autocast(x.device.type, enabled=False):
+                x = dropout(x.to(a.dtype))
                 delta = _routed_conv(module, x, a, b, route) if conv else _routed_linear(x, a, b, route)
             return output + (delta * scale).to(output.dtype)
 
