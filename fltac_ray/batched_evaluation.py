@@ -25,7 +25,7 @@ from fltac_ray.batched_training import (
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed
-from fltac_ray.training import EvalOutcome
+from fltac_ray.training import EvalOutcome, rows_to_device, to_device
 
 
 @dataclass
@@ -63,11 +63,11 @@ def evaluate_batched(model: AdapterModel, items: list[EvalItem], batch_examples:
     batches = [bucket[lo:lo + batch_examples] for bucket in bucket_positions(combined, len(route_all), device)
                for lo in range(0, len(bucket), batch_examples)]
     for rows in batches:
-        inputs = {key: torch.from_numpy(value[rows]).to(device) for key, value in combined.items()}
-        route = torch.from_numpy(route_all[rows]).to(device)
+        inputs = rows_to_device(combined, rows, device)
+        route = to_device(route_all[rows], device)
         with routed(model, stacked, route), model.autocast():
-            logits = task_logits(model, stacked, inputs, route, torch.from_numpy(classes_all[rows]).to(device))
-        labels = torch.from_numpy(labels_all[rows]).to(device)
+            logits = task_logits(model, stacked, inputs, route, to_device(classes_all[rows], device))
+        labels = to_device(labels_all[rows], device)
         losses = F.cross_entropy(logits.float(), labels, reduction="none").double().cpu().numpy()
         hits = (logits.argmax(-1) == labels).cpu().numpy()
         np.add.at(loss_sum, route_all[rows], losses)

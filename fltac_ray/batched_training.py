@@ -33,7 +33,14 @@ from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
 from fltac_ray.precision import LossScale
-from fltac_ray.training import _NOT_TENSORS, BatchCursor, FrozenEntries, TrainOutcome
+from fltac_ray.training import (
+    _NOT_TENSORS,
+    BatchCursor,
+    FrozenEntries,
+    TrainOutcome,
+    rows_to_device,
+    to_device,
+)
 
 if TYPE_CHECKING:
     from fltac_ray.engine.gpu_fit import PassMemory
@@ -189,9 +196,9 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
         classes_all = np.repeat([job.num_classes for job in jobs], sizes)
     means = torch.zeros(len(jobs), device=device)
     for rows in bucket_positions(combined, len(route_all), device):
-        inputs = {key: torch.from_numpy(value[rows]).to(device) for key, value in combined.items()}
-        route = torch.from_numpy(route_all[rows]).to(device)
-        scale = torch.from_numpy(scale_all[rows]).to(device=device, dtype=torch.float32)
+        inputs = rows_to_device(combined, rows, device)
+        route = to_device(route_all[rows], device)
+        scale = to_device(scale_all[rows].astype(np.float32), device)
         with routed(model, stacked, route):
             with model.autocast():
                 if generation:  # causal LM: CE summed over each sample's response tokens
@@ -199,8 +206,8 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
                     sample_losses = (token_losses * scored).sum(1)
                 else:
                     logits = task_logits(model, stacked, inputs, route,
-                                         torch.from_numpy(classes_all[rows]).to(device))
-                    labels = torch.from_numpy(labels_all[rows]).to(device)
+                                         to_device(classes_all[rows], device))
+                    labels = to_device(labels_all[rows], device)
                     sample_losses = F.cross_entropy(logits.float(), labels, reduction="none")
             weighted = sample_losses.float() * scale  # (bucket,) each sample's share of its job's mean
             (weighted.sum() * loss_scale).backward()  # the bucket's graph is freed here
@@ -225,7 +232,7 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     optimizer = BatchedAdamW(stacked.parameters(), lr, weight_decay)
     hold = FrozenEntries(stacked.parameters(), model.adapter_layout(), frozen)
     cursors = [BatchCursor(job.indices, batch_size, job.rng) for job in ordered]
-    history: list[list[float]] = [[] for _ in ordered]
+    history: list[torch.Tensor] = []  # per step, (len(jobs),) losses (NaN once a job is done): one host read at the end
     skipped = np.zeros(len(ordered), dtype=np.int64)
     if scaling is None:
         scaling = LossScale.for_dtype(model.compute_dtype)
@@ -245,12 +252,14 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
             skipped[:active] += ~finite
         scaling.update(finite is None or bool(finite.all()), int(active - finite.sum()) if finite is not None else 0)
         hold.restore()
-        for j, value in enumerate(losses.detach().cpu().tolist()):
-            history[j].append(value)
+        step_losses = torch.full((len(ordered),), float("nan"), device=losses.device)
+        step_losses[:active] = losses.detach()
+        history.append(step_losses)
     vectors = stacked.to_numpy()
+    mean_losses = np.nanmean(torch.stack(history).cpu().numpy().astype(np.float64), axis=0)
     outcomes: list[TrainOutcome | None] = [None] * len(jobs)
     for position, j in enumerate(order):
-        outcomes[j] = TrainOutcome(vectors[position], float(np.mean(history[position])), int(skipped[position]))
+        outcomes[j] = TrainOutcome(vectors[position], float(mean_losses[position]), int(skipped[position]))
     return outcomes  # type: ignore[return-value]
 
 

@@ -23,11 +23,38 @@ from fltac_ray.rouge import rouge_l
 _NOT_TENSORS = {"references"}
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`; to CUDA through pinned memory, asynchronously (the copy overlaps
+    the kernels already queued; pageable memory would make the host wait for it)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# token-indexed inputs, cut on the host to a batch's longest example (models/adapter_model.text_batch)
+_TOKEN_COLUMNS = ("input_ids", "token_type_ids")
+
+
+def rows_to_device(inputs: dict[str, np.ndarray], rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensor inputs of `rows` on `device`, token columns cut to the rows' longest example on
+    the host: the device then never reads the width back (no host sync per batch), and the copy
+    carries no padding. Fancy indexing copies out of the (read-only, shared) object-store arrays;
+    dtypes are kept (uint8 pixels, int32 ids) and widened inside the model."""
+    width = int(inputs["lengths"][rows].max()) if "lengths" in inputs and len(rows) else None
+    out = {}
+    for key, value in inputs.items():
+        if key in _NOT_TENSORS:
+            continue
+        part = value[rows]
+        if width is not None and key in _TOKEN_COLUMNS:
+            part = part[:, :width]
+        out[key] = to_device(part, device)
+    return out
+
+
 def batch_tensors(split: EncodedSplit, index: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    # Fancy indexing copies out of the (read-only, shared) object-store arrays; dtypes are kept
-    # (uint8 pixels, int32 ids) and widened inside the model.
-    return {key: torch.from_numpy(np.ascontiguousarray(value[index])).to(device)
-            for key, value in split.inputs.items() if key not in _NOT_TENSORS}
+    return rows_to_device(split.inputs, index, device)
 
 
 def _batch_loss(model: AdapterModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -98,7 +125,7 @@ def train_adapter(
     for _ in range(steps):
         chosen = batches.next()
         inputs = batch_tensors(split, chosen, device)
-        labels = torch.from_numpy(split.labels[chosen]).to(device)
+        labels = to_device(split.labels[chosen], device)
         loss = _batch_loss(model, inputs, labels, num_classes)
         optimizer.zero_grad(set_to_none=True)
         (loss * scaling.scale).backward()
@@ -203,7 +230,7 @@ def evaluate_adapter(
             continue
         with model.autocast():
             logits = model(**inputs, num_classes=num_classes).float()
-        labels = torch.from_numpy(split.labels[chosen]).to(device)
+        labels = to_device(split.labels[chosen], device)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == labels).sum())
     if num_classes == 0:

@@ -94,8 +94,10 @@ def normalise_pixels(pixels: torch.Tensor, image_size: int, mean: torch.Tensor |
 def text_batch(input_ids: torch.Tensor, lengths: torch.Tensor, token_type_ids: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
     """The engine's right-padded (batch, max_length) token ids and their lengths -> the standard
-    inputs trimmed to the batch's longest example: input_ids, attention_mask (and token_type_ids)."""
-    width = int(lengths.max())
+    inputs trimmed to the batch's longest example: input_ids, attention_mask (and token_type_ids).
+    On CUDA the width is the one the host cut the batch to (training.rows_to_device): reading
+    lengths.max() back would stall the host once per batch."""
+    width = input_ids.shape[1] if input_ids.is_cuda else int(lengths.max())
     batch = {"input_ids": input_ids[:, :width].long(),
              "attention_mask": (torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]).long()}
     if token_type_ids is not None:
@@ -368,7 +370,7 @@ class AdapterModel(PooledFeatures, nn.Module):
         a pass's activation memory on instruction data (Llama: 32,000 floats per token)."""
         if self.router is not None:
             self.router.resample()  # FLoRAL: one draw of router noise per pass (training only)
-        width = int(lengths.max())
+        width = input_ids.shape[1] if input_ids.is_cuda else int(lengths.max())  # as text_batch
         ids = input_ids[:, :width].long()
         positions = torch.arange(width, device=ids.device)[None, :]
         mask = (positions < lengths[:, None]).long()

@@ -316,6 +316,9 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
         return cast_frozen_base(built, dtype)
     options: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     options.update(quantization_options(quantization, dtype, device))
+    if quantization == "none" and getattr(device, "type", None) == "cuda":
+        # straight onto the GPU, tensor by tensor: no whole host copy on the way (Llama-7B: 13.5 GB)
+        options["device_map"] = {"": device.index or 0}
     if name in _SHIPPED:  # a hub id or folder
         model = _load_shipped(name, modality, options)
     else:
