@@ -327,3 +327,22 @@ def _hold_lock(key, held, release) -> None:
     with file_lock(key):
         held.set()
         release.wait(60)
+
+
+def test_a_coordinator_on_part_of_a_gpu_is_counted_against_whole_gpu_workers():
+    """engine.coordinator_gpus 0.5 with 8 workers of 1 GPU: the coordinator's GPU cannot take a
+    ninth worker's whole GPU, said before the wait (and in the timeout's error), with the fix."""
+    from fltac_ray.engine.placement import plan_worker_count
+    from fltac_ray.engine.ray_backend import coordinator_gpu_note
+
+    engine = tiny_config(engine={"coordinator_gpus": 0.5, "gpus_per_worker": 1, "num_workers": 8}).engine
+    note = coordinator_gpu_note(engine, 8)
+    for part in ("holds 0.5 GPU", "the 8 workers need 8 other GPUs", "engine.num_workers = 7",
+                 "engine.gpus_per_worker = 0.5"):
+        assert part in note, part
+    shared = tiny_config(engine={"coordinator_gpus": 0.5, "gpus_per_worker": 0.5}).engine
+    assert coordinator_gpu_note(shared, 8) == ""  # a half-GPU worker fits beside it
+    assert coordinator_gpu_note(tiny_config(engine={"gpus_per_worker": 1}).engine, 8) == ""
+    # on a cluster of known size (not joined with engine.ray_address) the plan counts it already
+    engine.num_workers = None
+    assert plan_worker_count(100, engine, cpus=64, gpus=8) == 7

@@ -69,6 +69,20 @@ def cluster_gpus_per_worker(cluster_gpus: float) -> float:
     return default_gpus_per_worker(cluster_gpus, _local_cuda() or bool(_accelerator_types()))
 
 
+def coordinator_gpu_note(engine: Any, workers: int) -> str:
+    """What a coordinator holding part of a GPU (engine.coordinator_gpus) costs the pool: a worker
+    that needs more than the rest of that GPU cannot go there, so the pool needs `workers` other
+    GPUs (the README's 8-worker command on 8 single-GPU nodes would wait for a ninth). Empty when
+    the coordinator holds no GPU or a worker fits beside it."""
+    share, per_worker = engine.coordinator_gpus, engine.gpus_per_worker or 0.0
+    if share <= 0 or per_worker <= 0 or per_worker <= 1.0 - share + 1e-9:
+        return ""
+    return (f": the coordinator holds {share:g} GPU (engine.coordinator_gpus), and a worker of {per_worker:g} GPU "
+            f"does not fit beside it on that GPU, so the {workers} workers need {workers} other GPUs; on "
+            f"single-GPU nodes use engine.num_workers = {max(workers - 1, 1)}, or engine.gpus_per_worker = "
+            f"{1.0 - share:g} so a worker shares the coordinator's GPU")
+
+
 class WorkerLost(EngineError):
     """A worker actor died (its process or node is gone); its work is retried elsewhere."""
 
@@ -233,7 +247,7 @@ class RayBackend(Backend):
                     f"engine.reserve_timeout_s = {engine.reserve_timeout_s:g}s (it has {cpus:g} CPU, "
                     f"{gpus:g} GPU now, some perhaps on nodes too small for one worker); add nodes, "
                     "lower engine.num_workers / engine.cpus_per_worker / engine.gpus_per_worker, "
-                    "or allow a longer wait")
+                    f"or allow a longer wait{coordinator_gpu_note(engine, count)}")
             self.say(f"  waiting for the worker pool: {count} x ({shape}), "
                      f"{time.monotonic() - began:.0f}s of engine.reserve_timeout_s = "
                      f"{engine.reserve_timeout_s:g}s; the cluster has {cpus:g} CPU, {gpus:g} GPU now")
@@ -325,6 +339,8 @@ class RayBackend(Backend):
         count = plan_worker_count(len(self.active), engine, cpus, gpus, elastic=self.elastic)
         # The coordinator first: it takes its CPU on the driver's node before the pool's bundles.
         self._start_coordinator()
+        if note := coordinator_gpu_note(engine, count):
+            self.say(f"  note{note}")
         group = None
         if get_current_placement_group() is None:
             group = self._reserve(count)
