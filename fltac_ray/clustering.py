@@ -16,7 +16,7 @@ from sklearn.metrics import adjusted_rand_score
 from fltac_ray.errors import ResourceUnavailableError
 
 log = logging.getLogger(__name__)
-CUML_HINT = "pip install 'fltac-ray[gpu]'  (cuML needs an NVIDIA GPU with CUDA 12)"
+CUML_HINT = 'pip install "fltac-ray[$(python -m fltac_ray.gpu_extra)]"  (cuML of the CUDA major of your torch: gpu-cu13 or gpu-cu12)'
 
 
 def _cuml_usable() -> bool:

@@ -342,7 +342,7 @@ class ModelConfig(_Section):
     quantization: Literal["none", "8bit", "4bit"] = Field(
         default="none",
         description="Load the frozen base's linear layers quantised with bitsandbytes (CUDA "
-        "only; pip install 'fltac-ray[gpu]'): 8bit ~1 byte, 4bit (NF4) ~0.5 byte per weight.",
+        "only; pip install 'fltac-ray[quant]'): 8bit ~1 byte, 4bit (NF4) ~0.5 byte per weight.",
     )
 
     @field_validator("name")

@@ -273,7 +273,7 @@ def quantization_options(quantization: str, dtype: Any, device: Any) -> dict[str
             f"on {device}: give workers GPUs (engine.gpus_per_worker) or use model.quantization: none")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ResourceUnavailableError(
-            f"model.quantization = {quantization!r} needs bitsandbytes: pip install 'fltac-ray[gpu]'")
+            f"model.quantization = {quantization!r} needs bitsandbytes: pip install 'fltac-ray[quant]'")
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
