@@ -418,8 +418,11 @@ class FederationConfig(_Section):
         default="samples",
         description="Cluster average weighted by sample counts (authors' code) or uniform (paper).",
     )
-    clustering_backend: Literal["auto", "sklearn", "cuml"] = Field(
-        default="auto", description="auto: cuML when importable and a GPU is visible, else sklearn."
+    clustering_backend: Literal["auto", "sklearn", "cuml", "torch"] = Field(
+        default="auto",
+        description="auto: cuML when importable and a GPU is visible; else torch's K-means on the "
+        "coordinator's GPU when it has one (engine.coordinator_gpus); else scikit-learn. torch: "
+        "Lloyd's K-means with k-means++ starts (clustering.py) on the GPU, or the CPU without one.",
     )
     # 30, not the reference code's 10: on round 1 of the offline default, 10 restarts missed the
     # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter

@@ -109,7 +109,7 @@ def is_built_in(name: str) -> bool:
     """Built in code (plug-ins, EfficientNet-lite0, the random MLP, the random test models), not
     a Hugging Face checkpoint that from_pretrained can load."""
     return (_plugin(name) is not None or name in ("efficientnet-lite0", "random-mlp")
-            or name.startswith("tiny-random-"))
+            or name.startswith(("tiny-random-", "random-")))
 
 
 def image_preprocessing(name: str, image_size: int | None) -> tuple[int, list[float], list[float]]:
@@ -170,7 +170,7 @@ def model_source(name: str) -> str:
         return _SHIPPED[name][0]
     if (plugin := _plugin(name)) is not None:
         return plugin.tokenizer or name
-    if name in ("minilm", "tiny-random-bert", "tiny-random-llama"):
+    if name in ("minilm", "tiny-random-bert", "tiny-random-llama") or is_random_architecture(name):
         return minilm_path()
     if name == "smollm2-135m":
         return smollm2_dir()
@@ -237,6 +237,52 @@ def _tiny_config(name: str, vocab_size: int) -> Any:
                        max_position_embeddings=512, tie_word_embeddings=False)
 
 
+def is_random_architecture(name: str) -> bool:
+    """A real checkpoint's architecture with random weights (random-bert-base, random-llama-7b, ...)."""
+    return name.startswith("random-") and name != "random-mlp"
+
+
+def random_architecture(name: str) -> Any:
+    """The transformers config of a `random-*` model: the real checkpoint's shapes."""
+    from transformers import BertConfig, LlamaConfig, ViTConfig
+
+    configs = {
+        "random-minilm": lambda: BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                            intermediate_size=1536),
+        "random-bert-base": BertConfig,  # its defaults are bert-base-uncased
+        "random-vit-base": ViTConfig,  # google/vit-base-patch16-224
+        "random-smollm2-135m": lambda: LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+            rope_theta=100000.0, tie_word_embeddings=True),
+        "random-llama-7b": LlamaConfig,  # its defaults are Llama-7B
+    }
+    return configs[name]()
+
+
+def _random_backbone(name: str, modality: str, seed: int | None, dtype: Any = None, device: Any = None) -> Any:
+    """A `random-*` model drawn from `seed`, built where it runs (`device`) in `dtype`: Llama-7B
+    drawn on the CPU in float32 would take 27 GB and minutes. `seed=None`: on the meta device.
+    The same seed gives the same weights on the same kind of device."""
+    import contextlib
+
+    import torch
+
+    config = random_architecture(name)
+    where = torch.device("meta") if seed is None else torch.device(device or "cpu")
+    if seed is not None:
+        torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    with where, contextlib.ExitStack() as stack:
+        if dtype is not None and seed is not None:
+            torch.set_default_dtype(dtype)  # drawn in the base's dtype: no float32 copy
+            stack.callback(torch.set_default_dtype, previous)
+        model = _auto_class(modality).from_config(config)
+    if modality == "image" and hasattr(model, "pooler"):
+        model.pooler = None  # as load_backbone
+    return model
+
+
 def _tiny_backbone(name: str, modality: str, seed: int | None) -> Any:
     """A 2-layer random test model, drawn from `seed`; `seed=None`: on the meta device (no
     weights: the architecture only)."""
@@ -284,7 +330,8 @@ def quantization_options(quantization: str, dtype: Any, device: Any) -> dict[str
     return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
-def _built_in_code(name: str, modality: str, seed: int, feature_dim: int) -> Any:
+def _built_in_code(name: str, modality: str, seed: int, feature_dim: int, dtype: Any = None,
+                   device: Any = None) -> Any:
     """The backbones built in code (plug-ins, EfficientNet-lite0, the random MLP, the tiny test
     models); None for a Hugging Face checkpoint (a hub id or folder)."""
     if (plugin := _plugin(name)) is not None:
@@ -297,6 +344,8 @@ def _built_in_code(name: str, modality: str, seed: int, feature_dim: int) -> Any
         return RandomMLP.build(feature_dim, seed)
     if name.startswith("tiny-random-"):
         return _tiny_backbone(name, modality, seed)
+    if is_random_architecture(name):
+        return _random_backbone(name, modality, seed, dtype, device)
     return None
 
 
@@ -308,7 +357,7 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
     their linear layers quantised onto the CUDA `device`."""
     from fltac_ray.precision import cast_frozen_base
 
-    built = _built_in_code(name, modality, seed, feature_dim)
+    built = _built_in_code(name, modality, seed, feature_dim, dtype, device)
     if built is not None:
         if quantization != "none":
             raise ResourceUnavailableError(
@@ -362,6 +411,8 @@ def build_on_meta(name: str, modality: str, feature_dim: int = 16) -> Any:
             return EfficientNetLite0() if name == "efficientnet-lite0" else RandomMLP.build(feature_dim, 0)
     if name.startswith("tiny-random-"):
         return _tiny_backbone(name, modality, seed=None)
+    if is_random_architecture(name):
+        return _random_backbone(name, modality, seed=None)
     if name == "smollm2-135m":
         from transformers import AutoConfig
 

