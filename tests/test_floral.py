@@ -216,3 +216,23 @@ def test_optimal_router_fixes_each_client_to_its_true_cluster():
     with pytest.raises(ConfigError, match="floral.num_adaptors \\(3\\); here 4 clusters"):
         build_config({"algorithm": "floral", "data": shift, "model": {"name": "efficientnet-lite0"},
                       "floral": {"router": "optimal", "num_adaptors": 3}})
+
+
+def test_beside_a_quantised_base_the_router_and_mixtures_move_and_bitsandbytes_layers_stay():
+    """model.quantization with FLoRAL: bitsandbytes placed its layers (and refuses .to()); the
+    router, the mixture adaptors, the pixel statistics and the rest follow to the device. A
+    stand-in bitsandbytes layer on the CPU, the meta device as the target."""
+    model = _floral_model()
+
+    class Linear4bit(nn.Linear):  # what bitsandbytes' layers look like to the walk
+        def to(self, *args, **kwargs):
+            raise AssertionError("a bitsandbytes layer was moved")
+
+    Linear4bit.__module__ = "bitsandbytes.nn.modules"
+    model.quantized_stand_in = Linear4bit(3, 3)
+    model.place_beside_quantized_base(torch.device("meta"))
+    assert model.quantized_stand_in.weight.device.type == "cpu"
+    moved = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]
+             if not name.startswith("quantized_stand_in")]
+    assert moved and all(t.device.type == "meta" for _, t in moved)
+    assert any("router" in name for name, _ in moved) and any("pixel" in name for name, _ in moved)

@@ -346,3 +346,53 @@ def test_a_coordinator_on_part_of_a_gpu_is_counted_against_whole_gpu_workers():
     # on a cluster of known size (not joined with engine.ray_address) the plan counts it already
     engine.num_workers = None
     assert plan_worker_count(100, engine, cpus=64, gpus=8) == 7
+
+
+def test_tf32_is_set_for_cuda_workers_as_configured():
+    from fltac_ray.precision import configure_cuda_math
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        configure_cuda_math(torch.device("cuda"), tf32=False, deterministic=False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        configure_cuda_math(torch.device("cuda"), tf32=True, deterministic=False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        configure_cuda_math(torch.device("cpu"), tf32=True, deterministic=False)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # a CPU worker leaves CUDA alone
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_cuda_worker_streams_a_checkpoint_onto_its_device(monkeypatch):
+    """No whole host copy of the base on the way to the GPU: from_pretrained gets a device_map
+    naming the worker's device (a CPU worker, none)."""
+    from transformers import AutoModel
+
+    from fltac_ray.models.builders import load_backbone
+
+    seen = []
+
+    def from_pretrained(source, **options):
+        seen.append(options)
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", from_pretrained)
+    load_backbone("someone/some-bert", "text", dtype=torch.bfloat16, device=torch.device("cuda"))
+    load_backbone("someone/some-bert", "text", dtype=torch.bfloat16, device=torch.device("cuda", 1))
+    load_backbone("someone/some-bert", "text", dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert [options.get("device_map") for options in seen] == [{"": 0}, {"": 1}, None]
+    assert all(options["dtype"] is torch.bfloat16 for options in seen)
+
+
+def test_a_batch_is_cut_to_its_longest_example_on_the_host():
+    """The device never reads the width back: token columns arrive cut to the rows' longest."""
+    from fltac_ray.training import rows_to_device
+
+    inputs = {"input_ids": np.arange(20, dtype=np.int32).reshape(2, 10), "lengths": np.array([3, 6], np.int32),
+              "token_type_ids": np.zeros((2, 10), np.int32), "references": np.array(["a", "b"])}
+    out = rows_to_device(inputs, np.array([0]), torch.device("cpu"))
+    assert set(out) == {"input_ids", "lengths", "token_type_ids"}  # references are not tensors
+    assert out["input_ids"].tolist() == [[0, 1, 2]] and out["token_type_ids"].shape == (1, 3)
+    both = rows_to_device(inputs, np.array([1, 0]), torch.device("cpu"))
+    assert both["input_ids"].shape == (2, 6) and both["lengths"].tolist() == [6, 3]

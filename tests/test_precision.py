@@ -317,3 +317,35 @@ def test_deterministic_mode_switches_torchs_deterministic_algorithms_on(monkeypa
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_the_routed_update_runs_in_the_passs_dtype_where_asked(monkeypatch):
+    """On CUDA the routed LoRA update of a bfloat16 pass is computed in bfloat16 (no float32 copy
+    of each layer's input kept for backward); the CPU keeps float32. The CUDA choice is forced
+    here on the CPU's own bfloat16 autocast: the update's dtype follows, and batched training
+    still agrees with one-by-one training."""
+    import fltac_ray.models.multi_adapter as multi
+
+    seen = []
+    original = multi._routed_linear
+
+    def recording(x, a, b, route):
+        out = original(x, a, b, route)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(multi, "_routed_linear", recording)
+    model = _model(dtype=torch.bfloat16)
+    jobs = _jobs(model, [(_text_split(30, 4, 1), 4), (_text_split(30, 3, 2), 3)], steps=[3, 3])
+    train_batched(model, jobs, 4, 1e-2, 0.0, CPU)
+    assert set(seen) == {torch.float32}  # the CPU's choice
+    seen.clear()
+    monkeypatch.setattr(multi, "update_in_pass_dtype", lambda device: True)
+    jobs = _jobs(model, [(_text_split(30, 4, 1), 4), (_text_split(30, 3, 2), 3)], steps=[3, 3])
+    batched = train_batched(model, jobs, 4, 1e-2, 0.0, CPU)
+    assert set(seen) == {torch.bfloat16}
+    for j, (job, outcome) in enumerate(zip(jobs, batched, strict=True)):
+        single = train_adapter(model, job.start, job.split, job.indices, job.num_classes, job.steps, 4, 1e-2, 0.0,
+                               np.random.default_rng([1, j]), CPU)
+        assert np.isfinite(outcome.adapter).all()
+        assert outcome.mean_loss == pytest.approx(single.mean_loss, rel=2e-2)

@@ -247,11 +247,14 @@ class AdapterModel(PooledFeatures, nn.Module):
         )
 
     def place_beside_quantized_base(self, device: torch.device) -> None:
-        """Move what is not the base (head, pixel statistics) to `device`: a bitsandbytes base is
-        placed by its loader and refuses .to(); peft put the LoRA tensors beside their layers."""
-        if self.head is not None:
-            self.head.to(device)
-        self.pixel_mean, self.pixel_std = self.pixel_mean.to(device), self.pixel_std.to(device)
+        """Move everything that is not a bitsandbytes layer to `device`: the head, the pixel
+        statistics, FLoRAL's router and mixture adaptors, the base's unquantised layers
+        (embeddings, norms). A bitsandbytes layer was placed by its loader and refuses .to().
+        Each other module moves its own tensors as .to() would (host to GPU keeps the
+        parameters' identity, so the adapter's references stay valid)."""
+        for module in self.modules():
+            if not type(module).__module__.startswith("bitsandbytes"):
+                module._apply(lambda tensor: tensor.to(device), recurse=False)
 
     # --- adapter <-> flat vector ----------------------------------------------------------
     @property

@@ -116,6 +116,15 @@ def _routed_conv(module: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: t
     return out
 
 
+def update_in_pass_dtype(device: torch.device) -> bool:
+    """Whether the routed LoRA update runs in the pass's autocast dtype (CUDA) or in float32 (the
+    CPU). On CUDA, like the base: in float32 a copy of every targeted layer's input would be kept
+    for backward (Llama: ~+20-25% activation memory), and bmm runs on the tensor cores; the
+    adapters and their gradients stay float32. On the CPU its matmuls are matrix-vector shaped at
+    rank 1-8, which run slower in bfloat16 than in float32 (MiniLM: the pass's bmm time 1.4x)."""
+    return device.type == "cuda"
+
+
 @contextmanager
 def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -> Iterator[None]:
     """Within the block, the model's LoRA layers apply adapter route[i] to sample i of the batch."""
@@ -130,18 +139,12 @@ def routed(model: AdapterModel, stacked: StackedAdapters, route: torch.Tensor) -
 
         def hook(_module, args, output):
             x = args[0]
-            if x.device.type == "cuda":
-                if not torch.is_autocast_enabled("cuda"):
+            if update_in_pass_dtype(x.device):
+                if not torch.is_autocast_enabled(x.device.type):
                     x = x.to(a.dtype)  # no autocast around this pass: the adapters' dtype
-                # In the pass's autocast dtype, like the base: a float32 copy of every targeted
-                # layer's input would be kept for backward (Llama: ~+20-25% activation memory),
-                # and bmm runs on the tensor cores. The adapters stay float32 (their gradients too).
                 delta = _routed_conv(module, dropout(x), a, b, route) if conv else \
                     _routed_linear(dropout(x), a, b, route)
                 return output + (delta * scale).to(output.dtype)
-            # The CPU: in float32 even in a half-precision pass. Its matmuls are matrix-vector
-            # shaped at rank 1-8, which CPUs run slower in bfloat16 than in float32 (MiniLM: the
-            # pass's bmm time 1.4x), and float32 keeps the adapters' own precision.
             with torch.autocast(x.device.type, enabled=False):
                 x = dropout(x.to(a.dtype))
                 delta = _routed_conv(module, x, a, b, route) if conv else _routed_linear(x, a, b, route)
