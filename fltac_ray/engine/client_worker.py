@@ -24,7 +24,7 @@ from fltac_ray.algorithms import ClientJob, create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
 from fltac_ray.attacks import Attack
 from fltac_ray.config import ExperimentConfig, import_plugins
-from fltac_ray.data.federated import ClientShard, TaskBundle
+from fltac_ray.data.federated import ClientShard, EncodedSplit, TaskBundle
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import (
     EvalJob,
@@ -49,7 +49,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
-def longest_rows(split, count: int) -> np.ndarray:
+def longest_rows(split: EncodedSplit, count: int) -> np.ndarray:
     """`count` rows of the split's longest examples, in index order (repeated when it holds
     fewer): the batch whose padded step costs the most memory."""
     lengths = split.inputs.get("lengths")
@@ -80,18 +80,9 @@ class ClientWorker:
         import torch
 
         from fltac_ray.engine.cuda_device import choose_device
-        from fltac_ray.models.adapter_model import AdapterModel
-        from fltac_ray.models.base_cache import (
-            BaseDescription,
-            node_base_weights,
-            writable_cache_dir,
-        )
-        from fltac_ray.models.builders import (
-            backbone_from_weights,
-            load_backbone,
-            use_shipped_files,
-        )
-        from fltac_ray.precision import LossScale, configure_cuda_math, dtype_name, resolve_dtype
+        from fltac_ray.models.base_cache import writable_cache_dir
+        from fltac_ray.models.builders import use_shipped_files
+        from fltac_ray.precision import LossScale, configure_cuda_math, resolve_dtype
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         if model_files is not None:
@@ -113,45 +104,63 @@ class ClientWorker:
         self.shards = {shard.client_id: shard for shard in clients}
         self.algorithm = create_algorithm(config, cls=algorithm_class)  # its client hooks
         self.attack = Attack.from_config(config)  # federation.attack: who lies, and how
-        modality = config.data.modality
-        name, feature_dim = config.model.name, config.data.feature_dim
-        quantized = config.model.quantization != "none"
         # The node's cache shares one host copy of the base among CPU workers. A GPU worker's
         # host copy is only on its way to the device, and a quantised base is bitsandbytes'
         # own layout on the GPU: both load straight onto the device, no disk round trip.
         node_cache = node_cache and self.device.type != "cuda"
-        on_gpu = contextlib.nullcontext()
-        if self.device.type == "cuda":
-            from fltac_ray.engine.gpu_fit import check_worker_gpu, gpu_lock
+        with self._gpu_turn():
+            self._build_model(head_classes, node_cache)
+        self.generation = self._generation_settings() if config.data.modality == "causal_lm" else None
 
-            on_gpu = gpu_lock(self.device)  # one worker at a time: check, load, move, measure
-        with on_gpu:
-            if self.device.type == "cuda":
-                check_worker_gpu(config, self.device, self.dtype)  # before a byte of the base reaches the GPU
-            self.loaded_base = not node_cache
-            if node_cache:
-                description = BaseDescription(name, modality, config.seed, feature_dim, dtype_name(self.dtype))
-                weights, self.loaded_base = node_base_weights(description, config.engine.base_cache_dir)
-                encoder = backbone_from_weights(name, modality, weights, feature_dim)
-            else:
-                encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim, dtype=self.dtype,
-                                        quantization=config.model.quantization, device=self.device)
-            tensors = {t.data_ptr(): t.numel() * t.element_size() for t in encoder.state_dict().values()}
-            self.base_bytes = sum(tensors.values())  # tied tensors once
-            self.model = AdapterModel(encoder, config.model, head_classes, config.seed, modality=modality,
-                                      **self.algorithm.model_options())
-            if not quantized:  # bitsandbytes placed the quantised base already
-                self.model.to(self.device)
-            else:
-                self.model.place_beside_quantized_base(self.device)
-            self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index(),
-                                    self.model.fixed_tensors())
-            self.algorithm.setup(self.spec)
-            self.frozen = self._frozen_entries()
-            self.batched = config.engine.batched_training and self._batchable()
-            self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
-            self.adapters_fit = self._adapters_that_fit()
-        self.generation = self._generation_settings() if modality == "causal_lm" else None
+    def _gpu_turn(self) -> contextlib.AbstractContextManager:
+        """On CUDA, this GPU's lock (engine/gpu_fit.gpu_lock): one worker at a time checks its
+        memory, loads its base, moves it to the device and measures its pass."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from fltac_ray.engine.gpu_fit import gpu_lock
+
+        return gpu_lock(self.device)
+
+    def _build_model(self, head_classes: int, node_cache: bool) -> None:
+        """The frozen base (loaded, or mapped from the node's cache) with the algorithm's adapter
+        model on this worker's device, and what depends on it: the adapter layout, the batched
+        path, the adapters a pass may hold."""
+        from fltac_ray.models.adapter_model import AdapterModel
+        from fltac_ray.models.base_cache import BaseDescription, node_base_weights
+        from fltac_ray.models.builders import backbone_from_weights, load_backbone
+        from fltac_ray.precision import dtype_name
+
+        config = self.config
+        modality = config.data.modality
+        name, feature_dim = config.model.name, config.data.feature_dim
+        quantized = config.model.quantization != "none"
+        if self.device.type == "cuda":
+            from fltac_ray.engine.gpu_fit import check_worker_gpu
+
+            check_worker_gpu(config, self.device, self.dtype)  # before a byte of the base reaches the GPU
+        self.loaded_base = not node_cache
+        if node_cache:
+            description = BaseDescription(name, modality, config.seed, feature_dim, dtype_name(self.dtype))
+            weights, self.loaded_base = node_base_weights(description, config.engine.base_cache_dir)
+            encoder = backbone_from_weights(name, modality, weights, feature_dim)
+        else:
+            encoder = load_backbone(name, modality, seed=config.seed, feature_dim=feature_dim, dtype=self.dtype,
+                                    quantization=config.model.quantization, device=self.device)
+        tensors = {t.data_ptr(): t.numel() * t.element_size() for t in encoder.state_dict().values()}
+        self.base_bytes = sum(tensors.values())  # tied tensors once
+        self.model = AdapterModel(encoder, config.model, head_classes, config.seed, modality=modality,
+                                  **self.algorithm.model_options())
+        if not quantized:  # bitsandbytes placed the quantised base already
+            self.model.to(self.device)
+        else:
+            self.model.place_beside_quantized_base(self.device)
+        self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index(),
+                                self.model.fixed_tensors())
+        self.algorithm.setup(self.spec)
+        self.frozen = self._frozen_entries()
+        self.batched = config.engine.batched_training and self._batchable()
+        self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
+        self.adapters_fit = self._adapters_that_fit()
 
     def gpu_grant(self) -> tuple[list[str] | None, bool]:
         """(GPU ids Ray assigned this process, or None outside Ray; whether this node really has
