@@ -164,7 +164,7 @@ def instruction_split(count: int, length: int, seed: int) -> EncodedSplit:
     return EncodedSplit({"input_ids": ids, "lengths": lengths, "prompt_lengths": prompts}, np.zeros(count, np.int64))
 
 
-def image_split(count: int, seed: int, classes: int = 10) -> EncodedSplit:
+def image_split(count: int, seed: int, classes: int = 4) -> EncodedSplit:
     rng = np.random.default_rng(seed)
     return EncodedSplit({"pixels": rng.integers(0, 256, (count, 3, 32, 32)).astype(np.uint8)},
                         rng.integers(0, classes, count).astype(np.int64))

@@ -93,7 +93,7 @@ def _child(script: str, tmp_path: Path, **env_vars: str) -> dict:
     root = Path(__file__).parents[1]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(root), **env_vars}
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "bases")],
-                          capture_output=True, text=True, timeout=420, env=env, cwd=root)
+                          capture_output=True, text=True, timeout=1500, env=env, cwd=root)  # a cap for hangs
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -124,9 +124,14 @@ GROWING = PRELUDE + HEAD + textwrap.dedent("""
     simulation = Simulation(tiny_config(engine={**engine, "num_workers": 2, "reserve_timeout_s": 120}),
                             out=f"{out}/grown", progress=progress)
     run, failure = in_thread(simulation)
-    time.sleep(3)
+    # the node joins once the run says it waits (not after a fixed sleep: on a slow or loaded
+    # machine the run may reach its reservation later, and the node would join before any wait)
+    for _ in range(6000):
+        if any("waiting for the worker pool" in line for line in lines) or not run.is_alive():
+            break
+        time.sleep(0.1)
     cluster.add_node(num_cpus=1)
-    run.join(timeout=400)
+    run.join(timeout=1200)
     assert not run.is_alive() and not failure, failure
     report["grown_nodes"] = simulation.backend.worker_nodes
     report["waited"] = [line for line in lines if "waiting for the worker pool" in line]
