@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def native_bfloat16(device: torch.device) -> bool:
     """The GPU computes bfloat16 natively (compute capability 8.0+: Ampere, Ada, Hopper).
     torch.cuda.is_bf16_supported() also says yes on T4 (7.5) and V100 (7.0), where bfloat16 is
-    emulated through float32 kernels: slower than float16 and no memory saved in the matmuls."""
+    emulated (no bfloat16 tensor cores): slower there than float16 with loss scaling."""
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
