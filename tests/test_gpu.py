@@ -396,3 +396,29 @@ def test_a_batch_is_cut_to_its_longest_example_on_the_host():
     assert out["input_ids"].tolist() == [[0, 1, 2]] and out["token_type_ids"].shape == (1, 3)
     both = rows_to_device(inputs, np.array([1, 0]), torch.device("cpu"))
     assert both["input_ids"].shape == (2, 6) and both["lengths"].tolist() == [6, 3]
+
+
+def test_a_worker_checks_its_part_of_the_gpu_and_what_is_free_before_loading(monkeypatch):
+    """check_worker_gpu on fake CUDA memory reports: Llama-7B bfloat16 (12.55 GiB) at 0.5 GPU on
+    an A10G has an 11 GiB part (refused even on an empty GPU); on an H200 its 70 GiB part fits,
+    unless the others on that GPU left too little free."""
+    from fltac_ray.engine.gpu_fit import check_worker_gpu
+    from fltac_ray.errors import ResourceUnavailableError
+
+    def gpu(total_gib, free_gib, name):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * GIB), int(total_gib * GIB)))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    half = tiny_config(data={"tasks": ["wordnet_define"]}, model={"name": "huggyllama/llama-7b"},
+                       engine={"gpus_per_worker": 0.5})
+    gpu(22.0, 21.5, "NVIDIA A10G")
+    with pytest.raises(ResourceUnavailableError) as refused:
+        check_worker_gpu(half, torch.device("cuda"), torch.bfloat16)
+    for part in ("NVIDIA A10G (22.0 GiB) has 21.5 GiB free", "its part is 11.0 GiB (engine.gpus_per_worker = 0.5)",
+                 "12.55 GiB for its copy of the base", "2 worker(s) share this GPU"):
+        assert part in str(refused.value), part
+    gpu(139.8, 139.0, "NVIDIA H200")
+    check_worker_gpu(half, torch.device("cuda"), torch.bfloat16)  # fits its half
+    gpu(139.8, 10.0, "NVIDIA H200")  # another process holds most of the GPU
+    with pytest.raises(ResourceUnavailableError, match="has 10.0 GiB free"):
+        check_worker_gpu(half, torch.device("cuda"), torch.bfloat16)
