@@ -29,9 +29,11 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
         assert key in config, key
     assert config["head_node_type"] in config["available_node_types"]
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
-    # cuML on the GPU nodes only: the CPU head's coordinator uses scikit-learn
-    assert any("pip install" in c and ".[gpu" in c for c in config["worker_setup_commands"])
-    assert not any(".[gpu" in c for c in config["setup_commands"] + config["head_setup_commands"])
+    # bitsandbytes on the GPU nodes; cuML nowhere by default (the CPU head's coordinator uses
+    # scikit-learn; tests/test_cluster_config.py checks the extras)
+    assert any("pip install" in c and ".[quant]" in c for c in config["worker_setup_commands"])
+    assert not any(".[gpu" in c for c in config["setup_commands"] + config["head_setup_commands"]
+                   + config["worker_setup_commands"])
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         assert any("--object-store-memory=" in c for c in commands)
 
