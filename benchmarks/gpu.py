@@ -93,6 +93,7 @@ import torch  # noqa: E402
 from fltac_ray.batched_training import AdapterJob, measure_pass_memory, train_batched  # noqa: E402
 from fltac_ray.config import ModelConfig, build_config  # noqa: E402
 from fltac_ray.data.federated import EncodedSplit  # noqa: E402
+from fltac_ray.engine.client_worker import longest_rows  # noqa: E402
 from fltac_ray.engine.gpu_fit import (  # noqa: E402
     CUDA_CONTEXT_BYTES,
     GPU_MEMORY_GIB,
@@ -260,8 +261,7 @@ def bench_fit(setup: Setup) -> dict:
         split = (image_split(256, 0) if modality == "image" else
                  instruction_split(256, length, 0) if modality == "causal_lm" else text_split(256, length, 0))
         classes = 0 if modality == "causal_lm" else 4
-        lengths = split.inputs.get("lengths")
-        rows = np.sort(np.argsort(-lengths, kind="stable")[:batch]) if lengths is not None else np.arange(batch)
+        rows = longest_rows(split, batch)  # as a worker measures (engine/client_worker.py)
         memory = measure_pass_memory(model, split, rows, classes, setup.device)
         row = {"fixed_mib": memory.fixed_bytes / MIB, "per_adapter_mib": memory.per_adapter_bytes / MIB}
         say(f"  {label}: a pass = {memory.fixed_bytes / MIB:,.0f} MiB + {memory.per_adapter_bytes / MIB:,.0f} MiB "

@@ -245,12 +245,13 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
         # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
         losses = _accumulate_step(model, stacked, ordered[:active], chosen, device, scaling.scale)
         finite = scaling.finite_rows(stacked.parameters(), active)  # float16 only; else None
-        if finite is None or finite.all():
-            optimizer.step(active)
-        else:  # only the overflowed adapters skip this step
+        overflowed = 0 if finite is None else int((~finite).sum())
+        if overflowed:  # only the overflowed adapters skip this step
             optimizer.step(active, take=finite)
             skipped[:active] += ~finite
-        scaling.update(finite is None or bool(finite.all()), int(active - finite.sum()) if finite is not None else 0)
+        else:
+            optimizer.step(active)
+        scaling.update(overflowed == 0, overflowed)
         hold.restore()
         step_losses = torch.full((len(ordered),), float("nan"), device=losses.device)
         step_losses[:active] = losses.detach()

@@ -171,6 +171,12 @@ class PassMemory:
         return self.fixed_bytes + count * self.per_adapter_bytes
 
 
+def gpu_part(total_bytes: int, gpus_per_worker: float | None) -> float:
+    """A worker's part of its GPU's memory: Ray's fraction of the total (0.25 is a quarter; unset
+    or 1: the whole GPU)."""
+    return total_bytes * min(gpus_per_worker or 1.0, 1.0)
+
+
 def worker_budget(total_bytes: int, free_bytes: int, gpus_per_worker: float | None, resident_bytes: int,
                   share: float = PLANNED_SHARE) -> int:
     """Bytes a worker's passes may plan to use on its GPU: its part of the GPU (Ray's fraction of
@@ -178,8 +184,7 @@ def worker_budget(total_bytes: int, free_bytes: int, gpus_per_worker: float | No
     coordinator's engine.coordinator_gpus included) less what it holds already (`resident_bytes`:
     its CUDA context, base and head), never more than is free now, times `share` (the rest:
     allocator fragmentation)."""
-    part = total_bytes * min(gpus_per_worker or 1.0, 1.0)
-    return max(0, int(min(part - resident_bytes, free_bytes) * share))
+    return max(0, int(min(gpu_part(total_bytes, gpus_per_worker) - resident_bytes, free_bytes) * share))
 
 
 def adapters_that_fit(budget_bytes: int, memory: PassMemory, most: int = MAX_AUTO_ADAPTERS) -> int:
@@ -244,7 +249,7 @@ def check_worker_gpu(config: Any, device: Any, dtype: Any) -> None:
     free, total = torch.cuda.mem_get_info(device)
     base = base_bytes_for(config, dtype)
     gpus = config.engine.gpus_per_worker
-    part = total * min(gpus or 1.0, 1.0)
+    part = gpu_part(total, gpus)
     need = CUDA_CONTEXT_BYTES + base + MIN_WORKING_BYTES
     if need <= part and base + MIN_WORKING_BYTES <= free:  # this process's context exists already
         return
