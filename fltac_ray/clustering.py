@@ -70,8 +70,7 @@ def torch_kmeans(vectors: np.ndarray, n_clusters: int, seed: int, n_init: int, m
     for _ in range(n_init):
         centres = _kmeans_plus_plus(x, squares, n_clusters, generator)  # (k, d)
         for _ in range(max_iter):
-            distances = squares[:, None] - 2.0 * (x @ centres.T) + (centres * centres).sum(dim=1)[None, :]
-            labels = distances.argmin(dim=1)  # (n,)
+            labels = _squared_distances(x, squares, centres).argmin(dim=1)  # (n,)
             sums = torch.zeros_like(centres).index_add_(0, labels, x)
             counts = torch.bincount(labels, minlength=n_clusters).to(x.dtype)[:, None]
             moved = torch.where(counts > 0, sums / counts.clamp(min=1.0), centres)
@@ -79,12 +78,16 @@ def torch_kmeans(vectors: np.ndarray, n_clusters: int, seed: int, n_init: int, m
             centres = moved
             if shift <= threshold:
                 break
-        distances = squares[:, None] - 2.0 * (x @ centres.T) + (centres * centres).sum(dim=1)[None, :]
-        closest, labels = distances.min(dim=1)
+        closest, labels = _squared_distances(x, squares, centres).min(dim=1)
         inertia = float(closest.clamp(min=0.0).sum())
         if inertia < best_inertia:
             best_inertia, best_labels = inertia, labels
     return best_labels.cpu().numpy().astype(np.int64)
+
+
+def _squared_distances(x, squares, centres):
+    """(n, k) squared distances of x (n, d) to centres (k, d), from |x|^2 (n,) already known."""
+    return squares[:, None] - 2.0 * (x @ centres.T) + (centres * centres).sum(dim=1)[None, :]
 
 
 def _kmeans_plus_plus(x, squares, n_clusters: int, generator):
