@@ -6,8 +6,9 @@ base (models/multi_adapter.py routes each sample through its own adapter). It re
   - every job draws its batches through the same seeded BatchCursor;
   - the loss is the sum of every job's own mean loss, so adapter j's gradient is exactly the
     gradient of its own batch;
-  - each job has its own AdamW state (BatchedAdamW below: torch's AdamW update, per stacked row),
-    fresh for every job as in the one-by-one path;
+  - each job has its own optimiser state (local_optimizers.py: one optimiser per stacked row),
+    fresh for every job as in the one-by-one path, and the algorithm's local-training rule
+    (algorithms/local_training.py: penalty, gradient correction, optimiser) acts per row;
   - jobs with fewer steps drop out of the batch once they are done (jobs are ordered by steps).
 Text batches are regrouped into buckets of similar length, so a pass pads less than the
 one-by-one batches do (fewer FLOPs for the same steps), and each bucket runs its own forward and
@@ -21,15 +22,16 @@ states the tolerance); with dropout on they agree in distribution.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fltac_ray.algorithms.local_training import LocalContext, LocalTraining, rows_of
 from fltac_ray.data.federated import EncodedSplit
+from fltac_ray.local_optimizers import BatchedAdamW  # noqa: F401 - its home before local_optimizers.py
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
 from fltac_ray.precision import LossScale
@@ -39,6 +41,7 @@ from fltac_ray.training import (
     FrozenEntries,
     TrainOutcome,
     rows_to_device,
+    stack_by_layout,
     to_device,
 )
 
@@ -56,6 +59,11 @@ class AdapterJob:
     num_classes: int  # 0: instruction task (causal-LM loss on response tokens)
     steps: int
     rng: np.random.Generator
+    # where this round's local training of the adapter began (FedProx's anchor); None: `start`
+    # (they differ from the second task of a multi-task adapter on)
+    anchor: np.ndarray | None = None
+    # the algorithm's local_inputs for this job: name -> (adapter_size,) float32
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def signature(self) -> tuple:
         """Jobs whose inputs concatenate into one batch (same per-example shapes and dtypes)."""
@@ -91,46 +99,6 @@ def task_logits(model: AdapterModel, stacked: StackedAdapters, inputs: dict[str,
     logits = routed_head(model, model.features(**inputs), stacked, route)
     columns = torch.arange(logits.shape[1], device=logits.device)[None, :]
     return logits.masked_fill(columns >= classes[:, None], float("-inf"))
-
-
-class BatchedAdamW:
-    """torch.optim.AdamW (single-tensor form, amsgrad off) on stacked (n, ...) tensors, each row
-    an independent optimizer; `active` leading rows take a step, the rest are left untouched.
-    Each row counts its own steps (a row whose float16 gradients overflowed skips one, as
-    GradScaler skips optimizer.step), so its bias correction is that of its own optimizer."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lr, self.weight_decay, self.betas, self.eps = params, lr, weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.row_steps = np.zeros(params[0].shape[0] if params else 0, dtype=np.int64)
-
-    @torch.no_grad()
-    def step(self, active: int, take: np.ndarray | None = None) -> None:
-        """Step rows 0..active-1, or only those where `take` ((active,) bool) is True."""
-        rows = np.arange(active) if take is None else np.flatnonzero(take)
-        self.row_steps[rows] += 1
-        counts = self.row_steps[rows]
-        if take is None and (counts == counts[0]).all():  # the usual case: one update of the block
-            self._update(slice(0, active), int(counts[0]))
-            return
-        for row in rows.tolist():  # rows out of step with each other: one update each (rare)
-            self._update(slice(row, row + 1), int(self.row_steps[row]))
-
-    def _update(self, rows: slice, steps: int) -> None:
-        beta1, beta2 = self.betas
-        bias_correction1 = 1 - beta1 ** steps
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** steps)
-        step_size = self.lr / bias_correction1
-        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            p, g = param[rows], param.grad[rows]  # views: the updates land in the stacked tensors
-            m, v = exp_avg[rows], exp_avg_sq[rows]
-            p.mul_(1 - self.lr * self.weight_decay)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            p.addcdiv_(m, denom, value=-step_size)
 
 
 # Text batches are cut into buckets of similar length, each padded only to its own longest
@@ -215,22 +183,38 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
     return means
 
 
+def local_context(jobs: list[AdapterJob], layout: list[tuple[str, tuple[int, ...]]],
+                  device: torch.device) -> LocalContext:
+    """The local-training rule's view of a pass: the jobs' anchors and inputs, stacked in job
+    order and split by the adapter layout ((n, *shape) per layout tensor)."""
+    anchors = np.stack([job.start if job.anchor is None else job.anchor for job in jobs])
+    names = sorted(jobs[0].inputs)
+    if any(sorted(job.inputs) != names for job in jobs):
+        raise ValueError("the jobs of one pass must bring the same local_inputs names")
+    inputs = {name: stack_by_layout(np.stack([job.inputs[name] for job in jobs]), layout, device) for name in names}
+    return LocalContext(stack_by_layout(anchors, layout, device), inputs, active=len(jobs))
+
+
 def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, lr: float,
                   weight_decay: float, device: torch.device, frozen: np.ndarray | None = None,
-                  scaling: LossScale | None = None) -> list[TrainOutcome]:
+                  scaling: LossScale | None = None, rule: LocalTraining | None = None) -> list[TrainOutcome]:
     """Train every job's adapter from its start; outcomes in the order of `jobs`. All jobs must
     share one signature() (the caller groups them). `frozen`: (adapter_size,) bool, entries
     held at their start values (FFA-LoRA's A). `scaling`: the worker's float16 loss scale (kept
-    across passes); None: a fresh one for this call."""
+    across passes); None: a fresh one for this call. `rule`: the algorithm's local training
+    (None: plain AdamW)."""
     if not jobs:
         return []
     if len({job.signature() for job in jobs}) > 1:
         raise ValueError("train_batched needs jobs whose inputs share shapes and dtypes; group them by signature()")
+    rule = rule or LocalTraining()
     order = sorted(range(len(jobs)), key=lambda j: -jobs[j].steps)  # finished jobs drop off the end
     ordered = [jobs[j] for j in order]
     stacked = StackedAdapters(model, np.stack([job.start for job in ordered]), device)
-    optimizer = BatchedAdamW(stacked.parameters(), lr, weight_decay)
-    hold = FrozenEntries(stacked.parameters(), model.adapter_layout(), frozen)
+    params = stacked.parameters()
+    optimizer = rule.optimizer(params, lr, weight_decay)
+    hold = FrozenEntries(params, model.adapter_layout(), frozen)
+    context = local_context(ordered, model.adapter_layout(), device)
     cursors = [BatchCursor(job.indices, batch_size, job.rng) for job in ordered]
     history: list[torch.Tensor] = []  # per step, (len(jobs),) losses (NaN once a job is done): one host read at the end
     skipped = np.zeros(len(ordered), dtype=np.int64)
@@ -239,13 +223,18 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     model.train()
     for step in range(ordered[0].steps):
         active = sum(1 for job in ordered if job.steps > step)
+        context.active, context.step = active, step
         chosen = [cursor.next() for cursor in cursors[:active]]
-        for param in stacked.parameters():
+        for param in params:
             param.grad = None
         # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
         losses = _accumulate_step(model, stacked, ordered[:active], chosen, device, scaling.scale)
-        finite = scaling.finite_rows(stacked.parameters(), active)  # float16 only; else None
+        penalty = rule.penalty(rows_of(params, active), context)  # (active,) or None
+        if penalty is not None:  # each row's term reaches only its own adapter's gradient
+            (penalty.float().sum() * scaling.scale).backward()
+        finite = scaling.finite_rows(params, active)  # float16 only; else None
         overflowed = 0 if finite is None else int((~finite).sum())
+        rule.correct_gradients(rows_of([param.grad for param in params], active), context)
         if overflowed:  # only the overflowed adapters skip this step
             optimizer.step(active, take=finite)
             skipped[:active] += ~finite

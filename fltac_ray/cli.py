@@ -220,7 +220,8 @@ def _print_params(configs: list) -> int:
 
 
 def _list_registries() -> int:
-    from fltac_ray.algorithms import algorithm_summaries
+    from fltac_ray.algorithms import algorithm_summaries, resolve_algorithm
+    from fltac_ray.algorithms.options import describe_options
     from fltac_ray.data.registry import TASKS
     from fltac_ray.models.registry import MODELS
 
@@ -231,9 +232,11 @@ def _list_registries() -> int:
     print("models:")
     for name, spec in MODELS.items():
         print(f"  {name:<30} {spec.modality:<11} {spec.description}")
-    print("algorithms:")
+    print("algorithms (options: algorithm: {name: <name>, <option>: <value>}):")
     for name, text in algorithm_summaries().items():
         print(f"  {name:<26} {text}")
+        for line in describe_options(resolve_algorithm(name).Options):
+            print(f"  {'':<28}{line}")
     return 0
 
 

@@ -759,8 +759,12 @@ class ExperimentConfig(_Section):
     algorithm: str = Field(
         default="fltac",
         description="A built-in algorithm (fltac-ray tasks lists them), one registered with "
-        "fltac_ray.register_algorithm, or 'package.module:ClassName'.",
+        "fltac_ray.register_algorithm, or 'package.module:ClassName'. With its own options: "
+        "{name: fedprox, mu: 0.1} (or --set algorithm.mu=0.1).",
     )
+    # Filled from `algorithm: {name: ..., <option>: ...}` (see _algorithm_with_options); checked
+    # against the algorithm's own Options model; saved back under `algorithm:`.
+    algorithm_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     rounds: int = Field(default=8, ge=1, description="Communication rounds T.")
     output_dir: str = Field(default="runs", description="Parent folder of run directories.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -771,6 +775,20 @@ class ExperimentConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_with_options(cls, raw: Any) -> Any:
+        """`algorithm: {name: fedprox, mu: 0.1}` -> algorithm "fedprox" with options {mu: 0.1}."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("algorithm"), dict):
+            return raw
+        raw, given = dict(raw), dict(raw["algorithm"])
+        name = given.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"algorithm.name = {name!r}: an algorithm given with options names itself, "
+                             "e.g. algorithm: {name: fedprox, mu: 0.1}")
+        raw["algorithm"], raw["algorithm_options"] = name, given
+        return raw
 
     @field_validator("plugins")
     @classmethod
@@ -796,9 +814,25 @@ class ExperimentConfig(_Section):
         """The FederatedAlgorithm subclass `algorithm` names."""
         return resolve_algorithm(self.algorithm)
 
+    @property
+    def options(self):
+        """The algorithm's own options (its Options model, defaults filled in)."""
+        return self.algorithm_class.Options.model_validate(self.algorithm_options)
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
-        reads = self.algorithm_class.options
+        try:
+            self.options  # noqa: B018 - validated here, with the same field-naming errors
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            option = ".".join(str(part) for part in first["loc"])
+            known = sorted(self.algorithm_class.Options.model_fields)
+            message = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                message = (f"not an option of algorithm '{self.algorithm}'; its options: {known}" if known else
+                           f"algorithm '{self.algorithm}' has no options; give it as algorithm: {self.algorithm}")
+            raise ValueError(f"algorithm.{option} = {first.get('input')!r}: {message}") from None
+        reads = self.algorithm_class.reads
         for option in ALGORITHM_OPTIONS:
             section, _, field = option.partition(".")
             explicit = (field in getattr(self, section).model_fields_set if field
@@ -914,14 +948,17 @@ class ExperimentConfig(_Section):
     def resolved(self) -> dict[str, Any]:
         """The full config with defaults filled in, as saved beside the results."""
         out = self.model_dump(mode="json")
+        options = self.options.model_dump(mode="json")
+        if options:  # saved as it is given, so the file loads back as it is
+            out["algorithm"] = {"name": self.algorithm, **options}
         out["federation"]["n_clusters"] = self.resolved_n_clusters
         out["data"]["min_share"] = self.data.resolved_min_share
         # Drop options this algorithm does not read, so the saved file loads back as it is.
-        if "floral" in self.algorithm_class.options:
+        if "floral" in self.algorithm_class.reads:
             out["floral"]["num_adaptors"] = self.resolved_num_adaptors
         if self.federation.aggregation != "trimmed_mean":
             out["federation"].pop("trim_fraction")
-        reads = self.algorithm_class.options
+        reads = self.algorithm_class.reads
         for option in ALGORITHM_OPTIONS:
             section, _, field = option.partition(".")
             if option not in reads:
@@ -965,7 +1002,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         ):
             return []
         model = field.annotation
-    return sorted(model.model_fields)
+    return sorted(name for name, info in model.model_fields.items() if not info.exclude)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -986,6 +1023,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] == "algorithm" and len(path) > 1 and not isinstance(raw.get("algorithm"), dict):
+            # an option of the algorithm: `algorithm: fedprox` becomes {name: fedprox}
+            raw["algorithm"] = {"name": raw.get("algorithm", ExperimentConfig.model_fields["algorithm"].default)}
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fltac_ray.algorithms.local_training import LocalContext, LocalTraining
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.precision import LossScale
@@ -50,6 +51,19 @@ def rows_to_device(inputs: dict[str, np.ndarray], rows: np.ndarray, device: torc
         if width is not None and key in _TOKEN_COLUMNS:
             part = part[:, :width]
         out[key] = to_device(part, device)
+    return out
+
+
+def stack_by_layout(matrix: np.ndarray, layout: list[tuple[str, tuple[int, ...]]],
+                    device: torch.device) -> list[torch.Tensor]:
+    """(n, adapter_size) float32 rows -> one (n, *shape) tensor per layout entry, on `device`
+    (the stacked form the local-training rule reads)."""
+    rows = to_device(np.asarray(matrix, dtype=np.float32), device)
+    out, offset = [], 0
+    for _, shape in layout:
+        size = int(np.prod(shape))
+        out.append(rows[:, offset:offset + size].reshape(len(rows), *shape))
+        offset += size
     return out
 
 
@@ -105,33 +119,60 @@ def train_adapter(
     device: torch.device,
     frozen: np.ndarray | None = None,
     scaling: LossScale | None = None,
+    rule: LocalTraining | None = None,
+    anchor: np.ndarray | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> TrainOutcome:
-    """Run `steps` AdamW steps from `start` on batches of `indices` (reshuffled every epoch).
+    """Run `steps` local steps from `start` on batches of `indices` (reshuffled every epoch),
+    by the algorithm's local-training `rule` (algorithms/local_training.py; None: plain AdamW),
+    which sees this adapter as a pass of one (n = 1). `anchor`: where this round's training of
+    the adapter began (None: `start`); `inputs`: the algorithm's local_inputs for this job.
     `frozen`: (adapter_size,) bool, entries held at their start value (FFA-LoRA's A). A float16
     base trains with loss scaling (precision.LossScale): a step whose gradients overflow is
     skipped, as torch's GradScaler does; `scaling`: the worker's scale, kept across calls (None:
-    a fresh one)."""
+    a fresh one). FLoRAL's private router trains beside the adapter with torch's AdamW at its
+    own learning rate."""
+    rule = rule or LocalTraining()
     model.set_adapter(start)
-    hold = FrozenEntries(model.adapter_parameters(), model.adapter_layout(), frozen)
+    layout = model.adapter_layout()
+    params = model.adapter_parameters()
+    hold = FrozenEntries(params, layout, frozen)
     model.train()
-    # A fresh optimizer per (client, task, round), as in the reference implementation.
-    optimizer = torch.optim.AdamW(model.optimizer_groups(lr), lr=lr, weight_decay=weight_decay)
+    # (1, *shape) views of the model's adapter tensors: the rule's optimiser updates land in the
+    # model. A fresh optimiser per (client, task, round), as in the reference implementation.
+    optimizer = rule.optimizer([param.detach().unsqueeze(0) for param in params], lr, weight_decay)
+    private_groups = model.optimizer_groups(lr)[1:]
+    private = torch.optim.AdamW(private_groups, lr=lr, weight_decay=weight_decay) if private_groups else None
+    context = LocalContext(stack_by_layout((start if anchor is None else anchor)[None], layout, device),
+                           {name: stack_by_layout(vector[None], layout, device)
+                            for name, vector in sorted((inputs or {}).items())})
     batches = BatchCursor(indices, batch_size, rng)
     if scaling is None:
         scaling = LossScale.for_dtype(model.compute_dtype)
     skipped_before = scaling.skipped
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    trained = [p for group in model.optimizer_groups(lr) for p in group["params"]]
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        context.step = step
         chosen = batches.next()
-        inputs = batch_tensors(split, chosen, device)
+        inputs_on_device = batch_tensors(split, chosen, device)
         labels = to_device(split.labels[chosen], device)
-        loss = _batch_loss(model, inputs, labels, num_classes)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * scaling.scale).backward()
+        loss = _batch_loss(model, inputs_on_device, labels, num_classes)
+        objective = loss
+        penalty = rule.penalty([param.unsqueeze(0) for param in params], context)  # (1,) or None
+        if penalty is not None:
+            objective = loss + penalty.float().sum()
+        for param in trained:
+            param.grad = None
+        (objective * scaling.scale).backward()
         stepped = scaling.unscale(trained)
         if stepped:
-            optimizer.step()
+            grads = [(param.grad if param.grad is not None else torch.zeros_like(param)).unsqueeze(0)
+                     for param in params]
+            rule.correct_gradients(grads, context)
+            optimizer.step(1, grads=grads)
+            if private is not None:
+                private.step()
         scaling.update(stepped)
         hold.restore()
         losses.append(loss.item())

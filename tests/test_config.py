@@ -24,7 +24,7 @@ INVALID = [
     ({"data": {"tasks": []}}, "data.tasks", "at least one"),
     ({"data": {"tasks": ["wordnet_pos", "wordnet_pos"]}}, "data.tasks", "unique"),
     ({"model": {"name": "no-such-model"}}, "model.name", "minilm"),
-    ({"algorithm": "fedprox"}, "algorithm", "fltac"),
+    ({"algorithm": "fedmystery"}, "algorithm", "fltac"),
     ({"rounds": 0}, "rounds", "greater than or equal to 1"),
     ({"train": {"lr": 0}}, "train.lr", "greater than 0"),
     ({"train": {"local_steps": "many"}}, "train.local_steps", "integer"),

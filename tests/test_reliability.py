@@ -338,7 +338,7 @@ BAD_CONFIGS = [
     ("data: {dirichlet_alpha: -1}\n", "data.dirichlet_alpha"),
     ("data: {tasks: [no_such_task]}\n", "data.tasks"),
     ("model: {lora: {rank: 0}}\n", "model.lora.rank"),
-    ("algorithm: fedprox\n", "algorithm"),
+    ("algorithm: fedmystery\n", "algorithm"),
     ("federation: {client_fraction: 0}\n", "federation.client_fraction"),
     ("federation: {aggregation: trimmed_mean, trim_fraction: 0.5}\n", "federation.trim_fraction"),
     ("engine: {gpus_per_worker: 0.5}\n", "engine.gpus_per_worker"),

@@ -1,26 +1,35 @@
-"""A federated algorithm is one class holding both halves, plus its traffic accounting.
+"""A federated algorithm is one class holding both halves, plus its options and its traffic
+accounting.
 
-The engine owns the round loop (engine/loop.py) and asks the algorithm at every step where
+The engine owns the round loop (engine/simulation.py) and asks the algorithm at every step where
 methods differ; each hook has a default, so a method overrides only what it changes:
 
+  options
+    Options          its own typed options (algorithms/options.py), read as self.options
   client side (runs in a worker, once per (client, adapter slot) job)
     client_adapters  which of a client's tasks each of its adapters trains on
     task_steps       how many local steps each of an adapter's tasks gets (FedIT: a budget option)
     trainable_entries  which adapter entries local training may change (FFA-LoRA: not A)
     start            which state local training starts from (IFCA: the best-fitting global)
     private_start    which private state it trains with (FLoRAL's optimal router: the true one)
+    local_training   how local steps run: an objective term, a gradient correction, the
+                     optimiser (algorithms/local_training.py; FedProx, SCAFFOLD)
+    local_inputs     per-job vectors that rule reads (SCAFFOLD: c - c_i)
+    keep_state       client state kept between rounds on the server side (SCAFFOLD: c_i)
     upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
     merge            how the server's answer becomes the client's new adapter (FedSA: B kept)
   server side (runs in the coordinator)
-    broadcast        the adapters every sampled client receives before training (v^0; IFCA: K)
+    broadcast        the server models every sampled client receives before training (v^0;
+                     IFCA: its K models; SCAFFOLD: the model and the control variate)
     aggregate        one round's accepted uploads -> the answers sent back
-    state/load_state what a checkpoint must hold to continue
+    state/load_state what a checkpoint must hold to continue (FedAdam: its moments)
   traffic
     Upload.params    parameters one upload really sends
     download_params  parameters the clients of a round really receive
 
-No Ray in here: algorithms are plain numpy code, tested as pure functions
-(tests/test_algorithms.py). DESIGN.md §5 has the picture; the README a worked example.
+No Ray in here: algorithms are plain numpy code (their local-training rule uses torch tensors
+handed to it), tested as pure functions (tests/test_algorithms.py, tests/test_local_training.py).
+The README's "Your own algorithm" has a worked example.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+from fltac_ray.algorithms.local_training import LocalTraining
+from fltac_ray.algorithms.options import AlgorithmOptions
 
 if TYPE_CHECKING:
     from fltac_ray.config import ExperimentConfig
@@ -67,11 +79,14 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class ClientJob:
-    """One (client, slot) of a round, as its client sees it: its own tasks and example count."""
+    """One (client, slot) of a round, as its client sees it: its own tasks and example count,
+    the local steps of each task, and the client state it kept (keep_state; None: none yet)."""
 
     key: AdapterKey
     tasks: tuple[str, ...]
     num_samples: int
+    steps: tuple[int, ...] = ()
+    state: np.ndarray | None = None
 
 
 @dataclass
@@ -125,12 +140,15 @@ class FederatedAlgorithm:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    #: config options beyond the common ones that this algorithm reads (config validation
-    #: rejects the others when set explicitly): see config.ALGORITHM_OPTIONS for the names
-    options: ClassVar[frozenset[str]] = frozenset()
+    #: this algorithm's own options, given as `algorithm: {name: ..., <option>: ...}`
+    Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
+    #: settings of the shared schema this algorithm reads (config validation rejects the others
+    #: when set explicitly): see config.ALGORITHM_OPTIONS for the names
+    reads: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: ExperimentConfig, kmeans_backend: str = "sklearn") -> None:
         self.config = config
+        self.options = type(self).Options.model_validate(getattr(config, "algorithm_options", {}))
         fed = config.federation
         self.weighting = fed.weighting
         self.aggregation = fed.aggregation  # inside each group: mean, median or trimmed_mean
@@ -182,6 +200,22 @@ class FederatedAlgorithm:
         `broadcast`: (K, d) what the server sent; `probe_loss(vector)`: the client's loss with
         that adapter on a fixed probe of its training data (IFCA uses it)."""
         return (committed if committed is not None else broadcast[0]), {}
+
+    def local_training(self) -> LocalTraining:
+        """The rule of local steps (built once per worker): default plain AdamW."""
+        return LocalTraining()
+
+    def local_inputs(self, job: ClientJob, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Named (d,) float32 vectors the local-training rule reads for this job (stacked and
+        split by layout: LocalContext.inputs); `meta`: what `start` returned. Every job of a run
+        must give the same names."""
+        return {}
+
+    def keep_state(self, job: ClientJob, trained: np.ndarray, meta: dict[str, Any]) -> np.ndarray | None:
+        """(d',) float32 client state to keep for this (client, slot) after the round (it comes
+        back as job.state next time it is sampled); None: keep nothing new. Stored on the server
+        side, deduplicated by content like adapters, rolled back when the upload is refused."""
+        return None
 
     def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
                meta: dict[str, Any]) -> Upload | None:

@@ -17,7 +17,7 @@ from fltac_ray.algorithms.base import FederatedAlgorithm
 class FedIT(FederatedAlgorithm):
     name = "fedit"
     summary = "FedIT: one adapter per client trained over all its tasks; FedAvg"
-    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction",
+    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction",
                          "federation.fedit_budget"})
 
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:

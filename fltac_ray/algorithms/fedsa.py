@@ -17,7 +17,7 @@ from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm
 class FedSALoRA(FederatedAlgorithm):
     name = "fedsa"
     summary = "FedSA-LoRA: LoRA A averaged by FedAvg; B and the head stay on each client"
-    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
 
     def shared_entries(self) -> np.ndarray:
         return self.spec.lora_a()  # sent, averaged, replaced; the rest stays with the client

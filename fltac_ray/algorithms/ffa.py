@@ -17,7 +17,7 @@ from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm
 class FFALoRA(FederatedAlgorithm):
     name = "ffa"
     summary = "FFA-LoRA: LoRA A frozen at the shared random init; B and the head trained and averaged"
-    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
 
     def trainable_entries(self) -> np.ndarray:
         return ~self.spec.lora_a()

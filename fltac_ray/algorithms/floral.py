@@ -31,7 +31,7 @@ OPTIMAL_LOGIT = 30.0
 class FLoRAL(FederatedAlgorithm):
     name = "floral"
     summary = "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router"
-    options = frozenset({"federation.weighting", "floral"})
+    reads = frozenset({"federation.weighting", "floral"})
 
     def private_start(self, job: ClientJob, private: np.ndarray | None) -> np.ndarray | None:
         if self.config.floral.router != "optimal":

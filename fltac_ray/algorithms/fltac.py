@@ -16,7 +16,7 @@ from fltac_ray.clustering import kmeans_labels
 class FLTAC(FederatedAlgorithm):
     name = "fltac"
     summary = "FL-TAC: one low-rank adapter per (client, task); server K-means + per-cluster FedAvg"
-    options = frozenset({"federation.n_clusters", "federation.clustering_backend",
+    reads = frozenset({"federation.n_clusters", "federation.clustering_backend",
                          "federation.kmeans_n_init", "federation.weighting",
                          "federation.aggregation", "federation.trim_fraction"})
 

@@ -19,7 +19,7 @@ from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, 
 class IFCA(FederatedAlgorithm):
     name = "ifca"
     summary = "IFCA: K global adapters; each client task starts from the lowest-loss one"
-    options = frozenset({"federation.n_clusters", "federation.weighting",
+    reads = frozenset({"federation.n_clusters", "federation.weighting",
                          "federation.aggregation", "federation.trim_fraction"})
 
     def __init__(self, config, kmeans_backend: str = "sklearn") -> None:

@@ -22,7 +22,7 @@ class OracleClustering(FederatedAlgorithm):
     name = "oracle"
     summary = ("FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step; "
                "under a concept shift, FLoRAL's optimal-router ensemble)")
-    options = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
 
     def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
                meta: dict[str, Any]) -> Upload | None:

@@ -23,6 +23,9 @@ BUILTIN: dict[str, str] = {
     "ffa": "fltac_ray.algorithms.ffa:FFALoRA",
     "local": "fltac_ray.algorithms.local:LocalOnly",
     "centralized": "fltac_ray.algorithms.centralized:Centralized",
+    "fedprox": "fltac_ray.algorithms.fedprox:FedProx",
+    "scaffold": "fltac_ray.algorithms.scaffold:Scaffold",
+    "fedadam": "fltac_ray.algorithms.fedadam:FedAdam",
 }
 _REGISTERED: dict[str, type[FederatedAlgorithm]] = {}
 
@@ -35,8 +38,8 @@ def register_algorithm(cls: type[FederatedAlgorithm]) -> type[FederatedAlgorithm
     """Class decorator: make `cls` available as `algorithm: <cls.name>` in this process.
 
         @register_algorithm
-        class FedProx(FederatedAlgorithm):
-            name = "fedprox"
+        class MyFedProx(FederatedAlgorithm):
+            name = "my_fedprox"
             ...
     """
     from fltac_ray.algorithms.base import FederatedAlgorithm

@@ -157,6 +157,7 @@ class ClientWorker:
         self.spec = AdapterSpec(tuple(self.model.adapter_layout()), self.model.adaptor_index(),
                                 self.model.fixed_tensors())
         self.algorithm.setup(self.spec)
+        self.local_rule = self.algorithm.local_training()  # how local steps run (FedProx, SCAFFOLD...)
         self.frozen = self._frozen_entries()
         self.batched = config.engine.batched_training and self._batchable()
         self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
@@ -294,9 +295,11 @@ class ClientWorker:
         return loss
 
     def _train_one_by_one(self, round_index: int, jobs: list[TrainJob], starts: np.ndarray,
-                          private: dict[AdapterKey, np.ndarray | None], out: np.ndarray) -> list[list[float]]:
+                          private: dict[AdapterKey, np.ndarray | None], out: np.ndarray,
+                          inputs: list[dict[str, np.ndarray]]) -> list[list[float]]:
         """Each adapter alone through its tasks (FLoRAL, or engine.batched_training off). Trained
-        adapters go to the rows of `out`; private state is updated in place; returns the losses."""
+        adapters go to the rows of `out`; private state is updated in place; returns the losses.
+        `inputs`: each job's local_inputs for the algorithm's local-training rule."""
         import torch
 
         from fltac_ray.training import train_adapter
@@ -313,7 +316,7 @@ class ClientWorker:
                 outcome = train_adapter(
                     self.model, vector, bundle.train, examples, bundle.num_classes,
                     steps, train.batch_size, train.lr, train.weight_decay, rng, self.device, self.frozen,
-                    self.loss_scale,
+                    self.loss_scale, self.local_rule, anchor=starts[row], inputs=inputs[row],
                 )
                 vector = outcome.adapter
                 losses.append(outcome.mean_loss)
@@ -325,7 +328,7 @@ class ClientWorker:
         return losses_of
 
     def _train_batched(self, round_index: int, jobs: list[TrainJob], starts: np.ndarray,
-                       out: np.ndarray) -> list[list[float]]:
+                       out: np.ndarray, inputs: list[dict[str, np.ndarray]]) -> list[list[float]]:
         """All of the pass's adapters together (batched_training.py): phase p trains every
         adapter's p-th task (one task each for FL-TAC; FedIT's multi-task adapters run several
         phases), in sub-passes of adapters with equal input shapes. The pass's composition is
@@ -346,13 +349,13 @@ class ClientWorker:
                 rng, torch_seed = self._job_rng(round_index, job.key, phase)
                 bundle, examples = self._training_examples(job, job.tasks[phase])
                 adapter_job = AdapterJob(current[row], bundle.train, examples, bundle.num_classes,
-                                         job.steps[phase], rng)
+                                         job.steps[phase], rng, anchor=starts[row], inputs=inputs[row])
                 by_signature.setdefault(adapter_job.signature(), []).append((row, adapter_job, torch_seed))
             for entries in by_signature.values():
                 torch.manual_seed(entries[0][2])
                 outcomes = train_batched(self.model, [aj for _, aj, _ in entries], train.batch_size,
                                          train.lr, train.weight_decay, self.device, self.frozen,
-                                         self.loss_scale)
+                                         self.loss_scale, self.local_rule)
                 for (row, _, _), outcome in zip(entries, outcomes, strict=True):
                     out[row] = outcome.adapter  # the pass's own matrix is freed after
                     current[row] = out[row]
@@ -366,31 +369,36 @@ class ClientWorker:
         started = time.perf_counter()
         algorithm = self.algorithm
         starts = np.empty((len(jobs), self.spec.size), np.float32)
-        metas, private = [], {}
-        client_jobs = [ClientJob(job.key, job.tasks, job.num_samples) for job in jobs]  # the clients' view
+        metas, private, inputs = [], {}, []
+        client_jobs = [ClientJob(job.key, job.tasks, job.num_samples, job.steps, state.client_state(job.key))
+                       for job in jobs]  # the clients' view
         for row, (job, client_job) in enumerate(zip(jobs, client_jobs, strict=True)):
             starts[row], meta = algorithm.start(client_job, state.adapter(job.key), state.broadcast,
                                                 self._probe_loss(job))
             metas.append(meta)
+            inputs.append(algorithm.local_inputs(client_job, meta))
             private[job.key] = algorithm.private_start(client_job, state.private.get(job.key))
         stepping, skipped_before = time.perf_counter(), self.loss_scale.skipped
         # One (n, d) matrix receives the trained adapters; uploads are views or parts of its rows.
         trained = np.empty_like(starts)
         if self.batched:
-            losses = self._train_batched(round_index, jobs, starts, trained)
+            losses = self._train_batched(round_index, jobs, starts, trained, inputs)
             private = {key: self.model.get_private() for key in private}  # plain LoRA: empty
         else:
-            losses = self._train_one_by_one(round_index, jobs, starts, private, trained)
+            losses = self._train_one_by_one(round_index, jobs, starts, private, trained, inputs)
         step_seconds = time.perf_counter() - stepping
-        uploads = []
+        uploads, kept_state = [], {}
         for row, (job, client_job) in enumerate(zip(jobs, client_jobs, strict=True)):
+            kept = algorithm.keep_state(client_job, trained[row], metas[row])
+            if kept is not None:
+                kept_state[job.key] = np.asarray(kept, dtype=np.float32)
             upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
             if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):
                 upload.vector = self.attack.tamper(upload.vector, round_index, job.key)
             if upload is not None:
                 uploads.append(upload)
         keys = [job.key for job in jobs]
-        result = PassResult(uploads, keys, trained, {k: v for k, v in private.items() if v.size})
+        result = PassResult(uploads, keys, trained, {k: v for k, v in private.items() if v.size}, kept_state)
         report = PassReport(keys, ["+".join(job.tasks) for job in jobs],
                             [float(np.mean(group)) for group in losses],
                             time.perf_counter() - started, step_seconds, self.worker_index,

@@ -45,11 +45,19 @@ class StateView:
     rows: np.ndarray  # (m, d) float32, m = distinct committed adapters
     index: dict[AdapterKey, int]
     private: dict[AdapterKey, np.ndarray]
-    broadcast: np.ndarray  # (K, d)
+    broadcast: np.ndarray  # (K, d) the server models
+    # the algorithm's client state (keep_state; SCAFFOLD's c_i), deduplicated as the adapters
+    state_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    state_index: dict[AdapterKey, int] = field(default_factory=dict)
 
     def adapter(self, key: AdapterKey) -> np.ndarray | None:
         row = self.index.get(key)
         return None if row is None else self.rows[row]
+
+    def client_state(self, key: AdapterKey) -> np.ndarray | None:
+        """What the algorithm's keep_state kept for this key (None: nothing yet)."""
+        row = self.state_index.get(key)
+        return None if row is None else self.state_rows[row]
 
     def evaluated_adapter(self, key: AdapterKey) -> np.ndarray:
         """What evaluation tests for a key: its committed adapter, v^0 if never trained."""
@@ -83,12 +91,13 @@ def content_digest(*parts: np.ndarray | bytes) -> bytes:
 class PassResult:
     """A training pass as the server receives it: the uploads (what the clients send) and, kept
     apart, each job's trained adapter and private state, which stay the clients' (the server
-    side only stores them: the simulation keeps client state with the server, DESIGN.md §5)."""
+    side only stores them: the simulation keeps client state with the server)."""
 
     uploads: list[Upload]
     keys: list[AdapterKey]
     trained: np.ndarray  # (n, d) float32, rows in the order of keys
     private: dict[AdapterKey, np.ndarray] = field(default_factory=dict)
+    client_state: dict[AdapterKey, np.ndarray] = field(default_factory=dict)  # keep_state's
 
     # Pickled (from a worker to the coordinator, maybe across nodes): an upload whose vector is
     # a contiguous piece of its job's trained row (FL-TAC's whole adapter, a view) travels as

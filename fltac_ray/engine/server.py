@@ -54,6 +54,8 @@ class Server:
     def setup(self, spec: AdapterSpec) -> None:
         self.algorithm.setup(spec)
         self.store = ClientStateStore(spec.size)
+        # the algorithm's client state (keep_state), its width known from the first vector kept
+        self.states = ClientStateStore(0)
 
     def clustering_backend(self) -> str:
         return self.backend
@@ -76,7 +78,7 @@ class Server:
 
     def state_view(self) -> StateView:
         """The committed client state and the broadcast, for the round's workers."""
-        return self.store.view(self.algorithm.broadcast())
+        return self.store.view(self.algorithm.broadcast(), self.states)
 
     def evaluation_digests(self, keys: list) -> dict:
         """{key: digest of what its evaluation reads}: the driver re-evaluates only changed keys."""
@@ -94,6 +96,8 @@ class Server:
     # --- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict[str, dict[str, np.ndarray]]:
         groups = self.store.to_groups()
+        if len(self.states):
+            groups["client_state"] = self.states.to_groups()["clients"]
         groups["server"] = self.algorithm.state()
         if self.exported is not None:
             groups["outcome"] = self.exported
@@ -101,6 +105,10 @@ class Server:
 
     def load_state(self, groups: dict[str, dict[str, np.ndarray]]) -> None:
         self.store.load_groups(groups)
+        if "client_state" in groups:
+            kept = groups["client_state"]
+            self.states = ClientStateStore(int(np.shape(kept["rows"])[-1]))
+            self.states.load_groups({"clients": kept})
         self.algorithm.load_state(groups.get("server", {}))
         self.exported = groups.get("outcome")
 
@@ -232,7 +240,7 @@ class Server:
             answer_of = {tuple(u.key): outcome.adapters[label] for u, label in zip(accepted, outcome.labels, strict=True)}
         # a duplicate's first copy counts
         refused = {key for key, _ in rejected + screened} - set(answer_of)
-        algorithm, adapters, private = self.algorithm, {}, {}
+        algorithm, adapters, private, states = self.algorithm, {}, {}, {}
         for result in results:
             for row, key in enumerate(result.keys):
                 key = tuple(key)
@@ -241,8 +249,14 @@ class Server:
                 adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
                 if key in result.private:
                     private[key] = result.private[key]
+                if key in result.client_state:
+                    states[key] = result.client_state[key]
         audit = self._audit(checked, vectors, kept, outcome, truth) if truth is not None else {}
         self.store.commit(adapters, private)
+        if states:
+            if not len(self.states):
+                self.states = ClientStateStore(len(next(iter(states.values()))))
+            self.states.commit(states, {})
         if outcome is not None:
             whole = algorithm.global_adapters(outcome)
             if whole is not None:

@@ -367,7 +367,7 @@ class Simulation:
                 (run_dir / "placement.json").write_text(json.dumps(info["placement"], indent=1))
             self.batched = info["batched"]
             kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
-                in config.algorithm_class.options else ""
+                in config.algorithm_class.reads else ""
             fraction = config.federation.client_fraction
             sampled = f" ({clients_per_round(len(active), fraction)} sampled per round)" if fraction < 1 else ""
             say(f"  backend {backend.name}: {info['workers']} client workers ({info['resources']}, device "

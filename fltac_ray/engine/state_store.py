@@ -26,8 +26,12 @@ class ClientStateStore:
     def __len__(self) -> int:
         return len(self.index)
 
-    def view(self, broadcast: np.ndarray) -> StateView:
-        return StateView(self.rows, dict(self.index), dict(self.private), broadcast)
+    def view(self, broadcast: np.ndarray, states: ClientStateStore | None = None) -> StateView:
+        """The state for a round's workers; `states`: the algorithm's client state (a second store)."""
+        view = StateView(self.rows, dict(self.index), dict(self.private), broadcast)
+        if states is not None:
+            view.state_rows, view.state_index = states.rows, dict(states.index)
+        return view
 
     def adapter(self, key: AdapterKey) -> np.ndarray | None:
         row = self.index.get(key)

@@ -68,16 +68,20 @@ def count_parameters(config: ExperimentConfig) -> ParameterCount:
     head = sum(shape_numel(shape) for name, shape in model.adapter_layout() if name.startswith("head."))
     router = int(model.router.weight.numel()) if model.router is not None else 0
     groups = algorithm.client_adapters(tasks)
-    zeros = np.zeros(spec.size, np.float32)
-    uploads = [algorithm.upload(ClientJob((0, slot), tuple(group), 1), zeros, np.zeros(router, np.float32), {})
-               for slot, group in enumerate(groups)]
+    # one client through start and upload, as a worker runs them (an algorithm's upload may read
+    # what its start returned: SCAFFOLD's control variates)
+    answers = algorithm.num_initial_adapters()
+    algorithm.set_initial(np.zeros((answers, spec.size), np.float32))
+    uploads = []
+    for slot, group in enumerate(groups):
+        job = ClientJob((0, slot), tuple(group), 1, algorithm.task_steps(group, config.train.local_steps))
+        start, meta = algorithm.start(job, None, algorithm.broadcast(), lambda vector: 0.0)
+        uploads.append(algorithm.upload(job, np.array(start, np.float32), np.zeros(router, np.float32), meta))
     sent = [u for u in uploads if u is not None]
     down = 0
     if sent:
         # what the server answers: its broadcast's K adapters, cut to what it really sends
-        answers = algorithm.num_initial_adapters()
         width = algorithm.upload_width()
-        algorithm.set_initial(np.zeros((answers, spec.size), np.float32))
         down = algorithm.download_params(Aggregate(np.zeros(len(sent), np.int64),
                                                    np.zeros((answers, width), np.float32), np.ones(answers)), 1)
     return ParameterCount(
