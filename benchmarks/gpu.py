@@ -90,11 +90,8 @@ use_carried_wheels(carried_folder(sys.argv[1:]))
 
 import torch  # noqa: E402
 
-from fltac_ray.batched_training import AdapterJob, measure_pass_memory, train_batched  # noqa: E402
-from fltac_ray.config import ModelConfig, build_config  # noqa: E402
-from fltac_ray.data.federated import EncodedSplit  # noqa: E402
-from fltac_ray.engine.client_worker import longest_rows  # noqa: E402
-from fltac_ray.engine.gpu_fit import (  # noqa: E402
+from fltac_ray.client.batched_training import AdapterJob, measure_pass_memory, train_batched  # noqa: E402
+from fltac_ray.client.gpu_fit import (  # noqa: E402
     CUDA_CONTEXT_BYTES,
     GPU_MEMORY_GIB,
     PLANNED_SHARE,
@@ -103,8 +100,11 @@ from fltac_ray.engine.gpu_fit import (  # noqa: E402
     worker_budget,
     workers_per_gpu,
 )
-from fltac_ray.precision import LossScale  # noqa: E402
-from fltac_ray.training import train_adapter  # noqa: E402
+from fltac_ray.client.precision import LossScale  # noqa: E402
+from fltac_ray.client.training import train_adapter  # noqa: E402
+from fltac_ray.client.worker import longest_rows  # noqa: E402
+from fltac_ray.config import ModelConfig, build_config  # noqa: E402
+from fltac_ray.data.federated import EncodedSplit  # noqa: E402
 
 
 def use_carried_tokenizer(carry: Path) -> None:
@@ -205,7 +205,7 @@ def timed(setup: Setup, work) -> tuple[float, object]:
 # --- sections ----------------------------------------------------------------------------------
 def bench_planner(setup: Setup) -> dict:
     """The layout check and each worker's pass budget, before and after, from base sizes alone."""
-    from fltac_ray.engine.gpu_fit import base_bytes_for
+    from fltac_ray.client.gpu_fit import base_bytes_for
 
     say("[planner] bfloat16 bases; per worker: GiB its passes may plan with (before: 80% of the free "
         "memory it saw first, whatever its share / now: its part of the GPU, less its base)")
@@ -261,7 +261,7 @@ def bench_fit(setup: Setup) -> dict:
         split = (image_split(256, 0) if modality == "image" else
                  instruction_split(256, length, 0) if modality == "causal_lm" else text_split(256, length, 0))
         classes = 0 if modality == "causal_lm" else 4
-        rows = longest_rows(split, batch)  # as a worker measures (engine/client_worker.py)
+        rows = longest_rows(split, batch)  # as a worker measures (client/worker.py)
         memory = measure_pass_memory(model, split, rows, classes, setup.device)
         row = {"fixed_mib": memory.fixed_bytes / MIB, "per_adapter_mib": memory.per_adapter_bytes / MIB}
         say(f"  {label}: a pass = {memory.fixed_bytes / MIB:,.0f} MiB + {memory.per_adapter_bytes / MIB:,.0f} MiB "
@@ -376,7 +376,7 @@ def bench_precision(setup: Setup) -> dict:
 
 
 def bench_kmeans(setup: Setup) -> dict:
-    from fltac_ray.clustering import adjusted_rand, kmeans_labels
+    from fltac_ray.server.clustering import adjusted_rand, kmeans_labels
 
     dim = 64 if setup.dry else 4096
     say(f"[kmeans] K = 4, n_init 10, {dim:,}-dimensional adapters in 4 groups: torch on {setup.device} vs scikit-learn")

@@ -64,9 +64,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fltac_ray.client.gpu_fit import AUTO_ADAPTERS_CPU  # noqa: E402
 from fltac_ray.config import ExperimentConfig, build_config  # noqa: E402
 from fltac_ray.engine.callbacks import Callback  # noqa: E402
-from fltac_ray.engine.gpu_fit import AUTO_ADAPTERS_CPU  # noqa: E402
 from fltac_ray.engine.messages import TrainJob  # noqa: E402
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation  # noqa: E402
 from fltac_ray.engine.simulation import Simulation  # noqa: E402
@@ -199,12 +199,12 @@ def bench_loop(quick: bool) -> dict:
 def bench_batched(quick: bool) -> dict:
     import torch
 
-    from fltac_ray.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.training import train_adapter
     from fltac_ray.data.encoding import make_featurizer
     from fltac_ray.data.federated import build_federated_data
     from fltac_ray.models.adapter_model import AdapterModel
     from fltac_ray.models.builders import load_backbone
-    from fltac_ray.training import train_adapter
 
     torch.set_num_threads(1)
     config = experiment(quick, "bench_batched", clients=10, rounds=1, local_steps=5, batch_size=8,
@@ -258,13 +258,13 @@ def bench_precision(quick: bool) -> dict:
     bfloat16 against the float32 sequential loop, with the final accuracy of each."""
     import torch
 
-    from fltac_ray.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.precision import DTYPES
+    from fltac_ray.client.training import train_adapter
     from fltac_ray.data.encoding import make_featurizer
     from fltac_ray.data.federated import build_federated_data
     from fltac_ray.models.adapter_model import AdapterModel
     from fltac_ray.models.builders import load_backbone
-    from fltac_ray.precision import DTYPES
-    from fltac_ray.training import train_adapter
 
     say(f"[precision] float32 vs bfloat16 base ({torch.backends.cpu.get_cpu_capability()} CPU)")
     torch.set_num_threads(1)
@@ -363,7 +363,7 @@ def bench_scale(quick: bool, sizes: tuple[int, ...] | None = None) -> dict:
 def checkpoint_sizes(run_dir: Path) -> dict:
     """The newest checkpoint's bytes on disk, and what one adapter copy per (client, slot) (the
     previous checkpoint format) would take for the same state."""
-    from fltac_ray.checkpoint import latest_checkpoint
+    from fltac_ray.runs.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints", warn=lambda _: None)
     on_disk = sum(f.stat().st_size for f in checkpoint.path.iterdir())
@@ -389,7 +389,7 @@ def static_placement_utilisation(costs: dict[int, float], sampled: list[int], wo
 def bench_partial(quick: bool) -> dict:
     """500 clients with data, 10% sampled per round: how evenly the round's work is spread."""
     from fltac_ray.algorithms import create_algorithm
-    from fltac_ray.engine.simulation import prepare_data, sample_clients
+    from fltac_ray.engine.run_setup import prepare_data, sample_clients
 
     clients = 100 if quick else 500
     config = experiment(quick, "bench_partial", clients=clients, rounds=3, local_steps=2, batch_size=8,
@@ -472,7 +472,7 @@ def bench_memory(quick: bool) -> dict:
 
 
 def bench_kmeans(quick: bool) -> dict:
-    from fltac_ray.clustering import kmeans_labels, resolve_backend
+    from fltac_ray.server.clustering import kmeans_labels, resolve_backend
 
     rng = np.random.default_rng(0)
     size = 19_226  # MiniLM rank-1 adapter (query/value LoRA + 26-class head)
@@ -677,12 +677,12 @@ def attack_experiment(quick: bool, name: str, folder: Path, **federation) -> Exp
 
 
 def replay_round(config: ExperimentConfig, snapshot, start: np.ndarray) -> dict:
-    """The server's round 1 (engine/server.py, the coordinator's own code) on uploads `snapshot`
+    """The server's round 1 (server/server.py, the coordinator's own code) on uploads `snapshot`
     with `config`'s federation settings: screening, K-means, aggregation, audit."""
     from fltac_ray.algorithms import resolve_algorithm
     from fltac_ray.algorithms.base import AdapterSpec, Upload
     from fltac_ray.engine.messages import PassResult
-    from fltac_ray.engine.server import Server
+    from fltac_ray.server.server import Server
 
     vectors = snapshot.adapters
     server = Server(config, resolve_algorithm(config.algorithm), AdapterSpec((("adapter", (vectors.shape[1],)),)))
@@ -701,9 +701,9 @@ def bench_attacks(quick: bool) -> dict:
     as their workers would: attacks.Attack.tamper) and one with cross_task attackers (which train
     on another task's data). Each (attack, rule) cell replays the server's round on them;
     one cell is checked against a full engine run."""
-    from fltac_ray.attacks import Attack
-    from fltac_ray.checkpoint import latest_checkpoint
-    from fltac_ray.snapshots import read_snapshots
+    from fltac_ray.runs.checkpoint import latest_checkpoint
+    from fltac_ray.runs.snapshots import read_snapshots
+    from fltac_ray.server.attacks import Attack
 
     folder = Path(tempfile.mkdtemp(prefix="fltac-bench-attacks-"))
     fraction = 3 / 33

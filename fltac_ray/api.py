@@ -25,9 +25,9 @@ import pandas as pd
 
 from fltac_ray.config import ExperimentConfig, apply_overrides, build_config, read_yaml
 from fltac_ray.errors import ConfigError, ConfigIssue
-from fltac_ray.outputs import final_round_metrics
 from fltac_ray.progress import Progress
 from fltac_ray.reporting.runs import RunTables, read_runs
+from fltac_ray.runs.outputs import final_round_metrics
 
 
 @dataclass
@@ -65,8 +65,8 @@ class Result:
 
     def load_adapter(self, cluster: int = 0):
         """The exported adapter of `cluster` on its base model, loaded with peft
-        (fltac_ray.export.load_adapter: a classifier's call on standard inputs gives logits)."""
-        from fltac_ray.export import load_adapter
+        (fltac_ray.runs.export.load_adapter: a classifier's call on standard inputs gives logits)."""
+        from fltac_ray.runs.export import load_adapter
 
         if self.adapters.empty or cluster not in set(self.adapters["cluster"]):
             raise ConfigError([ConfigIssue("cluster", cluster, f"this run exported clusters "

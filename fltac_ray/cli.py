@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fltac_ray.errors import FltacError
@@ -103,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # `algorithm: my_methods:MyClass` and `plugins: [my_tasks]` find the user's own files in the
+    # current folder, as `python -m` would (a console script's sys.path lacks it)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         if args.command == "tasks":
             return _list_registries()
@@ -187,7 +192,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fltac_ray.errors import RunFolderError
-    from fltac_ray.export import push_to_hub, read_info
+    from fltac_ray.runs.export import push_to_hub, read_info
 
     adapters = Path(args.run_dir) / "adapters"
     if not (adapters / "index.json").is_file():

@@ -18,8 +18,8 @@ import pandas as pd
 
 from fltac_ray.config import ExperimentConfig, apply_overrides, build_config, read_yaml
 from fltac_ray.errors import ConfigError, ConfigIssue
-from fltac_ray.outputs import final_round_metrics
 from fltac_ray.progress import Progress
+from fltac_ray.runs.outputs import final_round_metrics
 
 
 @dataclass
@@ -107,9 +107,10 @@ def comparison_tables(results: dict[str, Any], variants: list[Variant]) -> tuple
 
 
 def run_comparison(variants: list[Variant], out: str | None, progress: Progress) -> tuple[Path, pd.DataFrame]:
-    from fltac_ray.engine.ray_session import ray_session
-    from fltac_ray.engine.simulation import Simulation, preflight
-    from fltac_ray.outputs import make_run_dir
+    from fltac_ray.engine.ray.session import ray_session
+    from fltac_ray.engine.run_setup import preflight
+    from fltac_ray.engine.simulation import Simulation
+    from fltac_ray.runs.outputs import make_run_dir
 
     for variant in variants:  # every machine-dependent check before the first run starts
         preflight(variant.config)

@@ -548,7 +548,7 @@ class EngineConfig(_Section):
         description="Most adapters per combined pass (activations: this x train.batch_size "
         "examples). auto: 32 on the CPU; on CUDA as many as the GPU's free memory holds, from "
         "the activation bytes per example each worker measures at start on its longest examples "
-        "(engine/gpu_fit.py), recorded in config.yaml.",
+        "(client/gpu_fit.py), recorded in config.yaml.",
     )
     max_pass_examples: int = Field(
         default=128, ge=1,
@@ -731,6 +731,12 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, t
 def changes_results(field: str) -> bool:
     return not any(field == allowed or (allowed.endswith(".") and field.startswith(allowed))
                    for allowed in RESUMABLE_CHANGES)
+
+
+def clients_per_round(clients: int, fraction: float) -> int:
+    """Clients sampled per round: ceil(fraction x clients), at least one (the one rule: the
+    schema's bounds and the round loop's sampling both use it)."""
+    return max(1, math.ceil(fraction * clients))
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -931,7 +937,7 @@ class ExperimentConfig(_Section):
 
     @property
     def clients_per_round(self) -> int:
-        return max(1, math.ceil(self.federation.client_fraction * self.data.num_clients))
+        return clients_per_round(self.data.num_clients, self.federation.client_fraction)
 
     @property
     def num_tasks(self) -> int:

@@ -11,7 +11,7 @@ from typing import TextIO
 
 import pandas as pd
 
-from fltac_ray.outputs import final_round_metrics
+from fltac_ray.runs.outputs import final_round_metrics
 
 
 def short_task(task: str) -> str:

@@ -19,7 +19,7 @@ Where things go, so that a sweep works on any number of nodes:
 - The adapters are exported after every round, so a trial the scheduler stops still leaves the
   adapters of its last reported round.
 - The data is prepared once by the sweep's driver and put in the object store, shared by every
-  trial whose searched keys do not change it (engine/shared_data.py); the base model is never in
+  trial whose searched keys do not change it (engine/ray/shared_data.py); the base model is never in
   the object store: each node keeps one copy in its cache folder (models/base_cache.py).
 
 One trial name everywhere: Ray Tune's trial id (`a1b2c_00003`), which names the trial's folder
@@ -53,7 +53,7 @@ from ray import tune
 
 from fltac_ray.config import apply_overrides, build_config, read_yaml
 from fltac_ray.engine.callbacks import Callback, RoundContext, RunInfo
-from fltac_ray.engine.shared_data import changes_data
+from fltac_ray.engine.ray.shared_data import changes_data
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.progress import Progress
 
@@ -202,7 +202,7 @@ def resolve_storage(storage: str | None, sweep_dir: Path, nodes: int) -> tuple[s
             raise ConfigError([ConfigIssue("--storage", storage, f"not a storage URI pyarrow can open ({exc}); "
                                            "use a shared folder, s3://bucket/path or gs://bucket/path")]) from None
         return storage.rstrip("/"), sweep_dir.name
-    from fltac_ray.outputs import folder_problem
+    from fltac_ray.runs.outputs import folder_problem
 
     path = Path(storage.removeprefix("file://")).expanduser().resolve()
     if (problem := folder_problem(path)) is not None:
@@ -300,7 +300,7 @@ class _TuneReporter(Callback):
 
 
 def _trial(params: dict, spec_raw: dict, base_raw: dict, gpus_per_worker: float, shared) -> None:
-    from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
+    from fltac_ray.engine.ray.gpu_visibility import hide_unassigned_gpus
     from fltac_ray.engine.simulation import Simulation
 
     hide_unassigned_gpus()  # the trial's driver holds no GPU: its workers get theirs from Ray
@@ -473,8 +473,8 @@ class StorePeak:
 
 
 def _resolve_trial_gpus(spec: SweepSpec, say) -> float:
-    from fltac_ray.engine.ray_backend import cluster_gpus_per_worker
-    from fltac_ray.engine.ray_session import cluster_totals
+    from fltac_ray.engine.ray.backend import cluster_gpus_per_worker
+    from fltac_ray.engine.ray.session import cluster_totals
 
     if spec.trial.gpus_per_worker is not None:
         gpus = spec.trial.gpus_per_worker
@@ -491,8 +491,8 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
     """Run (or resume) a sweep; returns (sweep folder, tidy table, best row)."""
     import ray
 
-    from fltac_ray.engine.ray_session import ray_session
-    from fltac_ray.outputs import make_run_dir
+    from fltac_ray.engine.ray.session import ray_session
+    from fltac_ray.runs.outputs import make_run_dir
 
     if resume is not None:
         sweep_dir = Path(resume).resolve()
@@ -536,7 +536,7 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
         shared = None
         changing = [key for key in spec.search if changes_data(key)]
         if spec.share_data and not changing:
-            from fltac_ray.engine.shared_data import share_data
+            from fltac_ray.engine.ray.shared_data import share_data
 
             shared = share_data(base_config)
             say(f"  data prepared once: {shared.nbytes / 2**20:,.1f} MiB in the object store, shared by every trial")

@@ -4,7 +4,7 @@ import pytest
 from fltac_ray.algorithms.base import Uploads, weighted_cluster_means
 from fltac_ray.algorithms.fltac import FLTAC
 from fltac_ray.config import build_config
-from fltac_ray.uploads import upload_problem
+from fltac_ray.server.uploads import upload_problem
 
 
 def _fltac(k: int, weighting: str, n_init: int) -> FLTAC:

@@ -28,7 +28,7 @@ def test_fedit_one_adapter_per_client_and_plain_fedavg():
     # (1*[1,0] + 3*[3,2] + 2*[10,10] + 2*[20,0]) / 8 = [70/8, 26/8]
     np.testing.assert_allclose(result.adapters, [[8.75, 3.25]])
     np.testing.assert_array_equal(result.labels, [0, 0, 0, 0])
-    assert not result.groups_tasks  # FedIT does not try to recover tasks
+    assert not algorithm.recovers_tasks  # FedIT does not try to recover tasks
 
 
 def test_fedit_uniform_weighting():

@@ -1,5 +1,5 @@
 """Malicious clients (attacks.py) and screening (screening.py) as pure functions, the config
-rules around them, and the server's round with both (engine/server.py, no Ray)."""
+rules around them, and the server's round with both (server/server.py, no Ray)."""
 
 import io
 
@@ -8,16 +8,16 @@ import pytest
 
 from fltac_ray.algorithms import resolve_algorithm
 from fltac_ray.algorithms.base import AdapterSpec, Upload
-from fltac_ray.attacks import Attack, honest_damage, malicious_clients
 from fltac_ray.engine.messages import PassResult
-from fltac_ray.engine.server import Server
 from fltac_ray.errors import ConfigError
-from fltac_ray.screening import (
+from fltac_ray.server.attacks import Attack, honest_damage, malicious_clients
+from fltac_ray.server.screening import (
     default_neighbours,
     kth_neighbour_distance,
     outlier_limit,
     screen_uploads,
 )
+from fltac_ray.server.server import Server
 from tests.conftest import tiny_config
 
 
@@ -190,7 +190,7 @@ def test_attack_control_run_has_no_attacker():
 def _round_one(tmp_path, name, backend="local", batched=True, **federation):
     from fltac_ray.engine.simulation import Simulation
     from fltac_ray.progress import Progress
-    from fltac_ray.snapshots import read_snapshots
+    from fltac_ray.runs.snapshots import read_snapshots
 
     config = tiny_config(rounds=1, data={"num_clients": 6}, federation=federation,
                          engine={"backend": backend, "batched_training": batched}, report={"adapter_snapshots": 1})

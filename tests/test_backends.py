@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from fltac_ray.algorithms import Aggregate, FederatedAlgorithm, Uploads, register_algorithm
-from fltac_ray.checkpoint import read_checkpoint
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.progress import Progress
+from fltac_ray.runs.checkpoint import read_checkpoint
 
 from .conftest import tiny_config
 

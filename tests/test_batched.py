@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from fltac_ray.batched_evaluation import EvalItem, evaluate_batched
-from fltac_ray.batched_training import AdapterJob, BatchedAdamW, train_batched
+from fltac_ray.client.batched_evaluation import EvalItem, evaluate_batched
+from fltac_ray.client.batched_training import AdapterJob, BatchedAdamW, train_batched
+from fltac_ray.client.training import evaluate_adapter, train_adapter
 from fltac_ray.config import FloralConfig, ModelConfig
+from fltac_ray.data.encoding import text_encoder
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel, split_adapter
-from fltac_ray.models.builders import load_backbone, text_encoder
+from fltac_ray.models.builders import load_backbone
 from fltac_ray.models.multi_adapter import UnsupportedBatching, check_batchable
-from fltac_ray.training import evaluate_adapter, train_adapter
 
 CPU = torch.device("cpu")
 ATOL, RTOL = 2e-5, 1e-4
@@ -80,7 +81,7 @@ def test_batched_text_training_matches_one_by_one_with_uneven_steps_and_class_co
 
 
 def test_length_buckets_of_a_large_combined_batch_match_one_by_one():
-    from fltac_ray.batched_training import length_buckets
+    from fltac_ray.client.batched_training import length_buckets
 
     lengths = np.array([30, 2, 3, 31] * 20)
     # one bucket: 80 x 31 + 32 = 2512 padded tokens; {2, 3} and {30, 31}: 40 x 3 + 40 x 31 + 64 = 1424
@@ -147,7 +148,7 @@ def test_batched_causal_lm_matches_one_by_one():
 
 def test_denominators_are_examples_or_response_tokens_known_before_the_forward_pass():
     """Per-bucket backward divides each sample's loss by its job's denominator up front."""
-    from fltac_ray.batched_training import _denominators
+    from fltac_ray.client.batched_training import _denominators
 
     classify = AdapterJob(np.zeros(1, np.float32), EncodedSplit({}, np.zeros(4, np.int64)),
                           np.arange(4), 3, 1, np.random.default_rng(0))
@@ -161,7 +162,7 @@ def test_denominators_are_examples_or_response_tokens_known_before_the_forward_p
 
 
 def test_response_token_counts_match_the_models_scored_positions():
-    from fltac_ray.batched_training import _denominators
+    from fltac_ray.client.batched_training import _denominators
     from fltac_ray.data.encoding import encode_instructions
     from fltac_ray.models.builders import eos_token_id, load_tokenizer
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fltac_ray.checkpoint import (
+from fltac_ray.runs.checkpoint import (
     Checkpoint,
     CheckpointError,
     latest_checkpoint,

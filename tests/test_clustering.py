@@ -3,8 +3,13 @@ import importlib.util
 import numpy as np
 import pytest
 
-from fltac_ray.clustering import adjusted_rand, hungarian_accuracy, kmeans_labels, resolve_backend
 from fltac_ray.errors import ResourceUnavailableError
+from fltac_ray.server.clustering import (
+    adjusted_rand,
+    hungarian_accuracy,
+    kmeans_labels,
+    resolve_backend,
+)
 
 
 def test_hungarian_accuracy_ignores_cluster_names():
@@ -66,7 +71,7 @@ def test_a_hard_case_torch_kmeans_keeps_the_lowest_inertia_of_its_restarts():
     scikit-learn's best to 1e-4 relative."""
     from sklearn.cluster import KMeans
 
-    from fltac_ray.clustering import torch_kmeans
+    from fltac_ray.server.clustering import torch_kmeans
 
     rng = np.random.default_rng(1)
     points = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(2.5, 1, (30, 8)),

@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
-from fltac_ray.outputs import METRICS_COLUMNS, ROUNDS_COLUMNS
 from fltac_ray.progress import Progress
+from fltac_ray.runs.outputs import METRICS_COLUMNS, ROUNDS_COLUMNS
 
 from .conftest import tiny_config
 
@@ -43,7 +43,7 @@ def test_run_writes_config_metrics_rounds_and_adapters(tiny_run):
     assert (metrics["test_samples"] > 0).all()
 
     rounds = pd.read_csv(run_dir / "rounds.csv")
-    assert list(rounds.columns) == ROUNDS_COLUMNS
+    assert list(rounds.columns) == ROUNDS_COLUMNS + ["kmeans_backend"]  # FL-TAC's round_metrics
     assert rounds["round"].tolist() == [1, 2]
     assert rounds["clustering_accuracy"].between(0, 1).all()
     assert (rounds["kmeans_backend"] == "sklearn").all()

@@ -6,8 +6,8 @@ import pytest
 
 from fltac_ray.data.federated import build_federated_data
 from fltac_ray.engine.simulation import Simulation
-from fltac_ray.outputs import CLIENT_COLUMNS
 from fltac_ray.progress import Progress
+from fltac_ray.runs.outputs import CLIENT_COLUMNS
 
 from .conftest import tiny_config
 
@@ -110,7 +110,7 @@ def test_floral_shares_adaptors_and_keeps_routers_private(tmp_path):
 
 
 def test_fedsa_sends_only_a_and_every_client_keeps_its_own_b(tmp_path):
-    from fltac_ray.checkpoint import read_checkpoint
+    from fltac_ray.runs.checkpoint import read_checkpoint
 
     result = _run(tmp_path, algorithm="fedsa")
     rounds = result.rounds
@@ -126,7 +126,7 @@ def test_fedsa_sends_only_a_and_every_client_keeps_its_own_b(tmp_path):
 
 
 def test_ffa_keeps_a_at_its_shared_initialisation(tmp_path):
-    from fltac_ray.checkpoint import read_checkpoint
+    from fltac_ray.runs.checkpoint import read_checkpoint
 
     result = _run(tmp_path, algorithm="ffa")
     rounds = result.rounds

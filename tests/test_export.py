@@ -13,16 +13,16 @@ from peft import PeftModel
 
 from fltac_ray.config import build_config
 from fltac_ray.errors import ConfigError
-from fltac_ray.export import (
+from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.builders import load_backbone
+from fltac_ray.models.counting import count_parameters
+from fltac_ray.runs.export import (
     load_adapter,
     load_base,
     peft_tensor_name,
     standard_inputs,
     write_peft_adapter,
 )
-from fltac_ray.models.adapter_model import AdapterModel
-from fltac_ray.models.builders import load_backbone
-from fltac_ray.models.counting import count_parameters
 
 from .conftest import tiny_config
 
@@ -74,7 +74,7 @@ def test_an_adapter_of_a_base_built_in_code_loads_with_peft_on_load_base(tmp_pat
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 2
     assert peft_config["modules_to_save"] == ["task_head"]
     assert peft_config["base_model_name_or_path"] == name  # what load_base resolves
-    assert json.loads((folder / "fltac_ray.json").read_text())["load_with"] == "fltac_ray.export.load_base"
+    assert json.loads((folder / "fltac_ray.json").read_text())["load_with"] == "fltac_ray.runs.export.load_base"
     loaded = PeftModel.from_pretrained(load_base(folder), str(folder)).eval()
     inputs = make_inputs(np.random.default_rng(2))
     with torch.no_grad():
@@ -111,12 +111,12 @@ def test_tensor_names_follow_peft_on_the_class_the_adapter_loads_into():
     assert peft_tensor_name(lora, "AutoModel") == "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
     assert peft_tensor_name(lora, "AutoModelForSequenceClassification", "bert") == \
         "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
-    assert peft_tensor_name(lora, "fltac_ray.export.load_base", "encoder") == \
+    assert peft_tensor_name(lora, "fltac_ray.runs.export.load_base", "encoder") == \
         "base_model.model.encoder.encoder.layer.0.attention.self.query.lora_A.weight"
     llama = "encoder.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
     assert peft_tensor_name(llama, "AutoModelForCausalLM") == "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     assert peft_tensor_name("head.bias", "AutoModelForImageClassification", "vit") == "base_model.model.classifier.bias"
-    assert peft_tensor_name("head.bias", "fltac_ray.export.load_base", "encoder") == "base_model.model.task_head.bias"
+    assert peft_tensor_name("head.bias", "fltac_ray.runs.export.load_base", "encoder") == "base_model.model.task_head.bias"
     with pytest.raises(ValueError, match="head.safetensors"):
         peft_tensor_name("head.weight", "AutoModel")
     with pytest.raises(ValueError, match="router"):
@@ -229,9 +229,10 @@ def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_pa
     test examples with the adapter its task ended with: the right answers equal the engine's.
     A frozen head (model.head: frozen) is never sent, but every export carries it."""
     from fltac_ray.algorithms import create_algorithm
-    from fltac_ray.engine.simulation import Simulation, prepare_data
+    from fltac_ray.client.training import batch_tensors
+    from fltac_ray.engine.run_setup import prepare_data
+    from fltac_ray.engine.simulation import Simulation
     from fltac_ray.progress import Progress
-    from fltac_ray.training import batch_tensors
 
     config = tiny_config(model={"name": "tiny-random-bert", "head": head})
     result = Simulation(config, out=str(tmp_path / "run"), progress=Progress(quiet=True)).run()

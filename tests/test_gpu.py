@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fltac_ray.engine.gpu_fit import (
+from fltac_ray.client.gpu_fit import (
     CUDA_CONTEXT_BYTES,
     GIB,
     MIN_WORKING_BYTES,
@@ -55,7 +55,7 @@ def test_pool_defaults_and_planner_arithmetic():
     assert default_gpus_per_worker(0, gpus_are_real=True) == 0.0
     assert gpu_memory_of(["A10G", "H100"]) == 22.0 and gpu_memory_of(["A100"]) is None
     # 8 GiB planned, 1 MiB per pass, 80 MiB per adapter (5 MiB per example, batch 16): 102 adapters
-    from fltac_ray.engine.gpu_fit import PassMemory
+    from fltac_ray.client.gpu_fit import PassMemory
 
     per_pass = PassMemory(2**20, 80 * 2**20)
     assert adapters_that_fit(8 * GIB, per_pass) == 102
@@ -76,7 +76,7 @@ def test_auto_batched_adapters_take_the_smallest_gpus_figure_or_the_cpu_default(
 
 def test_the_engine_refuses_a_layout_that_does_not_fit_before_any_actor_starts(ray_cluster, tmp_path,
                                                                                monkeypatch):
-    from fltac_ray.engine.ray_backend import RayBackend
+    from fltac_ray.engine.ray.backend import RayBackend
     from fltac_ray.engine.simulation import Simulation
     from fltac_ray.progress import Progress
 
@@ -117,7 +117,7 @@ def test_actors_see_only_the_gpus_ray_gave_them(ray_cluster, tmp_path):
 
 def test_cuml_receives_float32_c_order_vectors_and_the_seeded_parameters(monkeypatch):
     """The call contract of cuML's KMeans, on a stand-in module (no GPU here)."""
-    from fltac_ray.clustering import kmeans_labels, resolve_backend
+    from fltac_ray.server.clustering import kmeans_labels, resolve_backend
 
     calls = []
 
@@ -146,7 +146,7 @@ def test_cuml_receives_float32_c_order_vectors_and_the_seeded_parameters(monkeyp
 
 
 def test_what_needs_cuda_says_so_on_the_cpu(tmp_path):
-    from fltac_ray.engine.simulation import preflight
+    from fltac_ray.engine.run_setup import preflight
     from fltac_ray.models.builders import quantization_options
 
     with pytest.raises(ConfigError, match="model.quantization.*CUDA only"):
@@ -165,7 +165,7 @@ def test_what_needs_cuda_says_so_on_the_cpu(tmp_path):
 
 def test_a_gpu_torch_cannot_use_is_an_error_never_a_quiet_cpu_run(monkeypatch):
     """engine.device x (GPUs Ray assigned, a real GPU on the node) x torch sees CUDA."""
-    from fltac_ray.engine.cuda_device import choose_device
+    from fltac_ray.client.cuda_device import choose_device
     from fltac_ray.errors import ResourceUnavailableError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -220,7 +220,7 @@ def test_passes_are_sized_to_the_workers_part_of_the_gpu_not_its_free_memory():
     """Llama-7B in bfloat16 at engine.gpus_per_worker 0.5 on an H200 (139.8 GiB): the old planner
     gave each of the two workers 80% of the free memory it saw first (both ~100 GiB of passes:
     181 GiB planned on one GPU); now each plans within its half."""
-    from fltac_ray.engine.gpu_fit import PassMemory, worker_budget
+    from fltac_ray.client.gpu_fit import PassMemory, worker_budget
 
     total = int(gpu_memory_of(["H200"]) * GIB)
     resident = CUDA_CONTEXT_BYTES + int(LLAMA_7B_BF16)
@@ -242,7 +242,7 @@ def test_passes_are_sized_to_the_workers_part_of_the_gpu_not_its_free_memory():
 def test_one_adapter_that_cannot_fit_is_refused_with_what_to_change():
     """Llama-7B without gradient checkpointing on a 24 GB GPU: ~10 GB for one adapter's batch of
     4 against ~7 GiB the worker may plan with: refused at start, not a CUDA OOM mid-round."""
-    from fltac_ray.engine.gpu_fit import PassMemory, pass_does_not_fit, worker_budget
+    from fltac_ray.client.gpu_fit import PassMemory, pass_does_not_fit, worker_budget
 
     config = tiny_config(data={"tasks": ["wordnet_define"], "max_length": 256},
                          model={"name": "huggyllama/llama-7b"}, train={"batch_size": 4})
@@ -262,8 +262,8 @@ def test_the_pass_is_measured_after_a_warm_up_at_the_batch_size_and_from_two_pas
     """measure_pass_memory on a fake CUDA allocator: a warm-up pass (cuBLAS's workspace) that
     counts for nothing, then one adapter (600 bytes over the resting 100) and two (1,000): the
     slope 400 is one adapter's share, 200 the pass's fixed part."""
-    import fltac_ray.batched_training as batched
-    from fltac_ray.engine.gpu_fit import PassMemory
+    import fltac_ray.client.batched_training as batched
+    from fltac_ray.client.gpu_fit import PassMemory
 
     passes, peaks = [], iter([5_000, 700, 1_100])  # warm-up (ignored), 1 adapter, 2 adapters
     monkeypatch.setattr(batched, "train_batched",
@@ -283,8 +283,8 @@ def test_the_pass_is_measured_after_a_warm_up_at_the_batch_size_and_from_two_pas
 
 
 def test_the_longest_rows_fill_the_batch():
+    from fltac_ray.client.worker import longest_rows
     from fltac_ray.data.federated import EncodedSplit
-    from fltac_ray.engine.client_worker import longest_rows
 
     split = EncodedSplit({"lengths": np.array([3, 9, 1, 9, 5])}, np.zeros(5, np.int64))
     assert longest_rows(split, 3).tolist() == [1, 3, 4]
@@ -297,7 +297,7 @@ def test_workers_starting_together_on_one_gpu_take_turns(tmp_path):
     """gpu_lock's file lock: a second process cannot take it while the first holds it."""
     import multiprocessing
 
-    from fltac_ray.engine.gpu_fit import file_lock
+    from fltac_ray.client.gpu_fit import file_lock
 
     context = multiprocessing.get_context("spawn")
     held, release = context.Event(), context.Event()
@@ -322,7 +322,7 @@ def test_workers_starting_together_on_one_gpu_take_turns(tmp_path):
 
 
 def _hold_lock(key, held, release) -> None:
-    from fltac_ray.engine.gpu_fit import file_lock
+    from fltac_ray.client.gpu_fit import file_lock
 
     with file_lock(key):
         held.set()
@@ -333,7 +333,7 @@ def test_a_coordinator_on_part_of_a_gpu_is_counted_against_whole_gpu_workers():
     """engine.coordinator_gpus 0.5 with 8 workers of 1 GPU: the coordinator's GPU cannot take a
     ninth worker's whole GPU, said before the wait (and in the timeout's error), with the fix."""
     from fltac_ray.engine.placement import plan_worker_count
-    from fltac_ray.engine.ray_backend import coordinator_gpu_note
+    from fltac_ray.engine.ray.backend import coordinator_gpu_note
 
     engine = tiny_config(engine={"coordinator_gpus": 0.5, "gpus_per_worker": 1, "num_workers": 8}).engine
     note = coordinator_gpu_note(engine, 8)
@@ -349,7 +349,7 @@ def test_a_coordinator_on_part_of_a_gpu_is_counted_against_whole_gpu_workers():
 
 
 def test_tf32_is_set_for_cuda_workers_as_configured():
-    from fltac_ray.precision import configure_cuda_math
+    from fltac_ray.client.precision import configure_cuda_math
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -387,7 +387,7 @@ def test_a_cuda_worker_streams_a_checkpoint_onto_its_device(monkeypatch):
 
 def test_a_batch_is_cut_to_its_longest_example_on_the_host():
     """The device never reads the width back: token columns arrive cut to the rows' longest."""
-    from fltac_ray.training import rows_to_device
+    from fltac_ray.client.training import rows_to_device
 
     inputs = {"input_ids": np.arange(20, dtype=np.int32).reshape(2, 10), "lengths": np.array([3, 6], np.int32),
               "token_type_ids": np.zeros((2, 10), np.int32), "references": np.array(["a", "b"])}
@@ -402,7 +402,7 @@ def test_a_worker_checks_its_part_of_the_gpu_and_what_is_free_before_loading(mon
     """check_worker_gpu on fake CUDA memory reports: Llama-7B bfloat16 (12.55 GiB) at 0.5 GPU on
     an A10G has an 11 GiB part (refused even on an empty GPU); on an H200 its 70 GiB part fits,
     unless the others on that GPU left too little free."""
-    from fltac_ray.engine.gpu_fit import check_worker_gpu
+    from fltac_ray.client.gpu_fit import check_worker_gpu
     from fltac_ray.errors import ResourceUnavailableError
 
     def gpu(total_gib, free_gib, name):

@@ -20,11 +20,11 @@ from fltac_ray.algorithms.fedprox import ProximalTerm
 from fltac_ray.algorithms.local_training import LocalContext, LocalTraining, rows_of
 from fltac_ray.algorithms.options import AlgorithmOptions
 from fltac_ray.algorithms.scaffold import ControlVariateCorrection, Scaffold
-from fltac_ray.batched_training import train_batched
+from fltac_ray.client.batched_training import train_batched
+from fltac_ray.client.local_optimizers import BatchedSGD
 from fltac_ray.config import apply_overrides, build_config
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
-from fltac_ray.local_optimizers import BatchedSGD
 from fltac_ray.progress import Progress
 
 from .conftest import tiny_config
@@ -120,6 +120,7 @@ def test_a_scaffold_round_by_hand():
     np.testing.assert_allclose(answer.adapters, [[1.0, 1.0, 0.0]])
     np.testing.assert_allclose(scaffold.control, [0.2 + (0.3 + 0.4) / 4, (-0.5 + 0.0) / 4, 0.8 / 4], atol=1e-7)
     np.testing.assert_allclose(scaffold.broadcast()[1], scaffold.control)
+    assert answer.metrics["control_norm"] == pytest.approx(float(np.linalg.norm(scaffold.control)))
     assert scaffold.download_params(answer, 2) == 2 * 2 * 3  # each upload receives x and c
     # eta_g scales the step from x
     half = _fedit_family(Scaffold, server_lr=0.5)
@@ -135,6 +136,7 @@ def test_a_fedadam_server_step_by_hand_and_its_moments_in_the_server_state():
     m, v = 0.1 * delta, 0.01 * delta ** 2
     expected = x + 0.01 * m / (np.sqrt(v) + 1e-3)  # [1 + .01 x .1/.101, -.01 x .2/.201, -1]
     np.testing.assert_allclose(answer.adapters[0], expected, rtol=1e-6)
+    assert answer.metrics["server_step_norm"] == pytest.approx(np.linalg.norm(expected - x), rel=1e-6)
     np.testing.assert_allclose(fedadam.first_moment, m, rtol=1e-6)
     np.testing.assert_allclose(fedadam.second_moment, v, rtol=1e-6)
     # a second step continues the moments; a copy restored from state() takes the same step
@@ -176,7 +178,7 @@ def test_batched_training_matches_one_by_one_for_every_local_training_hook(rule_
     steps = [5, 5, 3]  # job 2 leaves the pass early
     jobs = with_inputs(_jobs(model, splits, steps))
     single = [
-        __import__("fltac_ray.training", fromlist=["train_adapter"]).train_adapter(
+        __import__("fltac_ray.client.training", fromlist=["train_adapter"]).train_adapter(
             model, job.start, job.split, job.indices, job.num_classes, job.steps, 4, 1e-2, 0.01,
             np.random.default_rng([1, j]), CPU, rule=rule, anchor=job.anchor, inputs=job.inputs)
         for j, job in enumerate(jobs)]
@@ -263,6 +265,8 @@ def test_scaffold_runs_alike_on_both_backends_and_counts_both_its_vectors(tmp_pa
     assert size == int(size) and size > 0
     assert (rounds["params_up"] == 2 * size * rounds["adapters"]).all()  # adapter + control update
     assert (rounds["params_down"] == 2 * size * rounds["adapters"]).all()  # x and c
+    assert (rounds["control_norm"] > 0).all()  # SCAFFOLD's own per-round measure, as a column
+    assert "kmeans_backend" not in rounds  # FL-TAC's measure is FL-TAC's alone
 
 
 @pytest.mark.parametrize("algorithm", ["scaffold", "fedadam", "fedprox"])
@@ -273,7 +277,7 @@ def test_a_resumed_run_continues_the_server_and_client_state_exactly(tmp_path, a
     shutil.copytree(whole.run_dir, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "round_00003")  # as if killed before round 3's checkpoint
     if algorithm == "scaffold":  # the clients' control variates are in the checkpoint
-        from fltac_ray.checkpoint import read_checkpoint
+        from fltac_ray.runs.checkpoint import read_checkpoint
 
         groups = read_checkpoint(run_dir / "checkpoints" / "round_00002").groups
         assert len(groups["client_state"]["rows"]) == 4 and np.abs(groups["client_state"]["rows"]).max() > 0

@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
+from fltac_ray.client.training import evaluate_adapter, train_adapter
 from fltac_ray.config import ModelConfig
+from fltac_ray.data.encoding import text_encoder
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.errors import ConfigError
 from fltac_ray.models.adapter_model import AdapterModel
-from fltac_ray.models.builders import check_target_modules, load_backbone, text_encoder
-from fltac_ray.training import evaluate_adapter, train_adapter
+from fltac_ray.models.builders import check_target_modules, load_backbone
 
 
 def _model(rank=1, head_classes=4, seed=0):

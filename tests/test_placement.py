@@ -3,8 +3,8 @@ import pytest
 from fltac_ray.config import EngineConfig
 from fltac_ray.engine.messages import TrainJob
 from fltac_ray.engine.placement import plan_worker_count
+from fltac_ray.engine.run_setup import sample_clients
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
-from fltac_ray.engine.simulation import sample_clients
 from fltac_ray.errors import ConfigError
 
 

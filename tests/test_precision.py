@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from fltac_ray.batched_training import AdapterJob, _accumulate_step, train_batched
+from fltac_ray.client.batched_training import AdapterJob, _accumulate_step, train_batched
+from fltac_ray.client.precision import LossScale, resolve_dtype
+from fltac_ray.client.training import train_adapter
 from fltac_ray.config import ModelConfig
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.builders import load_backbone
 from fltac_ray.models.multi_adapter import StackedAdapters
-from fltac_ray.precision import LossScale, resolve_dtype
-from fltac_ray.training import train_adapter
 from tests.test_batched import _jobs, _no_dropout, _text_split
 
 CPU = torch.device("cpu")
@@ -101,9 +101,9 @@ def test_a_float16_base_trains_with_loss_scaling_on_the_cpu():
 def test_every_model_family_trains_and_evaluates_in_bfloat16():
     """Images (ViT, EfficientNet), vectors (MLP), FLoRAL's mixtures and causal LMs: batched where
     they batch, one by one otherwise, and evaluation, all with a bfloat16 base."""
+    from fltac_ray.client.training import evaluate_adapter
     from fltac_ray.config import FloralConfig
     from fltac_ray.data.federated import EncodedSplit
-    from fltac_ray.training import evaluate_adapter
 
     rng = np.random.default_rng(0)
     images = EncodedSplit({"pixels": rng.integers(0, 255, (16, 3, 32, 32)).astype(np.uint8)}, rng.integers(0, 4, 16))
@@ -158,7 +158,7 @@ def test_response_logits_equal_the_whole_vocabulary_path_on_scored_positions():
 def test_backward_per_length_bucket_gives_the_gradients_of_one_graph(monkeypatch, modality):
     """Each bucket's backward frees its graph; the accumulated gradients equal those of one
     forward/backward over the whole combined batch (to float rounding: padding widths differ)."""
-    import fltac_ray.batched_training as batched
+    import fltac_ray.client.batched_training as batched
     from fltac_ray.data.federated import EncodedSplit
 
     rng = np.random.default_rng(3)
@@ -261,7 +261,7 @@ def test_auto_is_bfloat16_only_where_the_gpu_computes_it_natively(monkeypatch):
 def test_an_overflowed_adapter_skips_its_own_step_and_counts_its_own_steps():
     """Two stacked rows; row 1's gradient overflows in step 1: row 0 steps as torch's AdamW, row 1
     is untouched and its next step is its optimizer's first (bias correction of step 1)."""
-    from fltac_ray.batched_training import BatchedAdamW
+    from fltac_ray.client.batched_training import BatchedAdamW
 
     start = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     stacked = start.clone().requires_grad_(True)
@@ -303,7 +303,7 @@ def test_the_workers_loss_scale_lives_across_passes_and_counts_skipped_steps():
 
 
 def test_deterministic_mode_switches_torchs_deterministic_algorithms_on(monkeypatch):
-    from fltac_ray.precision import configure_cuda_math
+    from fltac_ray.client.precision import configure_cuda_math
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = torch.are_deterministic_algorithms_enabled()

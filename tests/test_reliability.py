@@ -18,13 +18,13 @@ import yaml
 from safetensors.numpy import load_file
 
 from fltac_ray.algorithms import AdapterSpec, Upload
-from fltac_ray.checkpoint import CheckpointError, read_checkpoint
 from fltac_ray.config import build_config
 from fltac_ray.engine.messages import PassResult
-from fltac_ray.engine.server import Server
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
 from fltac_ray.progress import Progress
+from fltac_ray.runs.checkpoint import CheckpointError, read_checkpoint
+from fltac_ray.server.server import Server
 
 from .conftest import TINY_EXPERIMENT, tiny_config
 
@@ -232,13 +232,13 @@ def test_resume_refuses_an_edited_config_and_allows_resource_changes(reference, 
 
 def test_a_run_folder_held_by_a_run_is_refused(tmp_path):
     from fltac_ray.errors import RunFolderError
-    from fltac_ray.outputs import hold_run_folder
+    from fltac_ray.runs.outputs import hold_run_folder
 
     held = hold_run_folder(tmp_path)
     with pytest.raises(RunFolderError, match=f"is in use by process {os.getpid()}"):
         hold_run_folder(tmp_path)
     child = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                            "from fltac_ray.outputs import hold_run_folder; hold_run_folder(Path(sys.argv[1]))",
+                            "from fltac_ray.runs.outputs import hold_run_folder; hold_run_folder(Path(sys.argv[1]))",
                             str(tmp_path)], capture_output=True, text=True)
     assert child.returncode != 0 and "RunFolderError" in child.stderr  # another process too
     held.close()
@@ -464,7 +464,7 @@ def test_a_run_whose_uploads_are_all_rejected_says_so_everywhere(tmp_path, capsy
 def test_an_unreachable_ray_address_fails_in_seconds_naming_it():
     import socket
 
-    from fltac_ray.engine.ray_session import check_reachable
+    from fltac_ray.engine.ray.session import check_reachable
     from fltac_ray.errors import ResourceUnavailableError
 
     with socket.socket() as probe:  # a port nobody listens on: bound, then closed

@@ -16,7 +16,7 @@ import fltac_ray
 from fltac_ray.cli import main
 from fltac_ray.progress import format_run_summary
 from fltac_ray.reporting.projection import pca_2d, project, umap_available
-from fltac_ray.snapshots import Snapshot, align_cluster_ids, sample_rows, snapshot_rounds
+from fltac_ray.runs.snapshots import Snapshot, align_cluster_ids, sample_rows, snapshot_rounds
 
 from .conftest import TINY_EXPERIMENT
 

@@ -11,7 +11,7 @@ import ray
 import yaml
 
 from fltac_ray.config import EngineConfig
-from fltac_ray.engine.ray_session import EXPOSED_DASHBOARD_WARNING, is_loopback, ray_init_kwargs
+from fltac_ray.engine.ray.session import EXPOSED_DASHBOARD_WARNING, is_loopback, ray_init_kwargs
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.progress import Progress
 
@@ -102,7 +102,7 @@ def test_the_dashboard_url_and_metrics_endpoint_go_through_say_so_quiet_mutes_th
     """ray_session prints nothing itself: a quiet run passes a muted say (here: none at all)."""
     from types import SimpleNamespace
 
-    from fltac_ray.engine import ray_session as session
+    from fltac_ray.engine.ray import session
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: SimpleNamespace(dashboard_url="127.0.0.1:8265"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fltac_ray.cli import main
+from fltac_ray.client.rouge import lcs_length, rouge_l
 from fltac_ray.config import build_config
 from fltac_ray.data.encoding import make_featurizer
 from fltac_ray.data.federated import _cluster_shares, build_federated_data, load_task
@@ -13,7 +14,6 @@ from fltac_ray.data.images import rotate_images
 from fltac_ray.data.synthetic import teacher_first_layer
 from fltac_ray.errors import ConfigError
 from fltac_ray.models.counting import count_parameters
-from fltac_ray.rouge import lcs_length, rouge_l
 from fltac_ray.toy import toy_table
 
 GLUE = ["glue_sst2", "glue_mrpc", "glue_qqp", "glue_qnli", "glue_rte"]

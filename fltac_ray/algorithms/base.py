@@ -34,104 +34,29 @@ The README's "Your own algorithm" has a worked example.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from fltac_ray.algorithms.local_training import LocalTraining
 from fltac_ray.algorithms.options import AlgorithmOptions
+from fltac_ray.algorithms.robust import cluster_aggregate, weighted_cluster_means
+from fltac_ray.algorithms.types import (
+    AdapterKey,
+    AdapterSpec,
+    Aggregate,
+    ClientJob,
+    Upload,
+    Uploads,
+)
+
+# the message types and the averaging live in their own modules; importable from here as before
+__all__ = ["AdapterKey", "AdapterSpec", "Aggregate", "ClientJob", "FederatedAlgorithm", "Upload", "Uploads",
+           "weighted_cluster_means"]
 
 if TYPE_CHECKING:
     from fltac_ray.config import ExperimentConfig
     from fltac_ray.data.federated import FederatedData
-
-AdapterKey = tuple[int, int]  # (client id, adapter slot on that client)
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """The flat adapter every job trains: its layout, (name, shape) in flattening order, e.g.
-    `encoder...query.lora_A.default.weight` (r, d_in), `...lora_B...` (d_out, r), `head.weight`
-    (classes, hidden); FLoRAL adds `adaptor_index`, the mixture adaptor of each entry (-1: shared).
-    `fixed`: model tensors every client shares and nobody trains (a frozen head, model.head:
-    frozen), which exports write beside each adapter."""
-
-    layout: tuple[tuple[str, tuple[int, ...]], ...]
-    adaptor_index: np.ndarray | None = None
-    fixed: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return int(sum(int(np.prod(shape)) for _, shape in self.layout))
-
-    def entries(self, keep) -> np.ndarray:
-        """(size,) bool: the entries of every layout tensor whose name satisfies `keep(name)`."""
-        return np.concatenate([np.full(int(np.prod(shape)), bool(keep(name)))
-                               for name, shape in self.layout]) if self.layout else np.zeros(0, bool)
-
-    def lora_a(self) -> np.ndarray:
-        return self.entries(lambda name: "lora_A" in name)
-
-    def lora_b(self) -> np.ndarray:
-        return self.entries(lambda name: "lora_B" in name)
-
-
-@dataclass(frozen=True)
-class ClientJob:
-    """One (client, slot) of a round, as its client sees it: its own tasks and example count,
-    the local steps of each task, and the client state it kept (keep_state; None: none yet)."""
-
-    key: AdapterKey
-    tasks: tuple[str, ...]
-    num_samples: int
-    steps: tuple[int, ...] = ()
-    state: np.ndarray | None = None
-
-
-@dataclass
-class Upload:
-    """What one (client, slot) sends the server in a round: the only message type going up.
-
-    `vector` is what the algorithm sends of the adapter (all of it, or a part); `extras` are
-    further float arrays sent and counted as parameters (FLoRAL's mixture weights); `meta` is
-    side information that is no model parameter (IFCA's choice; the oracle's true task)."""
-
-    key: AdapterKey
-    vector: np.ndarray  # (p,) float32
-    num_samples: int
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def params(self) -> int:
-        return int(self.vector.size + sum(np.size(v) for v in self.extras.values()))
-
-
-@dataclass
-class Uploads:
-    """One round's accepted uploads, sorted by (client, slot): what `aggregate` reads."""
-
-    vectors: np.ndarray  # (n, p) float32
-    num_samples: np.ndarray  # (n,)
-    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, ...)
-    meta: dict[str, list] = field(default_factory=dict)  # name -> n values
-    owned: bool = False  # `vectors` is the server's own scratch copy (clustering may centre it in place)
-
-
-@dataclass
-class Aggregate:
-    """The server's answer to one round: the only message type coming down."""
-
-    labels: np.ndarray  # (n,) which row of `adapters` each upload receives back
-    adapters: np.ndarray  # (k, p) float32 answers
-    weights: np.ndarray  # (k,) total aggregation weight behind each row (0: kept unchanged)
-    # True when `labels` is the server's attempt to recover the tasks (FL-TAC, IFCA, oracle):
-    # the engine then scores it against the true tasks (clustering accuracy, ARI)
-    groups_tasks: bool = False
-    # what the round's K-means ran on, for the run's tables ("" where none ran)
-    kmeans_backend: str = ""
-
 
 class FederatedAlgorithm:
     """Defaults: one adapter per task, trained whole from the client's committed adapter (v^0
@@ -145,6 +70,12 @@ class FederatedAlgorithm:
     #: settings of the shared schema this algorithm reads (config validation rejects the others
     #: when set explicitly): see config.ALGORITHM_OPTIONS for the names
     reads: ClassVar[frozenset[str]] = frozenset()
+    #: True when the answer labels are the server's attempt to recover the tasks (FL-TAC, IFCA,
+    #: oracle): the engine scores them against the true tasks (clustering accuracy, ARI)
+    recovers_tasks: ClassVar[bool] = False
+    #: names of the per-round measures `aggregate` reports in Aggregate.metrics: extra columns
+    #: of rounds.csv (empty where a round reported none)
+    round_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ExperimentConfig, kmeans_backend: str = "sklearn") -> None:
         self.config = config
@@ -289,32 +220,4 @@ class FederatedAlgorithm:
 
     def cluster_means(self, vectors: np.ndarray, labels: np.ndarray, num_samples: np.ndarray) -> Aggregate:
         """Each group's aggregate by the configured rule (FedAvg or a robust one)."""
-        from fltac_ray.algorithms.robust import cluster_aggregate
-
         return cluster_aggregate(vectors, labels, self.weights(num_samples), self.aggregation, self.trim)
-
-
-# Rows per float64 block of the weighted sums: bounds the server's extra memory to a few MB
-# whatever the number of uploads (a float64 copy of 2,000 MiniLM adapters would be 300 MB).
-SUM_BLOCK_ROWS = 256
-
-
-def weighted_cluster_means(
-    vectors: np.ndarray, labels: np.ndarray, weights: np.ndarray
-) -> Aggregate:
-    """Per-cluster weighted mean of `vectors` (n, d); clusters are renumbered 0..k-1 in order of
-    first id, so an id that K-means left empty simply does not appear. Sums in float64."""
-    weights = np.asarray(weights, dtype=np.float64)
-    if np.any(weights <= 0):
-        raise ValueError("aggregation weights must be positive")
-    cluster_ids, compact = np.unique(labels, return_inverse=True)
-    k = len(cluster_ids)
-    totals = np.bincount(compact, weights=weights, minlength=k)  # (k,)
-    # (k, n) weight of each upload in each cluster's sum; applied block by block in float64
-    membership = np.zeros((k, len(weights)))
-    membership[compact, np.arange(len(weights))] = weights
-    sums = np.zeros((k, vectors.shape[1]))
-    for lo in range(0, len(weights), SUM_BLOCK_ROWS):
-        block = np.asarray(vectors[lo:lo + SUM_BLOCK_ROWS], dtype=np.float64)
-        sums += membership[:, lo:lo + SUM_BLOCK_ROWS] @ block
-    return Aggregate(compact, (sums / totals[:, None]).astype(np.float32), totals)

@@ -33,11 +33,13 @@ class FedAdam(GlobalModelAlgorithm):
     name = "fedadam"
     summary = "FedAdam: clients as FedAvg, the server takes Adam steps along the average update"
     Options = FedAdamOptions
+    round_metrics = ("server_step_norm",)  # ||x_new - x||: the size of the server's Adam step
 
     def __init__(self, config, kmeans_backend: str = "sklearn") -> None:
         super().__init__(config, kmeans_backend)
         self.first_moment: np.ndarray | None = None  # (d,) m
         self.second_moment: np.ndarray | None = None  # (d,) v
+        self.last_step_norm = 0.0
 
     def set_initial(self, adapters: np.ndarray) -> None:
         super().set_initial(adapters)
@@ -51,7 +53,14 @@ class FedAdam(GlobalModelAlgorithm):
         m = o.beta1 * self.first_moment + (1 - o.beta1) * delta
         v = o.beta2 * self.second_moment + (1 - o.beta2) * delta * delta
         self.first_moment, self.second_moment = m.astype(np.float32), v.astype(np.float32)
-        return x + o.server_lr * m / (np.sqrt(v) + o.tau)
+        step = o.server_lr * m / (np.sqrt(v) + o.tau)
+        self.last_step_norm = float(np.linalg.norm(step))
+        return x + step
+
+    def aggregate(self, uploads: Uploads, round_index: int):
+        result = super().aggregate(uploads, round_index)
+        result.metrics["server_step_norm"] = self.last_step_norm
+        return result
 
     def state(self) -> dict[str, np.ndarray]:
         out = super().state()

@@ -10,11 +10,13 @@ The paper averages uniformly; the authors' code weights by sample count, which i
 from __future__ import annotations
 
 from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
-from fltac_ray.clustering import kmeans_labels
+from fltac_ray.server.clustering import kmeans_labels
 
 
 class FLTAC(FederatedAlgorithm):
     name = "fltac"
+    recovers_tasks = True
+    round_metrics = ("kmeans_backend",)  # what the round's K-means ran on
     summary = "FL-TAC: one low-rank adapter per (client, task); server K-means + per-cluster FedAvg"
     reads = frozenset({"federation.n_clusters", "federation.clustering_backend",
                          "federation.kmeans_n_init", "federation.weighting",
@@ -27,5 +29,5 @@ class FLTAC(FederatedAlgorithm):
             scratch=uploads.owned,
         )
         result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)
-        result.groups_tasks, result.kmeans_backend = True, self.kmeans_backend
+        result.metrics["kmeans_backend"] = self.kmeans_backend
         return result

@@ -18,6 +18,7 @@ from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, 
 
 class IFCA(FederatedAlgorithm):
     name = "ifca"
+    recovers_tasks = True
     summary = "IFCA: K global adapters; each client task starts from the lowest-loss one"
     reads = frozenset({"federation.n_clusters", "federation.weighting",
                          "federation.aggregation", "federation.trim_fraction"})
@@ -60,7 +61,7 @@ class IFCA(FederatedAlgorithm):
         self.globals[chosen] = per_choice.adapters
         totals = np.zeros(self.n_clusters)
         totals[chosen] = per_choice.weights
-        return Aggregate(choices, self.globals.copy(), totals, groups_tasks=True)
+        return Aggregate(choices, self.globals.copy(), totals)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"globals": self.globals.copy()} if self.globals is not None else {}

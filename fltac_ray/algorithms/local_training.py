@@ -74,7 +74,7 @@ class LocalTraining:
     def optimizer(self, params: list[Tensor], lr: float, weight_decay: float) -> RowOptimizer:
         """A fresh optimiser for one pass, as the reference code builds one per (client, task,
         round); `params`: the stacked adapter tensors."""
-        from fltac_ray.local_optimizers import BatchedAdamW, BatchedSGD
+        from fltac_ray.client.local_optimizers import BatchedAdamW, BatchedSGD
 
         if self.optimizer_name == "sgd":
             return BatchedSGD(params, lr, weight_decay)

@@ -20,6 +20,7 @@ from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, 
 
 class OracleClustering(FederatedAlgorithm):
     name = "oracle"
+    recovers_tasks = True
     summary = ("FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step; "
                "under a concept shift, FLoRAL's optimal-router ensemble)")
     reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
@@ -32,6 +33,4 @@ class OracleClustering(FederatedAlgorithm):
         if "task" not in uploads.meta:
             raise ValueError("oracle clustering needs the uploads' true task labels")
         _, labels = np.unique(np.asarray(uploads.meta["task"]), return_inverse=True)
-        result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)
-        result.groups_tasks = True
-        return result
+        return self.cluster_means(uploads.vectors, labels, uploads.num_samples)

@@ -47,6 +47,7 @@ class Scaffold(GlobalModelAlgorithm):
     name = "scaffold"
     summary = "SCAFFOLD: FedAvg with client and server control variates correcting local drift"
     Options = ScaffoldOptions
+    round_metrics = ("control_norm",)  # ||c|| after the round: how much drift is being corrected
 
     def __init__(self, config, kmeans_backend: str = "sklearn") -> None:
         super().__init__(config, kmeans_backend)
@@ -92,6 +93,7 @@ class Scaffold(GlobalModelAlgorithm):
         result = super().aggregate(uploads, round_index)  # x by server_step
         deltas = np.asarray(uploads.extras["control_delta"], dtype=np.float64)  # (n, d)
         self.control = (self.control + deltas.sum(0) / self.config.data.num_clients).astype(np.float32)
+        result.metrics["control_norm"] = float(np.linalg.norm(self.control))
         return result
 
     def server_step(self, average: np.ndarray, uploads: Uploads) -> np.ndarray:

@@ -81,3 +81,12 @@ def make_featurizer(model_name: str, max_length: int) -> Featurizer:
         return {"features": np.ascontiguousarray(examples.features, dtype=np.float32)}
 
     return featurize
+
+
+def text_encoder(name: str, max_length: int):
+    """texts -> {"input_ids": (n, max_length) int32, "lengths": (n,) int32} with model `name`'s
+    tokenizer (for callers that only have texts; make_featurizer handles every task kind)."""
+    from fltac_ray.models.builders import load_tokenizer
+
+    tokenizer = load_tokenizer(name)
+    return lambda texts: encode_texts(tokenizer, texts, None, max_length)

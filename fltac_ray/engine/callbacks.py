@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from fltac_ray.config import ExperimentConfig
     from fltac_ray.data.federated import FederatedData
     from fltac_ray.engine.backend import Backend
-    from fltac_ray.outputs import RunWriter
+    from fltac_ray.runs.outputs import RunWriter
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class RunInfo:
     run_dir: Path
     data: FederatedData
     spec: AdapterSpec
-    backend: Backend  # engine/ray_backend.RayBackend or engine/local_backend.LocalBackend
+    backend: Backend  # engine/ray/backend.RayBackend or engine/local_backend.LocalBackend
     say: Callable[[str], None]
     evaluated: EvaluationCache | None = None  # the driver's evaluation records (checkpointed)
 
@@ -104,7 +104,7 @@ class Checkpointer(Callback):
         self.last_path: Path | None = None
 
     def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
-        from fltac_ray.checkpoint import Checkpoint, save_checkpoint
+        from fltac_ray.runs.checkpoint import Checkpoint, save_checkpoint
 
         every = run.config.engine.checkpoint_every
         if not every or (ctx.round_index % every and ctx.round_index != run.config.rounds):
@@ -124,7 +124,7 @@ class SnapshotWriter(Callback):
     """The round's uploads as the server kept them, with their true tasks, for the report."""
 
     def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
-        from fltac_ray.snapshots import Snapshot, snapshot_rounds, write_snapshot
+        from fltac_ray.runs.snapshots import Snapshot, snapshot_rounds, write_snapshot
 
         if ctx.outcome is None or ctx.round_index not in snapshot_rounds(
                 run.config.rounds, run.config.report.adapter_snapshots):
@@ -174,7 +174,7 @@ class Exporter(Callback):
     def export(self, run: RunInfo, quiet: bool = False) -> None:
         import shutil
 
-        from fltac_ray.export import export_adapters
+        from fltac_ray.runs.export import export_adapters
 
         outcome = run.backend.export_outcome()
         if outcome is None or not len(outcome["labels"]):

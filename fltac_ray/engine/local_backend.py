@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fltac_ray.client.gpu_fit import resolve_pass_limits
 from fltac_ray.engine.backend import Backend
-from fltac_ray.engine.gpu_fit import resolve_pass_limits
 from fltac_ray.engine.messages import (
     EvalJob,
     EvalRecord,
@@ -28,8 +28,8 @@ class LocalBackend(Backend):
     name = "local"
 
     def start(self) -> dict[str, Any]:
-        from fltac_ray.engine.client_worker import ClientWorker
-        from fltac_ray.engine.server import Server
+        from fltac_ray.client.worker import ClientWorker
+        from fltac_ray.server.server import Server
 
         engine = self.config.engine
         # the threads a Ray worker gets, so both backends compute alike

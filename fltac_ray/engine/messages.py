@@ -162,8 +162,8 @@ class RoundOutcome:
     keys: list[AdapterKey]  # accepted uploads, in the order of labels
     labels: np.ndarray  # (n,) answer row each accepted upload received
     clusters: int  # answer rows
-    groups_tasks: bool  # labels try to recover tasks: score them
-    kmeans_backend: str
+    recovers_tasks: bool  # labels try to recover tasks: score them (the algorithm's recovers_tasks)
+    metrics: dict  # the algorithm's own per-round measures (Aggregate.metrics)
     rejected: list[tuple[AdapterKey, str]]
     params_up: int  # what the clients really sent (every upload received)
     params_down: int  # what they really received

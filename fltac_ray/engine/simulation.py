@@ -4,7 +4,7 @@ One round, in the driver:
   sample clients -> cut their (client, slot) jobs into passes (engine/scheduling.py) -> the
   backend runs the passes on its workers from the committed state (Ray: spread over the live
   workers, LPT; local: one after another) -> the server checks and aggregates the uploads and
-  commits every client's new state (engine/server.py) -> evaluation jobs run the same way ->
+  commits every client's new state (server/server.py) -> evaluation jobs run the same way ->
   callbacks write the tables, the checkpoint, the snapshots, the dashboard metrics.
 
 Workers are stateless and each pass is seeded per (round, client, slot, task), so a lost
@@ -17,10 +17,8 @@ nothing is committed, so the state stays as it was.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,10 +29,8 @@ import pandas as pd
 
 from fltac_ray.algorithms import FederatedAlgorithm, create_algorithm
 from fltac_ray.algorithms.base import AdapterKey
-from fltac_ray.checkpoint import Checkpoint, latest_checkpoint
-from fltac_ray.clustering import adjusted_rand, hungarian_accuracy
 from fltac_ray.config import ExperimentConfig, load_config, save_config
-from fltac_ray.data.federated import FederatedData, build_federated_data
+from fltac_ray.data.federated import FederatedData
 from fltac_ray.engine.callbacks import (
     Callback,
     Checkpointer,
@@ -46,7 +42,6 @@ from fltac_ray.engine.callbacks import (
     SnapshotWriter,
 )
 from fltac_ray.engine.evaluation_cache import GROUP, EvaluationCache
-from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.engine.messages import (
     EvalJob,
     EvalRecord,
@@ -55,17 +50,26 @@ from fltac_ray.engine.messages import (
     TrainJob,
     tasks_by_key,
 )
+from fltac_ray.engine.ray.shared_data import SharedData
+from fltac_ray.engine.run_setup import (
+    clients_per_round,
+    make_backend,
+    preflight,
+    prepare_data,
+    sample_clients,
+)
 from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
-from fltac_ray.engine.shared_data import SharedData
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
-from fltac_ray.outputs import (
+from fltac_ray.progress import Progress, format_run_summary
+from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
+from fltac_ray.runs.outputs import (
     AUDIT_COLUMNS,
     RunWriter,
     discard_unused_run_dir,
     hold_run_folder,
     make_run_dir,
 )
-from fltac_ray.progress import Progress, format_run_summary
+from fltac_ray.server.clustering import adjusted_rand, hungarian_accuracy
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
 
@@ -76,117 +80,6 @@ class RunResult:
     metrics: pd.DataFrame  # one row per (round, task)
     rounds: pd.DataFrame  # one row per round
     wall_seconds: float
-
-
-def clients_per_round(active: int, fraction: float) -> int:
-    """ceil(fraction * active), at least one."""
-    return max(1, math.ceil(fraction * active))
-
-
-def sample_clients(seed: int, round_index: int, active: list[int], fraction: float) -> list[int]:
-    """Seeded choice of ceil(fraction * |active|) clients for one round (all when fraction = 1)."""
-    count = clients_per_round(len(active), fraction)
-    if count >= len(active):
-        return list(active)
-    rng = np.random.default_rng([seed, 4, round_index])
-    return sorted(int(c) for c in rng.choice(active, size=count, replace=False))
-
-
-def build_data(config: ExperimentConfig) -> FederatedData:
-    """The experiment's tasks loaded, split, partitioned and encoded (before any algorithm)."""
-    from fltac_ray.data.encoding import make_featurizer
-    from fltac_ray.data.sizing import check_data_fits
-
-    check_data_fits(config)  # an estimate against this machine's memory, before anything is built
-    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
-    # The raw text, the tokenizer's buffers and the parsed sources are garbage now; glibc keeps
-    # their pages unless asked (offline default, 20k examples per task: 533 -> 428 MiB resident).
-    gc.collect()
-    release_free_memory()
-    return data
-
-
-def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm,
-                 built: FederatedData | None = None) -> tuple[FederatedData, list[int]]:
-    """The run's federated data as the algorithm sees it (centralized: one client holding
-    everything) and the clients that hold any of it; from `built` when given (a sweep's data,
-    read from the object store)."""
-    data = build_data(config) if built is None else built
-    _check_data(config, data)
-    data = algorithm.federate(data)
-    return data, [c.client_id for c in data.clients if c.tasks]
-
-
-def _inside_placement_group() -> bool:
-    ray = sys.modules.get("ray")  # not imported: certainly not inside one (and preflight stays Ray-free)
-    if ray is None or not ray.is_initialized():
-        return False
-    from ray.util import get_current_placement_group
-
-    return get_current_placement_group() is not None
-
-
-def preflight(config: ExperimentConfig) -> None:
-    """Checks that depend on this machine, run before Ray starts."""
-    import torch
-
-    from fltac_ray.models.builders import check_target_modules
-
-    engine = config.engine
-    # a Ray this run starts on this machine; not when it joins a cluster (engine.ray_address) or
-    # runs inside a placement group (a Ray Tune trial's, whose bundles hold its GPUs): the
-    # cluster's nodes hold the resources then, and the checks below are about this machine
-    local = engine.ray_address is None and not _inside_placement_group()
-    has_cuda = torch.cuda.is_available()
-    if local and (engine.gpus_per_worker or 0) > 0 and not has_cuda and not engine.num_gpus:
-        raise ConfigError([ConfigIssue(
-            "engine.gpus_per_worker", engine.gpus_per_worker,
-            "no GPU is visible here (torch.cuda.is_available() is False); use 0, or declare GPUs "
-            "to Ray with engine.num_gpus (scheduling only, training stays on the CPU)")])
-    if local and engine.device == "cuda" and not has_cuda:
-        raise ConfigError([ConfigIssue("engine.device", "cuda", "no CUDA device here; use auto or cpu")])
-    if local and config.model.quantization != "none" and not has_cuda:
-        raise ConfigError([ConfigIssue(
-            "model.quantization", config.model.quantization,
-            "bitsandbytes quantisation needs a CUDA GPU, and none is visible here; use none (model.dtype: "
-            "bfloat16 halves the base on the CPU)")])
-    backbone = check_target_modules(config.model.name, config.data.modality, config.model.lora.target_modules,
-                                    config.data.feature_dim)
-    if config.tracking.backends:
-        from fltac_ray.tracking import check_trackers
-
-        check_trackers(config)
-    if config.model.gradient_checkpointing:
-        from fltac_ray.models.adapter_model import gradient_checkpointing_problem
-
-        if (problem := gradient_checkpointing_problem(backbone)) is not None:
-            raise ConfigError([ConfigIssue("model.gradient_checkpointing", True, f"{config.model.name}: {problem}")])
-    if local and engine.backend == "ray":  # every node is this machine: its cache folder is checked here
-        from fltac_ray.models.base_cache import cache_dir_problem
-
-        if (problem := cache_dir_problem(engine.base_cache_dir)) is not None:
-            raise ConfigError([ConfigIssue("engine.base_cache_dir", engine.base_cache_dir, problem)])
-
-
-def _check_data(config: ExperimentConfig, data: FederatedData) -> None:
-    adapters = sum(len(c.tasks) for c in data.clients)
-    k = config.resolved_n_clusters
-    if k > adapters:
-        raise ConfigError([ConfigIssue(
-            "federation.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
-
-
-def _make_backend(config, algorithm_class, data, active, say, shared: SharedData | None = None):
-    if config.engine.backend == "local":
-        from fltac_ray.engine.local_backend import LocalBackend
-
-        return LocalBackend(config, algorithm_class, data, active, say)
-    from fltac_ray.engine.ray_backend import RayBackend
-
-    backend = RayBackend(config, algorithm_class, data, active, say)
-    if shared is not None:  # the workers read the sweep's copy: nothing is put again
-        backend.data_refs = (shared.tasks, shared.clients)
-    return backend
 
 
 class Simulation:
@@ -208,7 +101,7 @@ class Simulation:
         self.progress = progress or Progress()
         self.callbacks = list(callbacks)
         self.resume_dir = resume_dir
-        self.shared_data = shared_data  # a sweep's data in the object store (engine/shared_data.py)
+        self.shared_data = shared_data  # a sweep's data in the object store (engine/ray/shared_data.py)
         self.export_every_round = export_every_round  # adapters/ always holds the newest round's
 
     @classmethod
@@ -231,7 +124,7 @@ class Simulation:
                 self.lock.close()  # the run folder is free for a resume
 
     def _run_whole(self) -> RunResult:
-        from fltac_ray.engine.ray_session import ray_session
+        from fltac_ray.engine.ray.session import ray_session
 
         started = time.perf_counter()
         config, say = self.config, self.progress.say
@@ -272,13 +165,14 @@ class Simulation:
         if self.resume_dir is not None:
             checkpoint = self._resume_point(run_dir)
             if checkpoint is None:
-                writer = RunWriter(run_dir, config)
+                writer = RunWriter(run_dir, config, extra_columns=config.algorithm_class.round_metrics)
                 writer.write_partition(data.partition_rows())
             else:
-                writer = RunWriter(run_dir, config, resume_round=checkpoint.round)
+                writer = RunWriter(run_dir, config, resume_round=checkpoint.round,
+                                   extra_columns=config.algorithm_class.round_metrics)
                 say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
         else:
-            writer = RunWriter(run_dir, config)
+            writer = RunWriter(run_dir, config, extra_columns=config.algorithm_class.round_metrics)
             writer.write_partition(data.partition_rows())
         for name, bundle in data.tasks.items():
             holders = sum(1 for c in data.clients if name in c.tasks)
@@ -292,7 +186,7 @@ class Simulation:
         if config.engine.kill_worker_at is not None:
             callbacks.append(FaultInjection(*config.engine.kill_worker_at))
         if config.engine.metrics and config.engine.backend == "ray":
-            from fltac_ray.telemetry import DashboardMetrics
+            from fltac_ray.engine.ray.telemetry import DashboardMetrics
 
             callbacks.append(DashboardMetrics(config.name))
         # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
@@ -323,8 +217,8 @@ class Simulation:
         """The checkpoint a resume continues from, its config checked against config.yaml; None:
         the run stopped before its first round was recorded, so it starts over (the state before
         round 1 is fixed by the config and seed)."""
-        from fltac_ray.checkpoint import CheckpointError
         from fltac_ray.config import changes_results, config_changes
+        from fltac_ray.runs.checkpoint import CheckpointError
 
         say = self.progress.say
         try:
@@ -353,7 +247,7 @@ class Simulation:
     def _run(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
              writer: RunWriter, checkpoint: Checkpoint | None, run_dir: Path) -> None:
         config, say = self.config, self.progress.say
-        backend = _make_backend(config, config.algorithm_class, data, active, say, self.data_source)
+        backend = make_backend(config, config.algorithm_class, data, active, say, self.data_source)
         self.backend = backend
         self.run_info: RunInfo | None = None
         failed = True
@@ -534,7 +428,7 @@ class Simulation:
         if outcome is not None:
             params_up, params_down = outcome.params_up, outcome.params_down
             truth = [task_of[key] for key in outcome.keys]
-            if outcome.groups_tasks and truth:
+            if outcome.recovers_tasks and truth:
                 clustering_accuracy = hungarian_accuracy(truth, outcome.labels)
                 ari = adjusted_rand(truth, outcome.labels)
         accuracies = list(task_accuracy.values())
@@ -552,7 +446,6 @@ class Simulation:
             "clustering_accuracy": clustering_accuracy,
             "ari": ari,
             "clusters": outcome.clusters if outcome is not None else 0,
-            "kmeans_backend": outcome.kmeans_backend if outcome is not None else "",
             "params_up": params_up,
             "params_up_per_client": params_up / len(sampled),
             "bytes_up": params_up * BYTES_PER_PARAM,
@@ -574,6 +467,9 @@ class Simulation:
             "evaluated_adapters": evaluated,  # the others' records reused (unchanged since evaluated)
             "eval_seconds": finished - aggregated,
             "seconds": finished - started,
+            # the algorithm's own measures (its round_metrics; empty when the round had none)
+            **{name: (outcome.metrics.get(name, "") if outcome is not None else "")
+               for name in self.config.algorithm_class.round_metrics},
         }
 
     def _round_zero(self, run: RunInfo, active: list[int], writer: RunWriter) -> None:

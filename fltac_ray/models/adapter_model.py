@@ -107,7 +107,7 @@ def text_batch(input_ids: torch.Tensor, lengths: torch.Tensor, token_type_ids: t
 
 class PooledFeatures:
     """Pooled (batch, hidden) features of `self.encoder` for every modality. Shared by the
-    training model and the exported classifier (fltac_ray/export.py), so both read inputs alike.
+    training model and the exported classifier (fltac_ray/runs/export.py), so both read inputs alike.
     Needs: encoder, modality, pooling, image_size and the pixel_mean / pixel_std buffers."""
 
     encoder: nn.Module
@@ -347,7 +347,7 @@ class AdapterModel(PooledFeatures, nn.Module):
     # --- forward ---------------------------------------------------------------------------
     def autocast(self):
         """The context every forward pass runs in: autocast to the base's dtype (no-op in float32)."""
-        from fltac_ray.precision import autocast
+        from fltac_ray.client.precision import autocast
 
         return autocast(self.pixel_mean.device, self.compute_dtype)
 

@@ -138,7 +138,7 @@ def node_base_weights(description: BaseDescription, cache_dir: str | Path | None
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if not (folder / MANIFEST).is_file():
             shutil.rmtree(folder, ignore_errors=True)  # never complete without its manifest
-            from fltac_ray.precision import DTYPES
+            from fltac_ray.client.precision import DTYPES
 
             backbone = load_backbone(description.name, description.modality, seed=description.seed,
                                      feature_dim=description.feature_dim, dtype=DTYPES[description.dtype])

@@ -101,7 +101,7 @@ PACKAGED_HUB_IDS = {
 def hub_id(name: str) -> str:
     """The base an exported adapter names (`base_model_name_or_path`): a packaged model's hub id,
     a hub id or folder as given, or fltac-ray's own name for a base built in code (what
-    fltac_ray.export.load_base resolves)."""
+    fltac_ray.runs.export.load_base resolves)."""
     return PACKAGED_HUB_IDS.get(name, name)
 
 
@@ -355,7 +355,7 @@ def load_backbone(name: str, modality: str, seed: int = 0, feature_dim: int = 16
     floating-point tensors in `dtype` (None: as built or stored). Hugging Face checkpoints are
     read straight into `dtype` (no float32 copy on the way); `quantization` (8bit, 4bit) loads
     their linear layers quantised onto the CUDA `device`."""
-    from fltac_ray.precision import cast_frozen_base
+    from fltac_ray.client.precision import cast_frozen_base
 
     built = _built_in_code(name, modality, seed, feature_dim, dtype, device)
     if built is not None:
@@ -454,14 +454,3 @@ def check_target_modules(name: str, modality: str, target_modules: list[str], fe
             "model.lora.target_modules", list(target_modules),
             f"{missing} match no module of {name}; its adaptable modules: {adaptable}")])
     return backbone
-
-
-def text_encoder(name: str, max_length: int):
-    """texts -> {"input_ids": (n, max_length) int32, "lengths": (n,) int32} (kept for callers
-    that only have texts; data/encoding.py handles every task kind)."""
-    from fltac_ray.data.encoding import encode_texts
-
-    tokenizer = load_tokenizer(name)
-    return lambda texts: encode_texts(tokenizer, texts, None, max_length)
-
-

@@ -18,10 +18,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from fltac_ray.outputs import final_round_metrics  # noqa: E402
 from fltac_ray.progress import short_task  # noqa: E402
 from fltac_ray.reporting.runs import RunTables  # noqa: E402
-from fltac_ray.snapshots import Snapshot, align_cluster_ids  # noqa: E402
+from fltac_ray.runs.outputs import final_round_metrics  # noqa: E402
+from fltac_ray.runs.snapshots import Snapshot, align_cluster_ids  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>"
 

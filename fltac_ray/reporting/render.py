@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from fltac_ray.errors import ConfigError, ConfigIssue, ResourceUnavailableError
-from fltac_ray.outputs import final_round_metrics
 from fltac_ray.reporting import figures
 from fltac_ray.reporting.projection import METHODS, project, umap_available
 from fltac_ray.reporting.runs import RunTables, read_runs, sweep_spec
-from fltac_ray.snapshots import read_snapshots
+from fltac_ray.runs.outputs import final_round_metrics
+from fltac_ray.runs.snapshots import read_snapshots
 
 MAX_PROJECTED_RUNS = 12  # one projection PNG per run; a large sweep would drown the page
 
@@ -249,7 +249,7 @@ def _page(kind: str, root: Path, runs: list[RunTables], report: Report,
         parts += ["<h2>Exported adapters</h2>",
                   "<p>The final global adapter of every cluster, under each run's <code>adapters/</code> "
                   "(plain peft adapters of the Hugging Face base: each folder's README.md says how to load it; "
-                  "<code>fltac_ray.export.load_adapter(folder)</code> does it for any).</p>", _table_html(frame[columns])]
+                  "<code>fltac_ray.runs.export.load_adapter(folder)</code> does it for any).</p>", _table_html(frame[columns])]
     parts += _settings_html(runs)
     if report.skipped:
         parts += ["<h2>Not drawn</h2>", "<ul>" + "".join(

@@ -15,7 +15,7 @@ tasks and class names); the tokenizer (text) or a `preprocessor_config.json` (im
                                       LoRA loads into the plain encoder; the head is
                                       `head.safetensors` (weight, bias) over the pooled features
   AutoModelForCausalLM                instruction adapters (no head)
-  fltac_ray.export.load_base          bases built in code (EfficientNet-lite0, the MLP, the
+  fltac_ray.runs.export.load_base          bases built in code (EfficientNet-lite0, the MLP, the
                                       random test models, plug-ins): a backbone + `task_head`
 
     from peft import PeftModel
@@ -23,7 +23,7 @@ tasks and class names); the tokenizer (text) or a `preprocessor_config.json` (im
     base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2)
     model = PeftModel.from_pretrained(base, folder)   # model(**tokenizer(texts, ...)).logits
 
-`fltac_ray.export.load_adapter(folder)` does the right one for any folder and returns a module
+`fltac_ray.runs.export.load_adapter(folder)` does the right one for any folder and returns a module
 whose call on standard inputs gives the logits (batch, classes of the cluster's task).
 FLoRAL's router-mixed adaptors are not peft LoRA: they are saved as named tensors
 (`cluster_<k>/adapter.safetensors`).
@@ -65,7 +65,7 @@ SEQUENCE_CLASSIFIER = "AutoModelForSequenceClassification"
 IMAGE_CLASSIFIER = "AutoModelForImageClassification"
 FEATURES = "AutoModel"
 CAUSAL_LM = "AutoModelForCausalLM"
-BUILT_IN = "fltac_ray.export.load_base"
+BUILT_IN = "fltac_ray.runs.export.load_base"
 # (modality, pooling, model_type) -> (class, the attribute holding the backbone in that class):
 # the Hugging Face classifiers whose forward is exactly our backbone + pooling + head
 # (BertForSequenceClassification: pooler -> dropout -> classifier; ViTForImageClassification:
@@ -359,7 +359,7 @@ def model_card(info: dict[str, Any]) -> str:
                 f"model = PeftModel.from_pretrained(AutoModel.from_pretrained(\"{base}\"), ADAPTER)\n"
                 f"# logits = {info['pooling']}-pooled last_hidden_state @ W.T + b  (W, b: head.safetensors)\n")
     else:
-        load = ("from peft import PeftModel\nfrom fltac_ray.export import load_base\n\n"
+        load = ("from peft import PeftModel\nfrom fltac_ray.runs.export import load_base\n\n"
                 "model = PeftModel.from_pretrained(load_base(ADAPTER), ADAPTER)\n")
     names = ", ".join(info.get("class_names") or []) or "(see fltac_ray.json)"
     if route != CAUSAL_LM and info.get("num_labels", 0) < info.get("head_rows", 0):

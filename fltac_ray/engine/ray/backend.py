@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fltac_ray.engine.backend import Backend
-from fltac_ray.engine.client_worker import ClientWorker
-from fltac_ray.engine.gpu_fit import (
+from fltac_ray.client.gpu_fit import (
     GIB,
     GpuFit,
     base_bytes_for,
@@ -39,10 +37,12 @@ from fltac_ray.engine.gpu_fit import (
     resolve_pass_limits,
     workers_per_gpu,
 )
+from fltac_ray.client.worker import ClientWorker
+from fltac_ray.engine.backend import Backend
 from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
-from fltac_ray.engine.server import Server
 from fltac_ray.errors import EngineError, FltacError
+from fltac_ray.server.server import Server
 
 RESERVE_REPORT_S = 10.0  # a progress line this often while the pool is waited for
 
@@ -103,7 +103,7 @@ class SeesOnlyItsGpus:
     assign the actor (engine/gpu_visibility.py), so one without a GPU computes on the CPU."""
 
     def __init__(self, *args, **kwargs) -> None:
-        from fltac_ray.engine.gpu_visibility import hide_unassigned_gpus
+        from fltac_ray.engine.ray.gpu_visibility import hide_unassigned_gpus
 
         hide_unassigned_gpus()
         super().__init__(*args, **kwargs)
@@ -129,7 +129,7 @@ class RayClientWorker(SeesOnlyItsGpus, ClientWorker):
         (scheduling tests on CPU machines) have neither."""
         import ray
 
-        from fltac_ray.engine.cuda_device import nvidia_driver
+        from fltac_ray.client.cuda_device import nvidia_driver
 
         here = ray.get_runtime_context().get_node_id()
         node = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
@@ -225,7 +225,7 @@ class RayBackend(Backend):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        from fltac_ray.engine.ray_session import cluster_totals
+        from fltac_ray.engine.ray.session import cluster_totals
 
         engine = self.config.engine
         bundle = self._bundle()
@@ -325,7 +325,7 @@ class RayBackend(Backend):
         from ray.util import get_current_placement_group
 
         from fltac_ray.engine.placement import plan_worker_count
-        from fltac_ray.engine.ray_session import cluster_totals
+        from fltac_ray.engine.ray.session import cluster_totals
 
         engine = self.config.engine
         cpus, gpus = cluster_totals()
@@ -496,7 +496,7 @@ class RayBackend(Backend):
         from ray.util.placement_group import placement_group
 
         from fltac_ray.engine.placement import plan_worker_count
-        from fltac_ray.engine.ray_session import cluster_totals
+        from fltac_ray.engine.ray.session import cluster_totals
 
         cpus, gpus = cluster_totals()
         wanted = plan_worker_count(len(self.active), self.config.engine, cpus, gpus, elastic=True)

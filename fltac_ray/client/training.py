@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from fltac_ray.algorithms.local_training import LocalContext, LocalTraining
+from fltac_ray.client.precision import LossScale
+from fltac_ray.client.rouge import rouge_l
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
-from fltac_ray.precision import LossScale
-from fltac_ray.rouge import rouge_l
 
 # Inputs that are not model tensors (generation references).
 _NOT_TENSORS = {"references"}

@@ -79,7 +79,7 @@ def share_data(config: ExperimentConfig) -> SharedData:
     object store of the connected Ray. The caller's copy is dropped: only the store keeps it."""
     import ray
 
-    from fltac_ray.engine.simulation import build_data
+    from fltac_ray.engine.run_setup import build_data
 
     data = build_data(config)
     return SharedData(data_key(config), ray.put(data.tasks), ray.put(data.clients), data.shares,

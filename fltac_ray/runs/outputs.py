@@ -17,7 +17,7 @@ METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples
                    "rouge_l", "perplexity", "judge_score"]
 CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
-    "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters", "kmeans_backend",
+    "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters",
     "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
     "skipped_steps", "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "evaluated_adapters", "eval_seconds",
     "seconds", "screened_uploads", "malicious_uploads", "malicious_accepted", "honest_screened",
@@ -109,15 +109,18 @@ def hold_run_folder(run_dir: Path):
 class RunWriter:
     """Appends rows as rounds finish, so a crash keeps every completed round on disk."""
 
-    def __init__(self, run_dir: Path, config: ExperimentConfig, resume_round: int | None = None) -> None:
+    def __init__(self, run_dir: Path, config: ExperimentConfig, resume_round: int | None = None,
+                 extra_columns: tuple[str, ...] = ()) -> None:
         """A new run writes fresh files; a resumed one keeps the rows of rounds up to
-        `resume_round` (rows of later rounds were written after that checkpoint and are redone)."""
+        `resume_round` (rows of later rounds were written after that checkpoint and are redone).
+        `extra_columns`: the algorithm's round_metrics, after rounds.csv's own columns."""
         self.run_dir = run_dir
+        self.rounds_columns = ROUNDS_COLUMNS + [c for c in extra_columns if c not in ROUNDS_COLUMNS]
         self.metrics_path = run_dir / "metrics.csv"
         self.rounds_path = run_dir / "rounds.csv"
         self.clients_path = run_dir / "clients.csv"
         tables = ((self.metrics_path, METRICS_COLUMNS), (self.clients_path, CLIENT_COLUMNS),
-                  (self.rounds_path, ROUNDS_COLUMNS))
+                  (self.rounds_path, self.rounds_columns))
         record_session(run_dir, "start" if resume_round is None else "resume")
         if resume_round is None:
             save_config(config, run_dir / "config.yaml")
@@ -144,5 +147,5 @@ class RunWriter:
                 self.clients_path, mode="a", header=False, index=False)
 
     def append_round(self, row: dict) -> None:
-        pd.DataFrame([row], columns=ROUNDS_COLUMNS).to_csv(
+        pd.DataFrame([row], columns=self.rounds_columns).to_csv(
             self.rounds_path, mode="a", header=False, index=False)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fltac_ray.algorithms.base import AdapterKey
-from fltac_ray.clustering import hungarian_accuracy
+from fltac_ray.server.clustering import hungarian_accuracy
 
 KINDS = ("none", "sign_flip", "scaling", "random", "cross_task")
 
@@ -99,7 +99,7 @@ def honest_damage(
     answers: np.ndarray,
     truth: dict[AdapterKey, str],
     malicious: frozenset[int],
-    groups_tasks: bool,
+    recovers_tasks: bool,
 ) -> dict[str, float]:
     """What the round's malicious uploads did to the honest ones.
 
@@ -122,7 +122,7 @@ def honest_damage(
     answer_of = np.full(len(keys), -1)
     answer_of[np.flatnonzero(accepted)] = labels
     kept_honest = np.flatnonzero(honest & accepted)
-    if groups_tasks:
+    if recovers_tasks:
         group = np.array([truth[key] for key in keys], dtype=object)
         members_of = {g: np.flatnonzero(honest & (group == g)) for g in set(group[kept_honest])}
     else:
@@ -135,7 +135,7 @@ def honest_damage(
         progress[g] = max(float(np.linalg.norm(ideal[g] - start)), 1e-12)
     errors = [np.linalg.norm(answers[answer_of[i]] - ideal[group[i]]) / progress[group[i]] for i in kept_honest]
     clustering = float("nan")
-    if groups_tasks and len(kept_honest):
+    if recovers_tasks and len(kept_honest):
         clustering = hungarian_accuracy([truth[keys[i]] for i in kept_honest], answer_of[kept_honest])
     return {
         "malicious_uploads": int((~honest).sum()),

@@ -16,16 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fltac_ray.batched_training import (
+from fltac_ray.client.batched_training import (
     bucket_positions,
     combine_inputs,
     input_signature,
     task_logits,
 )
+from fltac_ray.client.training import EvalOutcome, rows_to_device, to_device
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed
-from fltac_ray.training import EvalOutcome, rows_to_device, to_device
 
 
 @dataclass

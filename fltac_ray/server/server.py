@@ -1,5 +1,5 @@
 """The server side: checks uploads, runs the algorithm's aggregation, keeps the client-state
-store (engine/state_store.py) and commits each round's results into it.
+store (server/state_store.py) and commits each round's results into it.
 
 The Ray backend runs it as the coordinator actor, the local backend in-process. The algorithm's
 server half sees only uploads (client ids and adapter slots, no task names). The store holds
@@ -17,14 +17,14 @@ import numpy as np
 
 from fltac_ray.algorithms import create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload, Uploads
-from fltac_ray.attacks import Attack, honest_damage
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
-from fltac_ray.engine.state_store import ClientStateStore
-from fltac_ray.screening import default_neighbours, screen_uploads
-from fltac_ray.snapshots import sample_rows, snapshot_rounds
-from fltac_ray.uploads import upload_problem
+from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
+from fltac_ray.server.attacks import Attack, honest_damage
+from fltac_ray.server.screening import default_neighbours, screen_uploads
+from fltac_ray.server.state_store import ClientStateStore
+from fltac_ray.server.uploads import upload_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Server:
         """`spec`: the adapter layout; the Ray backend starts the coordinator before any worker
         (so it takes its place on the driver's node first) and hands the layout over with
         `setup` once a worker has built the model."""
-        from fltac_ray.clustering import resolve_backend
+        from fltac_ray.server.clustering import resolve_backend
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         self.config = config
@@ -179,7 +179,7 @@ class Server:
         return honest_damage(
             [tuple(u.key) for u in checked], vectors, np.stack(starts),
             self.algorithm.weights(np.asarray([u.num_samples for u in checked])), kept,
-            np.asarray(outcome.labels), outcome.adapters, truth, malicious, outcome.groups_tasks)
+            np.asarray(outcome.labels), outcome.adapters, truth, malicious, self.algorithm.recovers_tasks)
 
     def _aggregate(self, round_index: int, accepted: list[Upload]) -> Aggregate:
         uploads = Uploads(
@@ -268,8 +268,8 @@ class Server:
             keys=[tuple(u.key) for u in accepted],
             labels=np.asarray(outcome.labels, dtype=np.int64) if outcome is not None else np.zeros(0, np.int64),
             clusters=len(outcome.adapters) if outcome is not None else 0,
-            groups_tasks=bool(outcome is not None and outcome.groups_tasks),
-            kmeans_backend=outcome.kmeans_backend if outcome is not None else "",
+            recovers_tasks=bool(outcome is not None and algorithm.recovers_tasks),
+            metrics=dict(outcome.metrics) if outcome is not None else {},
             rejected=rejected,
             screened=screened,
             audit=audit,

@@ -30,12 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from fltac_ray.algorithms.local_training import LocalContext, LocalTraining, rows_of
-from fltac_ray.data.federated import EncodedSplit
-from fltac_ray.local_optimizers import BatchedAdamW  # noqa: F401 - its home before local_optimizers.py
-from fltac_ray.models.adapter_model import AdapterModel
-from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
-from fltac_ray.precision import LossScale
-from fltac_ray.training import (
+from fltac_ray.client.local_optimizers import BatchedAdamW  # noqa: F401 - its home before local_optimizers.py
+from fltac_ray.client.precision import LossScale
+from fltac_ray.client.training import (
     _NOT_TENSORS,
     BatchCursor,
     FrozenEntries,
@@ -44,9 +41,12 @@ from fltac_ray.training import (
     stack_by_layout,
     to_device,
 )
+from fltac_ray.data.federated import EncodedSplit
+from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
 
 if TYPE_CHECKING:
-    from fltac_ray.engine.gpu_fit import PassMemory
+    from fltac_ray.client.gpu_fit import PassMemory
 
 
 @dataclass
@@ -255,14 +255,14 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
 
 def measure_pass_memory(model: AdapterModel, split: EncodedSplit, rows: np.ndarray, num_classes: int,
                         device: torch.device) -> PassMemory:
-    """CUDA: the memory of one batched training step (engine/gpu_fit.PassMemory) on `rows` (give
+    """CUDA: the memory of one batched training step (client/gpu_fit.PassMemory) on `rows` (give
     train.batch_size of the longest examples: buckets pad to their longest): a warm-up step first
     (cuBLAS's workspace and the first kernels' buffers are paid once per process, not per
     adapter), then the peak over what was allocated before, for a pass of one adapter and of
     two; the difference is one adapter's share (activations, its stacked parameters, gradients
     and AdamW moments), the rest the pass's fixed part. What engine.max_batched_adapters: auto
-    plans with (engine/gpu_fit.adapters_that_fit)."""
-    from fltac_ray.engine.gpu_fit import PassMemory
+    plans with (client/gpu_fit.adapters_that_fit)."""
+    from fltac_ray.client.gpu_fit import PassMemory
 
     if device.type != "cuda":
         raise ValueError("measure_pass_memory reads CUDA's allocator statistics")

@@ -22,7 +22,6 @@ import numpy as np
 
 from fltac_ray.algorithms import ClientJob, create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
-from fltac_ray.attacks import Attack
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.data.federated import ClientShard, EncodedSplit, TaskBundle
 from fltac_ray.engine.memory import HeapTrimmer
@@ -35,6 +34,7 @@ from fltac_ray.engine.messages import (
     TrainJob,
 )
 from fltac_ray.models.model_files import ModelFiles
+from fltac_ray.server.attacks import Attack
 
 TRIM_EVERY_ADAPTERS = 32  # one-by-one training gives freed memory back after this many adapters
 
@@ -79,10 +79,10 @@ class ClientWorker:
         _quiet_libraries()
         import torch
 
-        from fltac_ray.engine.cuda_device import choose_device
+        from fltac_ray.client.cuda_device import choose_device
+        from fltac_ray.client.precision import LossScale, configure_cuda_math, resolve_dtype
         from fltac_ray.models.base_cache import writable_cache_dir
         from fltac_ray.models.builders import use_shipped_files
-        from fltac_ray.precision import LossScale, configure_cuda_math, resolve_dtype
 
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         if model_files is not None:
@@ -113,11 +113,11 @@ class ClientWorker:
         self.generation = self._generation_settings() if config.data.modality == "causal_lm" else None
 
     def _gpu_turn(self) -> contextlib.AbstractContextManager:
-        """On CUDA, this GPU's lock (engine/gpu_fit.gpu_lock): one worker at a time checks its
+        """On CUDA, this GPU's lock (client/gpu_fit.gpu_lock): one worker at a time checks its
         memory, loads its base, moves it to the device and measures its pass."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        from fltac_ray.engine.gpu_fit import gpu_lock
+        from fltac_ray.client.gpu_fit import gpu_lock
 
         return gpu_lock(self.device)
 
@@ -125,17 +125,17 @@ class ClientWorker:
         """The frozen base (loaded, or mapped from the node's cache) with the algorithm's adapter
         model on this worker's device, and what depends on it: the adapter layout, the batched
         path, the adapters a pass may hold."""
+        from fltac_ray.client.precision import dtype_name
         from fltac_ray.models.adapter_model import AdapterModel
         from fltac_ray.models.base_cache import BaseDescription, node_base_weights
         from fltac_ray.models.builders import backbone_from_weights, load_backbone
-        from fltac_ray.precision import dtype_name
 
         config = self.config
         modality = config.data.modality
         name, feature_dim = config.model.name, config.data.feature_dim
         quantized = config.model.quantization != "none"
         if self.device.type == "cuda":
-            from fltac_ray.engine.gpu_fit import check_worker_gpu
+            from fltac_ray.client.gpu_fit import check_worker_gpu
 
             check_worker_gpu(config, self.device, self.dtype)  # before a byte of the base reaches the GPU
         self.loaded_base = not node_cache
@@ -166,8 +166,8 @@ class ClientWorker:
     def gpu_grant(self) -> tuple[list[str] | None, bool]:
         """(GPU ids Ray assigned this process, or None outside Ray; whether this node really has
         a GPU). In process: no Ray, and a loaded NVIDIA driver says a GPU is here. The Ray
-        backend's worker answers from Ray (engine/ray_backend.RayClientWorker)."""
-        from fltac_ray.engine.cuda_device import nvidia_driver
+        backend's worker answers from Ray (engine/ray/backend.RayClientWorker)."""
+        from fltac_ray.client.cuda_device import nvidia_driver
 
         return None, nvidia_driver() is not None
 
@@ -186,15 +186,15 @@ class ClientWorker:
 
     def _adapters_that_fit(self) -> int | None:
         """On CUDA, for engine.max_batched_adapters: auto: the adapters whose batched step fits
-        this worker's part of its GPU, from one measured pass (engine/gpu_fit.PassMemory) on
+        this worker's part of its GPU, from one measured pass (client/gpu_fit.PassMemory) on
         train.batch_size of the longest examples of the widest task; refuses to start when not
         even one fits. None on the CPU (the driver then uses gpu_fit.AUTO_ADAPTERS_CPU)."""
         if self.device.type != "cuda" or not self.batched or self.config.engine.max_batched_adapters != "auto":
             return None
         import torch
 
-        from fltac_ray.batched_training import measure_pass_memory
-        from fltac_ray.engine.gpu_fit import (
+        from fltac_ray.client.batched_training import measure_pass_memory
+        from fltac_ray.client.gpu_fit import (
             CUDA_CONTEXT_BYTES,
             adapters_that_fit,
             pass_does_not_fit,
@@ -218,8 +218,8 @@ class ClientWorker:
         return fit
 
     def _generation_settings(self):
+        from fltac_ray.client.training import GenerationSettings, load_judge
         from fltac_ray.models.builders import eos_token_id, load_tokenizer
-        from fltac_ray.training import GenerationSettings, load_judge
 
         train = self.config.train
         if not train.generate:
@@ -233,7 +233,7 @@ class ClientWorker:
 
     # --- set-up -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        from fltac_ray.precision import dtype_name
+        from fltac_ray.client.precision import dtype_name
 
         return {
             "worker": self.worker_index,
@@ -279,7 +279,7 @@ class ClientWorker:
     def _probe_loss(self, job: TrainJob):
         """The client's loss with a given adapter on a fixed probe of its training data (the
         first eval_batch_size examples of each task), summed over its tasks: IFCA's choice."""
-        from fltac_ray.training import evaluate_adapter
+        from fltac_ray.client.training import evaluate_adapter
 
         shard = self.shards[job.key[0]]
 
@@ -302,7 +302,7 @@ class ClientWorker:
         `inputs`: each job's local_inputs for the algorithm's local-training rule."""
         import torch
 
-        from fltac_ray.training import train_adapter
+        from fltac_ray.client.training import train_adapter
 
         train, losses_of = self.config.train, []
         for row, job in enumerate(jobs):
@@ -335,7 +335,7 @@ class ClientWorker:
         fixed by the round loop, so the result does not depend on the worker that runs it."""
         import torch
 
-        from fltac_ray.batched_training import AdapterJob, train_batched
+        from fltac_ray.client.batched_training import AdapterJob, train_batched
 
         train = self.config.train
         current = [starts[row] for row in range(len(jobs))]
@@ -414,8 +414,8 @@ class ClientWorker:
         tasks, and workers that train one adapter at a time, evaluate adapter by adapter.
         `max_adapters`, `max_examples`: the run's resolved engine.max_batched_adapters and
         engine.max_pass_examples (the driver's, so every worker cuts alike)."""
-        from fltac_ray.batched_evaluation import EvalItem, evaluate_batched
-        from fltac_ray.training import EvalOutcome, evaluate_adapter
+        from fltac_ray.client.batched_evaluation import EvalItem, evaluate_batched
+        from fltac_ray.client.training import EvalOutcome, evaluate_adapter
 
         train = self.config.train
         outcomes: dict[tuple[int, str], EvalOutcome] = {}

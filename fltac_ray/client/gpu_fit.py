@@ -231,8 +231,8 @@ def base_bytes_for(config: Any, dtype: Any = None) -> int:
     None: model.dtype as a GPU worker resolves it (auto: bfloat16 or float16, 2 bytes either)."""
     import torch
 
+    from fltac_ray.client.precision import DTYPES
     from fltac_ray.models.builders import build_on_meta
-    from fltac_ray.precision import DTYPES
 
     dtype = dtype or DTYPES.get(config.model.dtype, torch.bfloat16)
     meta = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
