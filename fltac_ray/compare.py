@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fltac_ray.config import ExperimentConfig, apply_overrides, build_config, read_yaml
+from fltac_ray.config import (
+    ExperimentConfig,
+    algorithm_name,
+    apply_overrides,
+    build_config,
+    read_yaml,
+)
 from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.progress import Progress
 from fltac_ray.runs.outputs import final_round_metrics
@@ -31,7 +37,8 @@ class Variant:
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        # an entry's algorithm replaces the base's whole, options included (they belong to it)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "algorithm":
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -56,7 +63,7 @@ def variants_from_raw(raw: dict[str, Any], overrides: list[str] | None = None,
     variants: list[Variant] = []
     for index, entry in enumerate(entries):
         entry = dict(entry)
-        label = str(entry.pop("label", entry.get("algorithm", raw.get("algorithm", "fltac"))))
+        label = str(entry.pop("label", algorithm_name(entry.get("algorithm", raw.get("algorithm", "fltac")))))
         where = f"compare[{index}] ({label})"
         try:
             config = build_config(apply_overrides(_merge(raw, entry), list(overrides or [])))

@@ -26,8 +26,7 @@ from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 # never silently changes nothing.
 ALGORITHM_OPTIONS = (
     "federation.n_clusters", "federation.clustering_backend", "federation.kmeans_n_init",
-    "federation.weighting", "federation.aggregation", "federation.trim_fraction", "federation.fedit_budget",
-    "floral",
+    "federation.weighting", "federation.aggregation", "federation.trim_fraction",
 )
 
 
@@ -437,11 +436,6 @@ class FederationConfig(_Section):
         default=0.1, ge=0, lt=0.5,
         description="trimmed_mean: share of members dropped at each end per coordinate (< 0.5).",
     )
-    fedit_budget: Literal["per_task", "per_adapter"] = Field(
-        default="per_task",
-        description="FedIT: train.local_steps for each task of the client's one adapter "
-        "(per_task), or split over its tasks (per_adapter: the FL-TAC authors' baseline).",
-    )
     min_completion_rate: float = Field(
         default=0.5, ge=0, le=1,
         description="Reject a round (state unchanged) when fewer sampled clients than this share "
@@ -462,47 +456,6 @@ class FederationConfig(_Section):
         description="k of the neighbours rule; default: uploads // (2 x clusters), at least 1.",
     )
     attack: AttackConfig = Field(default_factory=AttackConfig)
-
-
-class FloralConfig(_Section):
-    """FLoRAL only: C adaptors per adapted layer mixed by a private per-client router."""
-
-    num_adaptors: int | None = Field(
-        default=None, ge=1, description="C, adaptors per layer; default: the number of tasks."
-    )
-    temperature: float = Field(default=1.0, gt=0, description="Router softmax temperature.")
-    min_weight: float = Field(
-        default=0.0, ge=0, lt=1,
-        description="Floor on every adaptor's mixing weight (the reference has none: 0).",
-    )
-    rank_fraction: float | None = Field(
-        default=0.01, gt=0, le=1,
-        description="Each layer's rank as a share f of its parameter budget, int(f x in x out / "
-        "(in + out)), at least 1 (the reference's default 1%); None: model.lora.rank everywhere.",
-    )
-    alpha: float | None = Field(
-        default=1.0, gt=0,
-        description="Scale of the mixed adaptors' output (the reference: 1.0); None: "
-        "model.lora.alpha / rank, as peft LoRA.",
-    )
-    bias: bool = Field(
-        default=True,
-        description="A zero-initialised bias per adaptor on layers that have a bias (the reference's default).",
-    )
-    router: Literal["learned", "optimal"] = Field(
-        default="learned",
-        description="learned: each client's private router trains; optimal: fixed to the client's "
-        "true concept-shift cluster (the paper's optimal-router baseline; needs data.concept_shift).",
-    )
-    router_noise: float = Field(
-        default=1.0, ge=0,
-        description="In training, U(0, router_noise) added to the router's weights at each forward "
-        "pass (the reference's noisy gating, 1.0); 0: none.",
-    )
-    # Adam moves each router weight by about router_lr per step; at the adapters' lr (2e-3) the
-    # routers of the offline default were still uniform after 3 rounds (max |w| 0.066, pi within
-    # [0.31, 0.36]), so no adaptor specialised. 0.1 lets a router reach a decisive mix in ~30 steps.
-    router_lr: float = Field(default=0.1, gt=0, description="AdamW learning rate of the private routers.")
 
 
 class EngineConfig(_Section):
@@ -733,6 +686,11 @@ def changes_results(field: str) -> bool:
                    for allowed in RESUMABLE_CHANGES)
 
 
+def algorithm_name(value: Any) -> str:
+    """The algorithm an `algorithm:` value names: `fedprox` or `{name: fedprox, mu: 0.1}`."""
+    return str(value.get("name", "?")) if isinstance(value, dict) else str(value)
+
+
 def clients_per_round(clients: int, fraction: float) -> int:
     """Clients sampled per round: ceil(fraction x clients), at least one (the one rule: the
     schema's bounds and the round loop's sampling both use it)."""
@@ -777,7 +735,6 @@ class ExperimentConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
-    floral: FloralConfig = Field(default_factory=FloralConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -867,17 +824,9 @@ class ExperimentConfig(_Section):
         if self.model.pooling == "pooler" and modality not in ("text",):
             raise ValueError(f"model.pooling = 'pooler': only for text models with a pretrained pooler "
                              f"(this experiment's tasks are {modality}); use cls or mean")
-        shift = self.data.concept_shift
-        if self.algorithm == "floral" and self.floral.router == "optimal" and (
-                shift is None or self.resolved_num_adaptors != shift.clusters):
-            have = "no data.concept_shift" if shift is None else f"{shift.clusters} clusters"
-            raise ValueError(f"floral.router = 'optimal': fixes each client's router to its true "
-                             f"concept-shift cluster, so it needs data.concept_shift with as many clusters as "
-                             f"floral.num_adaptors ({self.resolved_num_adaptors}); here {have}")
-        if self.model.head == "frozen" and (modality == "causal_lm" or self.algorithm == "floral"):
-            what = "instruction tasks have no classifier head" if modality == "causal_lm" else (
-                "FLoRAL's head carries its mixture adaptors and is federated")
-            raise ValueError(f"model.head = 'frozen': {what}; remove it")
+        self.algorithm_class.check_config(self)  # the algorithm's own rules on the rest
+        if self.model.head == "frozen" and modality == "causal_lm":
+            raise ValueError("model.head = 'frozen': instruction tasks have no classifier head; remove it")
         if self.train.judge is not None and modality != "causal_lm":
             raise ValueError(f"train.judge = {self.train.judge!r}: only for instruction tasks")
         n_clusters = self.federation.n_clusters
@@ -947,21 +896,16 @@ class ExperimentConfig(_Section):
     def resolved_n_clusters(self) -> int:
         return self.federation.n_clusters or self.num_tasks
 
-    @property
-    def resolved_num_adaptors(self) -> int:
-        return self.floral.num_adaptors or self.num_tasks
 
     def resolved(self) -> dict[str, Any]:
         """The full config with defaults filled in, as saved beside the results."""
         out = self.model_dump(mode="json")
-        options = self.options.model_dump(mode="json")
+        options = self.algorithm_class.resolved_options(self)
         if options:  # saved as it is given, so the file loads back as it is
             out["algorithm"] = {"name": self.algorithm, **options}
         out["federation"]["n_clusters"] = self.resolved_n_clusters
         out["data"]["min_share"] = self.data.resolved_min_share
         # Drop options this algorithm does not read, so the saved file loads back as it is.
-        if "floral" in self.algorithm_class.reads:
-            out["floral"]["num_adaptors"] = self.resolved_num_adaptors
         if self.federation.aggregation != "trimmed_mean":
             out["federation"].pop("trim_fraction")
         reads = self.algorithm_class.reads

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from fltac_ray.algorithms.floral import FloralOptions as FloralConfig
 from fltac_ray.client.batched_evaluation import EvalItem, evaluate_batched
 from fltac_ray.client.batched_training import AdapterJob, BatchedAdamW, train_batched
 from fltac_ray.client.training import evaluate_adapter, train_adapter
-from fltac_ray.config import FloralConfig, ModelConfig
+from fltac_ray.config import ModelConfig
 from fltac_ray.data.encoding import text_encoder
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel, split_adapter

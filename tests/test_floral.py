@@ -8,7 +8,8 @@ from torch import nn
 
 from fltac_ray.algorithms.base import AdapterSpec, Uploads
 from fltac_ray.algorithms.floral import FLoRAL
-from fltac_ray.config import FloralConfig, ModelConfig, build_config
+from fltac_ray.algorithms.floral import FloralOptions as FloralConfig
+from fltac_ray.config import ModelConfig, build_config
 from fltac_ray.errors import ConfigError
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.builders import load_backbone
@@ -185,13 +186,13 @@ def test_floral_aggregation_hand_computed():
 
 def test_floral_options_only_for_floral():
     with pytest.raises(ConfigError) as info:
-        build_config({"algorithm": "fltac", "floral": {"temperature": 0.5}})
-    assert info.value.issues[0].field == "floral"
-    config = build_config({"algorithm": "floral", "floral": {"temperature": 0.5, "rank_fraction": 0.01}})
-    assert config.resolved()["floral"]["num_adaptors"] == 3
-    assert "floral" not in build_config({"algorithm": "fltac"}).resolved()
-    with pytest.raises(ConfigError, match="floral.temperature"):
-        build_config({"algorithm": "floral", "floral": {"temperature": 0}})
+        build_config({"algorithm": {"name": "fltac", "temperature": 0.5}})
+    assert info.value.issues[0].field == "algorithm.temperature"
+    config = build_config({"algorithm": {"name": "floral", "temperature": 0.5, "rank_fraction": 0.01}})
+    assert config.resolved()["algorithm"]["num_adaptors"] == 3
+    assert build_config({"algorithm": "fltac"}).resolved()["algorithm"] == "fltac"  # no FLoRAL options
+    with pytest.raises(ConfigError, match="algorithm.temperature"):
+        build_config({"algorithm": {"name": "floral", "temperature": 0}})
 
 
 def test_optimal_router_fixes_each_client_to_its_true_cluster():
@@ -199,8 +200,8 @@ def test_optimal_router_fixes_each_client_to_its_true_cluster():
 
     shift = {"tasks": ["fashion_mnist"], "concept_shift": {"kind": "label_shift", "clusters": 4},
              "num_clients": 8}
-    config = build_config({"algorithm": "floral", "data": shift, "model": {"name": "efficientnet-lite0"},
-                           "floral": {"router": "optimal"}})
+    config = build_config({"algorithm": {"name": "floral", "router": "optimal"}, "data": shift,
+                           "model": {"name": "efficientnet-lite0"}})
     algorithm = FLoRAL(config)
     names = config.data.task_names  # one task per cluster: fashion_mnist@shift0..3
     private = algorithm.private_start(ClientJob((5, 0), (names[1],), 10), np.array([9.0, 0, 0, 0], np.float32))
@@ -211,11 +212,11 @@ def test_optimal_router_fixes_each_client_to_its_true_cluster():
     model = AdapterModel(load_backbone("tiny-random-bert", "text"), ModelConfig(name="tiny-random-bert"), 4, 0,
                          floral=FloralConfig(router="optimal"), num_adaptors=4)
     assert model.optimizer_groups(lr=1e-3)[1]["lr"] == 0.0 and model.router.noise == 0.0  # never trained
-    with pytest.raises(ConfigError, match="floral.router = 'optimal'.*here no data.concept_shift"):
-        build_config({"algorithm": "floral", "floral": {"router": "optimal"}})
-    with pytest.raises(ConfigError, match="floral.num_adaptors \\(3\\); here 4 clusters"):
-        build_config({"algorithm": "floral", "data": shift, "model": {"name": "efficientnet-lite0"},
-                      "floral": {"router": "optimal", "num_adaptors": 3}})
+    with pytest.raises(ConfigError, match="algorithm.router = 'optimal'.*here no data.concept_shift"):
+        build_config({"algorithm": {"name": "floral", "router": "optimal"}})
+    with pytest.raises(ConfigError, match="algorithm.num_adaptors \\(3\\); here 4 clusters"):
+        build_config({"algorithm": {"name": "floral", "router": "optimal", "num_adaptors": 3}, "data": shift,
+                      "model": {"name": "efficientnet-lite0"}})
 
 
 def test_beside_a_quantised_base_the_router_and_mixtures_move_and_bitsandbytes_layers_stay():

@@ -101,8 +101,8 @@ def test_a_float16_base_trains_with_loss_scaling_on_the_cpu():
 def test_every_model_family_trains_and_evaluates_in_bfloat16():
     """Images (ViT, EfficientNet), vectors (MLP), FLoRAL's mixtures and causal LMs: batched where
     they batch, one by one otherwise, and evaluation, all with a bfloat16 base."""
+    from fltac_ray.algorithms.floral import FloralOptions as FloralConfig
     from fltac_ray.client.training import evaluate_adapter
-    from fltac_ray.config import FloralConfig
     from fltac_ray.data.federated import EncodedSplit
 
     rng = np.random.default_rng(0)

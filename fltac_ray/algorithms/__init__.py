@@ -14,6 +14,8 @@ from fltac_ray.algorithms.base import (
     Upload,
     Uploads,
 )
+from fltac_ray.algorithms.local_training import LocalContext, LocalTraining, rows_of
+from fltac_ray.algorithms.options import AlgorithmOptions
 from fltac_ray.algorithms.registry import (
     BUILTIN,
     UnknownAlgorithm,
@@ -22,9 +24,9 @@ from fltac_ray.algorithms.registry import (
     resolve_algorithm,
 )
 
-__all__ = ["BUILTIN", "AdapterSpec", "Aggregate", "ClientJob", "FederatedAlgorithm", "UnknownAlgorithm",
-           "Upload", "Uploads", "algorithm_summaries", "create_algorithm", "register_algorithm",
-           "resolve_algorithm"]
+__all__ = ["BUILTIN", "AdapterSpec", "Aggregate", "AlgorithmOptions", "ClientJob", "FederatedAlgorithm",
+           "LocalContext", "LocalTraining", "UnknownAlgorithm", "Upload", "Uploads", "algorithm_summaries",
+           "create_algorithm", "register_algorithm", "resolve_algorithm", "rows_of"]
 
 
 def create_algorithm(config, kmeans_backend: str = "sklearn", cls: type[FederatedAlgorithm] | None = None

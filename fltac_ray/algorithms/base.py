@@ -73,6 +73,10 @@ class FederatedAlgorithm:
     #: True when the answer labels are the server's attempt to recover the tasks (FL-TAC, IFCA,
     #: oracle): the engine scores them against the true tasks (clustering accuracy, ARI)
     recovers_tasks: ClassVar[bool] = False
+    #: True when an answer label names one of the server's models, the same one every round
+    #: (IFCA's K models); False: labels are numbered afresh each round (K-means), so the reports
+    #: match them across rounds
+    labels_name_server_models: ClassVar[bool] = False
     #: names of the per-round measures `aggregate` reports in Aggregate.metrics: extra columns
     #: of rounds.csv (empty where a round reported none)
     round_metrics: ClassVar[tuple[str, ...]] = ()
@@ -89,6 +93,25 @@ class FederatedAlgorithm:
         self.initial: np.ndarray | None = None  # (K, d) what the server drew before round 1
 
     # --- set-up -----------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        """The rules this algorithm sets on the rest of the experiment, checked with the config
+        before anything runs: raise ValueError("<field> = <value>: <what is allowed>")."""
+
+    @classmethod
+    def resolved_options(cls, config: ExperimentConfig) -> dict[str, Any]:
+        """The options as the run's config.yaml records them (defaults filled in; FLoRAL: C)."""
+        return config.options.model_dump(mode="json")
+
+    def check_data(self, data: FederatedData) -> None:
+        """Refuse a partition this algorithm cannot run on (FL-TAC: more clusters than adapters),
+        with a ConfigError naming the field; before any actor starts."""
+
+    def upload_groups(self) -> int:
+        """How many groups a round's uploads are expected to form (screening's default
+        neighbour count divides by it): one per task; FL-TAC and IFCA: their K."""
+        return self.config.num_tasks
+
     def setup(self, spec: AdapterSpec) -> None:
         """Both halves learn the adapter layout before round 1."""
         self.spec = spec

@@ -12,43 +12,109 @@ upload, counted in the traffic; the router's parameters themselves stay on the c
 Our clients hold several tasks; each (client, task) is one FLoRAL client here, with its own
 router, since a client's tasks are different distributions (the paper's clients hold one).
 
-`floral.router: optimal` is the paper's optimal-router baseline under a concept shift: each
+`algorithm: {name: floral, router: optimal}` is the paper's optimal-router baseline under a concept shift: each
 client's router is fixed to its true cluster (the task index of its cluster task), so adaptor c
 is trained and averaged by cluster c's clients alone — the ceiling a learned router can reach.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Upload, Uploads
+from fltac_ray.algorithms.options import AlgorithmOptions
 
 OPTIMAL_LOGIT = 30.0
+
+
+class FloralOptions(AlgorithmOptions):
+    """C adaptors per adapted layer mixed by a private per-client router."""
+
+    num_adaptors: int | None = Field(
+        default=None, ge=1, description="C, adaptors per layer; default: the number of tasks."
+    )
+    temperature: float = Field(default=1.0, gt=0, description="Router softmax temperature.")
+    min_weight: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Floor on every adaptor's mixing weight (the reference has none: 0).",
+    )
+    rank_fraction: float | None = Field(
+        default=0.01, gt=0, le=1,
+        description="Each layer's rank as a share f of its parameter budget, int(f x in x out / "
+        "(in + out)), at least 1 (the reference's default 1%); None: model.lora.rank everywhere.",
+    )
+    alpha: float | None = Field(
+        default=1.0, gt=0,
+        description="Scale of the mixed adaptors' output (the reference: 1.0); None: "
+        "model.lora.alpha / rank, as peft LoRA.",
+    )
+    bias: bool = Field(
+        default=True,
+        description="A zero-initialised bias per adaptor on layers that have a bias (the reference's default).",
+    )
+    router: Literal["learned", "optimal"] = Field(
+        default="learned",
+        description="learned: each client's private router trains; optimal: fixed to the client's "
+        "true concept-shift cluster (the paper's optimal-router baseline; needs data.concept_shift).",
+    )
+    router_noise: float = Field(
+        default=1.0, ge=0,
+        description="In training, U(0, router_noise) added to the router's weights at each forward "
+        "pass (the reference's noisy gating, 1.0); 0: none.",
+    )
+    # Adam moves each router weight by about router_lr per step; at the adapters' lr (2e-3) the
+    # routers of the offline default were still uniform after 3 rounds (max |w| 0.066, pi within
+    # [0.31, 0.36]), so no adaptor specialised. 0.1 lets a router reach a decisive mix in ~30 steps.
+    router_lr: float = Field(default=0.1, gt=0, description="AdamW learning rate of the private routers.")
+
+
+def num_adaptors(config) -> int:
+    """C: algorithm.num_adaptors, by default the number of tasks."""
+    return config.options.num_adaptors or config.num_tasks
 
 
 class FLoRAL(FederatedAlgorithm):
     name = "floral"
     summary = "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router"
-    reads = frozenset({"federation.weighting", "floral"})
+    reads = frozenset({"federation.weighting"})
+    Options = FloralOptions
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        shift = config.data.concept_shift
+        adaptors = num_adaptors(config)
+        if config.options.router == "optimal" and (shift is None or adaptors != shift.clusters):
+            have = "no data.concept_shift" if shift is None else f"{shift.clusters} clusters"
+            raise ValueError(f"algorithm.router = 'optimal': fixes each client's router to its true "
+                             f"concept-shift cluster, so it needs data.concept_shift with as many clusters as "
+                             f"algorithm.num_adaptors ({adaptors}); here {have}")
+        if config.model.head == "frozen":
+            raise ValueError("model.head = 'frozen': FLoRAL's head carries its mixture adaptors and is "
+                             "federated; remove it")
+
+    @classmethod
+    def resolved_options(cls, config) -> dict[str, Any]:
+        return {**super().resolved_options(config), "num_adaptors": num_adaptors(config)}
 
     def private_start(self, job: ClientJob, private: np.ndarray | None) -> np.ndarray | None:
-        if self.config.floral.router != "optimal":
+        if self.options.router != "optimal":
             return private
         # a logit gap of 30: softmax puts all but e^-30 of the mixture on the true cluster
-        weights = np.zeros(self.config.resolved_num_adaptors, np.float32)
+        weights = np.zeros(num_adaptors(self.config), np.float32)
         weights[self.config.data.task_names.index(job.tasks[0])] = OPTIMAL_LOGIT
         return weights
 
     def model_options(self) -> dict[str, Any]:
-        return {"floral": self.config.floral, "num_adaptors": self.config.resolved_num_adaptors}
+        return {"floral": self.options, "num_adaptors": num_adaptors(self.config)}
 
     def mixture(self, router: np.ndarray) -> np.ndarray:
         """pi = softmax(w / temperature) (C,) of a private router w (Router.mixture in numpy)."""
         if router.size == 0:  # a router never trained: zero weights, the uniform mixture
-            router = np.zeros(self.config.resolved_num_adaptors, np.float32)
-        scaled = router.astype(np.float64) / self.config.floral.temperature
+            router = np.zeros(num_adaptors(self.config), np.float32)
+        scaled = router.astype(np.float64) / self.options.temperature
         scaled = np.exp(scaled - scaled.max())
         return (scaled / scaled.sum()).astype(np.float32)
 

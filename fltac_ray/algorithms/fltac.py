@@ -10,7 +10,18 @@ The paper averages uniformly; the authors' code weights by sample count, which i
 from __future__ import annotations
 
 from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
+from fltac_ray.errors import ConfigError, ConfigIssue
 from fltac_ray.server.clustering import kmeans_labels
+
+
+def check_clusters_fit(config, data) -> None:
+    """K (federation.n_clusters, default: the task count) at most the adapters the partition
+    holds: K-means (FL-TAC) and IFCA's K models need as many uploads to start from."""
+    adapters = sum(len(c.tasks) for c in data.clients)
+    k = config.resolved_n_clusters
+    if k > adapters:
+        raise ConfigError([ConfigIssue(
+            "federation.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
 
 
 class FLTAC(FederatedAlgorithm):
@@ -21,6 +32,12 @@ class FLTAC(FederatedAlgorithm):
     reads = frozenset({"federation.n_clusters", "federation.clustering_backend",
                          "federation.kmeans_n_init", "federation.weighting",
                          "federation.aggregation", "federation.trim_fraction"})
+
+    def check_data(self, data) -> None:
+        check_clusters_fit(self.config, data)
+
+    def upload_groups(self) -> int:
+        return self.config.resolved_n_clusters
 
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         labels = kmeans_labels(

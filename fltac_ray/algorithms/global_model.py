@@ -1,7 +1,7 @@
 """The FedAvg family over one global adapter: the base of FedProx, SCAFFOLD and FedAdam.
 
-As FedIT, each client trains one adapter over all its tasks in turn (`federation.fedit_budget`
-sets the steps). Unlike FedIT, where a client resumes from the last answer it received, the
+As FedIT, each client trains one adapter over all its tasks in turn (the `budget` option sets
+the steps). Unlike FedIT, where a client resumes from the last answer it received, the
 server keeps the global adapter as server state, sends it to every sampled client (the
 broadcast), and every sampled client starts from it: FedAvg as McMahan et al. (2017) define it,
 also under partial participation. `server_step` turns the round's average into the next global
@@ -17,12 +17,11 @@ import numpy as np
 from pydantic import Field
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, Uploads
-from fltac_ray.algorithms.fedit import FedIT
+from fltac_ray.algorithms.fedit import FedIT, FedITOptions
 from fltac_ray.algorithms.local_training import LocalTraining
-from fltac_ray.algorithms.options import AlgorithmOptions
 
 
-class GlobalModelOptions(AlgorithmOptions):
+class GlobalModelOptions(FedITOptions):
     local_optimizer: Literal["adamw", "sgd"] = Field(
         default="adamw", description="local optimiser: adamw (the reference code's) or sgd "
         "(what the papers analyse), at train.lr and train.weight_decay")

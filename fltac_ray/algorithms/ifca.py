@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Uploads
+from fltac_ray.algorithms.fltac import check_clusters_fit
 
 
 class IFCA(FederatedAlgorithm):
     name = "ifca"
     recovers_tasks = True
+    labels_name_server_models = True  # a choice is one of the K global adapters
     summary = "IFCA: K global adapters; each client task starts from the lowest-loss one"
     reads = frozenset({"federation.n_clusters", "federation.weighting",
                          "federation.aggregation", "federation.trim_fraction"})
@@ -27,6 +29,12 @@ class IFCA(FederatedAlgorithm):
         super().__init__(config, kmeans_backend)
         self.n_clusters = config.resolved_n_clusters
         self.globals: np.ndarray | None = None  # (K, d) the server's adapters
+
+    def check_data(self, data) -> None:
+        check_clusters_fit(self.config, data)
+
+    def upload_groups(self) -> int:
+        return self.n_clusters
 
     # client side: start from the best-fitting global adapter, every round
     def start(self, job: ClientJob, committed: np.ndarray | None, broadcast: np.ndarray,

@@ -1,4 +1,5 @@
-"""Robust replacements for the weighted mean inside each cluster.
+"""Averaging inside each cluster: the weighted mean (FedAvg, `weighted_cluster_means`) and its
+robust replacements.
 
 - coordinate-wise median (Yin et al., ICML 2018, "Byzantine-robust distributed learning");
 - coordinate-wise trimmed mean: per coordinate, drop the floor(trim * m) smallest and largest of

@@ -16,7 +16,7 @@ from fltac_ray.data.federated import FederatedData, build_federated_data
 from fltac_ray.engine.memory import release_free_memory
 from fltac_ray.errors import ConfigError, ConfigIssue
 
-__all__ = ["build_data", "check_data", "clients_per_round", "make_backend", "preflight", "prepare_data",
+__all__ = ["build_data", "clients_per_round", "make_backend", "preflight", "prepare_data",
            "sample_clients"]
 
 
@@ -49,7 +49,7 @@ def prepare_data(config: ExperimentConfig, algorithm: FederatedAlgorithm,
     everything) and the clients that hold any of it; from `built` when given (a sweep's data,
     read from the object store)."""
     data = build_data(config) if built is None else built
-    check_data(config, data)
+    algorithm.check_data(data)  # e.g. FL-TAC: K at most the adapters this partition holds
     data = algorithm.federate(data)
     return data, [c.client_id for c in data.clients if c.tasks]
 
@@ -103,14 +103,6 @@ def preflight(config: ExperimentConfig) -> None:
 
         if (problem := cache_dir_problem(engine.base_cache_dir)) is not None:
             raise ConfigError([ConfigIssue("engine.base_cache_dir", engine.base_cache_dir, problem)])
-
-
-def check_data(config: ExperimentConfig, data: FederatedData) -> None:
-    adapters = sum(len(c.tasks) for c in data.clients)
-    k = config.resolved_n_clusters
-    if k > adapters:
-        raise ConfigError([ConfigIssue(
-            "federation.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
 
 
 def make_backend(config, algorithm_class, data, active, say, shared=None):

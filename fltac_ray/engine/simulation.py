@@ -191,7 +191,7 @@ class Simulation:
             callbacks.append(DashboardMetrics(config.name))
         # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
         self.groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
-        # (client, slot) -> local steps of each of its tasks (FedIT: federation.fedit_budget)
+        # (client, slot) -> local steps of each of its tasks (FedIT: its budget option)
         self.budgets = {(client, slot): algorithm.task_steps(list(group), config.train.local_steps)
                         for client, groups in self.groups.items() for slot, group in enumerate(groups)}
         # each key's records, reused while its committed state is unchanged; in every checkpoint
@@ -254,20 +254,20 @@ class Simulation:
         try:
             info = backend.start()  # resolves engine.gpus_per_worker and engine.max_batched_adapters
             if config.engine.min_passes is None:
-                config.engine.min_passes = info["workers"]
+                config.engine.min_passes = info.workers
             # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
             save_config(config, run_dir / "config.yaml")
-            if "placement" in info:  # Ray: each worker's node and GPUs, as Ray accounted them
-                (run_dir / "placement.json").write_text(json.dumps(info["placement"], indent=1))
-            self.batched = info["batched"]
-            kmeans = f"; K-means backend: {info['kmeans_backend']}" if "federation.clustering_backend" \
+            if info.placement:  # Ray: each worker's node and GPUs, as Ray accounted them
+                (run_dir / "placement.json").write_text(json.dumps(info.placement, indent=1))
+            self.batched = info.batched
+            kmeans = f"; K-means backend: {info.kmeans_backend}" if "federation.clustering_backend" \
                 in config.algorithm_class.reads else ""
             fraction = config.federation.client_fraction
             sampled = f" ({clients_per_round(len(active), fraction)} sampled per round)" if fraction < 1 else ""
-            say(f"  backend {backend.name}: {info['workers']} client workers ({info['resources']}, device "
-                f"{info['device']}) for {len(active)} clients{sampled}; adapter size {info['spec'].size:,} "
+            say(f"  backend {backend.name}: {info.workers} client workers ({info.resources}, device "
+                f"{info.device}) for {len(active)} clients{sampled}; adapter size {info.spec.size:,} "
                 f"parameters{kmeans}")
-            run = RunInfo(config, run_dir, data, info["spec"], backend, say, self.evaluated)
+            run = RunInfo(config, run_dir, data, info.spec, backend, say, self.evaluated)
             self.run_info = run
             if checkpoint is None:
                 # Algorithm 1: the server draws v^0 (IFCA: K of them) before round 1.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +24,12 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
 
-from fltac_ray.config import FloralConfig, ModelConfig
+from fltac_ray.config import ModelConfig
 from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures, layer_rank
 from fltac_ray.models.registry import default_targets
+
+if TYPE_CHECKING:
+    from fltac_ray.algorithms.floral import FloralOptions
 
 
 @contextlib.contextmanager
@@ -183,7 +187,7 @@ class AdapterModel(PooledFeatures, nn.Module):
         model_config: ModelConfig,
         head_classes: int,
         seed: int,
-        floral: FloralConfig | None = None,
+        floral: FloralOptions | None = None,
         num_adaptors: int = 1,
         modality: str = "text",
     ):

@@ -156,6 +156,16 @@ def clustering_over_rounds(runs: list[RunTables]) -> Figure | None:
     return fig
 
 
+def _labels_name_server_models(algorithm: str) -> bool:
+    """The run's algorithm says its labels name the same server model every round (IFCA)."""
+    from fltac_ray.algorithms.registry import UnknownAlgorithm, resolve_algorithm
+
+    try:
+        return resolve_algorithm(algorithm).labels_name_server_models
+    except UnknownAlgorithm:  # a plug-in not importable here: match the labels, as for K-means
+        return False
+
+
 def adapter_projection(run: RunTables, snapshots: list[Snapshot], points: list[np.ndarray],
                        method: str) -> Figure | None:
     """Paper Fig. 4: each snapshot round's uploaded adapters in 2-D, coloured by true task,
@@ -167,7 +177,7 @@ def adapter_projection(run: RunTables, snapshots: list[Snapshot], points: list[n
     tasks = _tasks([run])
     tasks += sorted({t for snap in snapshots for t in snap.tasks} - set(tasks))  # FedIT "a+b"
     colours = task_colours(tasks)
-    matched = run.algorithm != "ifca"
+    matched = not _labels_name_server_models(run.algorithm)
     labels_of = align_cluster_ids(snapshots) if matched else [snap.labels for snap in snapshots]
     # three panels a row: at the report's width the tick labels stay readable
     fig, axes = _grid(len(snapshots), width=3.6, height=3.4, columns=3)

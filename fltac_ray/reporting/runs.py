@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fltac_ray.config import algorithm_name
 from fltac_ray.errors import RunFolderError
 
 
@@ -27,7 +28,7 @@ class RunTables:
 
     @property
     def algorithm(self) -> str:
-        return str(self.config.get("algorithm", "?"))
+        return algorithm_name(self.config.get("algorithm", "?"))
 
     @property
     def tasks(self) -> list[str]:
@@ -50,7 +51,7 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunTables:
 
     index = run_dir / "adapters" / "index.json"
     return RunTables(
-        label=label or str(config.get("algorithm", run_dir.name)),
+        label=label or algorithm_name(config.get("algorithm", run_dir.name)),
         run_dir=run_dir,
         config=config,
         metrics=table("metrics.csv"),

@@ -147,7 +147,7 @@ class Server:
         fed = self.config.federation
         if fed.screening == "none" or not accepted:
             return np.ones(len(accepted), dtype=bool), []
-        k = fed.screening_neighbours or default_neighbours(len(accepted), self.config.resolved_n_clusters)
+        k = fed.screening_neighbours or default_neighbours(len(accepted), self.algorithm.upload_groups())
         screen = screen_uploads(vectors, fed.screening, fed.screening_threshold, k)
         screened = []
         for upload, kept, score in zip(accepted, screen.kept, screen.scores, strict=True):

@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from fltac_ray.client.gpu_fit import (
     GIB,
     GpuFit,
@@ -38,8 +36,8 @@ from fltac_ray.client.gpu_fit import (
     workers_per_gpu,
 )
 from fltac_ray.client.worker import ClientWorker
-from fltac_ray.engine.backend import Backend
-from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, RoundOutcome, TrainJob
+from fltac_ray.engine.backend import Backend, StartInfo
+from fltac_ray.engine.messages import EvalJob, EvalRecord, PassReport, TrainJob
 from fltac_ray.engine.scheduling import assign_lpt
 from fltac_ray.errors import EngineError, FltacError
 from fltac_ray.server.server import Server
@@ -148,6 +146,32 @@ class RayClientWorker(SeesOnlyItsGpus, ClientWorker):
 class Coordinator(SeesOnlyItsGpus, Server):
     """The server as a Ray actor: it sees only the GPU engine.coordinator_gpus reserved (cuML
     K-means runs there), none without."""
+
+
+class RemoteServer:
+    """The coordinator actor with the in-process Server's methods: each call waits for its result
+    through the backend's `get` (its timeout, and a typed error naming what was being done), so
+    the round loop holds one server handle whatever the backend."""
+
+    DOING = {
+        "state": "collecting the server's state", "load_state": "restoring the checkpoint",
+        "take_snapshot": "taking the adapter snapshot", "export_outcome": "collecting the global adapters",
+        "evaluation_digests": "asking which adapters changed", "setup": "setting up the coordinator",
+        "clustering_backend": "starting the coordinator", "set_initial": "broadcasting v^0",
+    }
+
+    def __init__(self, actor, get) -> None:
+        self._actor, self._get = actor, get
+
+    def __getattr__(self, name: str):
+        method = getattr(self._actor, name)
+
+        def call(*args, **kwargs):
+            doing = f"round {args[0]} aggregation" if name == "close_round" else self.DOING.get(
+                name, f"calling the coordinator's {name}")
+            return self._get(method.remote(*args, **kwargs), doing)
+
+        return call
 
 
 @dataclass
@@ -295,7 +319,8 @@ class RayBackend(Backend):
                          f"{engine.coordinator_gpus:g}: the coordinator runs on another node, and losing "
                          "that node ends the run (give the head node those resources to avoid this)")
         self.coordinator = ray.remote(Coordinator).options(**options).remote(self.config, self.algorithm_class)
-        self.coordinator_node = self._get(self.coordinator.node.remote(), "starting the coordinator")
+        self.server = RemoteServer(self.coordinator, self._get)
+        self.coordinator_node = self.server.node()
 
     def _check_gpu_fit(self) -> None:
         """Refuse, before any actor starts, a layout whose per-worker base copies cannot fit one
@@ -320,7 +345,7 @@ class RayBackend(Backend):
         fit = GpuFit(workers_per_gpu(engine.gpus_per_worker), base_bytes_for(self.config), int(memory * GIB))
         check_layout(fit, engine.gpus_per_worker, source)
 
-    def start(self) -> dict[str, Any]:
+    def start(self) -> StartInfo:
         import ray
         from ray.util import get_current_placement_group
 
@@ -378,31 +403,18 @@ class RayBackend(Backend):
                  f"{how}, {where}; the driver never loads it")
         spec = described[0]["spec"]
         resolve_pass_limits(engine, [d["adapters_fit"] for d in described], self.config.train.batch_size)
-        self._get(self.coordinator.setup.remote(spec), "setting up the coordinator")
-        kmeans = self._get(self.coordinator.clustering_backend.remote(), "starting the coordinator")
-        return {"workers": count, "device": described[0]["device"], "batched": described[0]["batched"],
-                "spec": spec, "kmeans_backend": kmeans,
-                # where each worker runs: its node and the GPUs Ray assigned it (placement.json)
-                "placement": [{"worker": d["worker"], "node": d["node"], "gpu_ids": d["gpu_ids"],
-                               "device": d["device"]} for d in described],
-                "resources": f"{engine.cpus_per_worker:g} CPU, {engine.gpus_per_worker:g} GPU each"}
+        self.server.setup(spec)
+        return StartInfo(workers=count, device=described[0]["device"], batched=described[0]["batched"],
+                         spec=spec, kmeans_backend=self.server.clustering_backend(),
+                         resources=f"{engine.cpus_per_worker:g} CPU, {engine.gpus_per_worker:g} GPU each",
+                         # where each worker runs: its node and the GPUs Ray assigned it (placement.json)
+                         placement=[{"worker": d["worker"], "node": d["node"], "gpu_ids": d["gpu_ids"],
+                                     "device": d["device"]} for d in described])
 
     def initialise(self, count: int) -> None:
         first = self.slots[self._await_live("initialising the adapters")[0]]
         initial = self._get(first.actor.initial_adapters.remote(count), "initialising the adapters")
-        self._get(self.coordinator.set_initial.remote(initial), "broadcasting v^0")
-
-    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
-        return self._get(self.coordinator.state.remote(), "collecting the server's state")
-
-    def load_server_state(self, groups: dict[str, dict[str, np.ndarray]]) -> None:
-        self._get(self.coordinator.load_state.remote(groups), "restoring the checkpoint")
-
-    def take_snapshot(self) -> dict | None:
-        return self._get(self.coordinator.take_snapshot.remote(), "taking the adapter snapshot")
-
-    def export_outcome(self) -> dict | None:
-        return self._get(self.coordinator.export_outcome.remote(), "collecting the global adapters")
+        self.server.set_initial(initial)
 
     def process_ids(self) -> dict[str, int]:
         import os
@@ -606,13 +618,6 @@ class RayBackend(Backend):
         done, failed = self._execute([sum(j.cost for j in p) for p in passes], submit,
                                      f"round {round_index} training", after_submit)
         return [done[unit] for unit in sorted(done)], [job for unit in failed for job in passes[unit]]
-
-    def close_round(self, round_index: int, expected: list, clients: int, truth: dict | None = None) -> RoundOutcome:
-        return self._get(self.coordinator.close_round.remote(round_index, expected, clients, truth),
-                         f"round {round_index} aggregation")
-
-    def evaluation_digests(self, keys: list) -> dict:
-        return self._get(self.coordinator.evaluation_digests.remote(keys), "asking which adapters changed")
 
     def evaluate(self, round_index: int, chunks: list[list[EvalJob]]) -> list[EvalRecord]:
         state = self.coordinator.state_view.remote()
