@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from fltac_ray.algorithms import FederatedAlgorithm, create_algorithm
-from fltac_ray.algorithms.base import AdapterKey
 from fltac_ray.config import ExperimentConfig, load_config, save_config
 from fltac_ray.data.federated import FederatedData
 from fltac_ray.engine.callbacks import (
@@ -41,16 +37,15 @@ from fltac_ray.engine.callbacks import (
     RunInfo,
     SnapshotWriter,
 )
+from fltac_ray.engine.evaluation import eval_jobs, evaluate_changed
 from fltac_ray.engine.evaluation_cache import GROUP, EvaluationCache
 from fltac_ray.engine.messages import (
-    EvalJob,
     EvalRecord,
-    PassReport,
-    RoundOutcome,
     TrainJob,
     tasks_by_key,
 )
 from fltac_ray.engine.ray.shared_data import SharedData
+from fltac_ray.engine.round_tables import client_rows, round_row, task_rows
 from fltac_ray.engine.run_setup import (
     clients_per_round,
     make_backend,
@@ -58,20 +53,16 @@ from fltac_ray.engine.run_setup import (
     prepare_data,
     sample_clients,
 )
-from fltac_ray.engine.scheduling import assign_lpt, plan_passes, utilisation
+from fltac_ray.engine.scheduling import plan_passes
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
 from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
 from fltac_ray.runs.outputs import (
-    AUDIT_COLUMNS,
     RunWriter,
     discard_unused_run_dir,
     hold_run_folder,
     make_run_dir,
 )
-from fltac_ray.server.clustering import adjusted_rand, hungarian_accuracy
-
-BYTES_PER_PARAM = 4  # adapters travel as float32
 
 
 @dataclass
@@ -311,45 +302,12 @@ class Simulation:
                                      tuple(shard.steps.get(t, steps) for t, steps in zip(group, budget, strict=True))))
         return jobs
 
-    def _eval_jobs(self, data: FederatedData, active: list[int]) -> list[EvalJob]:
-        """Every active client's adapters, each with its tasks and test-example count."""
-        jobs = []
-        for client in active:
-            shard = data.clients[client]
-            for slot, group in enumerate(self.groups[client]):
-                jobs.append(EvalJob((client, slot), tuple(group), sum(len(shard.tasks[t][1]) for t in group)))
-        return jobs
-
-    @staticmethod
-    def _eval_chunks(jobs: list[EvalJob], workers: int) -> list[list[EvalJob]]:
-        """About 2 chunks per worker (the run's fixed engine.min_passes) of equal test-example
-        counts (a chunk is one call on one worker)."""
-        chunks = assign_lpt([job.cost for job in jobs], list(range(min(len(jobs), 2 * workers))))
-        return [[jobs[i] for i in sorted(items)] for _, items in sorted(chunks.items()) if items]
-
     def _evaluate(self, round_index: int, backend, data: FederatedData, active: list[int]
                   ) -> tuple[list[EvalRecord], int]:
-        """Every active adapter's records, evaluating only the adapters whose committed state
-        (adapter and private state, by digest) changed since their last evaluation: the others'
-        records are reused (evaluation is deterministic: eval mode, fixed test examples; batched
-        evaluation to the last float bits of what shares its pass, which is why the cache goes
-        into checkpoints). Returns (records, adapters evaluated now)."""
-        jobs = self._eval_jobs(data, active)
-        digests = backend.evaluation_digests([job.key for job in jobs])
-        stale = [job for job in jobs if not self.evaluated.is_current(job.key, digests[job.key])]
-        self.progress.phase(f"round {round_index}: evaluating {len(stale)} of {len(jobs)} adapters "
-                            "(the rest unchanged since their last evaluation)")
-        fresh: dict[AdapterKey, list[EvalRecord]] = {job.key: [] for job in stale}
-        slot_of = {(job.key[0], task): job.key for job in stale for task in job.tasks}
-        if stale:
-            # chunks cut by the run's fixed pass count, not the live pool: the same records
-            # whichever workers are up
-            chunks = self._eval_chunks(stale, self.config.engine.min_passes)
-            for record in backend.evaluate(round_index, chunks):
-                fresh[slot_of[(record.client_id, record.task)]].append(record)
-        for key, records in fresh.items():
-            self.evaluated.put(key, digests[key], records)
-        return [record for job in jobs for record in self.evaluated.records(job.key)], len(stale)
+        """Every active adapter's records, evaluating only those whose committed state changed
+        (engine/evaluation.py). Returns (records, adapters evaluated now)."""
+        return evaluate_changed(round_index, backend, eval_jobs(data, self.groups, active), self.evaluated,
+                                self.config.engine.min_passes, self.progress.phase)
 
     def _adapters_per_pass(self) -> int:
         """engine.max_batched_adapters, fewer when a step of that many would exceed
@@ -383,8 +341,8 @@ class Simulation:
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: {len(sampled) - len(failed)} of "
                 f"{len(sampled)} sampled clients delivered (< federation.min_completion_rate = "
                 f"{config.federation.min_completion_rate}); failed clients {failed}; state unchanged")
-            row = self._round_row(round_index, sampled, failed, reports, None, {}, started, trained,
-                                  trained, "rejected")
+            row = round_row(config, self.round_workers, round_index, sampled, failed, reports, None, {},
+                            started, trained, trained, "rejected")
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         self.progress.phase(f"round {round_index}: aggregating")
         expected = [key for report in reports for key in report.keys]
@@ -402,75 +360,20 @@ class Simulation:
         if outcome.uploads and not outcome.keys:  # every upload failed the server's checks
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: all {outcome.uploads} uploads failed the "
                 "server's checks (see the lines above); nothing was aggregated, the state is unchanged")
-            row = self._round_row(round_index, sampled, failed, reports, outcome, {}, started, trained,
-                                  aggregated, "rejected")
+            row = round_row(config, self.round_workers, round_index, sampled, failed, reports, outcome, {},
+                            started, trained, aggregated, "rejected")
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
-        task_rows, client_rows, task_accuracy, evaluated = [], [], {}, 0
+        per_task, per_client, task_accuracy, evaluated = [], [], {}, 0
         if evaluate:
             records, evaluated = self._evaluate(round_index, backend, run.data, active)
-            task_rows, task_accuracy = self._task_rows(round_index, records, run.data)
-            client_rows = self._client_rows(round_index, records)
-        row = self._round_row(round_index, sampled, failed, reports, outcome, task_accuracy, started,
-                              trained, aggregated, "ok", evaluated)
+            per_task, task_accuracy = task_rows(round_index, records, run.data)
+            per_client = client_rows(round_index, records)
+        row = round_row(config, self.round_workers, round_index, sampled, failed, reports, outcome,
+                        task_accuracy, started, trained, aggregated, "ok", evaluated)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
-        return RoundContext(round_index, "ok", row, tuple(task_rows), tuple(client_rows), outcome,
+        return RoundContext(round_index, "ok", row, tuple(per_task), tuple(per_client), outcome,
                             tuple(reports))
-
-    def _round_row(self, round_index: int, sampled: list[int], failed: list[int], reports: list[PassReport],
-                   outcome: RoundOutcome | None, task_accuracy: dict[str, float], started: float,
-                   trained: float, aggregated: float, status: str, evaluated: int = 0) -> dict:
-        task_of = tasks_by_key(reports)
-        losses = [loss for rep in reports for loss in rep.losses]
-        nan = float("nan")
-        clustering_accuracy = ari = nan
-        params_up = params_down = 0
-        if outcome is not None:
-            params_up, params_down = outcome.params_up, outcome.params_down
-            truth = [task_of[key] for key in outcome.keys]
-            if outcome.recovers_tasks and truth:
-                clustering_accuracy = hungarian_accuracy(truth, outcome.labels)
-                ari = adjusted_rand(truth, outcome.labels)
-        accuracies = list(task_accuracy.values())
-        # each worker's time inside local training steps, summed over its passes (0: idle)
-        busy: dict[int, float] = dict.fromkeys(self.round_workers, 0.0)
-        for rep in reports:
-            busy[rep.worker] = busy.get(rep.worker, 0.0) + rep.step_seconds
-        finished = time.perf_counter()
-        return {
-            "round": round_index,
-            "status": status,
-            "clients": len(sampled),
-            "failed_clients": " ".join(str(c) for c in failed),
-            "adapters": len(task_of),
-            "clustering_accuracy": clustering_accuracy,
-            "ari": ari,
-            "clusters": outcome.clusters if outcome is not None else 0,
-            "params_up": params_up,
-            "params_up_per_client": params_up / len(sampled),
-            "bytes_up": params_up * BYTES_PER_PARAM,
-            "params_down": params_down,
-            "bytes_down": params_down * BYTES_PER_PARAM,
-            "rejected_uploads": len(outcome.rejected) if outcome is not None else 0,
-            "screened_uploads": len(outcome.screened) if outcome is not None else 0,
-            **{column: (outcome.audit.get(column, nan) if outcome is not None else nan) for column in AUDIT_COLUMNS},
-            "train_loss": float(np.mean(losses)) if losses else nan,
-            # float16: adapter steps skipped because their gradients overflowed (0 otherwise)
-            "skipped_steps": sum(rep.skipped_steps for rep in reports),
-            "mean_accuracy": float(np.mean(accuracies)) if accuracies else nan,
-            "train_seconds": trained - started,
-            # the busiest worker's time inside local training steps: the round's compute floor
-            "step_seconds": max(busy.values(), default=0.0),
-            # mean over max of the workers' step time: how evenly the round's work was spread
-            "worker_utilisation": utilisation(list(busy.values())) if any(busy.values()) else nan,
-            "aggregate_seconds": aggregated - trained,
-            "evaluated_adapters": evaluated,  # the others' records reused (unchanged since evaluated)
-            "eval_seconds": finished - aggregated,
-            "seconds": finished - started,
-            # the algorithm's own measures (its round_metrics; empty when the round had none)
-            **{name: (outcome.metrics.get(name, "") if outcome is not None else "")
-               for name in self.config.algorithm_class.round_metrics},
-        }
 
     def _round_zero(self, run: RunInfo, active: list[int], writer: RunWriter) -> None:
         """Round 0: every active client's starting adapter v^0 — the pre-trained model with a zero
@@ -478,45 +381,7 @@ class Simulation:
         pre-trained row (train.eval_round_0)."""
         self.progress.phase("round 0: evaluating the starting adapter")
         records, _ = self._evaluate(0, run.backend, run.data, active)
-        task_rows, task_accuracy = self._task_rows(0, records, run.data)
-        writer.append_metrics(task_rows)
-        writer.append_client_metrics(self._client_rows(0, records))
+        rows, task_accuracy = task_rows(0, records, run.data)
+        writer.append_metrics(rows)
+        writer.append_client_metrics(client_rows(0, records))
         self.progress.round_zero_line(self.config.rounds, task_accuracy)
-
-    @staticmethod
-    def _client_rows(round_index: int, records: list[EvalRecord]) -> list[dict]:
-        return [{"round": round_index, "client": r.client_id, "task": r.task,
-                 "accuracy": r.correct / r.scored, "loss": r.loss_sum / r.scored, "test_samples": r.count}
-                for r in sorted(records, key=lambda r: (r.client_id, r.task))]
-
-    @staticmethod
-    def _task_rows(round_index: int, records: list[EvalRecord], data: FederatedData):
-        nan = float("nan")
-        per_task: dict[str, list[EvalRecord]] = defaultdict(list)
-        # summed in (client, task) order: the same floats whichever worker evaluated what
-        for record in sorted(records, key=lambda r: (r.client_id, r.task)):
-            per_task[record.task].append(record)
-        rows, accuracy = [], {}
-        for task, bundle in data.tasks.items():
-            items = per_task.get(task)
-            if not items:
-                continue
-            count = sum(r.count for r in items)
-            scored = sum(r.scored for r in items)
-            accuracy[task] = sum(r.correct for r in items) / scored
-            loss = sum(r.loss_sum for r in items) / scored
-            generation = bundle.is_generation
-            rows.append({
-                "round": round_index,
-                "task": task,
-                "accuracy": accuracy[task],
-                "loss": loss,
-                "clients": len({r.client_id for r in items}),
-                "test_samples": count,
-                "majority_accuracy": bundle.majority_rate,
-                # generation tasks: accuracy is next-token accuracy on response tokens
-                "rouge_l": sum(r.rouge_sum for r in items) / count if generation else nan,
-                "perplexity": math.exp(min(loss, 50.0)) if generation else nan,
-                "judge_score": sum(r.judge_sum for r in items) / count if generation else nan,
-            })
-        return rows, accuracy
