@@ -392,7 +392,7 @@ class TrainConfig(_Section):
 
 
 class AttackConfig(_Section):
-    """Malicious clients for robustness studies (attacks.py has each kind's definition)."""
+    """Malicious clients for robustness studies (server/attacks.py has each kind's definition)."""
 
     kind: Literal["none", "sign_flip", "scaling", "random", "cross_task"] = Field(
         default="none",
@@ -421,7 +421,7 @@ class FederationConfig(_Section):
         default="auto",
         description="auto: cuML when importable and a GPU is visible; else torch's K-means on the "
         "coordinator's GPU when it has one (engine.coordinator_gpus); else scikit-learn. torch: "
-        "Lloyd's K-means with k-means++ starts (clustering.py) on the GPU, or the CPU without one.",
+        "Lloyd's K-means with k-means++ starts (server/clustering.py) on the GPU, or the CPU without one.",
     )
     # 30, not the reference code's 10: on round 1 of the offline default, 10 restarts missed the
     # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
@@ -443,7 +443,7 @@ class FederationConfig(_Section):
     )
     screening: Literal["none", "norm", "neighbours"] = Field(
         default="none",
-        description="Drop outlying uploads before clustering or averaging (screening.py): by "
+        description="Drop outlying uploads before clustering or averaging (server/screening.py): by "
         "norm, or by distance to the k-th nearest other upload (neighbours).",
     )
     screening_threshold: float = Field(

@@ -19,13 +19,21 @@ methods differ; each hook has a default, so a method overrides only what it chan
     upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
     merge            how the server's answer becomes the client's new adapter (FedSA: B kept)
   server side (runs in the coordinator)
+    num_initial_adapters, set_initial   the server models drawn before round 1 (IFCA: K)
     broadcast        the server models every sampled client receives before training (v^0;
                      IFCA: its K models; SCAFFOLD: the model and the control variate)
+    upload_width     the length of Upload.vector the server accepts (the shared entries)
     aggregate        one round's accepted uploads -> the answers sent back
+    global_adapters  the whole adapters a round leaves on the server, for export
     state/load_state what a checkpoint must hold to continue (FedAdam: its moments)
   traffic
     Upload.params    parameters one upload really sends
     download_params  parameters the clients of a round really receive
+  set-up and checks
+    model_options, federate, upload_groups   FLoRAL's layers; centralized's pooled data; K
+    check_config, check_data, resolved_options   rules on the rest of the experiment
+  declarations (class attributes)
+    reads, recovers_tasks, labels_name_server_models, round_metrics
 
 No Ray in here: algorithms are plain numpy code (their local-training rule uses torch tensors
 handed to it), tested as pure functions (tests/test_algorithms.py, tests/test_local_training.py).

@@ -92,7 +92,7 @@ class ClientWorker:
         self.config = config
         torch.set_num_threads(max(1, threads))
         # engine.device auto: CUDA when this process sees a GPU; a Ray worker without a GPU of
-        # its own sees none (engine/gpu_visibility.py hides the others before this runs). A GPU
+        # its own sees none (engine/ray/gpu_visibility.py hides the others before this runs). A GPU
         # it holds but cannot use is an error, never a quiet fall back to the CPU.
         assigned, detected = self.gpu_grant()
         self.device = choose_device(config.engine.device, assigned, detected)

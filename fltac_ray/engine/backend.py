@@ -49,7 +49,7 @@ class Backend(ABC):
         self.data = data
         self.active = active  # the clients that hold data
         self.say = say
-        # the server: engine/server's Server in process, or a handle calling the coordinator actor
+        # the server: server/server.py's Server in process, or a handle calling the coordinator actor
         # with the same methods (engine/ray/backend.RemoteServer); set by start()
         self.server: Any = None
 

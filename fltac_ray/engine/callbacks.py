@@ -152,7 +152,7 @@ class FaultInjection(Callback):
 
 
 class Exporter(Callback):
-    """At the end: the server's whole global adapters in peft layout (export.py), each with the
+    """At the end: the server's whole global adapters in peft layout (runs/export.py), each with the
     tasks of the uploads that received it (from the partition: metrics only). `every_round`:
     after every committed round as well (a Ray Tune trial, which the scheduler may stop at any
     round, always leaves the adapters of its last reported round)."""

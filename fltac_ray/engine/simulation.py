@@ -347,7 +347,7 @@ class Simulation:
         self.progress.phase(f"round {round_index}: aggregating")
         expected = [key for report in reports for key in report.keys]
         fed = config.federation
-        # the true tasks go to the server only to measure an attack or a screen (attacks.py)
+        # the true tasks go to the server only to measure an attack or a screen (server/attacks.py)
         truth = tasks_by_key(reports) if fed.attack.kind != "none" or fed.screening != "none" else None
         outcome = backend.close_round(round_index, expected, len(sampled) - len(failed), truth)
         for key, problem in outcome.rejected:

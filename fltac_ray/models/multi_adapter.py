@@ -9,7 +9,7 @@ whole batch and adds each sample's own low-rank update:
 with the adapters held *stacked*: a tensor of shape (n, *shape) per entry of the flat adapter
 layout (e.g. lora_A (n, r, d_in), lora_B (n, d_out, r), head.weight (n, classes, hidden)). The
 gradient of adapter i only sees its own samples, so summing every adapter's mean loss and
-stepping a per-adapter optimizer reproduces training the adapters one by one (training.py).
+stepping a per-adapter optimizer reproduces training the adapters one by one (client/training.py).
 
 peft's own LoRA path is switched off for the duration (its layers then return base(x)) and a
 forward hook on each LoRA layer adds the routed update. Only peft LoRA on Linear and Conv2d layers

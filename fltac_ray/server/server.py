@@ -129,6 +129,9 @@ class Server:
                 problem = "duplicate upload in this round"
             else:
                 problem = upload_problem(upload.vector, int(upload.num_samples), width)
+                if problem is not None and problem.startswith("shape"):  # the algorithm's own hooks disagree
+                    problem += (f" ({type(self.algorithm).__name__}.upload_width() says {width}: upload() and "
+                                "upload_width() / shared_entries() must agree)")
             seen.add(key)
             if problem is not None:
                 log.warning("round %d: rejected upload of client %d slot %d: %s", round_index, key[0], key[1], problem)

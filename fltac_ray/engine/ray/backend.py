@@ -98,7 +98,7 @@ def ship_by_value(cls: type) -> None:
 
 class SeesOnlyItsGpus:
     """Mixed into fltac-ray's actors: before anything else runs, hide every GPU Ray did not
-    assign the actor (engine/gpu_visibility.py), so one without a GPU computes on the CPU."""
+    assign the actor (engine/ray/gpu_visibility.py), so one without a GPU computes on the CPU."""
 
     def __init__(self, *args, **kwargs) -> None:
         from fltac_ray.engine.ray.gpu_visibility import hide_unassigned_gpus
