@@ -141,8 +141,8 @@ def train_adapter(
     # (1, *shape) views of the model's adapter tensors: the rule's optimiser updates land in the
     # model. A fresh optimiser per (client, task, round), as in the reference implementation.
     optimizer = rule.optimizer([param.detach().unsqueeze(0) for param in params], lr, weight_decay)
-    private_groups = model.optimizer_groups(lr)[1:]
-    private = torch.optim.AdamW(private_groups, lr=lr, weight_decay=weight_decay) if private_groups else None
+    groups = model.optimizer_groups(lr)  # the adapter's, then FLoRAL's router at its own lr
+    private = torch.optim.AdamW(groups[1:], lr=lr, weight_decay=weight_decay) if len(groups) > 1 else None
     context = LocalContext(stack_by_layout((start if anchor is None else anchor)[None], layout, device),
                            {name: stack_by_layout(vector[None], layout, device)
                             for name, vector in sorted((inputs or {}).items())})
@@ -150,7 +150,7 @@ def train_adapter(
     if scaling is None:
         scaling = LossScale.for_dtype(model.compute_dtype)
     skipped_before = scaling.skipped
-    trained = [p for group in model.optimizer_groups(lr) for p in group["params"]]
+    trained = [p for group in groups for p in group["params"]]
     losses = []
     for step in range(steps):
         context.step = step
