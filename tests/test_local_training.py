@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from pydantic import Field
@@ -22,12 +21,14 @@ from fltac_ray.algorithms.options import AlgorithmOptions
 from fltac_ray.algorithms.scaffold import ControlVariateCorrection, Scaffold
 from fltac_ray.client.batched_training import train_batched
 from fltac_ray.client.local_optimizers import BatchedSGD
+from fltac_ray.client.training import train_adapter
 from fltac_ray.config import apply_overrides, build_config
 from fltac_ray.engine.simulation import Simulation
 from fltac_ray.errors import ConfigError
 from fltac_ray.progress import Progress
 
 from .conftest import tiny_config
+from .test_backends import _run, _same
 from .test_batched import CPU, _assert_same, _jobs, _model, _one_by_one, _text_split
 
 
@@ -147,13 +148,9 @@ def test_a_fedadam_server_step_by_hand_and_its_moments_in_the_server_state():
 
 
 # --- batched training equals one-by-one training for every hook ---------------------------------
-class RandomCorrection(ControlVariateCorrection):
-    """SCAFFOLD's correction with a per-job vector from local_inputs."""
-
-
 RULES = {
     "proximal": (ProximalTerm(mu=0.5), False),
-    "correction": (RandomCorrection(), True),
+    "correction": (ControlVariateCorrection(), True),  # a random per-job vector as c - c_i
     "sgd": (LocalTraining("sgd"), False),
     "proximal_sgd_correction": (type("Both", (ProximalTerm, ControlVariateCorrection), {})(0.5, "sgd"), True),
 }
@@ -164,7 +161,6 @@ def test_batched_training_matches_one_by_one_for_every_local_training_hook(rule_
     rule, corrected = RULES[rule_name]
     model = _model("tiny-random-bert", "text", head_classes=4)
     splits = [(_text_split(40, 2, 0), 2), (_text_split(40, 4, 1), 4), (_text_split(40, 3, 2), 3)]
-    rng = np.random.default_rng(5)
 
     def with_inputs(jobs):
         for j, job in enumerate(jobs):
@@ -178,7 +174,7 @@ def test_batched_training_matches_one_by_one_for_every_local_training_hook(rule_
     steps = [5, 5, 3]  # job 2 leaves the pass early
     jobs = with_inputs(_jobs(model, splits, steps))
     single = [
-        __import__("fltac_ray.client.training", fromlist=["train_adapter"]).train_adapter(
+        train_adapter(
             model, job.start, job.split, job.indices, job.num_classes, job.steps, 4, 1e-2, 0.01,
             np.random.default_rng([1, j]), CPU, rule=rule, anchor=job.anchor, inputs=job.inputs)
         for j, job in enumerate(jobs)]
@@ -187,7 +183,6 @@ def test_batched_training_matches_one_by_one_for_every_local_training_hook(rule_
     # and the hook changed the result: plain AdamW from the same starts ends elsewhere
     plain = _one_by_one(model, _jobs(model, splits, steps), 4, 1e-2, 0.01)
     assert all(np.abs(b.adapter - p.adapter).max() > 1e-4 for b, p in zip(batched, plain, strict=True))
-    del rng
 
 
 # --- options owned by the algorithm -------------------------------------------------------------
@@ -226,21 +221,7 @@ def test_fltac_ray_tasks_lists_each_algorithms_options(capsys):
     assert "fedprox" in out and "mu = 0.01" in out and "server_lr = 0.01" in out
 
 
-# --- end to end ---------------------------------------------------------------------------------
-COMPARED = ["round", "task", "accuracy", "loss", "clients", "test_samples"]
-
-
-def _run(tmp_path, name, **sections):
-    config = tiny_config(**sections)
-    return Simulation(config, out=str(tmp_path / name), progress=Progress(quiet=True)).run()
-
-
-def _same(a, b):
-    pd.testing.assert_frame_equal(a.metrics[COMPARED], b.metrics[COMPARED], check_exact=True)
-    np.testing.assert_array_equal(a.rounds["train_loss"], b.rounds["train_loss"])
-    np.testing.assert_array_equal(a.rounds["params_up"], b.rounds["params_up"])
-
-
+# --- end to end (the runs and their comparison as tests/test_backends.py makes them) ---------------
 @pytest.mark.usefixtures("ray_cluster")
 def test_fedprox_written_in_this_file_with_its_mu_runs_on_both_backends(tmp_path):
     local = _run(tmp_path, "local", algorithm={"name": "home_fedprox", "mu": 0.5},
