@@ -632,7 +632,7 @@ def bench_sweep(quick: bool) -> dict:
     out = {}
     for share in (False, True):
         spec = {"name": f"shared_{share}", "experiment": "base.yaml", "share_data": share,
-                "search": {"model.lora.rank": {"grid": [1, 2]}, "federation.n_clusters": {"grid": [1, 3]}},
+                "search": {"model.lora.rank": {"grid": [1, 2]}, "algorithm.n_clusters": {"grid": [1, 3]}},
                 "scheduler": {"name": "fifo"}, "max_concurrent_trials": 4, "trial": trial, "output_dir": str(folder)}
         (folder / f"sweep_{share}.yaml").write_text(yaml.safe_dump(spec))
         began = time.perf_counter()
@@ -652,7 +652,7 @@ def bench_sweep(quick: bool) -> dict:
 
 
 ATTACKS = ("none", "sign_flip", "scaling", "random", "cross_task")
-DEFENCES = {  # the table's columns: federation settings of each rule
+DEFENCES = {  # the table's columns: FL-TAC's aggregation options or federation screening
     "mean": {},
     "median": {"aggregation": "median"},
     "trimmed mean 0.2": {"aggregation": "trimmed_mean", "trim_fraction": 0.2},
@@ -661,7 +661,7 @@ DEFENCES = {  # the table's columns: federation settings of each rule
 }
 
 
-def attack_experiment(quick: bool, name: str, folder: Path, **federation) -> ExperimentConfig:
+def attack_experiment(quick: bool, name: str, folder: Path, **settings) -> ExperimentConfig:
     """33 clients (3 malicious when attacking) over the offline default's 3 tasks, 1 round."""
     raw = base_experiment(quick)
     raw.update(name=name, rounds=1, output_dir=str(folder))
@@ -672,7 +672,11 @@ def attack_experiment(quick: bool, name: str, folder: Path, **federation) -> Exp
     raw["report"] = {"adapter_snapshots": 1}  # round 1's uploads, as the server received them
     # uniform weighting (the FL-TAC paper's): the replay needs no sample counts, and an
     # attacker cannot buy weight by claiming a large one
-    raw["federation"] = {"weighting": "uniform", **federation}
+    from fltac_ray.algorithms.options import AggregationOptions
+
+    options = {key: value for key, value in settings.items() if key in AggregationOptions.model_fields}
+    raw["algorithm"] = {"name": "fltac", "weighting": "uniform", **options}
+    raw["federation"] = {key: value for key, value in settings.items() if key not in options}
     return build_config(raw)
 
 

@@ -21,13 +21,38 @@ from fltac_ray.data.types import DATA_FILE_FORMATS
 from fltac_ray.errors import ConfigError, ConfigIssue, ExperimentFileError
 from fltac_ray.models.registry import MODELS, default_targets, is_known_model
 
-# Options that only some algorithms read (each algorithm class lists those it reads in
-# `options`). Setting one explicitly for another algorithm is an error, so that a sweep or a typo
-# never silently changes nothing.
-ALGORITHM_OPTIONS = (
-    "federation.n_clusters", "federation.clustering_backend", "federation.kmeans_n_init",
-    "federation.weighting", "federation.aggregation", "federation.trim_fraction",
-)
+# Where settings of earlier versions went: they are algorithm options now. Run folders saved
+# before the move (and older experiment files) still load and resume: each is moved under
+# `algorithm:`, where the algorithm's Options model checks it like any option.
+MOVED_TO_ALGORITHM = {
+    ("federation", "n_clusters"): "n_clusters", ("federation", "clustering_backend"): "clustering_backend",
+    ("federation", "kmeans_n_init"): "kmeans_n_init", ("federation", "weighting"): "weighting",
+    ("federation", "aggregation"): "aggregation", ("federation", "trim_fraction"): "trim_fraction",
+    ("federation", "fedit_budget"): "budget",
+}
+
+
+def _move_to_algorithm(raw: dict[str, Any]) -> dict[str, Any]:
+    """Settings of earlier versions (MOVED_TO_ALGORITHM, the `floral:` section) -> options under
+    `algorithm:`. The same option given in both places with different values is an error."""
+    moved: dict[str, tuple[str, Any]] = {}  # option -> (where it was given, value)
+    for (section, key), option in MOVED_TO_ALGORITHM.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section] = dict(raw[section])
+            moved[option] = (f"{section}.{key}", raw[section].pop(key))
+    if isinstance(raw.get("floral"), dict):
+        moved.update({option: (f"floral.{option}", value) for option, value in raw.pop("floral").items()})
+    if not moved:
+        return raw
+    given = raw.get("algorithm", ExperimentConfig.model_fields["algorithm"].default)
+    given = dict(given) if isinstance(given, dict) else {"name": given}
+    for option, (where, value) in moved.items():
+        if option in given and given[option] != value:
+            raise ValueError(f"{where} = {value!r}: also given as algorithm.{option} = {given[option]!r}; "
+                             f"keep only algorithm.{option} (where the algorithm's options live now)")
+        given.setdefault(option, value)
+    raw["algorithm"] = given
+    return raw
 
 
 def _leaf_types(annotation: Any) -> set[Any]:
@@ -410,32 +435,6 @@ class FederationConfig(_Section):
     client_fraction: float = Field(
         default=1.0, gt=0, le=1, description="Share of clients sampled each round, in (0, 1]."
     )
-    n_clusters: int | None = Field(
-        default=None, ge=1, description="K for K-means; default: the number of tasks."
-    )
-    weighting: Literal["samples", "uniform"] = Field(
-        default="samples",
-        description="Cluster average weighted by sample counts (authors' code) or uniform (paper).",
-    )
-    clustering_backend: Literal["auto", "sklearn", "cuml", "torch"] = Field(
-        default="auto",
-        description="auto: cuML when importable and a GPU is visible; else torch's K-means on the "
-        "coordinator's GPU when it has one (engine.coordinator_gpus); else scikit-learn. torch: "
-        "Lloyd's K-means with k-means++ starts (server/clustering.py) on the GPU, or the CPU without one.",
-    )
-    # 30, not the reference code's 10: on round 1 of the offline default, 10 restarts missed the
-    # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
-    # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
-    kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept).")
-    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
-        default="mean",
-        description="Inside each cluster: weighted mean (FedAvg), coordinate-wise median or "
-        "trimmed mean (robust to malicious or broken clients).",
-    )
-    trim_fraction: float = Field(
-        default=0.1, ge=0, lt=0.5,
-        description="trimmed_mean: share of members dropped at each end per coordinate (< 0.5).",
-    )
     min_completion_rate: float = Field(
         default=0.5, ge=0, le=1,
         description="Reject a round (state unchanged) when fewer sampled clients than this share "
@@ -530,7 +529,7 @@ class EngineConfig(_Section):
     coordinator_gpus: float = Field(
         default=0.0, ge=0,
         description="Ray GPUs reserved for the coordinator (a fraction is fine): cuML K-means "
-        "runs on it (federation.clustering_backend auto/cuml); with 0 it sees no GPU.",
+        "runs on it (FL-TAC's algorithm.clustering_backend auto/cuml); with 0 it sees no GPU.",
     )
     gpu_memory_gib: float | None = Field(
         default=None, gt=0,
@@ -743,9 +742,12 @@ class ExperimentConfig(_Section):
     @classmethod
     def _algorithm_with_options(cls, raw: Any) -> Any:
         """`algorithm: {name: fedprox, mu: 0.1}` -> algorithm "fedprox" with options {mu: 0.1}."""
-        if not isinstance(raw, dict) or not isinstance(raw.get("algorithm"), dict):
+        if not isinstance(raw, dict):
             return raw
-        raw, given = dict(raw), dict(raw["algorithm"])
+        raw = _move_to_algorithm(dict(raw))
+        if not isinstance(raw.get("algorithm"), dict):
+            return raw
+        given = dict(raw["algorithm"])
         name = given.pop("name", None)
         if not isinstance(name, str):
             raise ValueError(f"algorithm.name = {name!r}: an algorithm given with options names itself, "
@@ -794,18 +796,9 @@ class ExperimentConfig(_Section):
             if first["type"] == "extra_forbidden":
                 message = (f"not an option of algorithm '{self.algorithm}'; its options: {known}" if known else
                            f"algorithm '{self.algorithm}' has no options; give it as algorithm: {self.algorithm}")
+            if not option:  # a rule across the options, worded "<option> = <value>: <rule>"
+                raise ValueError(f"algorithm.{message}") from None
             raise ValueError(f"algorithm.{option} = {first.get('input')!r}: {message}") from None
-        reads = self.algorithm_class.reads
-        for option in ALGORITHM_OPTIONS:
-            section, _, field = option.partition(".")
-            explicit = (field in getattr(self, section).model_fields_set if field
-                        else section in self.model_fields_set)
-            if explicit and option not in reads:
-                value = getattr(getattr(self, section), field) if field else "{...}"
-                raise ValueError(
-                    f"{option} = {value!r}: not used by algorithm '{self.algorithm}' "
-                    f"(it reads {sorted(reads) or 'none of the optional settings'}); remove it"
-                )
         modality = self.data.modality
         spec = MODELS.get(self.model.name)
         if spec is not None and spec.modality != modality:
@@ -829,22 +822,7 @@ class ExperimentConfig(_Section):
             raise ValueError("model.head = 'frozen': instruction tasks have no classifier head; remove it")
         if self.train.judge is not None and modality != "causal_lm":
             raise ValueError(f"train.judge = {self.train.judge!r}: only for instruction tasks")
-        n_clusters = self.federation.n_clusters
-        if n_clusters is not None:
-            # The most adapters one round can upload: every sampled client holds every task.
-            upper = self.clients_per_round * self.num_tasks
-            if n_clusters > upper:
-                raise ValueError(
-                    f"federation.n_clusters = {n_clusters}: must be in 1..{upper} (adapters per "
-                    f"round at most: {self.clients_per_round} sampled clients x "
-                    f"{self.num_tasks} tasks)"
-                )
         fed = self.federation
-        if "trim_fraction" in fed.model_fields_set and fed.aggregation != "trimmed_mean":
-            raise ValueError(
-                f"federation.trim_fraction = {fed.trim_fraction}: only used with "
-                f"federation.aggregation: trimmed_mean (here {fed.aggregation!r})"
-            )
         attack = fed.attack
         if attack.kind != "none":
             count = round(attack.fraction * self.data.num_clients)
@@ -892,10 +870,6 @@ class ExperimentConfig(_Section):
     def num_tasks(self) -> int:
         return len(self.data.task_names)
 
-    @property
-    def resolved_n_clusters(self) -> int:
-        return self.federation.n_clusters or self.num_tasks
-
 
     def resolved(self) -> dict[str, Any]:
         """The full config with defaults filled in, as saved beside the results."""
@@ -903,19 +877,7 @@ class ExperimentConfig(_Section):
         options = self.algorithm_class.resolved_options(self)
         if options:  # saved as it is given, so the file loads back as it is
             out["algorithm"] = {"name": self.algorithm, **options}
-        out["federation"]["n_clusters"] = self.resolved_n_clusters
         out["data"]["min_share"] = self.data.resolved_min_share
-        # Drop options this algorithm does not read, so the saved file loads back as it is.
-        if self.federation.aggregation != "trimmed_mean":
-            out["federation"].pop("trim_fraction")
-        reads = self.algorithm_class.reads
-        for option in ALGORITHM_OPTIONS:
-            section, _, field = option.partition(".")
-            if option not in reads:
-                if field:
-                    out[section].pop(field, None)
-                else:
-                    out.pop(section, None)
         return out
 
 

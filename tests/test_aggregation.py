@@ -10,7 +10,8 @@ from fltac_ray.server.uploads import upload_problem
 def _fltac(k: int, weighting: str, n_init: int) -> FLTAC:
     return FLTAC(build_config({"seed": 0, "data": {"num_clients": 4, "tasks": ["synthetic_sentiment", "synthetic_topic",
                                                                               "synthetic_tense"]},
-                               "federation": {"n_clusters": k, "weighting": weighting, "kmeans_n_init": n_init}}))
+                               "algorithm": {"name": "fltac", "n_clusters": k, "weighting": weighting,
+                                             "kmeans_n_init": n_init}}))
 
 def test_weighted_cluster_means_hand_computed():
     vectors = np.array([[1.0, 0.0], [3.0, 2.0], [10.0, 10.0], [20.0, 0.0]])

@@ -136,9 +136,9 @@ def test_three_attackers_hijack_kmeans_unless_screened():
     start = np.zeros(64, np.float32)
     malicious = {"kind": "sign_flip", "fraction": 3 / 33}
 
-    def round_with(**federation):
-        config = tiny_config(data={"num_clients": 33}, federation={"weighting": "uniform", "attack": malicious,
-                                                                   **federation})
+    def round_with(rule=None, **federation):
+        config = tiny_config(data={"num_clients": 33}, federation={"attack": malicious, **federation},
+                             algorithm={"name": "fltac", "weighting": "uniform", **(rule or {})})
         # the config draws its own 3 attackers: make those the ones that sent -10 x v
         chosen = sorted(Attack.from_config(config).malicious)
         order = chosen + [c for c in range(33) if c not in chosen]
@@ -149,7 +149,7 @@ def test_three_attackers_hijack_kmeans_unless_screened():
         return _server_round(config, permuted, permuted_tasks, start), chosen
 
     for rule in ({}, {"aggregation": "median"}, {"aggregation": "trimmed_mean", "trim_fraction": 0.2}):
-        outcome, _ = round_with(**rule)
+        outcome, _ = round_with(rule)
         assert outcome.audit["honest_clustering_accuracy"] < 0.8, rule
         assert outcome.audit["honest_aggregate_error"] > 0.3, rule
     outcome, chosen = round_with(screening="neighbours")

@@ -46,7 +46,7 @@ def test_bad_config_exits_2_naming_the_field(tiny_yaml, capsys):
 def test_validate_prints_resolved_config(tiny_yaml, capsys):
     assert main(["validate", str(tiny_yaml), "--set", "seed=5"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["seed"] == 5 and resolved["federation"]["n_clusters"] == 3
+    assert resolved["seed"] == 5 and resolved["algorithm"]["n_clusters"] == 3
 
 
 def test_tasks_lists_registries(capsys):

@@ -39,7 +39,7 @@ def test_plain_experiment_is_not_a_comparison(tmp_path):
         ([{"algorithm": "fltac"}, {"algorithm": "fltac"}], "labels must be unique"),
         ([{"algorithm": "fltac"}, {"label": "b", "data": {"dirichlet_alpha": 5.0}}], "same partition"),
         ([{"algorithm": "fltac"}, {"label": "b", "seed": 3}], "same partition"),
-        ([{"algorithm": "fltac"}, {"algorithm": "fedit", "federation": {"n_clusters": 2}}], "compare[1] (fedit)"),
+        ([{"algorithm": "fltac"}, {"algorithm": {"name": "fedit", "n_clusters": 2}}], "compare[1] (fedit)"),
     ],
 )
 def test_bad_comparisons_fail_before_running(tmp_path, compare, words):

@@ -4,6 +4,7 @@ import sys
 import pytest
 import yaml
 
+from fltac_ray.algorithms.fltac import cluster_count
 from fltac_ray.config import ExperimentConfig, build_config, load_config, save_config
 from fltac_ray.errors import ConfigError
 
@@ -15,11 +16,14 @@ INVALID = [
     ({"data": {"min_share": 1.0}}, "data.min_share", "less than 1"),
     ({"federation": {"client_fraction": 0}}, "federation.client_fraction", "greater than 0"),
     ({"federation": {"client_fraction": 1.5}}, "federation.client_fraction", "less than or equal to 1"),
-    ({"federation": {"n_clusters": 0}}, "federation.n_clusters", "greater than or equal to 1"),
-    ({"federation": {"n_clusters": 31}}, "federation.n_clusters", "1..30"),
-    ({"federation": {"client_fraction": 0.2, "n_clusters": 7}}, "federation.n_clusters", "1..6"),
-    ({"federation": {"weighting": "median"}}, "federation.weighting", "samples"),
-    ({"federation": {"clustering_backend": "faiss"}}, "federation.clustering_backend", "sklearn"),
+    ({"algorithm": {"name": "fltac", "n_clusters": 0}}, "algorithm.n_clusters", "greater than or equal to 1"),
+    ({"algorithm": {"name": "fltac", "n_clusters": 31}}, "algorithm.n_clusters", "1..30"),
+    ({"federation": {"client_fraction": 0.2}, "algorithm": {"name": "fltac", "n_clusters": 7}},
+     "algorithm.n_clusters", "1..6"),
+    ({"algorithm": {"name": "fltac", "weighting": "median"}}, "algorithm.weighting", "samples"),
+    ({"algorithm": {"name": "fltac", "clustering_backend": "faiss"}}, "algorithm.clustering_backend", "sklearn"),
+    ({"federation": {"n_clusters": 2}, "algorithm": {"name": "fltac", "n_clusters": 3}}, "federation.n_clusters",
+     "also given as algorithm.n_clusters"),
     ({"data": {"tasks": ["sst2_typo"]}}, "data.tasks", "known tasks"),
     ({"data": {"tasks": []}}, "data.tasks", "at least one"),
     ({"data": {"tasks": ["wordnet_pos", "wordnet_pos"]}}, "data.tasks", "unique"),
@@ -54,15 +58,15 @@ def test_error_message_shows_the_value():
 
 def test_cross_field_message_names_field_and_value():
     with pytest.raises(ConfigError) as info:
-        build_config({"federation": {"n_clusters": 31}})
+        build_config({"algorithm": {"name": "fltac", "n_clusters": 31}})
     issue = info.value.issues[0]
-    assert (issue.field, issue.value) == ("federation.n_clusters", 31)
+    assert (issue.field, issue.value) == ("algorithm.n_clusters", 31)
 
 
 def test_defaults_follow_the_paper_federation():
     config = ExperimentConfig()
     assert (config.data.num_clients, config.data.dirichlet_alpha, config.data.resolved_min_share) == (10, 0.5, 0.01)
-    assert config.resolved_n_clusters == len(config.data.tasks) == 3
+    assert cluster_count(config) == len(config.data.tasks) == 3
 
 
 def test_share_threshold_scales_with_the_federation_unless_set():
@@ -79,8 +83,9 @@ def test_yaml_overrides_and_round_trip(tmp_path):
     save_config(config, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     # written as run: K and the share threshold resolved
-    assert again == config.model_copy(update={"federation": config.federation.model_copy(update={"n_clusters": 1}),
-                                              "data": config.data.model_copy(update={"min_share": 0.01})})
+    assert again.model_copy(update={"algorithm_options": {}}) == config.model_copy(
+        update={"data": config.data.model_copy(update={"min_share": 0.01})})
+    assert again.options == config.options.model_copy(update={"n_clusters": 1})
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_config_metrics_rounds_and_adapters(tiny_run):
     run_dir = tiny_run.run_dir
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["federation"]["n_clusters"] == 3 and saved["rounds"] == 2
+    assert saved["algorithm"]["n_clusters"] == 3 and saved["rounds"] == 2
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics.columns) == METRICS_COLUMNS

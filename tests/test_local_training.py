@@ -191,17 +191,18 @@ def test_options_are_given_under_the_algorithm_and_checked_with_errors_naming_th
     assert config.algorithm == "fedprox" and config.options.mu == 0.1
     assert config.options.local_optimizer == "adamw"  # the FedAvg family's shared option
     saved = config.resolved()
-    assert saved["algorithm"] == {"name": "fedprox", "budget": "per_task", "local_optimizer": "adamw", "mu": 0.1}
+    assert saved["algorithm"] == {"name": "fedprox", "weighting": "samples", "aggregation": "mean", "budget": "per_task",
+                                  "local_optimizer": "adamw", "mu": 0.1}
     assert build_config(saved).options == config.options  # the saved file loads back as it is
     assert tiny_config(algorithm="fedprox").options.mu == 0.01  # the option's default
-    assert tiny_config().resolved()["algorithm"] == "fltac"  # no options: the plain name
+    assert tiny_config(algorithm="local").resolved()["algorithm"] == "local"  # no options: the plain name
     raw = apply_overrides({"algorithm": "fedprox"}, ["algorithm.mu=0.3"])
     assert raw["algorithm"] == {"name": "fedprox", "mu": 0.3}
     assert apply_overrides({}, ["algorithm.server_lr=0.1"])["algorithm"] == {"name": "fltac", "server_lr": 0.1}
     cases = [
         ({"name": "fedprox", "mu": -1}, "algorithm.mu", "greater than or equal to 0"),
-        ({"name": "fedprox", "nu": 1}, "algorithm.nu", "its options: ['budget', 'local_optimizer', 'mu']"),
-        ({"name": "fltac", "mu": 1}, "algorithm.mu", "algorithm 'fltac' has no options"),
+        ({"name": "fedprox", "nu": 1}, "algorithm.nu", "its options: ['aggregation', 'budget', 'local_optimizer', 'mu', 'trim_fraction', 'weighting']"),
+        ({"name": "local", "mu": 1}, "algorithm.mu", "algorithm 'local' has no options"),
         ({"name": "scaffold", "local_optimizer": "lion"}, "algorithm.local_optimizer", "'adamw' or 'sgd'"),
         ({"mu": 1}, "algorithm.name", "names itself"),
         ({"name": "home_fedprox", "mu": "much"}, "algorithm.mu", "valid number"),

@@ -310,7 +310,7 @@ SWEEP = PRELUDE + textwrap.dedent("""
     with open(f"{out}/base.yaml", "w") as handle:
         yaml.safe_dump(base, handle)
     spec = {"name": "nodes", "experiment": "base.yaml",
-            "search": {"model.lora.rank": {"grid": [1, 2]}, "federation.n_clusters": {"grid": [1, 2, 3, 4]}},
+            "search": {"model.lora.rank": {"grid": [1, 2]}, "algorithm.n_clusters": {"grid": [1, 2, 3, 4]}},
             "scheduler": {"name": "asha", "grace_period": 1}, "max_concurrent_trials": 4,
             "trial": {"workers": 1, "cpus_per_worker": 0.95, "gpus_per_worker": 1, "driver_cpus": 0.05}}
     with open(f"{out}/sweep.yaml", "w") as handle:

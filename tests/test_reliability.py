@@ -308,29 +308,29 @@ def test_server_rejects_wrong_shapes():
 
 
 @pytest.mark.parametrize(
-    ("federation", "field"),
+    ("raw", "field"),
     [
-        ({"aggregation": "trimmed_mean", "trim_fraction": 0.5}, "federation.trim_fraction"),
-        ({"aggregation": "trimmed_mean", "trim_fraction": 0.7}, "federation.trim_fraction"),
-        ({"trim_fraction": 0.2}, "federation.trim_fraction"),
-        ({"aggregation": "krum"}, "federation.aggregation"),
-        ({"min_completion_rate": 1.5}, "federation.min_completion_rate"),
+        ({"algorithm": {"name": "fltac", "aggregation": "trimmed_mean", "trim_fraction": 0.5}}, "algorithm.trim_fraction"),
+        ({"algorithm": {"name": "fltac", "aggregation": "trimmed_mean", "trim_fraction": 0.7}}, "algorithm.trim_fraction"),
+        ({"algorithm": {"name": "fltac", "trim_fraction": 0.2}}, "algorithm.trim_fraction"),
+        ({"algorithm": {"name": "fedit", "aggregation": "krum"}}, "algorithm.aggregation"),
+        ({"federation": {"min_completion_rate": 1.5}}, "federation.min_completion_rate"),
     ],
 )
-def test_impossible_robust_settings_fail_validation(federation, field):
+def test_impossible_robust_settings_fail_validation(raw, field):
     with pytest.raises(ConfigError) as info:
-        build_config({"federation": federation})
+        build_config(raw)
     assert info.value.issues[0].field == field
 
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_robust_aggregation_runs_on_the_engine(tmp_path):
-    config = tiny_config(rounds=1, federation={"aggregation": "trimmed_mean", "trim_fraction": 0.2})
+    config = tiny_config(rounds=1, algorithm={"name": "fltac", "aggregation": "trimmed_mean", "trim_fraction": 0.2})
     result = _run(config, tmp_path / "run")
     assert (result.rounds["status"] == "ok").all()
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
-    assert saved["federation"]["aggregation"] == "trimmed_mean"
-    assert build_config(saved).federation.trim_fraction == 0.2
+    assert saved["algorithm"]["aggregation"] == "trimmed_mean"
+    assert build_config(saved).options.trim_fraction == 0.2
 
 
 BAD_CONFIGS = [
@@ -340,7 +340,7 @@ BAD_CONFIGS = [
     ("model: {lora: {rank: 0}}\n", "model.lora.rank"),
     ("algorithm: fedmystery\n", "algorithm"),
     ("federation: {client_fraction: 0}\n", "federation.client_fraction"),
-    ("federation: {aggregation: trimmed_mean, trim_fraction: 0.5}\n", "federation.trim_fraction"),
+    ("algorithm: {name: fltac, aggregation: trimmed_mean, trim_fraction: 0.5}\n", "algorithm.trim_fraction"),
     ("engine: {gpus_per_worker: 0.5}\n", "engine.gpus_per_worker"),
     ("name: [unclosed\n", "malformed YAML"),
     ("- just\n- a list\n", "mapping"),

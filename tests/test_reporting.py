@@ -241,7 +241,7 @@ def test_sweep_figure_averages_each_searched_value(tmp_path):
     for i, (rank, weighting) in enumerate([(1, "samples"), (1, "uniform"), (4, "samples")]):
         run = read_run(_hand_made_run(tmp_path / f"t{i}", "fltac", rouge=False))
         run.rounds.loc[1, "mean_accuracy"] = 0.2 * (i + 1)  # finals 0.2, 0.4, 0.6
-        run.params = {"model.lora.rank": rank, "federation.weighting": weighting}
+        run.params = {"model.lora.rank": rank, "algorithm.weighting": weighting}
         runs.append(run)
     assert [final_metric(r, "mean_accuracy") for r in runs] == pytest.approx([0.2, 0.4, 0.6])
     assert final_metric(runs[0], "accuracy/t2") == pytest.approx(0.4)

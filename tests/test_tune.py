@@ -40,7 +40,7 @@ def _sweep(tmp_path, base=None, **fields):
         ({"search": {"model.lora.rank": {"grid": [0, 1]}}}, "model.lora.rank"),
         ({"search": {"train.lr": {"loguniform": [1e-2, 1e-4]}}}, "low < high"),
         ({"search": {"train.lr": {"gaussian": [0, 1]}}}, "exactly one of"),
-        ({"search": {"federation.n_clusters": {"grid": [2]}}, "set": {"algorithm": "fedit"}}, "not used by algorithm"),
+        ({"search": {"algorithm.n_clusters": {"grid": [2]}}, "set": {"algorithm": "fedit"}}, "not an option of algorithm"),
         ({"metric": "accuracy"}, "metric"),
         ({"search": {}}, "search"),
         ({"keep_checkpoints": 0}, "keep_checkpoints"),
@@ -117,7 +117,7 @@ def test_tiny_asha_sweep_exports_every_trial_names_one_best_and_resumes(tmp_path
 
     out = tmp_path / "sweep"
     path = _sweep(tmp_path, base={"rounds": 3, "tracking": ["tensorboard"]},
-                  search={"model.lora.rank": {"grid": [1, 2]}, "federation.n_clusters": {"grid": [1, 3]}},
+                  search={"model.lora.rank": {"grid": [1, 2]}, "algorithm.n_clusters": {"grid": [1, 3]}},
                   scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
     sweep_dir, table, best = run_sweep(path, str(out), Progress(quiet=True))
     assert sweep_dir == out.resolve()
@@ -133,7 +133,7 @@ def test_tiny_asha_sweep_exports_every_trial_names_one_best_and_resumes(tmp_path
     for trial in trials:  # every trial, stopped or finished, exported the adapters of its last round
         folder = out / "trials" / trial
         index = json.loads((folder / "adapters" / "index.json").read_text())
-        clusters = int(saved.loc[saved["trial"] == trial, "federation.n_clusters"].iloc[0])
+        clusters = int(saved.loc[saved["trial"] == trial, "algorithm.n_clusters"].iloc[0])
         assert len(index) == clusters
         assert pd.read_csv(folder / "rounds.csv")["round"].max() == rounds[trial]
         assert yaml.safe_load((folder / "config.yaml").read_text())["name"] == f"tiny_{trial}"

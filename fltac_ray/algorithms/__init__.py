@@ -29,8 +29,8 @@ __all__ = ["BUILTIN", "AdapterSpec", "Aggregate", "AlgorithmOptions", "ClientJob
            "create_algorithm", "register_algorithm", "resolve_algorithm", "rows_of"]
 
 
-def create_algorithm(config, kmeans_backend: str = "sklearn", cls: type[FederatedAlgorithm] | None = None
+def create_algorithm(config, cls: type[FederatedAlgorithm] | None = None
                      ) -> FederatedAlgorithm:
     """Build the configured algorithm (`cls`: its class when already resolved, as in a worker
-    that received it from the driver); `kmeans_backend` is the resolved K-means backend."""
-    return (cls or resolve_algorithm(config.algorithm))(config, kmeans_backend)
+    that received it from the driver)."""
+    return (cls or resolve_algorithm(config.algorithm))(config)

@@ -19,6 +19,7 @@ methods differ; each hook has a default, so a method overrides only what it chan
     upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
     merge            how the server's answer becomes the client's new adapter (FedSA: B kept)
   server side (runs in the coordinator)
+    start_server     set-up where the server runs (FL-TAC: which K-means backend)
     num_initial_adapters, set_initial   the server models drawn before round 1 (IFCA: K)
     broadcast        the server models every sampled client receives before training (v^0;
                      IFCA: its K models; SCAFFOLD: the model and the control variate)
@@ -33,7 +34,7 @@ methods differ; each hook has a default, so a method overrides only what it chan
     model_options, federate, upload_groups   FLoRAL's layers; centralized's pooled data; K
     check_config, check_data, resolved_options   rules on the rest of the experiment
   declarations (class attributes)
-    reads, recovers_tasks, labels_name_server_models, round_metrics
+    recovers_tasks, labels_name_server_models, round_metrics
 
 No Ray in here: algorithms are plain numpy code (their local-training rule uses torch tensors
 handed to it), tested as pure functions (tests/test_algorithms.py, tests/test_local_training.py).
@@ -75,9 +76,6 @@ class FederatedAlgorithm:
     summary: ClassVar[str] = ""
     #: this algorithm's own options, given as `algorithm: {name: ..., <option>: ...}`
     Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
-    #: settings of the shared schema this algorithm reads (config validation rejects the others
-    #: when set explicitly): see config.ALGORITHM_OPTIONS for the names
-    reads: ClassVar[frozenset[str]] = frozenset()
     #: True when the answer labels are the server's attempt to recover the tasks (FL-TAC, IFCA,
     #: oracle): the engine scores them against the true tasks (clustering accuracy, ARI)
     recovers_tasks: ClassVar[bool] = False
@@ -89,14 +87,14 @@ class FederatedAlgorithm:
     #: of rounds.csv (empty where a round reported none)
     round_metrics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: ExperimentConfig, kmeans_backend: str = "sklearn") -> None:
+    def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.options = type(self).Options.model_validate(getattr(config, "algorithm_options", {}))
-        fed = config.federation
-        self.weighting = fed.weighting
-        self.aggregation = fed.aggregation  # inside each group: mean, median or trimmed_mean
-        self.trim = fed.trim_fraction
-        self.kmeans_backend = kmeans_backend
+        # The averaging rule, from the options when the algorithm declares them
+        # (options.AggregationOptions): weighting, and mean, median or trimmed_mean in each group.
+        self.weighting = getattr(self.options, "weighting", "samples")
+        self.aggregation = getattr(self.options, "aggregation", "mean")
+        self.trim = getattr(self.options, "trim_fraction", 0.0)
         self.spec: AdapterSpec | None = None
         self.initial: np.ndarray | None = None  # (K, d) what the server drew before round 1
 
@@ -109,7 +107,7 @@ class FederatedAlgorithm:
     @classmethod
     def resolved_options(cls, config: ExperimentConfig) -> dict[str, Any]:
         """The options as the run's config.yaml records them (defaults filled in; FLoRAL: C)."""
-        return config.options.model_dump(mode="json")
+        return config.options.saved()
 
     def check_data(self, data: FederatedData) -> None:
         """Refuse a partition this algorithm cannot run on (FL-TAC: more clusters than adapters),
@@ -199,6 +197,12 @@ class FederatedAlgorithm:
         return merged
 
     # --- server side ------------------------------------------------------------------------
+    def start_server(self) -> str:
+        """Called once in the process that runs the server, before set_initial: resolve what
+        depends on that machine (FL-TAC: its K-means backend, cuML where a GPU is visible).
+        Returns a note for the run's start-up line ("" for none)."""
+        return ""
+
     def num_initial_adapters(self) -> int:
         """How many distinct initial adapters the server draws (IFCA: one per cluster)."""
         return 1

@@ -35,8 +35,8 @@ class FedAdam(GlobalModelAlgorithm):
     Options = FedAdamOptions
     round_metrics = ("server_step_norm",)  # ||x_new - x||: the size of the server's Adam step
 
-    def __init__(self, config, kmeans_backend: str = "sklearn") -> None:
-        super().__init__(config, kmeans_backend)
+    def __init__(self, config) -> None:
+        super().__init__(config)
         self.first_moment: np.ndarray | None = None  # (d,) m
         self.second_moment: np.ndarray | None = None  # (d,) v
         self.last_step_norm = 0.0

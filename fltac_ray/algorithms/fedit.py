@@ -16,10 +16,10 @@ from typing import Literal
 from pydantic import Field
 
 from fltac_ray.algorithms.base import FederatedAlgorithm
-from fltac_ray.algorithms.options import AlgorithmOptions
+from fltac_ray.algorithms.options import AggregationOptions
 
 
-class FedITOptions(AlgorithmOptions):
+class FedITOptions(AggregationOptions):
     budget: Literal["per_task", "per_adapter"] = Field(
         default="per_task", description="local steps: train.local_steps for each task of the client's "
         "one adapter (per_task), or split over its tasks (per_adapter: the FL-TAC authors' baseline)")
@@ -28,8 +28,6 @@ class FedITOptions(AlgorithmOptions):
 class FedIT(FederatedAlgorithm):
     name = "fedit"
     summary = "FedIT: one adapter per client trained over all its tasks; FedAvg"
-    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction",
-                         })
     Options = FedITOptions
 
     def client_adapters(self, tasks: list[str]) -> list[list[str]]:

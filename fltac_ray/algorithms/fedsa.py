@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm
+from fltac_ray.algorithms.options import AggregationOptions
 
 
 class FedSALoRA(FederatedAlgorithm):
     name = "fedsa"
     summary = "FedSA-LoRA: LoRA A averaged by FedAvg; B and the head stay on each client"
-    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    Options = AggregationOptions
 
     def shared_entries(self) -> np.ndarray:
         return self.spec.lora_a()  # sent, averaged, replaced; the rest stays with the client

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm
+from fltac_ray.algorithms.options import AggregationOptions
 
 
 class FFALoRA(FederatedAlgorithm):
     name = "ffa"
     summary = "FFA-LoRA: LoRA A frozen at the shared random init; B and the head trained and averaged"
-    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    Options = AggregationOptions
 
     def trainable_entries(self) -> np.ndarray:
         return ~self.spec.lora_a()

@@ -25,13 +25,15 @@ import numpy as np
 from pydantic import Field
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Upload, Uploads
-from fltac_ray.algorithms.options import AlgorithmOptions
+from fltac_ray.algorithms.options import AlgorithmOptions, Weighting
 
 OPTIMAL_LOGIT = 30.0
 
 
 class FloralOptions(AlgorithmOptions):
     """C adaptors per adapted layer mixed by a private per-client router."""
+
+    weighting: Weighting  # of each adaptor's average over the round's uploads
 
     num_adaptors: int | None = Field(
         default=None, ge=1, description="C, adaptors per layer; default: the number of tasks."
@@ -79,7 +81,6 @@ def num_adaptors(config) -> int:
 class FLoRAL(FederatedAlgorithm):
     name = "floral"
     summary = "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router"
-    reads = frozenset({"federation.weighting"})
     Options = FloralOptions
 
     @classmethod

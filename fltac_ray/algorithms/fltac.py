@@ -4,24 +4,57 @@ Client side: the default (one adapter per local task, uploaded whole). Server st
 (Algorithm 3): K-means splits all uploaded (client, task) adapters into K clusters (K = number
 of tasks by default); each cluster is averaged and every member receives its cluster's average.
 The paper averages uniformly; the authors' code weights by sample count, which is our default
-(`federation.weighting`). The server never sees task labels.
+(option `weighting`). The server never sees task labels.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from fltac_ray.algorithms.base import Aggregate, FederatedAlgorithm, Uploads
+from fltac_ray.algorithms.options import AggregationOptions, ClusterCount
 from fltac_ray.errors import ConfigError, ConfigIssue
-from fltac_ray.server.clustering import kmeans_labels
+from fltac_ray.server.clustering import kmeans_labels, resolve_backend
+
+
+def cluster_count(config) -> int:
+    """K: the algorithm's n_clusters option, or the number of tasks."""
+    return config.options.n_clusters or config.num_tasks
+
+
+def check_cluster_count(config) -> None:
+    """K at most the adapters one round can upload: every sampled client holds every task."""
+    k, upper = config.options.n_clusters, config.clients_per_round * config.num_tasks
+    if k is not None and k > upper:
+        raise ValueError(
+            f"algorithm.n_clusters = {k}: must be in 1..{upper} (adapters per round at most: "
+            f"{config.clients_per_round} sampled clients x {config.num_tasks} tasks)")
 
 
 def check_clusters_fit(config, data) -> None:
-    """K (federation.n_clusters, default: the task count) at most the adapters the partition
-    holds: K-means (FL-TAC) and IFCA's K models need as many uploads to start from."""
+    """K at most the adapters the partition holds: K-means (FL-TAC) and IFCA's K models need as
+    many uploads to start from."""
     adapters = sum(len(c.tasks) for c in data.clients)
-    k = config.resolved_n_clusters
+    k = cluster_count(config)
     if k > adapters:
         raise ConfigError([ConfigIssue(
-            "federation.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
+            "algorithm.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
+
+
+class FLTACOptions(AggregationOptions):
+    n_clusters: ClusterCount
+    clustering_backend: Literal["auto", "sklearn", "cuml", "torch"] = Field(
+        default="auto",
+        description="where K-means runs. auto: cuML when importable and a GPU is visible; else "
+        "torch's K-means on the coordinator's GPU when it has one (engine.coordinator_gpus); else "
+        "scikit-learn. torch: Lloyd's K-means with k-means++ starts (server/clustering.py) on the "
+        "GPU, or the CPU without one")
+    # 30, not the reference code's 10: on round 1 of the offline default, 10 restarts missed the
+    # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
+    # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
+    kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept)")
 
 
 class FLTAC(FederatedAlgorithm):
@@ -29,20 +62,33 @@ class FLTAC(FederatedAlgorithm):
     recovers_tasks = True
     round_metrics = ("kmeans_backend",)  # what the round's K-means ran on
     summary = "FL-TAC: one low-rank adapter per (client, task); server K-means + per-cluster FedAvg"
-    reads = frozenset({"federation.n_clusters", "federation.clustering_backend",
-                         "federation.kmeans_n_init", "federation.weighting",
-                         "federation.aggregation", "federation.trim_fraction"})
+    Options = FLTACOptions
+    #: scikit-learn until start_server() resolves the option where the server runs
+    kmeans_backend = "sklearn"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        check_cluster_count(config)
+
+    @classmethod
+    def resolved_options(cls, config) -> dict:
+        return {**config.options.saved(), "n_clusters": cluster_count(config)}
 
     def check_data(self, data) -> None:
         check_clusters_fit(self.config, data)
 
     def upload_groups(self) -> int:
-        return self.config.resolved_n_clusters
+        return cluster_count(self.config)
+
+    def start_server(self) -> str:
+        # Resolved in the coordinator's process: that is where a GPU must be visible.
+        self.kmeans_backend = resolve_backend(self.options.clustering_backend)
+        return f"K-means backend: {self.kmeans_backend}"
 
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         labels = kmeans_labels(
-            uploads.vectors, self.config.resolved_n_clusters, seed=self.config.seed + round_index,
-            n_init=self.config.federation.kmeans_n_init, backend=self.kmeans_backend,
+            uploads.vectors, cluster_count(self.config), seed=self.config.seed + round_index,
+            n_init=self.options.kmeans_n_init, backend=self.kmeans_backend,
             scratch=uploads.owned,
         )
         result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)

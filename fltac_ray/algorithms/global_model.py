@@ -33,8 +33,8 @@ class GlobalModelAlgorithm(FedIT):
     name = ""  # a base, not an algorithm of its own
     Options = GlobalModelOptions
 
-    def __init__(self, config, kmeans_backend: str = "sklearn") -> None:
-        super().__init__(config, kmeans_backend)
+    def __init__(self, config) -> None:
+        super().__init__(config)
         self.global_adapter: np.ndarray | None = None  # (d,) x, the server model
 
     # client side: every sampled client starts from the server's current model

@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Uploads
-from fltac_ray.algorithms.fltac import check_clusters_fit
+from fltac_ray.algorithms.fltac import check_cluster_count, check_clusters_fit, cluster_count
+from fltac_ray.algorithms.options import AggregationOptions, ClusterCount
+
+
+class IFCAOptions(AggregationOptions):
+    n_clusters: ClusterCount
 
 
 class IFCA(FederatedAlgorithm):
@@ -22,13 +27,20 @@ class IFCA(FederatedAlgorithm):
     recovers_tasks = True
     labels_name_server_models = True  # a choice is one of the K global adapters
     summary = "IFCA: K global adapters; each client task starts from the lowest-loss one"
-    reads = frozenset({"federation.n_clusters", "federation.weighting",
-                         "federation.aggregation", "federation.trim_fraction"})
+    Options = IFCAOptions
 
-    def __init__(self, config, kmeans_backend: str = "sklearn") -> None:
-        super().__init__(config, kmeans_backend)
-        self.n_clusters = config.resolved_n_clusters
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.n_clusters = cluster_count(config)
         self.globals: np.ndarray | None = None  # (K, d) the server's adapters
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        check_cluster_count(config)
+
+    @classmethod
+    def resolved_options(cls, config) -> dict:
+        return {**config.options.saved(), "n_clusters": cluster_count(config)}
 
     def check_data(self, data) -> None:
         check_clusters_fit(self.config, data)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Upload, Uploads
+from fltac_ray.algorithms.options import AggregationOptions
 
 
 class OracleClustering(FederatedAlgorithm):
@@ -23,7 +24,7 @@ class OracleClustering(FederatedAlgorithm):
     recovers_tasks = True
     summary = ("FL-TAC aggregation grouped by the true task ids (ceiling of the clustering step; "
                "under a concept shift, FLoRAL's optimal-router ensemble)")
-    reads = frozenset({"federation.weighting", "federation.aggregation", "federation.trim_fraction"})
+    Options = AggregationOptions
 
     def upload(self, job: ClientJob, trained: np.ndarray, private: np.ndarray,
                meta: dict[str, Any]) -> Upload | None:

@@ -49,8 +49,8 @@ class Scaffold(GlobalModelAlgorithm):
     Options = ScaffoldOptions
     round_metrics = ("control_norm",)  # ||c|| after the round: how much drift is being corrected
 
-    def __init__(self, config, kmeans_backend: str = "sklearn") -> None:
-        super().__init__(config, kmeans_backend)
+    def __init__(self, config) -> None:
+        super().__init__(config)
         self.control: np.ndarray | None = None  # (d,) c, the server's control variate
 
     # --- client side ------------------------------------------------------------------------

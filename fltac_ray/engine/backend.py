@@ -33,7 +33,7 @@ class StartInfo:
     device: str  # the first worker's torch device
     batched: bool  # the workers train many adapters per pass
     spec: AdapterSpec  # the adapter layout the workers built
-    kmeans_backend: str  # resolved where the server runs
+    server_note: str  # what the algorithm resolved where the server runs (start_server)
     resources: str  # one line for the run's header
     # Ray: each worker's node and the GPUs Ray assigned it (placement.json); empty in process
     placement: list[dict[str, Any]] = field(default_factory=list)

@@ -35,7 +35,7 @@ class LocalBackend(Backend):
         resolve_pass_limits(engine, [described["adapters_fit"]], self.config.train.batch_size)
         self.server = Server(self.config, self.algorithm_class, described["spec"])
         return StartInfo(workers=1, device=described["device"], batched=described["batched"],
-                         spec=described["spec"], kmeans_backend=self.server.clustering_backend(),
+                         spec=described["spec"], server_note=self.server.server_note(),
                          resources="in-process, no Ray")
 
     def initialise(self, count: int) -> None:

@@ -251,13 +251,12 @@ class Simulation:
             if info.placement:  # Ray: each worker's node and GPUs, as Ray accounted them
                 (run_dir / "placement.json").write_text(json.dumps(info.placement, indent=1))
             self.batched = info.batched
-            kmeans = f"; K-means backend: {info.kmeans_backend}" if "federation.clustering_backend" \
-                in config.algorithm_class.reads else ""
+            note = f"; {info.server_note}" if info.server_note else ""
             fraction = config.federation.client_fraction
             sampled = f" ({clients_per_round(len(active), fraction)} sampled per round)" if fraction < 1 else ""
             say(f"  backend {backend.name}: {info.workers} client workers ({info.resources}, device "
                 f"{info.device}) for {len(active)} clients{sampled}; adapter size {info.spec.size:,} "
-                f"parameters{kmeans}")
+                f"parameters{note}")
             run = RunInfo(config, run_dir, data, info.spec, backend, say, self.evaluated)
             self.run_info = run
             if checkpoint is None:

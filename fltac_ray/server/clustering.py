@@ -43,7 +43,7 @@ def resolve_backend(requested: str) -> str:
     usable = _cuml_usable()
     if requested == "cuml" and not usable:
         raise ResourceUnavailableError(
-            "federation.clustering_backend = 'cuml' but cuML or a GPU is not available here; "
+            "algorithm.clustering_backend = 'cuml' but cuML or a GPU is not available here; "
             f"use 'auto', 'torch' or 'sklearn', or install it: {CUML_HINT}"
         )
     if usable:

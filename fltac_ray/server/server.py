@@ -34,13 +34,11 @@ class Server:
         """`spec`: the adapter layout; the Ray backend starts the coordinator before any worker
         (so it takes its place on the driver's node first) and hands the layout over with
         `setup` once a worker has built the model."""
-        from fltac_ray.server.clustering import resolve_backend
-
         import_plugins(config.plugins)  # the user's tasks and models, in this process too
         self.config = config
-        # Resolved here, where the server runs: that is where a GPU must be visible.
-        self.backend = resolve_backend(config.federation.clustering_backend)
-        self.algorithm = create_algorithm(config, self.backend, cls=algorithm_class)
+        self.algorithm = create_algorithm(config, cls=algorithm_class)
+        # Here, where the server runs: FL-TAC's cuML needs a GPU visible to this process.
+        self.start_note = self.algorithm.start_server()
         self.attack = Attack.from_config(config)  # which clients are malicious, for the audit
         self.received: dict[int, PassResult] = {}  # this round's pass results, by pass index
         self.receiving_round = 0
@@ -57,8 +55,9 @@ class Server:
         # the algorithm's client state (keep_state), its width known from the first vector kept
         self.states = ClientStateStore(0)
 
-    def clustering_backend(self) -> str:
-        return self.backend
+    def server_note(self) -> str:
+        """What the algorithm resolved where the server runs, for the start-up line."""
+        return self.start_note
 
     def pid(self) -> int:
         return os.getpid()

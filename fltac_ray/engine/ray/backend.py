@@ -157,7 +157,7 @@ class RemoteServer:
         "state": "collecting the server's state", "load_state": "restoring the checkpoint",
         "take_snapshot": "taking the adapter snapshot", "export_outcome": "collecting the global adapters",
         "evaluation_digests": "asking which adapters changed", "setup": "setting up the coordinator",
-        "clustering_backend": "starting the coordinator", "set_initial": "broadcasting v^0",
+        "server_note": "starting the coordinator", "set_initial": "broadcasting v^0",
     }
 
     def __init__(self, actor, get) -> None:
@@ -405,7 +405,7 @@ class RayBackend(Backend):
         resolve_pass_limits(engine, [d["adapters_fit"] for d in described], self.config.train.batch_size)
         self.server.setup(spec)
         return StartInfo(workers=count, device=described[0]["device"], batched=described[0]["batched"],
-                         spec=spec, kmeans_backend=self.server.clustering_backend(),
+                         spec=spec, server_note=self.server.server_note(),
                          resources=f"{engine.cpus_per_worker:g} CPU, {engine.gpus_per_worker:g} GPU each",
                          # where each worker runs: its node and the GPUs Ray assigned it (placement.json)
                          placement=[{"worker": d["worker"], "node": d["node"], "gpu_ids": d["gpu_ids"],
