@@ -500,7 +500,7 @@ class EngineConfig(_Section):
         description="Most adapters per combined pass (activations: this x train.batch_size "
         "examples). auto: 32 on the CPU; on CUDA as many as the GPU's free memory holds, from "
         "the activation bytes per example each worker measures at start on its longest examples "
-        "(client/gpu_fit.py), recorded in config.yaml.",
+        "(client/gpu_fit.py), recorded in the run's decisions.json.",
     )
     max_pass_examples: int = Field(
         default=128, ge=1,
@@ -513,7 +513,7 @@ class EngineConfig(_Section):
         default=None, ge=1,
         description="Cut each round's training into at least this many passes (batched "
         "training), so that many workers share it. Default: the number of workers at the start, "
-        "written to config.yaml. Results depend on the passes, never on which worker runs them.",
+        "recorded in the run's decisions.json. Results depend on the passes, never on which worker runs them.",
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs per client worker.")
     gpus_per_worker: float | None = Field(

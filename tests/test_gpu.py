@@ -4,6 +4,7 @@ batched-adapter planner, and the errors of what needs CUDA."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -111,8 +112,8 @@ def test_actors_see_only_the_gpus_ray_gave_them(ray_cluster, tmp_path):
     config = tiny_config(output_dir=str(tmp_path), rounds=1, engine={"coordinator_gpus": 0.5})
     result = Simulation(config, progress=Progress(quiet=True), callbacks=[Look()]).run()
     assert seen == {"workers": ["", ""], "coordinator": "0"}
-    saved = (result.run_dir / "config.yaml").read_text()
-    assert "gpus_per_worker: 0.0" in saved and "max_batched_adapters: 32" in saved  # resolved, recorded
+    decided = json.loads((result.run_dir / "decisions.json").read_text())  # resolved, recorded
+    assert (decided["gpus_per_worker"], decided["max_batched_adapters"]) == (0.0, 32)
 
 
 def test_cuml_receives_float32_c_order_vectors_and_the_seeded_parameters(monkeypatch):

@@ -193,6 +193,13 @@ def test_resume_of_no_run_dir_or_of_recorded_rounds_without_checkpoint_is_a_clea
     (tmp_path / "rounds.csv").write_text("round,status\n1,ok\n")  # a round recorded, its checkpoint gone
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         Simulation.resume(tmp_path, progress=Progress(quiet=True)).run()
+    for text, words in [("{", "decisions.json is not readable JSON"),
+                        ('{"min_passes": 2}', "decisions.json must hold exactly"),
+                        ('{"min_passes": 0, "gpus_per_worker": 0, "max_batched_adapters": 32, "max_pass_examples": 128}',
+                         "decisions.json: min_passes = 0: must be a whole number >= 1")]:
+        (tmp_path / "decisions.json").write_text(text)
+        with pytest.raises(RunFolderError, match=words):
+            Simulation.resume(tmp_path, progress=Progress(quiet=True)).run()
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -228,6 +235,11 @@ def test_resume_refuses_an_edited_config_and_allows_resource_changes(reference, 
     Simulation.resume(run_dir, progress=progress).run()
     assert any("engine.max_retries" in line and "-> 5" in line and "engine.num_workers 2 -> 1" in line
                for line in lines), lines
+    # config.yaml holds the experiment as given; what the run decided at its start is beside it,
+    # and a resume on one worker keeps cutting rounds into the first start's 2 passes
+    assert saved["engine"]["min_passes"] is None and saved["engine"]["max_batched_adapters"] == "auto"
+    decided = json.loads((run_dir / "decisions.json").read_text())
+    assert (decided["min_passes"], decided["max_batched_adapters"]) == (2, 32)
 
 
 def test_a_run_folder_held_by_a_run_is_refused(tmp_path):

@@ -215,7 +215,7 @@ def pass_does_not_fit(config: Any, memory: PassMemory, budget_bytes: int, device
 
 def resolve_pass_limits(engine: Any, adapters_fit: list[int | None], batch_size: int) -> None:
     """engine.max_batched_adapters: auto -> the smallest of the workers' figures (so passes are
-    cut alike whichever worker runs them; written to config.yaml by the run), or
+    cut alike whichever worker runs them; recorded in decisions.json by the run), or
     AUTO_ADAPTERS_CPU without GPU workers. On GPUs, an engine.max_pass_examples left at its
     default grows to match (it bounds a CPU worker's memory; the GPU figure already does)."""
     if engine.max_batched_adapters != "auto":

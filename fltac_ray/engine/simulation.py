@@ -57,6 +57,7 @@ from fltac_ray.engine.scheduling import plan_passes
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
 from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
+from fltac_ray.runs.decisions import RunDecisions
 from fltac_ray.runs.outputs import (
     RunWriter,
     discard_unused_run_dir,
@@ -87,7 +88,10 @@ class Simulation:
         shared_data: SharedData | None = None,
         export_every_round: bool = False,
     ):
-        self.config = config.model_copy(deep=True)  # the run resolves engine.min_passes in its copy
+        self.given = config  # as config.yaml records it
+        # the run's own copy, where its backend settles engine.min_passes and the other
+        # decisions of runs/decisions.py (recorded in decisions.json, not in config.yaml)
+        self.config = config.model_copy(deep=True)
         self.out = out
         self.progress = progress or Progress()
         self.callbacks = list(callbacks)
@@ -129,6 +133,9 @@ class Simulation:
         if self.resume_dir is not None:
             run_dir = self.resume_dir
             self.lock = hold_run_folder(run_dir)
+            decided = RunDecisions.load(run_dir)
+            if decided is not None:  # the passes are cut as they were before the interruption
+                decided.apply(config.engine)
         else:
             made = self.out is None or not Path(self.out).exists()
             run_dir = make_run_dir(config.output_dir, config.name, self.out)
@@ -243,11 +250,14 @@ class Simulation:
         self.run_info: RunInfo | None = None
         failed = True
         try:
+            save_config(self.given, run_dir / "config.yaml")
             info = backend.start()  # resolves engine.gpus_per_worker and engine.max_batched_adapters
             if config.engine.min_passes is None:
                 config.engine.min_passes = info.workers
-            # Recorded in config.yaml: a resumed or recovered run cuts its rounds the same way.
-            save_config(config, run_dir / "config.yaml")
+                say(f"  each round cut into at least {info.workers} passes (engine.min_passes: the "
+                    "worker count at start; set it for results that do not depend on the pool)")
+            # A resumed or recovered run cuts its rounds the same way.
+            RunDecisions.of(config.engine).save(run_dir)
             if info.placement:  # Ray: each worker's node and GPUs, as Ray accounted them
                 (run_dir / "placement.json").write_text(json.dumps(info.placement, indent=1))
             self.batched = info.batched

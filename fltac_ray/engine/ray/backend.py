@@ -354,7 +354,7 @@ class RayBackend(Backend):
 
         engine = self.config.engine
         cpus, gpus = cluster_totals()
-        if engine.gpus_per_worker is None:  # recorded in config.yaml by the run
+        if engine.gpus_per_worker is None:  # recorded in decisions.json by the run
             engine.gpus_per_worker = cluster_gpus_per_worker(gpus)
             if self.elastic and not gpus:
                 self.say("  engine.gpus_per_worker unset and the cluster has no GPU now: CPU workers; on a "
