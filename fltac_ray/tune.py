@@ -473,7 +473,7 @@ class StorePeak:
 
 
 def _resolve_trial_gpus(spec: SweepSpec, say) -> float:
-    from fltac_ray.engine.ray.backend import cluster_gpus_per_worker
+    from fltac_ray.engine.ray.pool import cluster_gpus_per_worker
     from fltac_ray.engine.ray.session import cluster_totals
 
     if spec.trial.gpus_per_worker is not None:

@@ -78,6 +78,7 @@ def test_auto_batched_adapters_take_the_smallest_gpus_figure_or_the_cpu_default(
 def test_the_engine_refuses_a_layout_that_does_not_fit_before_any_actor_starts(ray_cluster, tmp_path,
                                                                                monkeypatch):
     from fltac_ray.engine.ray.backend import RayBackend
+    from fltac_ray.engine.ray.pool import WorkerPool
     from fltac_ray.engine.simulation import Simulation
     from fltac_ray.progress import Progress
 
@@ -85,7 +86,7 @@ def test_the_engine_refuses_a_layout_that_does_not_fit_before_any_actor_starts(r
         raise AssertionError("an actor was started")
 
     monkeypatch.setattr(RayBackend, "_start_coordinator", no_actor)
-    monkeypatch.setattr(RayBackend, "_launch", no_actor)
+    monkeypatch.setattr(WorkerPool, "launch", no_actor)
     config = tiny_config(output_dir=str(tmp_path), engine={"gpus_per_worker": 0.5, "num_gpus": 1, "gpu_memory_gib": 2.0})
     with pytest.raises(ConfigError) as refused:
         Simulation(config, progress=Progress(quiet=True)).run()
@@ -334,7 +335,7 @@ def test_a_coordinator_on_part_of_a_gpu_is_counted_against_whole_gpu_workers():
     """engine.coordinator_gpus 0.5 with 8 workers of 1 GPU: the coordinator's GPU cannot take a
     ninth worker's whole GPU, said before the wait (and in the timeout's error), with the fix."""
     from fltac_ray.engine.placement import plan_worker_count
-    from fltac_ray.engine.ray.backend import coordinator_gpu_note
+    from fltac_ray.engine.ray.pool import coordinator_gpu_note
 
     engine = tiny_config(engine={"coordinator_gpus": 0.5, "gpus_per_worker": 1, "num_workers": 8}).engine
     note = coordinator_gpu_note(engine, 8)

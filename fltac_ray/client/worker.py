@@ -166,7 +166,7 @@ class ClientWorker:
     def gpu_grant(self) -> tuple[list[str] | None, bool]:
         """(GPU ids Ray assigned this process, or None outside Ray; whether this node really has
         a GPU). In process: no Ray, and a loaded NVIDIA driver says a GPU is here. The Ray
-        backend's worker answers from Ray (engine/ray/backend.RayClientWorker)."""
+        backend's worker answers from Ray (engine/ray/actors.RayClientWorker)."""
         from fltac_ray.client.cuda_device import nvidia_driver
 
         return None, nvidia_driver() is not None

@@ -50,7 +50,7 @@ class Backend(ABC):
         self.active = active  # the clients that hold data
         self.say = say
         # the server: server/server.py's Server in process, or a handle calling the coordinator actor
-        # with the same methods (engine/ray/backend.RemoteServer); set by start()
+        # with the same methods (engine/ray/actors.RemoteServer); set by start()
         self.server: Any = None
 
     @abstractmethod
