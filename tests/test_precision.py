@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fltac_ray.client.batched_training import AdapterJob, _accumulate_step, train_batched
-from fltac_ray.client.precision import LossScale, resolve_dtype
+from fltac_ray.client.precision import LossScale, gpu_itemsize, resolve_dtype
 from fltac_ray.client.training import train_adapter
 from fltac_ray.config import ModelConfig
 from fltac_ray.models.adapter_model import AdapterModel
@@ -255,7 +255,10 @@ def test_auto_is_bfloat16_only_where_the_gpu_computes_it_natively(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
         assert resolve_dtype("auto", cuda) is expected, capability
+        # the planner's size per float, before any GPU is seen, agrees with what the worker picks
+        assert gpu_itemsize("auto") == expected.itemsize
     assert resolve_dtype("float32", cuda) is torch.float32  # asked for: as given
+    assert [gpu_itemsize(name) for name in ("float32", "bfloat16", "float16")] == [4, 2, 2]
 
 
 def test_an_overflowed_adapter_skips_its_own_step_and_counts_its_own_steps():

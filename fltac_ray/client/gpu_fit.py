@@ -228,15 +228,13 @@ def resolve_pass_limits(engine: Any, adapters_fit: list[int | None], batch_size:
 
 def base_bytes_for(config: Any, dtype: Any = None) -> int:
     """The configured base's size on a GPU with its floats in `dtype` (architecture only).
-    None: model.dtype as a GPU worker resolves it (auto: bfloat16 or float16, 2 bytes either)."""
-    import torch
-
-    from fltac_ray.client.precision import DTYPES
+    None: model.dtype as a GPU worker will resolve it (precision.gpu_itemsize)."""
+    from fltac_ray.client.precision import gpu_itemsize
     from fltac_ray.models.builders import build_on_meta
 
-    dtype = dtype or DTYPES.get(config.model.dtype, torch.bfloat16)
+    itemsize = dtype.itemsize if dtype is not None else gpu_itemsize(config.model.dtype)
     meta = build_on_meta(config.model.name, config.data.modality, config.data.feature_dim)
-    return estimate_base_bytes(meta, dtype.itemsize, config.model.quantization)
+    return estimate_base_bytes(meta, itemsize, config.model.quantization)
 
 
 def check_worker_gpu(config: Any, device: Any, dtype: Any) -> None:

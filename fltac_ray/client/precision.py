@@ -40,6 +40,13 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bfloat16(device) else torch.float16
 
 
+def gpu_itemsize(requested: str) -> int:
+    """Bytes per float of the base on a GPU, as resolve_dtype will choose there, for planning
+    before any GPU is seen: auto is bfloat16 or float16 by the GPU's compute capability, 2 bytes
+    either way."""
+    return 2 if requested == "auto" else DTYPES[requested].itemsize
+
+
 def configure_cuda_math(device: torch.device, tf32: bool, deterministic: bool) -> None:
     """This process's matmul settings (engine.tf32, engine.deterministic), before its first
     CUDA kernel. tf32: float32 matmuls and convolutions on CUDA in TensorFloat-32 (10-bit
