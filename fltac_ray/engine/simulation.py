@@ -27,6 +27,7 @@ import pandas as pd
 from fltac_ray.algorithms import FederatedAlgorithm, create_algorithm
 from fltac_ray.config import ExperimentConfig, load_config, save_config
 from fltac_ray.data.federated import FederatedData
+from fltac_ray.engine.backend import Backend
 from fltac_ray.engine.callbacks import (
     Callback,
     Checkpointer,
@@ -74,6 +75,24 @@ class RunResult:
     wall_seconds: float
 
 
+@dataclass
+class RunState:
+    """What a run settles in its set-up and the round loop reads every round."""
+
+    #: client -> its adapters' task groups: slot i of a client trains on groups[client][i]
+    groups: dict[int, list[list[str]]]
+    #: (client, slot) -> local steps of each of its tasks (FedIT: its budget option)
+    budgets: dict[tuple[int, int], tuple[int, ...]]
+    #: each key's evaluation records, reused while its committed state is unchanged
+    evaluated: EvaluationCache
+    #: the built-in callbacks, then the caller's
+    callbacks: list[Callback]
+    #: a sweep's data in the object store when the workers read it from there
+    data_source: SharedData | None
+    #: the workers train many adapters per pass (set when the backend has started)
+    batched: bool = False
+
+
 class Simulation:
     """One run on the configured backend. `callbacks`: engine.callbacks.Callback objects (Ray
     Tune reporting, memory probes, ...), called in the driver after the built-in ones."""
@@ -98,6 +117,10 @@ class Simulation:
         self.resume_dir = resume_dir
         self.shared_data = shared_data  # a sweep's data in the object store (engine/ray/shared_data.py)
         self.export_every_round = export_every_round  # adapters/ always holds the newest round's
+        self.lock = None  # the run folder's lock (outputs.hold_run_folder), held until the run ends
+        self.state: RunState | None = None  # set up by run()
+        self.backend: Backend | None = None  # started by run()
+        self.run_info: RunInfo | None = None  # what callbacks see, once the backend has started
 
     @classmethod
     def resume(cls, run_dir: str | Path, progress: Progress | None = None, callbacks=(),
@@ -111,7 +134,6 @@ class Simulation:
 
     # --- driver part ----------------------------------------------------------------------------
     def run(self) -> RunResult:
-        self.lock = None  # the run folder's lock (outputs.hold_run_folder), held until the run ends
         try:
             return self._run_whole()
         finally:
@@ -151,7 +173,7 @@ class Simulation:
                 discard_unused_run_dir(run_dir, made)
             raise
         # the workers read the shared copy when the algorithm kept the data as built
-        self.data_source = shared if built is not None and data is built else None
+        data_source = shared if built is not None and data is built else None
         if len(data.clients) == 1 and len(active) == 1 and config.data.num_clients > 1:
             say("  all clients' data pooled into one client; per-round steps per task "
                 f"{data.clients[0].steps}")
@@ -187,21 +209,18 @@ class Simulation:
             from fltac_ray.engine.ray.telemetry import DashboardMetrics
 
             callbacks.append(DashboardMetrics(config.name))
-        # client -> its adapters' task groups: slot i of a client trains on groups[client][i]
-        self.groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
-        # (client, slot) -> local steps of each of its tasks (FedIT: its budget option)
-        self.budgets = {(client, slot): algorithm.task_steps(list(group), config.train.local_steps)
-                        for client, groups in self.groups.items() for slot, group in enumerate(groups)}
-        # each key's records, reused while its committed state is unchanged; in every checkpoint
-        self.evaluated = EvaluationCache()
+        groups = {c.client_id: algorithm.client_adapters(list(c.tasks)) for c in data.clients}
+        budgets = {(client, slot): algorithm.task_steps(list(group), config.train.local_steps)
+                   for client, client_groups in groups.items() for slot, group in enumerate(client_groups)}
+        evaluated = EvaluationCache()  # in every checkpoint
         if checkpoint is not None and GROUP in checkpoint.groups:
-            self.evaluated = EvaluationCache.from_group(checkpoint.groups.pop(GROUP), list(data.tasks))
-        callbacks.append(Exporter(self.groups, every_round=self.export_every_round))
+            evaluated = EvaluationCache.from_group(checkpoint.groups.pop(GROUP), list(data.tasks))
+        callbacks.append(Exporter(groups, every_round=self.export_every_round))
         if config.tracking.backends:  # after the exporter: they log its adapters
             from fltac_ray.tracking import make_trackers
 
             callbacks.extend(make_trackers(config))
-        self.all_callbacks = callbacks + self.callbacks
+        self.state = RunState(groups, budgets, evaluated, callbacks + self.callbacks, data_source)
         with ray_session(config.engine, say) if config.engine.backend == "ray" else contextlib.nullcontext():
             self._run(algorithm, data, active, writer, checkpoint, run_dir)
         wall = time.perf_counter() - started
@@ -245,9 +264,9 @@ class Simulation:
     def _run(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int],
              writer: RunWriter, checkpoint: Checkpoint | None, run_dir: Path) -> None:
         config, say = self.config, self.progress.say
-        backend = make_backend(config, config.algorithm_class, data, active, say, self.data_source)
+        state = self.state
+        backend = make_backend(config, config.algorithm_class, data, active, say, state.data_source)
         self.backend = backend
-        self.run_info: RunInfo | None = None
         failed = True
         try:
             save_config(self.given, run_dir / "config.yaml")
@@ -260,21 +279,21 @@ class Simulation:
             RunDecisions.of(config.engine).save(run_dir)
             if info.placement:  # Ray: each worker's node and GPUs, as Ray accounted them
                 (run_dir / "placement.json").write_text(json.dumps(info.placement, indent=1))
-            self.batched = info.batched
+            state.batched = info.batched
             note = f"; {info.server_note}" if info.server_note else ""
             fraction = config.federation.client_fraction
             sampled = f" ({clients_per_round(len(active), fraction)} sampled per round)" if fraction < 1 else ""
             say(f"  backend {backend.name}: {info.workers} client workers ({info.resources}, device "
                 f"{info.device}) for {len(active)} clients{sampled}; adapter size {info.spec.size:,} "
                 f"parameters{note}")
-            run = RunInfo(config, run_dir, data, info.spec, backend, say, self.evaluated)
+            run = RunInfo(config, run_dir, data, info.spec, backend, say, state.evaluated)
             self.run_info = run
             if checkpoint is None:
                 # Algorithm 1: the server draws v^0 (IFCA: K of them) before round 1.
                 backend.initialise(algorithm.num_initial_adapters())
             else:
                 backend.load_server_state(checkpoint.groups)
-            for callback in self.all_callbacks:
+            for callback in state.callbacks:
                 callback.on_start(run)
             if checkpoint is None and config.train.eval_round_0:
                 self._round_zero(run, active, writer)
@@ -284,16 +303,16 @@ class Simulation:
                                        float((done["bytes_up"] + done["bytes_down"]).sum()) if len(done) else 0.0)
             for round_index in range(first, config.rounds + 1):
                 ctx = self._round(run, algorithm, round_index, active)
-                for callback in self.all_callbacks:
+                for callback in state.callbacks:
                     callback.on_round_end(run, ctx)
                 self.progress.advance(round_index)
-            for callback in self.all_callbacks:
+            for callback in state.callbacks:
                 callback.on_end(run)
             failed = False
         finally:
             self.progress.finish()
             if self.run_info is not None:
-                for callback in self.all_callbacks:
+                for callback in state.callbacks:
                     try:
                         callback.on_stop(self.run_info, failed)
                     except Exception as exc:  # noqa: BLE001 - never hides the run's own error
@@ -305,8 +324,8 @@ class Simulation:
         jobs = []
         for client in clients:
             shard = data.clients[client]
-            for slot, group in enumerate(self.groups[client]):
-                budget = self.budgets[(client, slot)]
+            for slot, group in enumerate(self.state.groups[client]):
+                budget = self.state.budgets[(client, slot)]
                 jobs.append(TrainJob((client, slot), tuple(group), sum(shard.num_train(t) for t in group),
                                      tuple(shard.steps.get(t, steps) for t, steps in zip(group, budget, strict=True))))
         return jobs
@@ -315,7 +334,7 @@ class Simulation:
                   ) -> tuple[list[EvalRecord], int]:
         """Every active adapter's records, evaluating only those whose committed state changed
         (engine/evaluation.py). Returns (records, adapters evaluated now)."""
-        return evaluate_changed(round_index, backend, eval_jobs(data, self.groups, active), self.evaluated,
+        return evaluate_changed(round_index, backend, eval_jobs(data, self.state.groups, active), self.state.evaluated,
                                 self.config.engine.min_passes, self.progress.phase)
 
     def _adapters_per_pass(self) -> int:
@@ -329,14 +348,14 @@ class Simulation:
         config, say, backend = self.config, self.progress.say, run.backend
         started = time.perf_counter()
         backend.replan(round_index)  # workers that came up join, lost ones are gone
-        self.round_workers = backend.live_workers()
+        workers = backend.live_workers()
         sampled = sample_clients(config.seed, round_index, active, config.federation.client_fraction)
         jobs = self._jobs(run.data, sampled)
-        passes = plan_passes(jobs, self._adapters_per_pass(), config.engine.min_passes, self.batched)
+        passes = plan_passes(jobs, self._adapters_per_pass(), config.engine.min_passes, self.state.batched)
         self.progress.phase(f"round {round_index}: training {len(sampled)} clients ({len(passes)} passes)")
 
         def submitted() -> None:
-            for callback in self.all_callbacks:
+            for callback in self.state.callbacks:
                 callback.on_training_submitted(run, round_index)
 
         reports, failed_jobs = backend.train(round_index, passes, submitted)
@@ -350,7 +369,7 @@ class Simulation:
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: {len(sampled) - len(failed)} of "
                 f"{len(sampled)} sampled clients delivered (< federation.min_completion_rate = "
                 f"{config.federation.min_completion_rate}); failed clients {failed}; state unchanged")
-            row = round_row(config, self.round_workers, round_index, sampled, failed, reports, None, {},
+            row = round_row(config, workers, round_index, sampled, failed, reports, None, {},
                             started, trained, trained, "rejected")
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         self.progress.phase(f"round {round_index}: aggregating")
@@ -369,7 +388,7 @@ class Simulation:
         if outcome.uploads and not outcome.keys:  # every upload failed the server's checks
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: all {outcome.uploads} uploads failed the "
                 "server's checks (see the lines above); nothing was aggregated, the state is unchanged")
-            row = round_row(config, self.round_workers, round_index, sampled, failed, reports, outcome, {},
+            row = round_row(config, workers, round_index, sampled, failed, reports, outcome, {},
                             started, trained, aggregated, "rejected")
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
@@ -378,7 +397,7 @@ class Simulation:
             records, evaluated = self._evaluate(round_index, backend, run.data, active)
             per_task, task_accuracy = task_rows(round_index, records, run.data)
             per_client = client_rows(round_index, records)
-        row = round_row(config, self.round_workers, round_index, sampled, failed, reports, outcome,
+        row = round_row(config, workers, round_index, sampled, failed, reports, outcome,
                         task_accuracy, started, trained, aggregated, "ok", evaluated)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
         return RoundContext(round_index, "ok", row, tuple(per_task), tuple(per_client), outcome,
