@@ -56,6 +56,17 @@ def test_error_message_shows_the_value():
     assert "data.dirichlet_alpha = -1.5" in str(info.value)
 
 
+def test_settings_of_earlier_versions_move_under_the_algorithm():
+    """Run folders written before these were algorithm options load (and resume) as they are."""
+    moved = build_config({"federation": {"n_clusters": 2, "weighting": "uniform", "kmeans_n_init": 5}})
+    assert (moved.options.n_clusters, moved.options.weighting, moved.options.kmeans_n_init) == (2, "uniform", 5)
+    assert "n_clusters" not in moved.resolved()["federation"]  # saved where it lives now
+    assert build_config({"algorithm": "floral", "floral": {"temperature": 2.0}}).options.temperature == 2.0
+    assert build_config({"algorithm": "fedit", "federation": {"fedit_budget": "per_adapter"}}).options.budget == "per_adapter"
+    same = build_config({"algorithm": {"name": "fltac", "n_clusters": 2}, "federation": {"n_clusters": 2}})
+    assert same.options.n_clusters == 2  # given twice alike: no conflict
+
+
 def test_cross_field_message_names_field_and_value():
     with pytest.raises(ConfigError) as info:
         build_config({"algorithm": {"name": "fltac", "n_clusters": 31}})
