@@ -423,9 +423,8 @@ def bench_run(setup: Setup) -> dict:
     for entry, (_, row) in zip(memory, rounds.iterrows(), strict=False):
         say(f"  round {entry['round']}: {row['seconds']:.1f} s, mean accuracy {row['mean_accuracy']:.3f}, GPU "
             f"allocated {entry['allocated_mib']:,.0f} MiB, reserved {entry['reserved_mib']:,.0f} MiB")
-    import yaml
-
-    planned = yaml.safe_load((result.run_dir / "config.yaml").read_text())["engine"]["max_batched_adapters"]
+    # what the run decided at its start (runs/decisions.py), beside its config.yaml
+    planned = json.loads((result.run_dir / "decisions.json").read_text())["max_batched_adapters"]
     growth = memory[-1]["allocated_mib"] - memory[0]["allocated_mib"] if memory else 0.0
     say(f"  allocated memory from round 1 to 3: {growth:+,.1f} MiB ({'no growth' if growth <= 1.0 else 'GROWS'}); "
         f"the whole run {seconds:.0f} s; engine.max_batched_adapters resolved to {planned}")

@@ -398,7 +398,7 @@ def bench_partial(quick: bool) -> dict:
         f"{config.train.local_steps} local steps per task")
     result = run_engine(config)
     measured = float(result.rounds["worker_utilisation"].mean())
-    workers = int(build_config(yaml.safe_load((result.run_dir / "config.yaml").read_text())).engine.min_passes)
+    workers = int(json.loads((result.run_dir / "decisions.json").read_text())["min_passes"])
     data, active = prepare_data(config, create_algorithm(config))
     say(f"  {len(active)} clients hold data ({sum(len(data.clients[c].tasks) for c in active)} adapters)")
     cost = {c: float(len(data.clients[c].tasks) * config.train.local_steps) for c in active}
