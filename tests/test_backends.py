@@ -103,7 +103,7 @@ class _EvaluateEverything(Simulation):
     """Forgets every earlier evaluation: each evaluating round evaluates every adapter."""
 
     def _evaluate(self, *args, **kwargs):
-        self.evaluated.entries.clear()
+        self.state.evaluated.entries.clear()
         return super()._evaluate(*args, **kwargs)
 
 
