@@ -663,9 +663,10 @@ def flat_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Fields a resumed run may change: where and with what resources it runs, how it reports. None of
-# them changes a result (workers are stateless and passes are cut by the recorded min_passes).
+# them changes a result (workers are stateless and passes are cut by the recorded min_passes, in
+# decisions.json: the two backends give the same numbers at the same passes).
 RESUMABLE_CHANGES = (
-    "engine.ray_address", "engine.num_cpus", "engine.num_gpus", "engine.dashboard", "engine.dashboard_host",
+    "engine.backend", "engine.ray_address", "engine.num_cpus", "engine.num_gpus", "engine.dashboard", "engine.dashboard_host",
     "engine.dashboard_port", "engine.metrics", "engine.num_workers", "engine.clients_per_actor",
     "engine.cpus_per_worker", "engine.coordinator_cpus", "engine.actor_timeout_s", "engine.reserve_timeout_s",
     "engine.max_retries", "engine.base_cache_dir", "engine.checkpoint_every", "engine.keep_checkpoints",

@@ -77,6 +77,10 @@ RELIABILITY_TABLE = {
         "test_server_drops_the_results_of_a_round_it_never_closed",
         "test_round_with_too_few_results_is_rejected_and_state_unchanged",
         "test_failed_clients_are_recorded_when_the_round_still_counts"],
+    "issue 33, 6: the run's decisions recorded and reused; a resume may switch backend, same numbers": [
+        "test_resume_refuses_an_edited_config_and_allows_resource_changes",
+        "test_a_ray_run_resumes_on_the_local_backend_to_the_same_results",
+        "test_resume_of_no_run_dir_or_of_recorded_rounds_without_checkpoint_is_a_clear_error"],
 }
 
 
@@ -240,6 +244,21 @@ def test_resume_refuses_an_edited_config_and_allows_resource_changes(reference, 
     assert saved["engine"]["min_passes"] is None and saved["engine"]["max_batched_adapters"] == "auto"
     decided = json.loads((run_dir / "decisions.json").read_text())
     assert (decided["min_passes"], decided["max_batched_adapters"]) == (2, 32)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_ray_run_resumes_on_the_local_backend_to_the_same_results(reference, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "round_00003")  # as if stopped after round 2
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**saved, "engine": {**saved["engine"], "backend": "local"}}))
+    resumed = Simulation.resume(run_dir, progress=Progress()).run()
+    out = capsys.readouterr().out
+    assert "engine.backend 'ray' -> 'local'" in out and "backend local" in out and "after round 2" in out
+    _assert_same_results(resumed, reference)
 
 
 def test_a_run_folder_held_by_a_run_is_refused(tmp_path):
