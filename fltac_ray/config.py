@@ -652,10 +652,15 @@ class TrackingConfig(_Section):
 
 
 def flat_fields(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"lora": {"rank": 2}}} -> {"model.lora.rank": 2} (lists and None kept as values)."""
+    """{"model": {"lora": {"rank": 2}}} -> {"model.lora.rank": 2} (lists and None kept as values).
+    An algorithm given with options, {"algorithm": {"name": "fedprox", "mu": 0.1}}, reads
+    {"algorithm": "fedprox", "algorithm.mu": 0.1}: the name stays where a plain name is."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict) and value:
+        if not prefix and key == "algorithm" and isinstance(value, dict) and "name" in value:
+            flat["algorithm"] = value["name"]
+            flat.update(flat_fields({k: v for k, v in value.items() if k != "name"}, "algorithm."))
+        elif isinstance(value, dict) and value:
             flat.update(flat_fields(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -679,6 +684,19 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, t
     old, new = flat_fields(before), flat_fields(after)
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key)}
+
+
+def as_resolved_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config saved by this or an earlier version (a checkpoint's), as this version
+    resolves it: settings that moved are where they live now (MOVED_TO_ALGORITHM) and fields
+    added since hold their defaults, so a comparison sees differences of meaning only. As saved
+    when it no longer validates (the comparison then names every field that differs)."""
+    import copy
+
+    try:
+        return build_config(copy.deepcopy(saved)).resolved()
+    except (ConfigError, ExperimentFileError):
+        return saved
 
 
 def changes_results(field: str) -> bool:

@@ -77,6 +77,8 @@ RELIABILITY_TABLE = {
         "test_server_drops_the_results_of_a_round_it_never_closed",
         "test_round_with_too_few_results_is_rejected_and_state_unchanged",
         "test_failed_clients_are_recorded_when_the_round_still_counts"],
+    "issue 33, 3: a run folder of the previous config format resumes, compared by meaning": [
+        "test_a_run_folder_of_the_previous_format_resumes_to_the_same_results"],
     "issue 33, 6: the run's decisions recorded and reused; a resume may switch backend, same numbers": [
         "test_resume_refuses_an_edited_config_and_allows_resource_changes",
         "test_a_ray_run_resumes_on_the_local_backend_to_the_same_results",
@@ -259,6 +261,44 @@ def test_a_ray_run_resumes_on_the_local_backend_to_the_same_results(reference, t
     out = capsys.readouterr().out
     assert "engine.backend 'ray' -> 'local'" in out and "backend local" in out and "after round 2" in out
     _assert_same_results(resumed, reference)
+
+
+def _previous_format(resolved: dict) -> dict:
+    """A resolved config as fltac-ray wrote it before the averaging and K-means settings became
+    FL-TAC's options and before decisions.json: `algorithm: fltac`, the options under
+    federation, and the engine's decided values in the config itself."""
+    import copy
+
+    old = copy.deepcopy(resolved)
+    options = dict(old.pop("algorithm"))
+    old["algorithm"] = options.pop("name")
+    old["federation"].update(options)
+    old["engine"].update(min_passes=2, max_batched_adapters=32)
+    return old
+
+
+def test_a_run_folder_of_the_previous_format_resumes_to_the_same_results(tmp_path, capsys):
+    import shutil
+
+    from fltac_ray.runs.checkpoint import save_checkpoint
+
+    engine = {"backend": "local", "min_passes": 2, "checkpoint_every": 1, "keep_checkpoints": 3}
+    whole = _run(tiny_config(rounds=3, engine=engine), tmp_path / "whole")
+    run_dir = tmp_path / "old"
+    shutil.copytree(whole.run_dir, run_dir)
+    (run_dir / "decisions.json").unlink()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(_previous_format(saved)))
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "round_00003")  # as if stopped after round 2
+    second = read_checkpoint(checkpoints / "round_00002")
+    second.meta["config"] = _previous_format(second.meta["config"])
+    shutil.rmtree(checkpoints / "round_00002")
+    save_checkpoint(checkpoints, second, keep=3)
+    resumed = Simulation.resume(run_dir, progress=Progress()).run()
+    out = capsys.readouterr().out
+    assert "after round 2" in out and "changed settings" not in out  # the same settings, moved
+    _assert_same_results(resumed, whole)
 
 
 def test_a_run_folder_held_by_a_run_is_refused(tmp_path):

@@ -234,7 +234,7 @@ class Simulation:
         """The checkpoint a resume continues from, its config checked against config.yaml; None:
         the run stopped before its first round was recorded, so it starts over (the state before
         round 1 is fixed by the config and seed)."""
-        from fltac_ray.config import changes_results, config_changes
+        from fltac_ray.config import as_resolved_now, changes_results, config_changes
         from fltac_ray.runs.checkpoint import CheckpointError
 
         say = self.progress.say
@@ -249,7 +249,7 @@ class Simulation:
             return None
         stored = checkpoint.meta.get("config")
         if stored is not None:
-            changes = config_changes(stored, self.config.resolved())
+            changes = config_changes(as_resolved_now(stored), self.config.resolved())
             refused = {field: change for field, change in changes.items() if changes_results(field)}
             if refused:
                 raise ConfigError([ConfigIssue(field, new, f"was {old!r} when round {checkpoint.round} was "

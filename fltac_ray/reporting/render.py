@@ -169,7 +169,7 @@ def _table_html(frame: pd.DataFrame) -> str:
 
 # The settings a reader needs to reproduce or compare a run, in this order; the report adds any
 # other setting on which the runs of a comparison or sweep differ.
-KEY_SETTINGS = ("algorithm", "algorithm.name", "seed", "rounds", "model.name", "model.lora.rank", "model.lora.alpha",
+KEY_SETTINGS = ("algorithm", "seed", "rounds", "model.name", "model.lora.rank", "model.lora.alpha",
                 "model.lora.target_modules", "model.pooling", "model.head", "model.dtype", "train.lr",
                 "train.local_steps", "train.batch_size", "train.weight_decay", "data.tasks", "data.num_clients",
                 "data.dirichlet_alpha", "data.train_per_task", "federation.client_fraction",

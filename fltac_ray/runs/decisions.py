@@ -22,8 +22,9 @@ DECISIONS_FILE = "decisions.json"
 class RunDecisions:
     #: passes each round is cut into at least (engine.min_passes; default: the workers at start)
     min_passes: int
-    #: the GPU share of a client worker (engine.gpus_per_worker; default: from the cluster)
-    gpus_per_worker: float
+    #: the GPU share of a client worker (engine.gpus_per_worker; default: from the cluster;
+    #: None where no worker pool was sized: the local backend)
+    gpus_per_worker: float | None
     #: adapters per batched pass at most (engine.max_batched_adapters; auto: what fits)
     max_batched_adapters: int
     #: examples per batched step at most (engine.max_pass_examples; grows with a GPU's figure)
@@ -32,7 +33,8 @@ class RunDecisions:
     @classmethod
     def of(cls, engine: Any) -> RunDecisions:
         """The decisions as a started backend left them in the run's engine settings."""
-        return cls(int(engine.min_passes), float(engine.gpus_per_worker or 0.0),
+        gpus = engine.gpus_per_worker
+        return cls(int(engine.min_passes), None if gpus is None else float(gpus),
                    int(engine.max_batched_adapters), int(engine.max_pass_examples))
 
     def apply(self, engine: Any) -> None:
@@ -57,13 +59,15 @@ class RunDecisions:
             raise RunFolderError(run_dir, f"{DECISIONS_FILE} is not readable JSON ({exc}); restore it, or delete it to "
                                  "let the resumed run decide again (its rounds may then be cut differently)") from None
         wanted = {f.name: f.type for f in fields(cls)}
-        kinds = {"int": int, "float": (int, float)}
+        kinds = {"int": int, "float | None": (int, float, type(None))}
         if not isinstance(raw, dict) or set(raw) != set(wanted):
             raise RunFolderError(run_dir, f"{DECISIONS_FILE} must hold exactly {sorted(wanted)}; it holds "
                                  f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
         for name, kind in wanted.items():
             value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, kinds[kind]) or value < (0 if kind == "float" else 1):
-                allowed = "a number >= 0" if kind == "float" else "a whole number >= 1"
+            if value is None and kind != "int":
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds[kind]) or value < (0 if kind != "int" else 1):
+                allowed = "a number >= 0 or null" if kind != "int" else "a whole number >= 1"
                 raise RunFolderError(run_dir, f"{DECISIONS_FILE}: {name} = {value!r}: must be {allowed}")
         return cls(**raw)
