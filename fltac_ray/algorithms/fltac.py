@@ -43,28 +43,10 @@ def check_clusters_fit(config, data) -> None:
             "algorithm.n_clusters", k, f"must be in 1..{adapters} (the adapters this partition holds)")])
 
 
-class FLTACOptions(AggregationOptions):
-    n_clusters: ClusterCount
-    clustering_backend: Literal["auto", "sklearn", "cuml", "torch"] = Field(
-        default="auto",
-        description="where K-means runs. auto: cuML when importable and a GPU is visible; else "
-        "torch's K-means on the coordinator's GPU when it has one (engine.coordinator_gpus); else "
-        "scikit-learn. torch: Lloyd's K-means with k-means++ starts (server/clustering.py) on the "
-        "GPU, or the CPU without one")
-    # 30, not the reference code's 10: on round 1 of the offline default, 10 restarts missed the
-    # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
-    # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
-    kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept)")
-
-
-class FLTAC(FederatedAlgorithm):
-    name = "fltac"
-    recovers_tasks = True
-    round_metrics = ("kmeans_backend",)  # what the round's K-means ran on
-    summary = "FL-TAC: one low-rank adapter per (client, task); server K-means + per-cluster FedAvg"
-    Options = FLTACOptions
-    #: scikit-learn until start_server() resolves the option where the server runs
-    kmeans_backend = "sklearn"
+class ServerGroups:
+    """Mixed into an algorithm whose server forms K groups of the uploads (option n_clusters,
+    default: the number of tasks): FL-TAC's clusters, IFCA's models. K is checked against the
+    uploads a round and the partition can give, and config.yaml records it resolved."""
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -79,6 +61,30 @@ class FLTAC(FederatedAlgorithm):
 
     def upload_groups(self) -> int:
         return cluster_count(self.config)
+
+
+class FLTACOptions(AggregationOptions):
+    n_clusters: ClusterCount
+    clustering_backend: Literal["auto", "sklearn", "cuml", "torch"] = Field(
+        default="auto",
+        description="where K-means runs. auto: cuML when importable and a GPU is visible; else "
+        "torch's K-means on the coordinator's GPU when it has one (engine.coordinator_gpus); else "
+        "scikit-learn. torch: Lloyd's K-means with k-means++ starts (server/clustering.py) on the "
+        "GPU, or the CPU without one")
+    # 30, not the reference code's 10: on round 1 of the offline default, 10 restarts missed the
+    # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
+    # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
+    kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept)")
+
+
+class FLTAC(ServerGroups, FederatedAlgorithm):
+    name = "fltac"
+    recovers_tasks = True
+    round_metrics = ("kmeans_backend",)  # what the round's K-means ran on
+    summary = "FL-TAC: one low-rank adapter per (client, task); server K-means + per-cluster FedAvg"
+    Options = FLTACOptions
+    #: scikit-learn until start_server() resolves the option where the server runs
+    kmeans_backend = "sklearn"
 
     def start_server(self) -> str:
         # Resolved in the coordinator's process: that is where a GPU must be visible.

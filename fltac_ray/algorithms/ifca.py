@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.algorithms.base import Aggregate, ClientJob, FederatedAlgorithm, Uploads
-from fltac_ray.algorithms.fltac import check_cluster_count, check_clusters_fit, cluster_count
+from fltac_ray.algorithms.fltac import ServerGroups, cluster_count
 from fltac_ray.algorithms.options import AggregationOptions, ClusterCount
 
 
@@ -22,7 +22,7 @@ class IFCAOptions(AggregationOptions):
     n_clusters: ClusterCount
 
 
-class IFCA(FederatedAlgorithm):
+class IFCA(ServerGroups, FederatedAlgorithm):
     name = "ifca"
     recovers_tasks = True
     labels_name_server_models = True  # a choice is one of the K global adapters
@@ -33,20 +33,6 @@ class IFCA(FederatedAlgorithm):
         super().__init__(config)
         self.n_clusters = cluster_count(config)
         self.globals: np.ndarray | None = None  # (K, d) the server's adapters
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        check_cluster_count(config)
-
-    @classmethod
-    def resolved_options(cls, config) -> dict:
-        return {**config.options.saved(), "n_clusters": cluster_count(config)}
-
-    def check_data(self, data) -> None:
-        check_clusters_fit(self.config, data)
-
-    def upload_groups(self) -> int:
-        return self.n_clusters
 
     # client side: start from the best-fitting global adapter, every round
     def start(self, job: ClientJob, committed: np.ndarray | None, broadcast: np.ndarray,
