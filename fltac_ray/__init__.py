@@ -10,6 +10,10 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
+# Installs the algorithm resolver the schema validates `algorithm:` with (numpy and pydantic only):
+# every `import fltac_ray.<anything>` runs this file first, so a config never meets an empty registry.
+import fltac_ray.algorithms.registry  # noqa: F401
+
 try:
     __version__ = metadata.version("fltac-ray")
 except metadata.PackageNotFoundError:  # run from a source tree that was never installed

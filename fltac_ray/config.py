@@ -9,17 +9,38 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fltac_ray.algorithms.registry import UnknownAlgorithm, resolve_algorithm
 from fltac_ray.data.registry import TASKS, TaskSpec, task_name_problem
 from fltac_ray.data.types import DATA_FILE_FORMATS
 from fltac_ray.errors import ConfigError, ConfigIssue, ExperimentFileError
 from fltac_ray.models.registry import MODELS, default_targets, is_known_model
+
+# The schema imports no algorithm: the algorithm registry reaches back here (every algorithm's
+# hooks take an ExperimentConfig), so it installs its name resolver when it is imported instead,
+# and importing any fltac_ray module imports it first (fltac_ray/__init__.py). The task and model
+# registries are plain tables that import nothing of the package; the schema reads them directly.
+_algorithm_resolver: Callable[[str], type] | None = None
+
+
+def install_algorithm_resolver(resolve: Callable[[str], type]) -> None:
+    """Called by fltac_ray/algorithms/registry.py: `resolve(name)` returns the algorithm class or
+    raises ValueError saying what is allowed."""
+    global _algorithm_resolver
+    _algorithm_resolver = resolve
+
+
+def resolve_algorithm_name(name: str) -> type:
+    """The class behind an `algorithm:` value, through the installed registry."""
+    if _algorithm_resolver is None:  # only if fltac_ray/__init__.py was bypassed
+        raise RuntimeError("no algorithm registry installed: import fltac_ray before fltac_ray.config")
+    return _algorithm_resolver(name)
+
 
 # Where settings of earlier versions went: they are algorithm options now. Run folders saved
 # before the move (and older experiment files) still load and resume: each is moved under
@@ -788,15 +809,15 @@ class ExperimentConfig(_Section):
     @classmethod
     def _known_algorithm(cls, name: str) -> str:
         try:
-            resolve_algorithm(name)
-        except UnknownAlgorithm as exc:
+            resolve_algorithm_name(name)
+        except ValueError as exc:
             raise ValueError(str(exc)) from None
         return name
 
     @property
     def algorithm_class(self):
         """The FederatedAlgorithm subclass `algorithm` names."""
-        return resolve_algorithm(self.algorithm)
+        return resolve_algorithm_name(self.algorithm)
 
     @property
     def options(self):

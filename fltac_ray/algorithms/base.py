@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fltac_ray.algorithms.local_training import LocalTraining
-from fltac_ray.algorithms.options import AlgorithmOptions
+from fltac_ray.algorithms.options import AggregationOptions, AlgorithmOptions
 from fltac_ray.algorithms.robust import cluster_aggregate, weighted_cluster_means
 from fltac_ray.algorithms.types import (
     AdapterKey,
@@ -90,11 +90,13 @@ class FederatedAlgorithm:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.options = type(self).Options.model_validate(getattr(config, "algorithm_options", {}))
-        # The averaging rule, from the options when the algorithm declares them
-        # (options.AggregationOptions): weighting, and mean, median or trimmed_mean in each group.
-        self.weighting = getattr(self.options, "weighting", "samples")
-        self.aggregation = getattr(self.options, "aggregation", "mean")
-        self.trim = getattr(self.options, "trim_fraction", 0.0)
+        # The averaging rule: the algorithm's own options where it declares them (options.
+        # AggregationOptions: weighting, and mean, median or trimmed_mean in each group), else
+        # the defaults declared there (FLoRAL declares `weighting` alone).
+        plain = AggregationOptions()
+        self.weighting = getattr(self.options, "weighting", plain.weighting)
+        self.aggregation = getattr(self.options, "aggregation", plain.aggregation)
+        self.trim = getattr(self.options, "trim_fraction", plain.trim_fraction)
         self.spec: AdapterSpec | None = None
         self.initial: np.ndarray | None = None  # (K, d) what the server drew before round 1
 

@@ -2,13 +2,16 @@
 class named as `package.module:ClassName` in an experiment's `algorithm:` field.
 
 Resolving a name imports only the algorithm's own module (numpy, no torch), so config
-validation stays fast.
+validation stays fast. The schema (config.py) checks `algorithm:` through the resolver this module
+installs there when imported; config.py imports no algorithm code.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from fltac_ray.config import install_algorithm_resolver
 
 if TYPE_CHECKING:
     from fltac_ray.algorithms.base import FederatedAlgorithm
@@ -87,3 +90,6 @@ def resolve_algorithm(name: str) -> type[FederatedAlgorithm]:
 def algorithm_summaries() -> dict[str, str]:
     """name -> one-line summary of every built-in and registered algorithm."""
     return {name: resolve_algorithm(name).summary for name in [*BUILTIN, *_REGISTERED]}
+
+
+install_algorithm_resolver(resolve_algorithm)

@@ -107,7 +107,9 @@ class Simulation:
         shared_data: SharedData | None = None,
         export_every_round: bool = False,
     ):
-        self.given = config  # as config.yaml records it
+        # as config.yaml records it: a copy, so a caller that edits its config object after
+        # handing it over (a sweep reusing one for the next trial) cannot change what is saved
+        self.given = config.model_copy(deep=True)
         # the run's own copy, where its backend settles engine.min_passes and the other
         # decisions of runs/decisions.py (recorded in decisions.json, not in config.yaml)
         self.config = config.model_copy(deep=True)

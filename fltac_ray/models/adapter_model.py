@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,11 +24,14 @@ from peft import get_peft_model
 from torch import nn
 
 from fltac_ray.config import ModelConfig
-from fltac_ray.models.mixture_lora import MixtureLinear, Router, inject_mixtures, layer_rank
+from fltac_ray.models.mixture_lora import (
+    MixtureLinear,
+    MixtureSettings,
+    Router,
+    inject_mixtures,
+    layer_rank,
+)
 from fltac_ray.models.registry import default_targets
-
-if TYPE_CHECKING:
-    from fltac_ray.algorithms.floral import FloralOptions
 
 
 @contextlib.contextmanager
@@ -187,7 +189,7 @@ class AdapterModel(PooledFeatures, nn.Module):
         model_config: ModelConfig,
         head_classes: int,
         seed: int,
-        floral: FloralOptions | None = None,
+        floral: MixtureSettings | None = None,
         num_adaptors: int = 1,
         modality: str = "text",
     ):

@@ -23,10 +23,25 @@ Adaptor shapes (C adaptors, rank r):
 from __future__ import annotations
 
 import math
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class MixtureSettings(Protocol):
+    """What building a mixture model reads (FLoRAL's options satisfy it; the model layer names
+    the settings it needs rather than importing the algorithm that supplies them)."""
+
+    temperature: float
+    min_weight: float
+    router_noise: float
+    router_lr: float
+    router: Literal["learned", "optimal"]
+    rank_fraction: float | None
+    alpha: float | None
+    bias: bool
 
 
 class Router(nn.Module):
