@@ -966,9 +966,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             [ConfigIssue("--set", text, "expected KEY=VALUE with a dotted key, e.g. train.lr=1e-3")]
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(f"--set {key}", raw, f"value is not valid YAML ({exc})")]) from exc
+    except _YamlTooLarge as exc:
+        raise ConfigError([ConfigIssue(f"--set {key}", raw, str(exc))]) from None
     return key.split("."), value
 
 
@@ -990,16 +992,71 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# Bounds on an experiment file, checked before anything is built from it: real ones are a few
+# KiB with at most a few thousand YAML nodes. A "billion laughs" file (nine aliases of nine
+# aliases ...) is a few hundred bytes that expand to 10^9 nodes, so the bound is on the nodes the
+# document expands to, counted on the parsed graph before any value is constructed.
+MAX_EXPERIMENT_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+class _YamlTooLarge(ValueError):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (aliases share node objects
+    in the composed graph, so each distinct node is sized once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_nodes(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_nodes(key, sizes) + _expanded_nodes(value, sizes) for key, value in node.value)
+    if size > MAX_YAML_NODES:
+        raise _YamlTooLarge(f"expands to more than {MAX_YAML_NODES:,} values (aliases of aliases?)")
+    sizes[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load with the expansion bounded; raises yaml.YAMLError or ValueError."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {})
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """An experiment (or sweep, or compare) file as a mapping: a regular file of at most
+    MAX_EXPERIMENT_BYTES of UTF-8 YAML whose aliases expand to at most MAX_YAML_NODES values."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentFileError(path, "no such file" if not path.exists() else "is not a file")
+    size = path.stat().st_size
+    if size > MAX_EXPERIMENT_BYTES:
+        raise ExperimentFileError(path, f"{size:,} bytes; an experiment file is YAML of at most "
+                                        f"{MAX_EXPERIMENT_BYTES:,} bytes (is this the right file?)")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExperimentFileError(path, f"is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); "
+                                        "an experiment file is YAML") from None
+    try:
+        raw = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(
             [ConfigIssue("experiment file", str(path), f"malformed YAML: {exc}")], str(path)
         ) from exc
+    except _YamlTooLarge as exc:
+        raise ConfigError([ConfigIssue("experiment file", str(path), str(exc))], str(path)) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+
+MAX_SHOWN_VALUE = 200  # characters of a value an error message quotes
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,10 @@ class ConfigIssue:
     allowed: str
 
     def __str__(self) -> str:
-        return f"{self.field} = {self.value!r}: {self.allowed}"
+        shown = repr(self.value)
+        if len(shown) > MAX_SHOWN_VALUE:  # a value pasted by mistake (a whole file) stays one line
+            shown = f"{shown[:MAX_SHOWN_VALUE]}... ({len(shown):,} characters)"
+        return f"{self.field} = {shown}: {self.allowed}"
 
 
 class FltacError(Exception):
@@ -74,3 +80,30 @@ class EngineError(FltacError):
     """The distributed run failed (an actor died, timed out, or returned unusable results)."""
 
     heading = "engine"
+
+
+# What an error may quote from a user's file: short names and values that look like labels or
+# column names, escaped; never a whole line (a data file that is a link to a credentials file
+# must not print its first line into a terminal or a CI log).
+_HEADER_NAME = re.compile(r"[\w .()/-]{1,40}")
+_LABEL_LIKE = re.compile(r"[\w .()/+-]{0,24}")
+
+
+def excerpt(value: object) -> str:
+    """A cell of a user's file as an error quotes it: a number, or a short label-like text
+    (at most 24 letters, digits, spaces and . ( ) / + - _), repr-escaped; other text only by its
+    length."""
+    if isinstance(value, str) and not _LABEL_LIKE.fullmatch(value):
+        return f"(a text of {len(value):,} characters, not shown)"
+    return repr(value)
+
+
+def header_excerpt(columns: list[str]) -> str:
+    """A table's column names as an error quotes them, when they look like a header (short names
+    of letters, digits, spaces and . ( ) / - _), at most 12; otherwise only how many there are:
+    a file that is not a table has its first line read as column names."""
+    if not all(isinstance(name, str) and _HEADER_NAME.fullmatch(name) for name in columns):
+        return (f"{len(columns)} column(s) whose names do not look like a table's header "
+                "(not shown; is this a data file?)")
+    shown = columns[:12]
+    return f"{shown}{f' ... ({len(columns)} columns in all)' if len(columns) > 12 else ''}"

@@ -499,7 +499,7 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
         saved = sweep_dir / "sweep.yaml"
         if not saved.is_file():
             raise ConfigError([ConfigIssue("--resume", str(sweep_dir), "is not a sweep folder (no sweep.yaml)")])
-        stored = yaml.safe_load(saved.read_text())
+        stored = read_yaml(saved)
         spec, base_raw = SweepSpec.model_validate(stored["sweep"]), stored["base"]
         if storage is not None and storage != spec.storage:
             raise ConfigError([ConfigIssue("--storage", storage, f"this sweep keeps its trials in {spec.storage}; "

@@ -83,6 +83,10 @@ RELIABILITY_TABLE = {
         "test_resume_refuses_an_edited_config_and_allows_resource_changes",
         "test_a_ray_run_resumes_on_the_local_backend_to_the_same_results",
         "test_resume_of_no_run_dir_or_of_recorded_rounds_without_checkpoint_is_a_clear_error"],
+    "issue 33, 7 and 8: hostile experiment files (aliases, size, binary) refused in under a second": [
+        "test_hostile_experiment_files_are_refused_before_parsing_or_expanding"],
+    "issue 33, 9: a data error quotes no file content beyond a short label or header name": [
+        "test_a_data_error_quotes_no_file_content", "test_a_short_label_and_a_real_header_are_still_quoted"],
 }
 
 
@@ -604,3 +608,71 @@ def test_every_kind_of_error_has_its_heading_and_exit_code_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("fltac-ray: error: ") and heading in err.splitlines()[0], (argv, err)
         assert "Traceback" not in err
+
+
+BILLION_LAUGHS = "\n".join(
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"
+
+
+def test_hostile_experiment_files_are_refused_before_parsing_or_expanding(tmp_path, capsys):
+    from fltac_ray.cli import main
+    from fltac_ray.config import MAX_EXPERIMENT_BYTES, read_yaml
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS)  # 9^9 lol's once expanded, in 600 bytes
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# padding\n" * (MAX_EXPERIMENT_BYTES // 10 + 1))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"rounds: 2\n\xff\xfe\x00")
+    cases = [
+        (bomb, "invalid experiment configuration", "expands to more than 100,000 values"),
+        (huge, f"experiment file {huge}: ", f"{huge.stat().st_size:,} bytes; an experiment file is YAML of at most"),
+        (binary, f"experiment file {binary}: ", "is not UTF-8 text (byte 10 is 0xff)"),
+    ]
+    for path, heading, words in cases:
+        for command in (["validate", str(path)], ["run", str(path)]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert err.startswith("fltac-ray: error: ") and heading in err and words in err, (command, err)
+    # a modest alias (one list reused) still loads
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("tasks: &t [a, b]\nagain: *t\n")
+    assert read_yaml(shared) == {"tasks": ["a", "b"], "again": ["a", "b"]}
+    flow_bomb = "{" + ", ".join(BILLION_LAUGHS.splitlines()) + "}"  # the same bomb on one line
+    assert main(["validate", str(shared), "--set", f"data.tasks={flow_bomb}"]) == 2
+    assert "--set data.tasks = " in (err := capsys.readouterr().err) and "expands to more than" in err, err
+
+
+SECRET = "aws_secret_access_key=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("secret_first_line.csv", f"{SECRET}\nsecond line\n"),
+    ("secret_label.csv", f"sentence,label\na film,1\nanother,{SECRET}\n"),
+    ("secret_token_label.csv", "sentence,label\na film,1\nanother,wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY\n"),
+    ("secret.tsv", f"{SECRET}\tsecond\nx\ty\n"),
+])
+def test_a_data_error_quotes_no_file_content(tmp_path, name, content):
+    from fltac_ray.data.hf import load_hub_task
+    from fltac_ray.errors import DataFileError
+
+    path = tmp_path / name
+    path.write_text(content)
+    good = tmp_path / "good.csv"
+    good.write_text("sentence,label\na film,1\nanother,0\n")
+    with pytest.raises(DataFileError) as info:
+        load_hub_task("glue_sst2", "text", 5, 5, np.random.default_rng(0), {"train": str(path), "test": str(good)})
+    message = str(info.value)
+    assert str(path) in message and "EXAMPLEKEY" not in message and "wJalr" not in message, message
+
+
+def test_a_short_label_and_a_real_header_are_still_quoted():
+    from fltac_ray.errors import excerpt, header_excerpt
+
+    assert excerpt("great") == "'great'" and excerpt(0.5) == "0.5"
+    assert excerpt("x" * 25) == "(a text of 25 characters, not shown)"
+    assert excerpt("a\x1b[2J") == "(a text of 5 characters, not shown)"  # no terminal escapes
+    assert header_excerpt(["sentence", "stars"]) == "['sentence', 'stars']"
+    assert header_excerpt([f"c{i}" for i in range(14)]).endswith("... (14 columns in all)")
+    assert header_excerpt(["key=value"]).startswith("1 column(s) whose names do not look like")

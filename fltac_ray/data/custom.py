@@ -25,7 +25,7 @@ import numpy as np
 
 from fltac_ray.data.instructions import format_prompt
 from fltac_ray.data.types import Examples, instructions
-from fltac_ray.errors import DataFileError, ResourceUnavailableError
+from fltac_ray.errors import DataFileError, ResourceUnavailableError, excerpt, header_excerpt
 
 if TYPE_CHECKING:
     from fltac_ray.config import CustomTaskConfig, ExperimentConfig
@@ -90,7 +90,7 @@ def _check_columns(custom: CustomTaskConfig, rows: Any, path: Path | None, where
         needed = [custom.instruction, *([custom.context] if custom.context else []), custom.response]
     missing = [c for c in needed if c not in rows.column_names]
     if missing:
-        _fail(path, where, f"has no column {missing}; it has {rows.column_names}")
+        _fail(path, where, f"has no column {missing}; it has {header_excerpt(rows.column_names)}")
     if len(rows) == 0:
         _fail(path, where, "has no rows")
 
@@ -111,7 +111,7 @@ def label_ids(values: list[Any], class_names: list[str], named: bool, path: Path
         if found is None:
             allowed = (f"one of {class_names[:6]}{' ...' if len(class_names) > 6 else ''} or "
                        if named else "") + f"a whole number in 0..{len(class_names) - 1}"
-            _fail(path, where, f"row {row} (from 0, after any header): label {value!r} in column "
+            _fail(path, where, f"row {row} (from 0, after any header): label {excerpt(value)} in column "
                   f"{column!r}; expected {allowed}")
         ids[row] = found
     return ids
@@ -133,7 +133,7 @@ def _images(values: list[Any], path: Path | None, where: str, size: int | None) 
                 value = Image.open(file if file.is_absolute() or path is None else path.parent / file)
             pictures.append(rgb_image(value))
         except (OSError, AttributeError, KeyError) as exc:
-            _fail(path, where, f"row {row}: cannot read the image {str(value)[:120]!r} ({type(exc).__name__}: {exc})")
+            _fail(path, where, f"row {row}: cannot read the image {excerpt(str(value))} ({type(exc).__name__}: {exc})")
     counts = Counter(p.size for p in pictures)  # (w, h) -> images of that size
     side = (size, size) if size else max(counts, key=lambda wh: (counts[wh], wh[0] * wh[1]))
     if size or any(p.size != side for p in pictures):

@@ -17,7 +17,7 @@ import numpy as np
 
 from fltac_ray.data.instructions import format_prompt
 from fltac_ray.data.types import DATA_FILE_FORMATS, Examples, TaskKind, instructions
-from fltac_ray.errors import DataFileError, ResourceUnavailableError
+from fltac_ray.errors import DataFileError, ResourceUnavailableError, excerpt, header_excerpt
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,8 @@ def _check_columns(source: HubSource, dataset: Any, path: Path, task: str, role:
     missing = [c for c in required_columns(source, task) if c not in dataset.column_names]
     if missing:
         raise DataFileError(path, f"(data.files.{task}.{role}) has no column {missing}; it has "
-                            f"{dataset.column_names}; task {task} reads {list(required_columns(source, task))}")
+                            f"{header_excerpt(dataset.column_names)}; task {task} reads "
+                            f"{list(required_columns(source, task))}")
     if len(dataset) == 0:
         raise DataFileError(path, f"(data.files.{task}.{role}) has no rows")
     if task.startswith("dolly_"):
@@ -157,7 +158,7 @@ def _check_columns(source: HubSource, dataset: Any, path: Path, task: str, role:
     for row, value in enumerate(dataset[source.label_column]):
         if class_index(value, len(source.class_names)) is None:
             raise DataFileError(path, f"(data.files.{task}.{role}) data row {row} (from 0, after any header): "
-                                f"label {value!r} in column {source.label_column!r}; expected a whole number in "
+                                f"label {excerpt(value)} in column {source.label_column!r}; expected a whole number in "
                                 f"0..{len(source.class_names) - 1} ({', '.join(source.class_names[:5])}"
                                 f"{', ...' if len(source.class_names) > 5 else ''})")
 
