@@ -193,6 +193,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from fltac_ray.errors import RunFolderError
     from fltac_ray.runs.export import push_to_hub, read_info
+    from fltac_ray.runs.files import written_whole
 
     adapters = Path(args.run_dir) / "adapters"
     if not (adapters / "index.json").is_file():
@@ -210,9 +211,12 @@ def _export(args: argparse.Namespace) -> int:
         print(f"pushed {source} to {args.push_to_hub}: {url}")
         return 0
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(out, "--out is not empty; give a new or empty folder")
-    shutil.copytree(source, out, dirs_exist_ok=True)
+    # copied beside --out and renamed into place: an export killed midway leaves no --out that
+    # looks complete (a hidden .NAME.partial, removed by the next export)
+    with written_whole(out) as partial:
+        shutil.copytree(source, partial, dirs_exist_ok=True)
     print(f"copied {source} to {out}")
     return 0
 

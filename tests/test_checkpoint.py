@@ -113,6 +113,57 @@ def test_an_unlisted_file_is_refused_and_a_crashed_write_is_cleaned_up(tmp_path)
     assert not list(tmp_path.glob(".tmp_round_*"))
 
 
+def test_links_and_special_files_are_refused_not_followed_or_waited_on(tmp_path):
+    import os
+
+    save_checkpoint(tmp_path, _checkpoint(1))
+    save_checkpoint(tmp_path, _checkpoint(2))
+    newest = tmp_path / "round_00002"
+    adapters = newest / "adapters.safetensors"
+    outside = tmp_path.parent / "same_bytes.safetensors"
+    outside.write_bytes(adapters.read_bytes())
+    adapters.unlink()
+    adapters.symlink_to(outside)  # the very bytes the manifest lists, from outside the folder
+    with pytest.raises(CheckpointError, match=r"adapters.safetensors is a symbolic link, not a file this run wrote"):
+        read_checkpoint(newest)
+    warnings = []
+    assert latest_checkpoint(tmp_path, warn=warnings.append).round == 1 and "symbolic link" in warnings[0]
+    adapters.unlink()
+    os.mkfifo(adapters)  # reading a FIFO with no writer would wait forever
+    with pytest.raises(CheckpointError, match=r"adapters.safetensors is a named pipe"):
+        read_checkpoint(newest)
+    adapters.unlink()
+    adapters.symlink_to("/dev/zero")  # endless bytes to hash
+    with pytest.raises(CheckpointError, match=r"symbolic link"):
+        read_checkpoint(newest)
+    linked_round = tmp_path / "round_00003"
+    linked_round.symlink_to(tmp_path / "round_00001", target_is_directory=True)
+    with pytest.raises(CheckpointError, match=r"round_00003: is a symbolic link"):
+        read_checkpoint(linked_round)
+
+
+def test_regular_file_reading_refuses_links_pipes_and_oversized_files(tmp_path):
+    import os
+
+    from fltac_ray.runs.files import entry_problem, foreign_entries, open_regular, read_regular_text
+
+    text = tmp_path / "config.yaml"
+    text.write_text("rounds: 2\n")
+    assert read_regular_text(text) == "rounds: 2\n" and entry_problem(text) is None
+    with pytest.raises(ValueError, match=r"config.yaml is 10 bytes, more than the 4 it can be"):
+        open_regular(text, max_bytes=4)
+    (tmp_path / "link.yaml").symlink_to(text)
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError):
+        open_regular(tmp_path / "link.yaml")
+    with pytest.raises(OSError, match="pipe is a named pipe"):
+        open_regular(tmp_path / "pipe")
+    assert entry_problem(tmp_path / "folder") == "is a folder, not a file this run wrote"
+    assert foreign_entries(tmp_path) == [(tmp_path / "link.yaml", "is a symbolic link, not a file this run wrote"),
+                                         (tmp_path / "pipe", "is a named pipe, not a file this run wrote")]
+
+
 def test_the_evaluation_cache_survives_a_checkpoint_exactly(tmp_path):
     from dataclasses import asdict
 

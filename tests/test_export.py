@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -325,3 +326,87 @@ def test_version_and_public_names(capsys):
     assert fltac_ray.__version__[0].isdigit()
     assert set(dir(fltac_ray)) == set(fltac_ray.__all__)
     assert all(hasattr(fltac_ray, name) for name in fltac_ray.__all__)
+
+
+def _run_with_one_cluster(tmp_path) -> Path:
+    config = build_config({"data": {"tasks": ["synthetic_topic"]}, "model": {"name": "tiny-random-bert"}})
+    model = AdapterModel(load_backbone("tiny-random-bert", "text", seed=0), config.model, 4, seed=0).eval()
+    adapters = tmp_path / "run" / "adapters"
+    _export(adapters / "cluster_0", config, model, _trained_like(model, seed=8), head_rows=4)
+    (adapters / "index.json").write_text(json.dumps([{"cluster": 0, "folder": "cluster_0"}]))
+    return tmp_path / "run"
+
+
+def test_a_push_that_cannot_reach_the_hub_is_a_resources_error(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from fltac_ray.cli import main
+
+    run = _run_with_one_cluster(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 sets it
+    assert main(["export", str(run), "--push-to-hub", "me/topics"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fltac-ray: error: resources: Hugging Face Hub: cannot push to me/topics "
+                          "(OfflineModeIsEnabled: ") and "unset HF_HUB_OFFLINE" in err, err
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    real = huggingface_hub.HfApi  # the real client, at a port where nothing listens
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: real(endpoint="http://127.0.0.1:9", token="hf_x"))
+    assert main(["export", str(run), "--push-to-hub", "me/topics"]) == 2
+    err = capsys.readouterr().err
+    assert "resources: Hugging Face Hub: cannot push to me/topics (ConnectError" in err and "Traceback" not in err, err
+    assert main(["export", str(run), "--push-to-hub", "no-owner"]) == 2
+    assert "--push-to-hub = 'no-owner': a Hub model repository id: owner/name" in capsys.readouterr().err
+
+
+def test_an_export_killed_midway_leaves_no_folder_that_looks_like_one(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from fltac_ray.cli import main
+
+    run = _run_with_one_cluster(tmp_path)
+    real_copytree = shutil.copytree
+
+    def copy_then_die(source, target, *args, **kwargs):
+        if str(source).endswith(".safetensors"):
+            raise KeyboardInterrupt  # stands for a kill between two files
+        return shutil.copy2(source, target, *args, **kwargs)
+
+    def dying_copytree(source, target, *args, **kwargs):  # copytree recurses with positional arguments
+        return real_copytree(source, target, *args, **kwargs) if args else real_copytree(
+            source, target, copy_function=copy_then_die, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", dying_copytree)
+    assert main(["export", str(run), "--out", str(tmp_path / "copy")]) == 130  # interrupted
+    assert not (tmp_path / "copy").exists() and not list(tmp_path.glob(".copy*"))
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    assert main(["export", str(run), "--out", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "cluster_0" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_export_replaces_the_previous_one_whole_or_not_at_all(tmp_path, monkeypatch):
+    from fltac_ray.runs import export as export_module
+    from fltac_ray.runs.export import export_adapters
+
+    config = build_config({"data": {"tasks": ["synthetic_topic"]}, "model": {"name": "tiny-random-bert"}})
+    model = AdapterModel(load_backbone("tiny-random-bert", "text", seed=0), config.model, 4, seed=0).eval()
+    layout = model.adapter_layout()
+    vectors = np.stack([_trained_like(model, seed=s) for s in (1, 2)])
+    clusters = [{"cluster": k, "members": 1, "majority_task": "synthetic_topic", "purity": 1.0} for k in (0, 1)]
+    names = {"synthetic_topic": []}
+    export_adapters(tmp_path, vectors, layout, clusters, config, names, [])
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "adapters").rglob("*")) if p.is_file()}
+    real_write = export_module.write_peft_adapter
+
+    def write_then_die(folder, *args, **kwargs):
+        if folder.name == "cluster_1":
+            raise KeyboardInterrupt
+        return real_write(folder, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "write_peft_adapter", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export_adapters(tmp_path, vectors[::-1].copy(), layout, clusters, config, names, [])
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "adapters").rglob("*")) if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+    monkeypatch.setattr(export_module, "write_peft_adapter", real_write)
+    export_adapters(tmp_path, vectors[:1], layout, clusters[:1], config, names, [])  # one cluster now
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["assignments.csv", "cluster_0", "index.json"]

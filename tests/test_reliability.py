@@ -83,6 +83,15 @@ RELIABILITY_TABLE = {
         "test_resume_refuses_an_edited_config_and_allows_resource_changes",
         "test_a_ray_run_resumes_on_the_local_backend_to_the_same_results",
         "test_resume_of_no_run_dir_or_of_recorded_rounds_without_checkpoint_is_a_clear_error"],
+    "issue 33, 2: checkpoint and run-folder files read only as regular files inside the folder": [
+        "test_checkpoint.py::test_links_and_special_files_are_refused_not_followed_or_waited_on",
+        "test_checkpoint.py::test_regular_file_reading_refuses_links_pipes_and_oversized_files",
+        "test_a_run_folder_with_a_link_or_a_pipe_is_not_resumed"],
+    "issue 33, 7: the Hub unreachable or offline on a push is a resources error, no traceback": [
+        "test_export.py::test_a_push_that_cannot_reach_the_hub_is_a_resources_error"],
+    "issue 33, 10: exports written whole, renamed into place; a killed one leaves the previous": [
+        "test_export.py::test_an_export_killed_midway_leaves_no_folder_that_looks_like_one",
+        "test_export.py::test_a_run_export_replaces_the_previous_one_whole_or_not_at_all"],
     "issue 33, 7 and 8: hostile experiment files (aliases, size, binary) refused in under a second": [
         "test_hostile_experiment_files_are_refused_before_parsing_or_expanding"],
     "issue 33, 9: a data error quotes no file content beyond a short label or header name": [
@@ -676,3 +685,21 @@ def test_a_short_label_and_a_real_header_are_still_quoted():
     assert header_excerpt(["sentence", "stars"]) == "['sentence', 'stars']"
     assert header_excerpt([f"c{i}" for i in range(14)]).endswith("... (14 columns in all)")
     assert header_excerpt(["key=value"]).startswith("1 column(s) whose names do not look like")
+
+
+def test_a_run_folder_with_a_link_or_a_pipe_is_not_resumed(tmp_path, capsys):
+    import os
+
+    from fltac_ray.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(TINY_EXPERIMENT))
+    elsewhere = tmp_path / "rounds.csv"
+    elsewhere.write_text("round,status\n1,ok\n")
+    (run_dir / "rounds.csv").symlink_to(elsewhere)
+    os.mkfifo(run_dir / "metrics.csv")
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fltac-ray: error: run folder {run_dir}: holds what no run writes: "), err
+    assert "metrics.csv is a named pipe" in err and "rounds.csv is a symbolic link" in err, err

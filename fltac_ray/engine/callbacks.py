@@ -172,8 +172,8 @@ class Exporter(Callback):
             self.export(run)
 
     def export(self, run: RunInfo, quiet: bool = False) -> None:
-        import shutil
-
+        # adapters/ is written whole and replaces the previous round's: no cluster of an older
+        # round stays, and an export killed midway leaves the previous one (runs/files.py)
         from fltac_ray.runs.export import export_adapters
 
         outcome = run.backend.export_outcome()
@@ -181,7 +181,6 @@ class Exporter(Callback):
             if not quiet:
                 run.say("  no adapters exported: no round aggregated any upload")
             return
-        shutil.rmtree(run.run_dir / "adapters", ignore_errors=True)  # no cluster of an older round stays
         truth = ["+".join(self.groups[int(c)][int(s)]) for c, s in outcome["keys"]]
         clusters = []
         for cluster in range(len(outcome["adapters"])):

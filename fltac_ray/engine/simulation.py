@@ -59,6 +59,7 @@ from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
 from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
 from fltac_ray.runs.decisions import RunDecisions
+from fltac_ray.runs.files import foreign_entries
 from fltac_ray.runs.outputs import (
     RunWriter,
     discard_unused_run_dir,
@@ -131,6 +132,10 @@ class Simulation:
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise RunFolderError(run_dir, "is not a run directory (no config.yaml); give the folder a run wrote")
+        if foreign := foreign_entries(run_dir):  # a link or a pipe where the run wrote a file
+            raise RunFolderError(run_dir, "holds what no run writes: " + "; ".join(
+                f"{path.name} {problem}" for path, problem in foreign) + " (a run folder is resumed only "
+                "from its own regular files)")
         return cls(load_config(run_dir / "config.yaml"), progress=progress, callbacks=callbacks,
                    resume_dir=run_dir, **options)
 

@@ -7,8 +7,8 @@ client state such as FLoRAL routers; the algorithm's server state; the newest gl
 `manifest.json`, the SHA-256 of every other file in the folder, state.json included. It is
 written into a temporary folder and renamed into place, so a crash leaves either the whole
 checkpoint or none (and the next save removes the temporary folder); a damaged one (truncated,
-edited, a file added or missing, a file name pointing outside the folder) fails the check and the
-previous one is used instead.
+edited, a file added or missing, a file name pointing outside the folder, a symbolic link or a
+special file in place of a file) fails the check and the previous one is used instead.
 
 The run's randomness is seeded per (seed, round, client, task), so nothing else is needed to
 continue a run exactly where it stopped.
@@ -27,6 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fltac_ray.errors import FltacError
+from fltac_ray.runs.files import entry_problem, open_regular, read_regular_text
 
 # 2: the server side's deduplicated client store (clients: rows + index), no per-worker groups
 # 3: manifest.json covering every file (state.json included); the resolved config in state.json
@@ -51,7 +52,7 @@ class Checkpoint:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open_regular(path) as handle:  # a link or a pipe is refused, never followed or waited on
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -95,9 +96,16 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Load one checkpoint folder, verifying the manifest (every file, state.json included, and
     nothing else) and that every named file is inside the folder; raises CheckpointError if not."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+        if (problem := entry_problem(path, folder_allowed=True)) is not None or not path.is_dir():
+            raise CheckpointError(f"{path}: {problem or 'is not a folder'}")
+        # every entry a regular file of this folder before anything is read: a link is not
+        # followed (even to the same bytes), a pipe or device never read (it could block forever)
+        for entry in sorted(path.iterdir()):
+            if (problem := entry_problem(entry)) is not None:
+                raise CheckpointError(f"{path}: {entry.name} {problem}")
+        manifest = json.loads(read_regular_text(path / MANIFEST)) if (path / MANIFEST).is_file() else {}
         if manifest.get("format") != FORMAT_VERSION:
-            state = json.loads((path / "state.json").read_text())
+            state = json.loads(read_regular_text(path / "state.json"))
             found = manifest.get("format", state.get("format"))
             raise CheckpointError(f"{path}: checkpoint format {found}, this fltac-ray reads format "
                                   f"{FORMAT_VERSION} (written by another version; start the run anew)")
@@ -111,7 +119,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         for name, digest in listed.items():
             if _sha256(path / name) != digest:
                 raise CheckpointError(f"{path}: {name} does not match its checksum (damaged or edited)")
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads(read_regular_text(path / "state.json"))
         groups = {}
         for name, info in state["files"].items():
             if not _confined(info["file"]) or info["file"] not in listed:

@@ -32,6 +32,7 @@ FLoRAL's router-mixed adaptors are not peft LoRA: they are saved as named tensor
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from fltac_ray.config import ExperimentConfig
-from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
+from fltac_ray.errors import ConfigError, ConfigIssue, ResourceUnavailableError, RunFolderError
 from fltac_ray.models.adapter_model import (
     PooledFeatures,
     normalise_pixels,
@@ -51,6 +52,7 @@ from fltac_ray.models.adapter_model import (
     split_adapter,
     text_batch,
 )
+from fltac_ray.runs.files import written_whole
 
 INFO_FILE = "fltac_ray.json"
 HEAD_FILE = "head.safetensors"
@@ -168,8 +170,15 @@ def export_adapters(run_dir: Path, adapters: np.ndarray, layout: list[tuple[str,
     instruction tasks). `assignments`: one row per final-round upload (client, slot, tasks,
     cluster), written to assignments.csv: which adapter each client's task ended with.
     `peft_layout` False: adapters that are no peft LoRA (FLoRAL's mixtures), saved as tensors."""
-    folder = run_dir / "adapters"
-    folder.mkdir(exist_ok=True)
+    with written_whole(run_dir / "adapters") as folder:
+        _write_adapters(folder, adapters, layout, clusters, config, class_names, assignments, peft_layout)
+    return run_dir / "adapters"
+
+
+def _write_adapters(folder: Path, adapters: np.ndarray, layout: list[tuple[str, tuple[int, ...]]],
+                    clusters: list[dict[str, Any]], config: ExperimentConfig,
+                    class_names: Mapping[str, list[str]], assignments: list[dict[str, Any]],
+                    peft_layout: bool) -> None:
     head_rows = next((shape[0] for name, shape in layout if name == "head.weight"), 0)
     index = []
     for info, vector in zip(clusters, adapters, strict=True):
@@ -203,7 +212,6 @@ def export_adapters(run_dir: Path, adapters: np.ndarray, layout: list[tuple[str,
     (folder / "index.json").write_text(json.dumps(index, indent=2))
     pd.DataFrame(assignments, columns=["client", "slot", "tasks", "cluster"]).to_csv(
         folder / "assignments.csv", index=False)
-    return folder
 
 
 def read_info(folder: str | Path) -> dict[str, Any]:
@@ -379,11 +387,36 @@ def push_to_hub(folder: str | Path, repo_id: str, path_in_repo: str | None = Non
     folder = Path(folder)
     if not (folder / INFO_FILE).is_file() and not (folder / "index.json").is_file():
         raise RunFolderError(folder, "is neither an exported adapter nor a run's adapters/ folder")
-    if api is None:
-        from huggingface_hub import HfApi
+    owner, slash, name = repo_id.partition("/")
+    if not (slash and _HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(name)):
+        raise ConfigError([ConfigIssue("--push-to-hub", repo_id, "a Hub model repository id: owner/name, "
+                                       "letters, digits and . _ - (at most 96 each)")])
+    try:
+        if api is None:
+            from huggingface_hub import HfApi
 
-        api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo,
-                               repo_type="model", commit_message=f"fltac-ray adapters from {folder.parent.name}")
+            api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo,
+                                   repo_type="model", commit_message=f"fltac-ray adapters from {folder.parent.name}")
+    except Exception as exc:
+        if not _is_hub_failure(exc):
+            raise
+        said = str(exc).strip().splitlines()
+        hint = ("unset HF_HUB_OFFLINE" if type(exc).__name__ == "OfflineModeIsEnabled" else
+                "check the network, HF_ENDPOINT and your token (HF_TOKEN or `hf auth login`)")
+        raise ResourceUnavailableError(
+            f"Hugging Face Hub: cannot push to {repo_id} ({type(exc).__name__}: {said[0][:200] if said else ''}); "
+            f"{hint}, or copy the adapters to a folder with --out") from None
     return str(getattr(commit, "commit_url", commit))
+
+
+_HUB_NAME = re.compile(r"[\w.-]{1,96}")
+
+
+def _is_hub_failure(exc: BaseException) -> bool:
+    """An error of the Hub or of the network under it (not a bug of ours): huggingface_hub's own
+    errors, its HTTP client's (httpx, requests) and the operating system's."""
+    package = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError) or package.startswith(("huggingface_hub", "httpx", "httpcore", "requests",
+                                                            "urllib3"))
