@@ -76,6 +76,13 @@ class ResourceUnavailableError(FltacError):
     heading = "resources"
 
 
+class AlgorithmError(FltacError):
+    """An algorithm's server half answered with something unusable (NaN, a wrong shape, labels
+    out of range); names the algorithm and its hook. Nothing of that round was committed."""
+
+    heading = "algorithm"
+
+
 class EngineError(FltacError):
     """The distributed run failed (an actor died, timed out, or returned unusable results)."""
 

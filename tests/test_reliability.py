@@ -17,11 +17,11 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fltac_ray.algorithms import AdapterSpec, Upload
+from fltac_ray.algorithms import AdapterSpec, FederatedAlgorithm, Upload
 from fltac_ray.config import build_config
 from fltac_ray.engine.messages import PassResult
 from fltac_ray.engine.simulation import Simulation
-from fltac_ray.errors import ConfigError
+from fltac_ray.errors import AlgorithmError, ConfigError
 from fltac_ray.progress import Progress
 from fltac_ray.runs.checkpoint import CheckpointError, read_checkpoint
 from fltac_ray.server.server import Server
@@ -87,6 +87,9 @@ RELIABILITY_TABLE = {
         "test_checkpoint.py::test_links_and_special_files_are_refused_not_followed_or_waited_on",
         "test_checkpoint.py::test_regular_file_reading_refuses_links_pipes_and_oversized_files",
         "test_a_run_folder_with_a_link_or_a_pipe_is_not_resumed"],
+    "issue 33, 4: every server answer checked like an upload; a bad one ends the run naming the hook": [
+        "test_a_server_answer_with_nan_ends_the_run_naming_the_hook_and_keeps_the_last_checkpoint",
+        "test_answers_and_merged_adapters_are_checked_like_uploads"],
     "issue 33, 7: the Hub unreachable or offline on a push is a resources error, no traceback": [
         "test_export.py::test_a_push_that_cannot_reach_the_hub_is_a_resources_error"],
     "issue 33, 10: exports written whole, renamed into place; a killed one leaves the previous": [
@@ -703,3 +706,49 @@ def test_a_run_folder_with_a_link_or_a_pipe_is_not_resumed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"fltac-ray: error: run folder {run_dir}: holds what no run writes: "), err
     assert "metrics.csv is a named pipe" in err and "rounds.csv is a symbolic link" in err, err
+
+
+class NaNFromRoundTwo(FederatedAlgorithm):
+    """FedAvg whose server half breaks in round 2: its answer holds NaN."""
+
+    name = "nan_from_round_two"
+
+    def aggregate(self, uploads, round_index):
+        outcome = super().aggregate(uploads, round_index)
+        if round_index >= 2:
+            outcome.adapters[0, :3] = np.nan
+        return outcome
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_server_answer_with_nan_ends_the_run_naming_the_hook_and_keeps_the_last_checkpoint(
+        ray_cluster, tmp_path, backend):
+    config = tiny_config(rounds=3, algorithm=f"{__name__}:NaNFromRoundTwo", engine={"backend": backend})
+    with pytest.raises(AlgorithmError) as info:
+        _run(config, tmp_path / "run")
+    assert str(info.value).startswith("NaNFromRoundTwo.aggregate() in round 2: Aggregate.adapters has non-finite "
+                                      "values (NaN or Inf) in row(s) [0]. Nothing of round 2 was committed"), info.value
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["round_00001"]
+    assert pd.read_csv(tmp_path / "run" / "rounds.csv")["round"].tolist() == [1]
+    for exported in (tmp_path / "run").glob("adapters/*/*.safetensors"):
+        assert all(np.isfinite(t).all() for t in load_file(str(exported)).values()), exported
+
+
+def test_answers_and_merged_adapters_are_checked_like_uploads():
+    from fltac_ray.server.uploads import answer_problem, merged_problem
+
+    good = np.zeros((2, 5), np.float32)
+    assert answer_problem(np.array([0, 1, 1]), good, 3) is None
+    assert answer_problem(np.array([0, 2, 1]), good, 3) == "Aggregate.labels holds 0..2, outside the 2 rows of adapters"
+    assert answer_problem(np.array([0, 1]), good, 3) == ("Aggregate.labels has shape (2,), expected (3,): one per "
+                                                         "accepted upload")
+    assert answer_problem(np.array([0.0, 1.0, 1.0]), good, 3) == "Aggregate.labels has dtype float64, expected integers"
+    assert answer_problem(np.array([0, 1, 1]), good[0], 3) == ("Aggregate.adapters has shape (5,), expected "
+                                                               "(clusters, width)")
+    inf = good.copy()
+    inf[1, 4] = np.inf
+    assert answer_problem(np.array([0, 1, 1]), inf, 3) == ("Aggregate.adapters has non-finite values (NaN or Inf) "
+                                                           "in row(s) [1]")
+    assert merged_problem(np.zeros(5, np.float32), 5) is None
+    assert merged_problem(np.zeros(4, np.float32), 5) == "returned shape (4,), expected (5,)"
+    assert merged_problem(np.full(5, np.nan, np.float32), 5) == "returned non-finite values (NaN or Inf)"

@@ -20,11 +20,12 @@ from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
+from fltac_ray.errors import AlgorithmError
 from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.server.attacks import Attack, honest_damage
 from fltac_ray.server.screening import default_neighbours, screen_uploads
 from fltac_ray.server.state_store import ClientStateStore
-from fltac_ray.server.uploads import upload_problem
+from fltac_ray.server.uploads import answer_problem, merged_problem, upload_problem
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +198,22 @@ class Server:
                                self.config.seed, round_index)
             kept_vectors = uploads.vectors[kept].copy()
         result = self.algorithm.aggregate(uploads, round_index)
+        if (problem := answer_problem(result.labels, result.adapters, len(accepted))) is not None:
+            self._refuse_answer("aggregate", round_index, problem)
         if kept is not None:
             keys = np.asarray([u.key for u in accepted], dtype=np.int64)
             self.snapshot = {"round": round_index, "adapters": kept_vectors,
                              "keys": keys[kept].reshape(-1, 2),
                              "labels": np.asarray(result.labels, dtype=np.int64)[kept]}
         return result
+
+    def _refuse_answer(self, hook: str, round_index: int, problem: str) -> None:
+        """End the run before anything of the round is committed: a NaN answer would otherwise be
+        committed, evaluated, exported, and blamed on the clients' uploads of the next round."""
+        raise AlgorithmError(
+            f"{type(self.algorithm).__name__}.{hook}() in round {round_index}: {problem}. Nothing of round "
+            f"{round_index} was committed; the run folder keeps the last checkpoint (fix the algorithm, then "
+            "fltac-ray run --resume RUN_DIR)")
 
     def receive(self, round_index: int, unit: int, result: PassResult, report: PassReport) -> PassReport:
         """Take one pass's result as soon as it exists (Ray resolves `result` from the worker's
@@ -249,6 +260,8 @@ class Server:
                 if key in refused:
                     continue  # the server refused it: the client rolls back to its committed state
                 adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
+                if (problem := merged_problem(adapters[key], self.store.size)) is not None:
+                    self._refuse_answer("merge", round_index, f"for client {key[0]} slot {key[1]} {problem}")
                 if key in result.private:
                     private[key] = result.private[key]
                 if key in result.client_state:
