@@ -475,6 +475,12 @@ class FederationConfig(_Section):
         default=None, ge=1,
         description="k of the neighbours rule; default: uploads // (2 x clusters), at least 1.",
     )
+    screening_stop: bool = Field(
+        default=False,
+        description="End the run (before the round is committed) when screening may not hold: a group "
+        "of uploads sits apart from the rest and was kept (server/screening.py); else it is said and "
+        "counted in rounds.csv suspected_kept.",
+    )
     attack: AttackConfig = Field(default_factory=AttackConfig)
 
 
@@ -881,6 +887,9 @@ class ExperimentConfig(_Section):
         if fed.screening_neighbours is not None and fed.screening != "neighbours":
             raise ValueError(f"federation.screening_neighbours = {fed.screening_neighbours}: only used with "
                              f"federation.screening: neighbours (here {fed.screening!r})")
+        if fed.screening_stop and fed.screening == "none":
+            raise ValueError("federation.screening_stop = True: only used with federation.screening: norm or "
+                             "neighbours (here 'none')")
         if self.engine.kill_worker_at is not None and self.engine.backend != "ray":
             raise ValueError(
                 f"engine.kill_worker_at = {list(self.engine.kill_worker_at)}: fault injection needs "

@@ -83,6 +83,13 @@ class AlgorithmError(FltacError):
     heading = "algorithm"
 
 
+class ScreeningError(FltacError):
+    """federation.screening_stop: a round's screening may not have held (server/screening.py);
+    the run ended before that round was committed."""
+
+    heading = "screening"
+
+
 class EngineError(FltacError):
     """The distributed run failed (an actor died, timed out, or returned unusable results)."""
 

@@ -176,7 +176,8 @@ class Progress:
                         if _finite(clustering) else "")  # NaN: the algorithm does not cluster
         # uploads the server did not aggregate (their lines come before): said on the round too
         dropped = "".join(f"  | {row[column]} {label}" for column, label in
-                          (("rejected_uploads", "rejected"), ("screened_uploads", "screened out"))
+                          (("rejected_uploads", "rejected"), ("screened_uploads", "screened out"),
+                           ("suspected_kept", "kept apart (screening may not hold)"))
                           if row.get(column, 0))
         self._redraw()
         self.say(
@@ -229,4 +230,9 @@ def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
             parts.append(f"{skipped} adapter steps skipped (float16 overflow; rounds.csv skipped_steps)")
         parts.append(f"mean round {rounds['seconds'].mean():.1f}s")
         lines.append("; ".join(parts))
+        apart = rounds[rounds["suspected_kept"].fillna(0) > 0] if "suspected_kept" in rounds else rounds.iloc[:0]
+        if len(apart):
+            lines.append(f"warning: screening may not have held in {len(apart)} round(s) "
+                         f"{apart['round'].astype(int).tolist()}: uploads apart from the rest were kept "
+                         "(rounds.csv suspected_kept; federation.screening_stop ends a run there)")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ rules around them, and the server's round with both (server/server.py, no Ray)."
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fltac_ray.algorithms import resolve_algorithm
@@ -233,3 +234,57 @@ def test_screening_on_the_ray_engine_drops_the_attackers_and_says_so(tmp_path, r
     said = [line for line in lines if "screened out" in line]
     assert said and f"client {attacker} slot 0" in said[0] and "federation.screening = norm" in said[0]
     assert any("screened out" in line for line in lines if line.startswith("round   1/1"))
+
+
+def test_a_group_apart_from_the_rest_hand_computed():
+    from fltac_ray.server.screening import apart_from_rest, tolerated_count
+
+    # sorted 1, 1.1, 1.2, 5, 6: the widest ratio is 5 / 1.2 (>= 2): the group from 5 up
+    assert apart_from_rest(np.array([5.0, 1.0, 6.0, 1.2, 1.1])) == 5.0
+    assert apart_from_rest(np.array([1.0, 1.5, 2.2, 3.0])) == float("inf")  # no gap of 2x
+    # a group apart is at most half of the uploads: near-duplicates far below the rest are not one
+    assert apart_from_rest(np.array([0.0, 1e-9, 1.0, 1.1, 1.2])) == float("inf")
+    assert apart_from_rest(np.array([1.0, 1.0, 5.0, 5.0])) == 5.0  # half: the issue's 12 of 24
+    assert apart_from_rest(np.array([1.0, 1.0, 1.0, 0.0, 0.2])) == float("inf")  # a low group is no group
+    assert apart_from_rest(np.array([0.0, 0.0, 0.0, 0.0, 1.0, 1.0])) == 1.0  # 4 identical uploads, 2 apart
+    assert apart_from_rest(np.array([3.0])) == float("inf")
+    assert tolerated_count("norm", 24, 4) == 11 and tolerated_count("neighbours", 24, 4) == 4
+    assert tolerated_count("neighbours", 5, 9) == 2
+
+
+def _half_malicious(rng):
+    """24 clients, 3 tasks far apart; every second client sends -10 x its adapter."""
+    centres = rng.normal(size=(3, 64)) * 3.0
+    tasks = np.repeat(np.arange(3), 8)
+    vectors = centres[tasks] + rng.normal(scale=0.1, size=(24, 64))
+    vectors[::2] *= -10
+    return vectors.astype(np.float32), tasks
+
+
+@pytest.mark.parametrize("rule", ["norm", "neighbours"])
+def test_screening_says_when_half_of_the_uploads_overwhelm_it(rule):
+    from fltac_ray.errors import ScreeningError
+    from fltac_ray.progress import format_run_summary
+
+    vectors, tasks = _half_malicious(np.random.default_rng(4))
+    config = tiny_config(data={"num_clients": 24}, federation={"screening": rule},
+                         algorithm={"name": "fltac", "weighting": "uniform"})
+    outcome = _server_round(config, vectors, tasks, np.zeros(64, np.float32))
+    assert outcome.screened == [] and outcome.kept_apart == 12  # nothing screened out: it cannot hold
+    k = "" if rule == "norm" else " (groups of more than k = 4 that agree shield each other)"
+    assert outcome.screening_note.startswith("screening may not hold: 12 of 24 uploads sit apart from the rest (")
+    assert outcome.screening_note.endswith(f"and 12 of them were kept; federation.screening = {rule} screens out "
+                                           f"at most {11 if rule == 'norm' else 4} of 24 uploads"
+                                           f"{k or ' (its limit follows the median)'}"), outcome.screening_note
+    honest = _server_round(config, vectors[1::2], tasks[1::2], np.zeros(64, np.float32))
+    assert honest.kept_apart == 0 and honest.screening_note == ""
+    stopping = tiny_config(data={"num_clients": 24}, federation={"screening": rule, "screening_stop": True},
+                           algorithm={"name": "fltac", "weighting": "uniform"})
+    with pytest.raises(ScreeningError, match=r"round 1: screening may not hold: .*federation.screening_stop ended"):
+        _server_round(stopping, vectors, tasks, np.zeros(64, np.float32))
+    rounds = pd.DataFrame({"round": [1, 2, 3], "status": ["ok"] * 3, "clustering_accuracy": [np.nan] * 3,
+                           "bytes_up": [0] * 3, "bytes_down": [0] * 3, "seconds": [1.0] * 3,
+                           "suspected_kept": [0, 12, 3]})
+    assert format_run_summary(pd.DataFrame(), rounds).splitlines()[-1] == (
+        "warning: screening may not have held in 2 round(s) [2, 3]: uploads apart from the rest were kept "
+        "(rounds.csv suspected_kept; federation.screening_stop ends a run there)")

@@ -59,6 +59,7 @@ tasks, timings and the algorithm's own measures; `round_workers`: the live worke
         "bytes_down": params_down * BYTES_PER_PARAM,
         "rejected_uploads": len(outcome.rejected) if outcome is not None else 0,
         "screened_uploads": len(outcome.screened) if outcome is not None else 0,
+        "suspected_kept": outcome.kept_apart if outcome is not None else 0,
         **{column: (outcome.audit.get(column, nan) if outcome is not None else nan) for column in AUDIT_COLUMNS},
         "train_loss": float(np.mean(losses)) if losses else nan,
         # float16: adapter steps skipped because their gradients overflowed (0 otherwise)

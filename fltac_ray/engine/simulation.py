@@ -391,6 +391,8 @@ class Simulation:
             say(f"  round {round_index}: screened out {len(outcome.screened)} of "
                 f"{len(outcome.screened) + len(outcome.keys)} uploads (federation.screening = "
                 f"{fed.screening}): " + ", ".join(f"client {k[0]} slot {k[1]}" for k, _ in outcome.screened))
+        if outcome.screening_note:
+            say(f"  round {round_index}: warning: {outcome.screening_note}")
         aggregated = time.perf_counter()
         if outcome.uploads and not outcome.keys:  # every upload failed the server's checks
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: all {outcome.uploads} uploads failed the "

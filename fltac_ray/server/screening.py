@@ -19,6 +19,16 @@ an outlier). Since the rule is relative to the round's median, fewer than half o
 can ever be screened out. Cost: neighbours computes every pairwise distance, O(n^2 p) in
 blocks of SCREEN_BLOCK_ROWS rows (n = 1,000 MiniLM uploads: ~1e11 flops, seconds on a CPU).
 
+When screening cannot hold. Both rules compare with the round's median, so they screen out fewer
+than half of the uploads; neighbours also misses attackers that agree in groups of more than k
+(each is another's neighbour). What can be seen without labels is a group of uploads whose
+scores sit apart from the rest: above the widest gap between consecutive sorted scores when that
+gap is a factor GAP_RATIO or more. A round that kept such a group says so (the round line,
+rounds.csv `suspected_kept`, the summary; `federation.screening_stop` ends the run instead).
+Honest rounds have no such gap (scores of one rule on one round's uploads vary smoothly); tasks
+whose updates differ in norm by 2x or more would make one, and the note then says so in words
+that do not claim an attack.
+
 No Ray here; the server calls it on each round's checked uploads.
 """
 
@@ -32,6 +42,7 @@ RULES = ("none", "norm", "neighbours")
 MAD_TO_SIGMA = 1.4826
 MIN_SPREAD = 0.05  # of the median score
 SCREEN_BLOCK_ROWS = 256
+GAP_RATIO = 2.0  # a sorted score this many times the one below it starts a group apart
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,18 @@ class Screen:
     kept: np.ndarray  # (n,) bool
     scores: np.ndarray  # (n,) the rule's score of each upload
     limit: float  # scores above it were screened out
+    apart_from: float = float("inf")  # scores from here up sit apart from the rest (apart_from_rest)
+    tolerates: int = 0  # the most uploads of this round the rule can screen out (tolerated_count)
+
+    @property
+    def apart(self) -> np.ndarray:
+        """(n,) bool: the uploads of the group apart from the rest."""
+        return self.scores >= self.apart_from
+
+    @property
+    def kept_apart(self) -> int:
+        """How many uploads of the group apart were kept: screening may not have held."""
+        return int((self.apart & self.kept).sum())
 
 
 def default_neighbours(uploads: int, clusters: int) -> int:
@@ -83,4 +106,28 @@ def screen_uploads(vectors: np.ndarray, rule: str, threshold: float, neighbours:
     else:
         raise ValueError(f"unknown screening rule {rule!r}; known: {RULES}")
     limit = outlier_limit(scores, threshold)
-    return Screen(scores <= limit, scores, limit)
+    return Screen(scores <= limit, scores, limit, apart_from_rest(scores), tolerated_count(rule, n, neighbours))
+
+
+def apart_from_rest(scores: np.ndarray) -> float:
+    """The lowest score of the group above the widest gap between consecutive sorted scores,
+    when that gap is a factor of GAP_RATIO or more and the group is at most half of the uploads
+    (the rest are the reference); inf when there is none. Scores below 5% of the median count as
+    5% of it, so a score near 0 makes no endless ratio."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    n = len(ordered)
+    if n < 2:
+        return float("inf")
+    floor = max(MIN_SPREAD * abs(float(np.median(ordered))), np.finfo(np.float64).tiny)
+    first = n - n // 2  # index of the lowest score a group of at most n // 2 can start at
+    ratios = ordered[first:] / np.maximum(ordered[first - 1:-1], floor)
+    widest = int(np.argmax(ratios))
+    return float(ordered[first + widest]) if ratios[widest] >= GAP_RATIO else float("inf")
+
+
+def tolerated_count(rule: str, uploads: int, neighbours: int) -> int:
+    """The most uploads of a round `rule` can screen out: fewer than half (the limit is relative
+    to the median); for neighbours also at most k (k + 1 uploads that agree are each other's
+    neighbours, so none of them stands out)."""
+    half = (uploads - 1) // 2
+    return min(half, neighbours) if rule == "neighbours" else half

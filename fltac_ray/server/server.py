@@ -20,7 +20,7 @@ from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
-from fltac_ray.errors import AlgorithmError
+from fltac_ray.errors import AlgorithmError, ScreeningError
 from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.server.attacks import Attack, honest_damage
 from fltac_ray.server.screening import default_neighbours, screen_uploads
@@ -144,24 +144,38 @@ class Server:
         return accepted, rejected
 
     def _screen(self, round_index: int, accepted: list[Upload], vectors: np.ndarray | None
-                ) -> tuple[np.ndarray, list[tuple[AdapterKey, str]]]:
+                ) -> tuple[np.ndarray, list[tuple[AdapterKey, str]], int, str]:
         """federation.screening over the checked uploads (screening.py), stacked in `vectors`
-        (n, p): (n,) kept mask and the screened-out ones with the reason."""
+        (n, p): (n,) kept mask, the screened-out ones with the reason, and how many uploads of a
+        group apart from the rest were kept, with the note saying so ("" when screening held)."""
         fed = self.config.federation
         if fed.screening == "none" or not accepted:
-            return np.ones(len(accepted), dtype=bool), []
+            return np.ones(len(accepted), dtype=bool), [], 0, ""
         k = fed.screening_neighbours or default_neighbours(len(accepted), self.algorithm.upload_groups())
         screen = screen_uploads(vectors, fed.screening, fed.screening_threshold, k)
+        what = "norm" if fed.screening == "norm" else f"distance to its {k}-th nearest upload"
         screened = []
         for upload, kept, score in zip(accepted, screen.kept, screen.scores, strict=True):
             if not kept:
                 key = tuple(upload.key)
-                what = "norm" if fed.screening == "norm" else f"distance to its {k}-th nearest upload"
                 problem = (f"screened out: {what} {score:.4g} > {screen.limit:.4g} (the round's median + "
                            f"federation.screening_threshold = {fed.screening_threshold:g} robust deviations)")
                 log.info("round %d: upload of client %d slot %d %s", round_index, key[0], key[1], problem)
                 screened.append((key, problem))
-        return screen.kept, screened
+        note = ""
+        if screen.kept_apart:
+            apart, n = int(screen.apart.sum()), len(accepted)
+            below = float(screen.scores[~screen.apart].max())
+            note = (f"screening may not hold: {apart} of {n} uploads sit apart from the rest ({what} >= "
+                    f"{screen.apart_from:.4g}, the others <= {below:.4g}) and {screen.kept_apart} of them were "
+                    f"kept; federation.screening = {fed.screening} screens out at most {screen.tolerates} of "
+                    f"{n} uploads" + (f" (groups of more than k = {k} that agree shield each other)"
+                                      if fed.screening == "neighbours" else " (its limit follows the median)"))
+            if fed.screening_stop:
+                raise ScreeningError(f"round {round_index}: {note}. federation.screening_stop ended the run "
+                                     f"before round {round_index} was committed; the run folder keeps the last "
+                                     "checkpoint")
+        return screen.kept, screened, screen.kept_apart, note
 
     def _audit(self, checked: list[Upload], vectors: np.ndarray | None, kept: np.ndarray,
                outcome: Aggregate | None, truth: dict[AdapterKey, str]) -> dict[str, float]:
@@ -243,7 +257,7 @@ class Server:
         # (n, p) once for the screen and the audit (aggregation takes its own copy of the kept)
         measured = bool(checked) and (self.config.federation.screening != "none" or truth is not None)
         vectors = np.stack([u.vector for u in checked]) if measured else None
-        kept, screened = self._screen(round_index, checked, vectors)
+        kept, screened, kept_apart, screening_note = self._screen(round_index, checked, vectors)
         accepted = [upload for upload, keep in zip(checked, kept, strict=True) if keep]
         outcome = None
         if accepted:
@@ -287,6 +301,8 @@ class Server:
             metrics=dict(outcome.metrics) if outcome is not None else {},
             rejected=rejected,
             screened=screened,
+            kept_apart=kept_apart,
+            screening_note=screening_note,
             audit=audit,
             params_up=sum(u.params for u in uploads),
             params_down=algorithm.download_params(outcome, clients) if outcome is not None else 0,
