@@ -26,7 +26,7 @@ from typing import Any
 
 from fltac_ray.config import ExperimentConfig, flat_fields
 from fltac_ray.engine.callbacks import Callback, RoundContext, RunInfo
-from fltac_ray.errors import ConfigError, ConfigIssue
+from fltac_ray.errors import ConfigError, ConfigIssue, ResourceUnavailableError
 
 INSTALL_HINT = "pip install 'fltac-ray[tracking]'"
 # the module each back-end needs (torch.utils.tensorboard imports the tensorboard package)
@@ -41,6 +41,24 @@ def check_trackers(config: ExperimentConfig) -> None:
     if missing:
         raise ConfigError([ConfigIssue("tracking.backends", missing, f"not installed here; {INSTALL_HINT} "
                                        f"(or pip install {' '.join(MODULES[m] for m in missing)})")])
+    if "mlflow" in config.tracking.backends and (folder := mlflow_store_folder(mlflow_uri(config))) is not None:
+        from fltac_ray.runs.outputs import folder_problem
+
+        if (problem := folder_problem(folder)) is not None:
+            raise ResourceUnavailableError(f"tracking: the MLflow store {mlflow_uri(config)}: {folder} {problem}; "
+                                           "set tracking.mlflow_uri (or $MLFLOW_TRACKING_URI) to a writable place")
+
+
+def mlflow_store_folder(uri: str) -> Path | None:
+    """The local folder an MLflow store writes into (a file store's root, a SQLite file's folder),
+    checked before the run starts; None for a server (http, databricks), which only answers then."""
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().parent
+    return None
 
 
 def flat_params(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,10 +103,11 @@ class Tracker(Callback):
     name = ""  # as tracking.backends names it
 
     def __init__(self) -> None:
-        self.closed = False
+        self.opened = self.closed = False
 
     def on_start(self, run: RunInfo) -> None:
         self.open(run, flat_params(run.config.resolved()))
+        self.opened = True  # a tracker that failed to open has nothing to close
 
     def on_round_end(self, run: RunInfo, ctx: RoundContext) -> None:
         metrics = round_metrics(ctx)
@@ -102,7 +121,7 @@ class Tracker(Callback):
         self.close(failed=False)
 
     def on_stop(self, run: RunInfo, failed: bool) -> None:
-        if not self.closed:
+        if self.opened and not self.closed:
             self.close(failed)
 
     def open(self, run: RunInfo, params: dict[str, Any]) -> None:
@@ -153,11 +172,21 @@ class MlflowTracker(Tracker):
     name = "mlflow"
 
     def open(self, run: RunInfo, params: dict[str, Any]) -> None:
+        uri = mlflow_uri(run.config)
+        try:
+            self._open(run, params, uri)
+        except Exception as exc:  # noqa: BLE001 - MLflow, its HTTP client and the OS each raise their own
+            said = str(exc).strip().splitlines()
+            raise ResourceUnavailableError(
+                f"tracking: the MLflow store {uri} cannot be used ({type(exc).__name__}: "
+                f"{said[0][:200] if said else ''}); set tracking.mlflow_uri (or $MLFLOW_TRACKING_URI) to a store "
+                "that answers, or leave mlflow out of tracking.backends") from None
+
+    def _open(self, run: RunInfo, params: dict[str, Any], uri: str) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
-        uri = mlflow_uri(run.config)
         if uri.startswith("file:"):  # MLflow 3 wants an opt-in for its (maintained) file store
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(uri)

@@ -93,8 +93,10 @@ RELIABILITY_TABLE = {
     "issue 33, 5: screening says when it may not hold (a group apart kept): round line, rounds.csv, summary": [
         "test_attacks.py::test_screening_says_when_half_of_the_uploads_overwhelm_it",
         "test_attacks.py::test_a_group_apart_from_the_rest_hand_computed"],
-    "issue 33, 7: the Hub unreachable or offline on a push is a resources error, no traceback": [
-        "test_export.py::test_a_push_that_cannot_reach_the_hub_is_a_resources_error"],
+    "issue 33, 7: library failures are typed errors: the Hub on a push, an MLflow store (checked first)": [
+        "test_export.py::test_a_push_that_cannot_reach_the_hub_is_a_resources_error",
+        "test_tracking.py::test_an_unwritable_mlflow_store_is_refused_before_anything_starts",
+        "test_tracking.py::test_an_mlflow_store_that_does_not_answer_is_a_resources_error_and_closes_nothing"],
     "issue 33, 10: exports written whole, renamed into place; a killed one leaves the previous": [
         "test_export.py::test_an_export_killed_midway_leaves_no_folder_that_looks_like_one",
         "test_export.py::test_a_run_export_replaces_the_previous_one_whole_or_not_at_all"],

@@ -98,3 +98,39 @@ def test_wandb_offline_run_holds_config_history_and_the_adapters_artifact(tracke
     assert artifact.type == "model"
     assert "cluster_0/adapter_model.safetensors" in {entry.path for entry in artifact.manifest.contents}
     assert kinds[-1] == "exit" and records[-1].exit.exit_code == 0
+
+
+def test_an_unwritable_mlflow_store_is_refused_before_anything_starts(tmp_path, capsys):
+    import yaml
+
+    from fltac_ray.cli import main
+
+    from .conftest import TINY_EXPERIMENT
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    experiment = tmp_path / "tracked.yaml"
+    experiment.write_text(yaml.safe_dump({**TINY_EXPERIMENT, "output_dir": str(tmp_path / "runs"),
+                                          "tracking": {"backends": ["mlflow"], "mlflow_uri": str(blocker / "mlruns")}}))
+    assert main(["run", str(experiment)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fltac-ray: error: resources: tracking: the MLflow store {(blocker / 'mlruns').as_uri()}: "
+                          f"{blocker / 'mlruns'} {blocker} is a file, not a folder; set tracking.mlflow_uri"), err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left
+
+
+def test_an_mlflow_store_that_does_not_answer_is_a_resources_error_and_closes_nothing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fltac_ray.errors import ResourceUnavailableError
+    from fltac_ray.tracking import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    config = tiny_config(tracking={"backends": ["mlflow"], "mlflow_uri": "http://127.0.0.1:9"})
+    run = SimpleNamespace(config=config, run_dir=tmp_path, say=print)
+    tracker = MlflowTracker()
+    with pytest.raises(ResourceUnavailableError, match=r"^tracking: the MLflow store http://127.0.0.1:9 cannot be used \("):
+        tracker.on_start(run)
+    tracker.on_stop(run, failed=True)  # no "has no attribute client": it never opened
+    assert not tracker.opened and not tracker.closed
