@@ -83,6 +83,9 @@ RELIABILITY_TABLE = {
         "test_resume_refuses_an_edited_config_and_allows_resource_changes",
         "test_a_ray_run_resumes_on_the_local_backend_to_the_same_results",
         "test_resume_of_no_run_dir_or_of_recorded_rounds_without_checkpoint_is_a_clear_error"],
+    "issue 33, 1: a resume reads the data files the run was built from (absolute path, SHA-256), refuses changed": [
+        "test_a_resume_reads_the_files_the_run_was_built_from_and_refuses_changed_ones",
+        "test_data_fingerprints_hand_checked"],
     "issue 33, 2: checkpoint and run-folder files read only as regular files inside the folder": [
         "test_checkpoint.py::test_links_and_special_files_are_refused_not_followed_or_waited_on",
         "test_checkpoint.py::test_regular_file_reading_refuses_links_pipes_and_oversized_files",
@@ -757,3 +760,73 @@ def test_answers_and_merged_adapters_are_checked_like_uploads():
     assert merged_problem(np.zeros(5, np.float32), 5) is None
     assert merged_problem(np.zeros(4, np.float32), 5) == "returned shape (4,), expected (5,)"
     assert merged_problem(np.full(5, np.nan, np.float32), 5) == "returned non-finite values (NaN or Inf)"
+
+
+def _two_csv_tasks(folder):
+    """Two custom CSV tasks in `folder`, by text + label (words from the task's own vocabulary)."""
+    rng = np.random.default_rng(7)
+    for name, words in (("moods", ["glad", "sad"]), ("colours", ["red", "blue", "green"])):
+        rows = [(f"{words[label]} thing {i}", label) for i in range(48) for label in [int(rng.integers(len(words)))]]
+        pd.DataFrame(rows, columns=["text", "label"]).to_csv(folder / f"{name}.csv", index=False)
+
+
+def test_a_resume_reads_the_files_the_run_was_built_from_and_refuses_changed_ones(tmp_path, monkeypatch, capsys):
+    from fltac_ray.errors import DataFileError
+
+    first, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (first / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    _two_csv_tasks(first / "data")
+    monkeypatch.chdir(first)  # the experiment names its files relative to here
+    config = tiny_config(rounds=2, engine={"backend": "local"}, data={
+        "tasks": ["moods", "colours"], "train_per_task": 32, "test_per_task": 16,
+        "custom_tasks": {"moods": {"train": "data/moods.csv", "num_classes": 2},
+                         "colours": {"train": "data/colours.csv", "num_classes": 3}}})
+    whole = _run(config, tmp_path / "run")
+    recorded = json.loads((whole.run_dir / "data_files.json").read_text())
+    assert [(r["setting"], r["path"]) for r in recorded] == [  # absolute, in the settings' order
+        ("data.custom_tasks.colours.train", str(first / "data" / "colours.csv")),
+        ("data.custom_tasks.moods.train", str(first / "data" / "moods.csv"))]
+    newest = whole.run_dir / "checkpoints" / "round_00002" / "clients.safetensors"
+    newest.write_bytes(newest.read_bytes()[:50])  # round 2 must be redone on resume
+
+    monkeypatch.chdir(elsewhere)  # data/moods.csv means nothing here
+    moods = first / "data" / "moods.csv"
+    kept = moods.read_bytes()
+    moods.write_bytes(kept.replace(b" thing 0,", b" thing X,"))  # edited after the interruption
+    assert moods.read_bytes() != kept
+    with pytest.raises(DataFileError) as info:
+        Simulation.resume(whole.run_dir, progress=Progress(quiet=True)).run()
+    assert str(info.value).startswith(f"data file {moods}: (data.custom_tasks.moods.train) changed since the run "
+                                      "started (same size, different content; SHA-256 was "), info.value
+    moods.write_bytes(kept)
+    resumed = Simulation.resume(whole.run_dir, progress=Progress()).run()
+    assert "resuming" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(resumed.metrics[COMPARED], whole.metrics[COMPARED], check_exact=True)
+    moods.unlink()
+    with pytest.raises(DataFileError, match=r"the run was built from this file and it is gone"):
+        Simulation.resume(whole.run_dir, progress=Progress(quiet=True)).run()
+
+
+def test_data_fingerprints_hand_checked(tmp_path):
+    import hashlib
+
+    from fltac_ray.errors import RunFolderError
+    from fltac_ray.runs.data_files import fingerprint, load_data_files
+
+    file = tmp_path / "a.csv"
+    file.write_bytes(b"text,label\nx,1\n")
+    assert fingerprint("s", file).sha256 == hashlib.sha256(b"text,label\nx,1\n").hexdigest()
+    folder = tmp_path / "set"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "b.bin").write_bytes(b"bb")
+    (folder / "a.bin").write_bytes(b"a")
+    lines = "".join(f"{name}\0{len(data)}\0{hashlib.sha256(data).hexdigest()}\n"
+                    for name, data in (("a.bin", b"a"), ("sub/b.bin", b"bb")))
+    assert fingerprint("s", folder).sha256 == hashlib.sha256(lines.encode()).hexdigest()
+    assert fingerprint("s", folder).size == 3
+    (folder / "sub" / "b.bin").rename(folder / "sub" / "c.bin")  # a rename changes the folder's print
+    assert fingerprint("s", folder).sha256 != hashlib.sha256(lines.encode()).hexdigest()
+    (tmp_path / "data_files.json").write_text('[{"setting": "x"}]')
+    with pytest.raises(RunFolderError, match="data_files.json is not a list of data file records"):
+        load_data_files(tmp_path)

@@ -58,6 +58,7 @@ from fltac_ray.engine.scheduling import plan_passes
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
 from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
+from fltac_ray.runs.data_files import check_and_pin, load_data_files, record_data_files
 from fltac_ray.runs.decisions import RunDecisions
 from fltac_ray.runs.files import foreign_entries
 from fltac_ray.runs.outputs import (
@@ -172,7 +173,7 @@ class Simulation:
         shared = self.shared_data if self.shared_data is not None and self.shared_data.matches(config) else None
         built = shared.get() if shared is not None else None
         try:
-            data, active = prepare_data(config, algorithm, built)
+            data, active = self._prepare_data(algorithm, run_dir, built)
         except BaseException:
             if self.resume_dir is None:
                 self.lock.close()
@@ -236,6 +237,21 @@ class Simulation:
         say("\n" + format_run_summary(metrics, rounds))
         say(f"[fltac-ray] done in {wall:.1f}s; results in {run_dir}")
         return RunResult(run_dir, metrics, rounds, wall)
+
+    def _prepare_data(self, algorithm: FederatedAlgorithm, run_dir: Path, built: FederatedData | None
+                      ) -> tuple[FederatedData, list[int]]:
+        """The run's data, its local data files recorded in data_files.json. A resume reads the
+        files the run was built from (the recorded absolute paths, whatever the working directory;
+        a changed one is refused: runs/data_files.py) through its own copy of the settings, so the
+        checkpoint's config is still compared with the settings as given."""
+        source = self.config
+        if self.resume_dir is not None:
+            source = self.config.model_copy(deep=True)
+            check_and_pin(run_dir, source)
+        prepared = prepare_data(source, algorithm, built)
+        if self.resume_dir is None or load_data_files(run_dir) is None:
+            record_data_files(run_dir, source)
+        return prepared
 
     def _resume_point(self, run_dir: Path) -> Checkpoint | None:
         """The checkpoint a resume continues from, its config checked against config.yaml; None:
