@@ -639,6 +639,30 @@ class ReportConfig(_Section):
     )
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy (fltac_ray/privacy/, README "Privacy")."""
+
+    mode: Literal["none", "client_local"] = Field(
+        default="none",
+        description="client_local: each client clips its update (upload minus what it would send untrained) "
+        "to clip_norm and adds Gaussian noise before uploading (local client-level DP; the server clusters "
+        "and averages noised uploads).",
+    )
+    clip_norm: float = Field(default=1.0, gt=0, description="C: the L2 bound of each upload's update.")
+    noise_multiplier: float | None = Field(
+        default=None, ge=0,
+        description="z: noise N(0, (z C)^2) per coordinate of each upload; unset: calibrated from target_epsilon.",
+    )
+    target_epsilon: float | None = Field(
+        default=None, gt=0,
+        description="The budget: calibrates noise_multiplier when it is unset; with a given multiplier the run "
+        "stops before the round that would exceed it.",
+    )
+    delta: float | None = Field(default=None, gt=0, lt=1, description="delta of (epsilon, delta); default 1 / clients.")
+    accountant: Literal["rdp", "pld"] = Field(
+        default="rdp", description="dp-accounting's accountant: Renyi DP (rdp) or privacy loss distributions (pld).")
+
+
 class TrackingConfig(_Section):
     """Experiment tracking (tracking.py): the config, every round's metrics and the final
     adapters, logged through each library's own API. `tracking: [tensorboard, mlflow]` is
@@ -783,6 +807,7 @@ class ExperimentConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -887,6 +912,17 @@ class ExperimentConfig(_Section):
         if fed.screening_neighbours is not None and fed.screening != "neighbours":
             raise ValueError(f"federation.screening_neighbours = {fed.screening_neighbours}: only used with "
                              f"federation.screening: neighbours (here {fed.screening!r})")
+        privacy = self.privacy
+        if privacy.mode != "none" and privacy.noise_multiplier is None and privacy.target_epsilon is None:
+            raise ValueError("privacy.noise_multiplier = null: give privacy.noise_multiplier or "
+                             "privacy.target_epsilon (which calibrates it)")
+        if privacy.mode != "none" and privacy.noise_multiplier == 0:
+            raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
+                             "> 0 or privacy.target_epsilon, or set privacy.mode: none")
+        if self.privacy.mode != "none" and (extras := self.algorithm_class.upload_extras):
+            raise ValueError(f"privacy.mode = {self.privacy.mode!r}: algorithm '{self.algorithm}' also uploads "
+                             f"{list(extras)}, which the noise does not cover; use an algorithm that uploads its "
+                             "adapter alone")
         if fed.screening_stop and fed.screening == "none":
             raise ValueError("federation.screening_stop = True: only used with federation.screening: norm or "
                              "neighbours (here 'none')")

@@ -179,9 +179,10 @@ class Progress:
                           (("rejected_uploads", "rejected"), ("screened_uploads", "screened out"),
                            ("suspected_kept", "kept apart (screening may not hold)"))
                           if row.get(column, 0))
+        spent = f"  | epsilon {row['epsilon']:.3g}" if _finite(row.get("epsilon")) else ""  # privacy
         self._redraw()
         self.say(
-            f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}{dropped}"
+            f"round {round_index:>3}/{rounds}  {accs}  | {mean_text}{cluster_text}{dropped}{spent}"
             f"  | up {_megabytes(row['bytes_up'])}  {row['seconds']:.1f}s"
         )
 
@@ -228,6 +229,9 @@ def format_run_summary(metrics: pd.DataFrame, rounds: pd.DataFrame) -> str:
         skipped = int(rounds["skipped_steps"].fillna(0).sum()) if "skipped_steps" in rounds else 0
         if skipped:
             parts.append(f"{skipped} adapter steps skipped (float16 overflow; rounds.csv skipped_steps)")
+        spent = rounds["epsilon"].dropna() if "epsilon" in rounds else rounds.iloc[:0]
+        if len(spent):
+            parts.append(f"privacy spent: epsilon {spent.iloc[-1]:.3g} (rounds.csv epsilon)")
         parts.append(f"mean round {rounds['seconds'].mean():.1f}s")
         lines.append("; ".join(parts))
         apart = rounds[rounds["suspected_kept"].fillna(0) > 0] if "suspected_kept" in rounds else rounds.iloc[:0]

@@ -86,6 +86,9 @@ class FederatedAlgorithm:
     #: names of the per-round measures `aggregate` reports in Aggregate.metrics: extra columns
     #: of rounds.csv (empty where a round reported none)
     round_metrics: ClassVar[tuple[str, ...]] = ()
+    #: what `upload` sends besides the adapter (Upload.extras keys): differential privacy noises
+    #: the adapter only, so it refuses an algorithm that sends more
+    upload_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config

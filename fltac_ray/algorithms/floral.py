@@ -80,6 +80,7 @@ def num_adaptors(config) -> int:
 
 class FLoRAL(FederatedAlgorithm):
     name = "floral"
+    upload_extras = ("mixture",)
     summary = "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router"
     Options = FloralOptions
 

@@ -45,6 +45,7 @@ class ControlVariateCorrection(LocalTraining):
 
 class Scaffold(GlobalModelAlgorithm):
     name = "scaffold"
+    upload_extras = ("control_delta",)
     summary = "SCAFFOLD: FedAvg with client and server control variates correcting local drift"
     Options = ScaffoldOptions
     round_metrics = ("control_norm",)  # ||c|| after the round: how much drift is being corrected

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fltac_ray.algorithms import ClientJob, create_algorithm
-from fltac_ray.algorithms.base import AdapterKey, AdapterSpec
+from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Upload
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.data.federated import ClientShard, EncodedSplit, TaskBundle
 from fltac_ray.engine.memory import HeapTrimmer
@@ -34,6 +34,7 @@ from fltac_ray.engine.messages import (
     TrainJob,
 )
 from fltac_ray.models.model_files import ModelFiles
+from fltac_ray.privacy.mechanism import PRIVACY_STREAM, privatize_upload
 from fltac_ray.server.attacks import Attack
 
 TRIM_EVERY_ADAPTERS = 32  # one-by-one training gives freed memory back after this many adapters
@@ -393,6 +394,9 @@ class ClientWorker:
             if kept is not None:
                 kept_state[job.key] = np.asarray(kept, dtype=np.float32)
             upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
+            if upload is not None and self.config.privacy.mode == "client_local":
+                self._privatize(upload, algorithm.upload(client_job, starts[row], private[job.key], metas[row]),
+                                round_index, job.key)
             if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):
                 upload.vector = self.attack.tamper(upload.vector, round_index, job.key)
             if upload is not None:
@@ -404,6 +408,15 @@ class ClientWorker:
                             time.perf_counter() - started, step_seconds, self.worker_index,
                             self.loss_scale.skipped - skipped_before)
         return result, report
+
+    def _privatize(self, upload: Upload, untrained: Upload, round_index: int, key: AdapterKey) -> None:
+        """Local client-level DP (privacy/mechanism.py): the update against what the client would
+        have sent untrained, clipped and noised with the run's settled multiplier; noise seeded
+        per (seed, round, client, slot), so the run stays reproducible."""
+        settings = self.config.privacy
+        rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, round_index, key[0], key[1]])
+        upload.vector, _ = privatize_upload(upload.vector, untrained.vector, settings.clip_norm,
+                                            settings.noise_multiplier, rng)
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, jobs: list[EvalJob], state: StateView, max_adapters: int,

@@ -29,6 +29,23 @@ def sample_clients(seed: int, round_index: int, active: list[int], fraction: flo
     return sorted(int(c) for c in rng.choice(active, size=count, replace=False))
 
 
+def plan_privacy(config: ExperimentConfig, algorithm: FederatedAlgorithm, data: FederatedData,
+                 active: list[int]):
+    """privacy: the run's ledger (privacy/ledger.py) from its seeded sampling schedule, or None;
+    a calibrated noise multiplier is written into the run's own config, which the workers get."""
+    if config.privacy.mode == "none":
+        return None
+    from fltac_ray.privacy.ledger import PrivacyLedger
+
+    schedule = [sample_clients(config.seed, r, active, config.federation.client_fraction)
+                for r in range(1, config.rounds + 1)]
+    tasks = {c.client_id: list(c.tasks) for c in data.clients}
+    per_client = max((len(algorithm.client_adapters(tasks[c])) for c in active), default=1)
+    ledger = PrivacyLedger.plan(config.privacy, schedule, per_client, config.data.num_clients)
+    config.privacy.noise_multiplier = ledger.noise_multiplier
+    return ledger
+
+
 def build_data(config: ExperimentConfig) -> FederatedData:
     """The experiment's tasks loaded, split, partitioned and encoded (before any algorithm)."""
     from fltac_ray.data.encoding import make_featurizer

@@ -50,12 +50,14 @@ from fltac_ray.engine.round_tables import client_rows, round_row, task_rows
 from fltac_ray.engine.run_setup import (
     clients_per_round,
     make_backend,
+    plan_privacy,
     preflight,
     prepare_data,
     sample_clients,
 )
 from fltac_ray.engine.scheduling import plan_passes
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
+from fltac_ray.privacy.ledger import PrivacyLedger
 from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
 from fltac_ray.runs.data_files import check_and_pin, load_data_files, record_data_files
@@ -125,6 +127,7 @@ class Simulation:
         self.state: RunState | None = None  # set up by run()
         self.backend: Backend | None = None  # started by run()
         self.run_info: RunInfo | None = None  # what callbacks see, once the backend has started
+        self.privacy: PrivacyLedger | None = None  # privacy: the plan and epsilon per round (privacy/)
 
     @classmethod
     def resume(cls, run_dir: str | Path, progress: Progress | None = None, callbacks=(),
@@ -180,6 +183,13 @@ class Simulation:
                 self.lock = None
                 discard_unused_run_dir(run_dir, made)
             raise
+        # before the checkpoint's config is compared: a calibrated noise multiplier is in both
+        self.privacy = plan_privacy(config, algorithm, data, active)
+        if self.privacy is not None:
+            say(f"  {self.privacy.describe()}")
+            if self.privacy.last_round < config.rounds:
+                say(f"  privacy budget: epsilon {self.privacy.target_epsilon:g} affords rounds 1-"
+                    f"{self.privacy.last_round} of {config.rounds}; the run stops after round {self.privacy.last_round}")
         # the workers read the shared copy when the algorithm kept the data as built
         data_source = shared if built is not None and data is built else None
         if len(data.clients) == 1 and len(active) == 1 and config.data.num_clients > 1:
@@ -324,7 +334,8 @@ class Simulation:
             done = pd.read_csv(writer.rounds_path)  # a resumed run's earlier rounds
             self.progress.start_rounds(config.rounds, first,
                                        float((done["bytes_up"] + done["bytes_down"]).sum()) if len(done) else 0.0)
-            for round_index in range(first, config.rounds + 1):
+            last = self.privacy.last_round if self.privacy is not None else config.rounds
+            for round_index in range(first, last + 1):
                 ctx = self._round(run, algorithm, round_index, active)
                 for callback in state.callbacks:
                     callback.on_round_end(run, ctx)
@@ -392,8 +403,8 @@ class Simulation:
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: {len(sampled) - len(failed)} of "
                 f"{len(sampled)} sampled clients delivered (< federation.min_completion_rate = "
                 f"{config.federation.min_completion_rate}); failed clients {failed}; state unchanged")
-            row = round_row(config, workers, round_index, sampled, failed, reports, None, {},
-                            started, trained, trained, "rejected")
+            row = self._spent(round_row(config, workers, round_index, sampled, failed, reports, None, {},
+                                        started, trained, trained, "rejected"), round_index)
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         self.progress.phase(f"round {round_index}: aggregating")
         expected = [key for report in reports for key in report.keys]
@@ -413,8 +424,8 @@ class Simulation:
         if outcome.uploads and not outcome.keys:  # every upload failed the server's checks
             say(f"round {round_index:>3}/{config.rounds}  REJECTED: all {outcome.uploads} uploads failed the "
                 "server's checks (see the lines above); nothing was aggregated, the state is unchanged")
-            row = round_row(config, workers, round_index, sampled, failed, reports, outcome, {},
-                            started, trained, aggregated, "rejected")
+            row = self._spent(round_row(config, workers, round_index, sampled, failed, reports, outcome, {},
+                                        started, trained, aggregated, "rejected"), round_index)
             return RoundContext(round_index, "rejected", row, (), (), None, tuple(reports))
         evaluate = round_index % config.train.eval_every == 0 or round_index == config.rounds
         per_task, per_client, task_accuracy, evaluated = [], [], {}, 0
@@ -422,11 +433,16 @@ class Simulation:
             records, evaluated = self._evaluate(round_index, backend, run.data, active)
             per_task, task_accuracy = task_rows(round_index, records, run.data)
             per_client = client_rows(round_index, records)
-        row = round_row(config, workers, round_index, sampled, failed, reports, outcome,
-                        task_accuracy, started, trained, aggregated, "ok", evaluated)
+        row = self._spent(round_row(config, workers, round_index, sampled, failed, reports, outcome,
+                                    task_accuracy, started, trained, aggregated, "ok", evaluated), round_index)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
         return RoundContext(round_index, "ok", row, tuple(per_task), tuple(per_client), outcome,
                             tuple(reports))
+
+    def _spent(self, row: dict, round_index: int) -> dict:
+        """The round's row with the privacy spent so far (rounds.csv `epsilon`; NaN without privacy)."""
+        row["epsilon"] = self.privacy.epsilon_after(round_index) if self.privacy is not None else float("nan")
+        return row
 
     def _round_zero(self, run: RunInfo, active: list[int], writer: RunWriter) -> None:
         """Round 0: every active client's starting adapter v^0 — the pre-trained model with a zero

@@ -1,0 +1,73 @@
+"""A run's privacy plan and its epsilon after every round (`privacy:` in the experiment).
+
+Settled on the driver before the backend starts, from the run's seeded sampling schedule: how
+many rounds each client takes part in, the adapters a client sends per round (S), the noise
+multiplier (given, or calibrated from `privacy.target_epsilon` for the client sampled most
+often) and, with a given multiplier and a target, the last round the budget affords.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from fltac_ray.privacy.accounting import calibrate_noise_multiplier, composed_epsilon
+from fltac_ray.privacy.mechanism import client_noise_multiplier
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    mode: str
+    clip_norm: float
+    noise_multiplier: float  # z: each upload gets N(0, (z C)^2) per coordinate
+    adapters_per_client: int  # S: the most adapters one client sends in a round
+    delta: float
+    accountant: str
+    target_epsilon: float | None
+    epsilons: tuple[float, ...]  # epsilon after round r at index r - 1 (the most-sampled client's)
+    calibrated: bool  # z was calibrated from target_epsilon
+
+    @classmethod
+    def plan(cls, settings, schedule: list[list[int]], adapters_per_client: int, clients: int) -> PrivacyLedger:
+        """`settings`: the config's privacy section; `schedule`: the sampled clients of rounds 1..R;
+        `clients`: the federation's size (default delta = 1 / clients)."""
+        delta = settings.delta if settings.delta is not None else 1.0 / clients
+        so_far: Counter = Counter()
+        most = []  # the largest participation count after each round
+        for sampled in schedule:
+            so_far.update(set(sampled))
+            most.append(max(so_far.values(), default=0))
+        calibrated = settings.noise_multiplier is None
+        if calibrated:
+            client_z = calibrate_noise_multiplier(settings.target_epsilon, most[-1] if most else 0, delta,
+                                                  settings.accountant)
+            z = client_z * math.sqrt(max(1, adapters_per_client))
+        else:
+            z = settings.noise_multiplier
+            client_z = client_noise_multiplier(z, adapters_per_client)
+        epsilons = tuple(composed_epsilon(client_z, count, delta, settings.accountant) for count in most)
+        return cls(settings.mode, settings.clip_norm, z, adapters_per_client, delta, settings.accountant,
+                   settings.target_epsilon, epsilons, calibrated)
+
+    def epsilon_after(self, round_index: int) -> float:
+        return self.epsilons[round_index - 1] if round_index >= 1 else 0.0
+
+    @property
+    def last_round(self) -> int:
+        """The last round whose epsilon stays within target_epsilon (all rounds without a target)."""
+        if self.target_epsilon is None:
+            return len(self.epsilons)
+        # a calibrated multiplier meets the target up to the search's tolerance
+        within = [r for r, eps in enumerate(self.epsilons, 1) if eps <= self.target_epsilon * (1 + 1e-6)]
+        return within[-1] if within else 0
+
+    def describe(self) -> str:
+        """The start-up line's privacy part."""
+        how = (f"calibrated for epsilon {self.target_epsilon:g}" if self.calibrated
+               else "as given" + (f", budget epsilon {self.target_epsilon:g}" if self.target_epsilon else ""))
+        return (f"privacy: {self.mode} client-level DP, clip {self.clip_norm:g}, noise multiplier "
+                f"{self.noise_multiplier:.4g} ({how}; {self.adapters_per_client} adapter(s) per client, so "
+                f"{client_noise_multiplier(self.noise_multiplier, self.adapters_per_client):.4g} per client), "
+                f"delta {self.delta:.3g}, {self.accountant.upper()} accounting: epsilon "
+                f"{self.epsilons[-1] if self.epsilons else 0.0:.3g} after round {len(self.epsilons)}")

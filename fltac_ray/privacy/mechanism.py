@@ -1,0 +1,51 @@
+"""Clipping and Gaussian noise of a client's update (numpy only, no Ray, no accounting).
+
+Client-level DP as in DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018, "Learning
+Differentially Private Recurrent Language Models"): what a client contributes in a round is its
+update Delta = upload - reference (the upload minus what it would have sent untrained), clipped
+to L2 norm at most C, so one client moves anything computed from it by at most C; Gaussian noise
+N(0, (z C)^2) per coordinate then hides that move, z being the noise multiplier.
+
+A client with S adapters (FL-TAC: one per task) sends S uploads a round; each is clipped to C, so
+the client as a whole moves the round's uploads by at most C sqrt(S) (the L2 norm of its S clipped
+updates side by side). With noise z C on each upload the client is protected as by one Gaussian
+mechanism of multiplier z / sqrt(S): `client_noise_multiplier` gives that number, which the
+accounting uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# the tag of the noise's np.random.default_rng([seed, tag, round, client, slot]) streams, distinct
+# from the engine's other draws (1-9) and the attacks' (17-19)
+PRIVACY_STREAM = 23
+
+
+def clip_update(update: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+    """`update` (p,) scaled down to L2 norm at most `bound` (unchanged when already within it),
+    and its norm before clipping. Norms in float64: a float32 sum of squares of ~1e6 entries
+    would carry its rounding into the bound."""
+    norm = float(np.sqrt(np.dot(update.astype(np.float64), update.astype(np.float64))))
+    if norm <= bound or norm == 0.0:
+        return update, norm
+    return (update * (bound / norm)).astype(update.dtype), norm
+
+
+def privatize_upload(vector: np.ndarray, reference: np.ndarray, clip_norm: float, noise_multiplier: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The upload a client sends under local client-level DP: reference + clip(vector - reference,
+    C) + N(0, (z C)^2) per coordinate, as float32; and the update's norm before clipping. Both
+    arrays (p,)."""
+    update = vector.astype(np.float64) - reference.astype(np.float64)
+    clipped, norm = clip_update(update, clip_norm)
+    noise = rng.normal(0.0, noise_multiplier * clip_norm, size=clipped.shape)
+    return (reference.astype(np.float64) + clipped + noise).astype(np.float32), norm
+
+
+def client_noise_multiplier(noise_multiplier: float, adapters_per_client: int) -> float:
+    """The multiplier one client's whole contribution of a round sees: z / sqrt(S) for S adapters
+    each clipped to C and noised with z C (see the module docstring)."""
+    return noise_multiplier / math.sqrt(max(1, adapters_per_client))

@@ -1,0 +1,152 @@
+"""Differential privacy: clipping and noise by hand, epsilon against dp-accounting's own
+calculator, the run's ledger, the config's refusals, and private runs end to end."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fltac_ray.engine.simulation import Simulation
+from fltac_ray.errors import ConfigError
+from fltac_ray.privacy.accounting import (
+    calibrate_noise_multiplier,
+    composed_epsilon,
+    participation_counts,
+)
+from fltac_ray.privacy.ledger import PrivacyLedger
+from fltac_ray.privacy.mechanism import client_noise_multiplier, clip_update, privatize_upload
+from fltac_ray.progress import Progress
+
+from .conftest import tiny_config
+
+
+def test_clipping_hand_computed():
+    clipped, norm = clip_update(np.array([3.0, 4.0], np.float32), 1.0)  # norm 5 -> scaled by 1/5
+    np.testing.assert_allclose(clipped, [0.6, 0.8], rtol=1e-6)
+    assert norm == 5.0 and clipped.dtype == np.float32
+    small = np.array([0.3, 0.4], np.float32)
+    inside, norm = clip_update(small, 1.0)  # norm 0.5: unchanged
+    np.testing.assert_array_equal(inside, small)
+    assert norm == pytest.approx(0.5)
+    zero, norm = clip_update(np.zeros(3, np.float32), 1.0)
+    assert norm == 0.0 and not zero.any()
+    assert client_noise_multiplier(2.0, 4) == 1.0 and client_noise_multiplier(1.5, 1) == 1.5
+
+
+def test_privatized_upload_is_reference_plus_clipped_update_plus_seeded_noise():
+    reference = np.array([1.0, 1.0, 1.0, 1.0], np.float32)
+    trained = reference + np.array([6.0, 0.0, 8.0, 0.0], np.float32)  # update norm 10
+    sent, norm = privatize_upload(trained, reference, 2.0, 0.5, np.random.default_rng(3))
+    noise = np.random.default_rng(3).normal(0.0, 0.5 * 2.0, size=4)  # std z C = 1
+    np.testing.assert_allclose(sent, reference + np.array([1.2, 0.0, 1.6, 0.0]) + noise, rtol=1e-6)
+    assert norm == pytest.approx(10.0) and sent.dtype == np.float32
+
+
+def test_the_noise_has_standard_deviation_z_times_c_over_many_seeded_draws():
+    reference = np.zeros(20_000, np.float32)
+    sent, _ = privatize_upload(reference, reference, 0.5, 1.2, np.random.default_rng(11))  # no update: pure noise
+    # 20,000 draws: the sample std is within 3% of z C = 0.6 (its own std is ~0.5%)
+    assert np.std(sent) == pytest.approx(0.6, rel=0.03) and abs(np.mean(sent)) < 0.02
+
+
+def test_epsilon_agrees_with_the_library_and_with_the_rdp_bound_by_hand():
+    import dp_accounting
+
+    z, rounds, delta = 1.3, 12, 1e-4
+    mine = composed_epsilon(z, rounds, delta)
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for _ in range(rounds):  # one event per round, as a library user would compose them
+        accountant.compose(dp_accounting.GaussianDpEvent(z))
+    assert mine == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    # the Gaussian mechanism's RDP is alpha / (2 z^2) per round; the classic conversion
+    # min_alpha (T alpha / (2 z^2) + log(1/delta) / (alpha - 1)) is an upper bound on epsilon
+    classic = min(rounds * a / (2 * z * z) + math.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 200, 20_000))
+    assert 0.6 * classic < mine <= classic
+    assert composed_epsilon(z, 0, delta) == 0.0 and composed_epsilon(0.0, 3, delta) == math.inf
+    assert composed_epsilon(z, rounds, delta, "pld") < mine  # PLD is tighter than RDP
+    calibrated = calibrate_noise_multiplier(2.0, rounds, delta)
+    assert composed_epsilon(calibrated, rounds, delta) == pytest.approx(2.0, rel=1e-3)
+
+
+class _Settings:
+    mode, clip_norm, accountant, delta = "client_local", 1.0, "rdp", None
+
+    def __init__(self, noise_multiplier=None, target_epsilon=None):
+        self.noise_multiplier, self.target_epsilon = noise_multiplier, target_epsilon
+
+
+def test_the_ledger_follows_the_most_sampled_client():
+    schedule = [[0, 1], [1, 2], [1, 3], [0, 2]]  # client 1 after rounds 1..4: 1, 2, 3, 3
+    assert participation_counts(schedule) == {0: 2, 1: 3, 2: 2, 3: 1}
+    ledger = PrivacyLedger.plan(_Settings(noise_multiplier=4.0), schedule, adapters_per_client=4, clients=10)
+    assert ledger.delta == 0.1 and ledger.noise_multiplier == 4.0
+    expected = [composed_epsilon(2.0, count, 0.1) for count in (1, 2, 3, 3)]  # z / sqrt(4) = 2 per client
+    assert list(ledger.epsilons) == expected and ledger.last_round == 4 and ledger.epsilon_after(0) == 0.0
+    budget = PrivacyLedger.plan(_Settings(noise_multiplier=4.0, target_epsilon=expected[1] * 1.01), schedule, 4, 10)
+    assert budget.last_round == 2  # round 3 would spend past the budget
+    calibrated = PrivacyLedger.plan(_Settings(target_epsilon=1.5), schedule, 4, 10)
+    assert calibrated.calibrated and calibrated.epsilons[-1] == pytest.approx(1.5, rel=1e-3)
+    assert calibrated.noise_multiplier == pytest.approx(2 * calibrate_noise_multiplier(1.5, 3, 0.1))
+    assert calibrated.last_round == 4
+
+
+@pytest.mark.parametrize(("privacy", "algorithm", "words"), [
+    ({"mode": "client_local"}, "fltac", "privacy.noise_multiplier = None: give privacy.noise_multiplier or"),
+    ({"mode": "client_local", "noise_multiplier": 0}, "fltac", "no noise gives no privacy guarantee"),
+    ({"mode": "client_local", "clip_norm": 0, "noise_multiplier": 1}, "fltac", "privacy.clip_norm"),
+    ({"mode": "client_local", "noise_multiplier": 1}, "scaffold",
+     "algorithm 'scaffold' also uploads ['control_delta'], which the noise does not cover"),
+    ({"mode": "client_local", "noise_multiplier": 1}, "floral", "also uploads ['mixture']"),
+    ({"mode": "client_local", "noise_multiplier": 1, "delta": 1.0}, "fltac", "privacy.delta"),
+])
+def test_settings_that_give_no_guarantee_are_refused(privacy, algorithm, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        tiny_config(privacy=privacy, algorithm=algorithm)
+
+
+def _run(tmp_path, name, **sections):
+    return Simulation(tiny_config(**sections), out=str(tmp_path / name), progress=Progress()).run()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_private_run_reports_epsilon_each_round_and_is_the_same_on_both_backends(tmp_path, capsys):
+    privacy = {"mode": "client_local", "noise_multiplier": 2.0, "clip_norm": 0.5}
+    local = _run(tmp_path, "local", rounds=3, privacy=privacy, engine={"backend": "local", "min_passes": 2})
+    out = capsys.readouterr().out
+    # 4 clients, all sampled every round, 3 adapters each (FL-TAC: one per task): z / sqrt(3) per client
+    expected = [composed_epsilon(2.0 / math.sqrt(3), r, 0.25) for r in (1, 2, 3)]
+    assert local.rounds["epsilon"].tolist() == pytest.approx(expected, rel=1e-12)
+    assert "privacy: client_local client-level DP, clip 0.5, noise multiplier 2 (as given; 3 adapter(s)" in out
+    assert f"| epsilon {expected[0]:.3g}" in out and f"privacy spent: epsilon {expected[-1]:.3g}" in out
+    on_ray = _run(tmp_path, "ray", rounds=3, privacy=privacy, engine={"num_workers": 2})
+    pd.testing.assert_frame_equal(local.metrics, on_ray.metrics, check_exact=True)
+    plain = _run(tmp_path, "plain", rounds=3, engine={"backend": "local", "min_passes": 2})
+    assert not np.allclose(plain.rounds["train_loss"].iloc[1:], local.rounds["train_loss"].iloc[1:])  # noise moved it
+    assert plain.rounds["epsilon"].isna().all()
+
+
+def test_a_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path, capsys):
+    one_round = composed_epsilon(1.0 / math.sqrt(3), 1, 0.25)
+    result = _run(tmp_path, "budget", rounds=3, engine={"backend": "local"},
+                  privacy={"mode": "client_local", "noise_multiplier": 1.0, "target_epsilon": one_round * 1.5})
+    out = capsys.readouterr().out
+    assert result.rounds["round"].tolist() == [1]
+    assert "privacy budget: epsilon" in out and "affords rounds 1-1 of 3; the run stops after round 1" in out
+    calibrated = _run(tmp_path, "calibrated", rounds=2, engine={"backend": "local"},
+                      privacy={"mode": "client_local", "target_epsilon": 8.0})
+    assert calibrated.rounds["epsilon"].iloc[-1] == pytest.approx(8.0, rel=1e-3)
+    assert "calibrated for epsilon 8" in capsys.readouterr().out
+
+
+def test_a_calibrated_private_run_resumes_to_the_same_results(tmp_path):
+    privacy = {"mode": "client_local", "target_epsilon": 6.0}
+    whole = _run(tmp_path, "whole", rounds=2, privacy=privacy, engine={"backend": "local"})
+    newest = whole.run_dir / "checkpoints" / "round_00002" / "clients.safetensors"
+    newest.write_bytes(newest.read_bytes()[:50])  # round 2 is redone on resume, with the same noise
+    resumed = Simulation.resume(whole.run_dir, progress=Progress(quiet=True)).run()
+    pd.testing.assert_frame_equal(resumed.metrics, whole.metrics, check_exact=True)
+    assert resumed.rounds["epsilon"].tolist() == whole.rounds["epsilon"].tolist()
