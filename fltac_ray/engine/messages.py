@@ -171,6 +171,8 @@ class RoundOutcome:
     seconds: float = 0.0
     screened: list[tuple[AdapterKey, str]] = field(default_factory=list)  # federation.screening
     kept_apart: int = 0  # uploads of a group apart from the rest that screening kept (screening.py)
+    # mean relative error of averaging LoRA factors instead of their products (lora_products.py)
+    lora_product_error: float = float("nan")
     screening_note: str = ""  # says so, when kept_apart
     audit: dict[str, float] = field(default_factory=dict)  # attacks.honest_damage, when measured
 

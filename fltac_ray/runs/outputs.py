@@ -18,6 +18,7 @@ METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples
 CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
 ROUNDS_COLUMNS = [
     "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters",
+    "lora_product_error",
     "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
     "skipped_steps", "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "evaluated_adapters", "eval_seconds",
     "seconds", "epsilon", "screened_uploads", "suspected_kept", "malicious_uploads", "malicious_accepted", "honest_screened",

@@ -23,6 +23,7 @@ from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, Stat
 from fltac_ray.errors import AlgorithmError, ScreeningError
 from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.server.attacks import Attack, honest_damage
+from fltac_ray.server.lora_products import round_product_error
 from fltac_ray.server.screening import default_neighbours, screen_uploads
 from fltac_ray.server.state_store import ClientStateStore
 from fltac_ray.server.uploads import answer_problem, merged_problem, upload_problem
@@ -280,6 +281,11 @@ class Server:
                     private[key] = result.private[key]
                 if key in result.client_state:
                     states[key] = result.client_state[key]
+        product_error = float("nan")  # lora_products.py: only where uploads are whole adapters
+        if outcome is not None and len(accepted[0].vector) == self.store.size:
+            product_error = round_product_error([u.vector for u in accepted], np.asarray(outcome.labels),
+                                                algorithm.weights(np.asarray([u.num_samples for u in accepted])),
+                                                algorithm.spec.layout)
         audit = self._audit(checked, vectors, kept, outcome, truth) if truth is not None else {}
         self.store.commit(adapters, private)
         if states:
@@ -302,6 +308,7 @@ class Server:
             rejected=rejected,
             screened=screened,
             kept_apart=kept_apart,
+            lora_product_error=product_error,
             screening_note=screening_note,
             audit=audit,
             params_up=sum(u.params for u in uploads),

@@ -1,0 +1,69 @@
+"""How far averaging A and B separately lands from averaging the updates B A they stand for.
+
+A LoRA layer's update is dW = B A (B: (d_out, r), A: (r, d_in)). FedAvg-style methods (FedIT,
+FL-TAC inside each cluster) average the factors, and the product of the averages is not the
+average of the products:
+
+    error = || sum_k p_k B_k A_k - (sum_k p_k B_k)(sum_k p_k A_k) ||_F / || sum_k p_k B_k A_k ||_F
+
+per layer and group, with p the aggregation weights normalised within the group (the quantity
+FLoRA, Wang et al. NeurIPS 2024, and FedEx-LoRA, Singhal et al. 2024, argue about). 0 when every
+A (or every B) of a group is the same; undefined (NaN) where the averaged product is 0, e.g. while
+every B is still at its zero initialisation. The round's figure (rounds.csv
+`lora_product_error`) is the mean over the layers and the groups of two or more uploads.
+
+No Ray; the server calls `round_product_error` on a round's accepted uploads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lora_pairs(layout) -> list[tuple[slice, tuple[int, int], slice, tuple[int, int]]]:
+    """(A's slice, A's shape (r, d_in), B's slice, B's shape (d_out, r)) of every LoRA layer of a
+    flat adapter laid out as `layout` ((name, shape) in flattening order), paired by name."""
+    offsets, start = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        offsets[name] = (slice(start, start + size), tuple(shape))
+        start += size
+    pairs = []
+    for name, (a_slice, a_shape) in offsets.items():
+        if "lora_A" in name and (b := offsets.get(name.replace("lora_A", "lora_B"))) is not None:
+            b_slice, b_shape = b
+            if len(a_shape) == 2 and len(b_shape) == 2 and a_shape[0] == b_shape[1]:  # linear layers
+                pairs.append((a_slice, a_shape, b_slice, b_shape))
+    return pairs
+
+
+def product_error(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> float:
+    """The relative error for one layer of one group: `a` (n, r, d_in), `b` (n, d_out, r),
+    `weights` (n,) summing to 1. In float64: the two products can agree to many digits."""
+    a, b, p = a.astype(np.float64), b.astype(np.float64), weights.astype(np.float64)
+    # sum_k p_k B_k A_k as one product of stacks: (d_out, n r) @ (n r, d_in)
+    n, r, d_in = a.shape
+    stacked_b = np.concatenate(list(b * p[:, None, None]), axis=1)  # (d_out, n r)
+    mean_of_products = stacked_b @ a.reshape(n * r, d_in)
+    product_of_means = np.tensordot(p, b, axes=1) @ np.tensordot(p, a, axes=1)  # (d_out, r) @ (r, d_in)
+    scale = np.linalg.norm(mean_of_products)
+    return float(np.linalg.norm(mean_of_products - product_of_means) / scale) if scale > 0 else float("nan")
+
+
+def round_product_error(vectors: list[np.ndarray], labels: np.ndarray, weights: np.ndarray, layout) -> float:
+    """The mean error over every LoRA layer of every group (labels) of two or more uploads, each a
+    whole adapter (p,); NaN when there is none (no LoRA pair, groups of one). One group's rows are
+    stacked at a time, never all uploads at once."""
+    pairs = lora_pairs(layout)
+    errors = []
+    for group in np.unique(labels):
+        members = np.flatnonzero(labels == group)
+        if len(members) < 2 or not pairs or weights[members].sum() <= 0:
+            continue
+        p = weights[members] / weights[members].sum()
+        rows = np.stack([vectors[i] for i in members])  # (m, p)
+        for a_slice, a_shape, b_slice, b_shape in pairs:
+            error = product_error(rows[:, a_slice].reshape(-1, *a_shape), rows[:, b_slice].reshape(-1, *b_shape), p)
+            if np.isfinite(error):
+                errors.append(error)
+    return float(np.mean(errors)) if errors else float("nan")
