@@ -642,11 +642,11 @@ class ReportConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy (fltac_ray/privacy/, README "Privacy")."""
 
-    mode: Literal["none", "client_local"] = Field(
+    mode: Literal["none", "client_local", "client_central"] = Field(
         default="none",
-        description="client_local: each client clips its update (upload minus what it would send untrained) "
-        "to clip_norm and adds Gaussian noise before uploading (local client-level DP; the server clusters "
-        "and averages noised uploads).",
+        description="Client-level DP. Each client clips its update (upload minus what it would send untrained) "
+        "to clip_norm; client_local: and adds Gaussian noise before uploading (the server clusters and "
+        "averages noised uploads); client_central: the server adds the noise to every group mean (DP-FedAvg).",
     )
     clip_norm: float = Field(default=1.0, gt=0, description="C: the L2 bound of each upload's update.")
     noise_multiplier: float | None = Field(
@@ -919,6 +919,18 @@ class ExperimentConfig(_Section):
         if privacy.mode != "none" and privacy.noise_multiplier == 0:
             raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
                              "> 0 or privacy.target_epsilon, or set privacy.mode: none")
+        if privacy.mode == "client_central":
+            options = self.options
+            if getattr(options, "weighting", None) != "uniform" or getattr(options, "aggregation", "mean") != "mean":
+                raise ValueError(
+                    f"privacy.mode = client_central: the noise is calibrated to plain means of clipped updates; "
+                    f"give algorithm.weighting: uniform (an example count would set a client's weight and so its "
+                    f"sensitivity) and aggregation: mean (here weighting "
+                    f"{getattr(options, 'weighting', 'none: no such option')!r}, aggregation "
+                    f"{getattr(options, 'aggregation', 'mean')!r}), or use client_local")
+            if privacy.accountant != "rdp":
+                raise ValueError("privacy.accountant = pld: client_central accounts for sampling clients without "
+                                 "replacement, which dp-accounting's RDP accountant handles; use rdp")
         if self.privacy.mode != "none" and (extras := self.algorithm_class.upload_extras):
             raise ValueError(f"privacy.mode = {self.privacy.mode!r}: algorithm '{self.algorithm}' also uploads "
                              f"{list(extras)}, which the noise does not cover; use an algorithm that uploads its "

@@ -150,3 +150,96 @@ def test_a_calibrated_private_run_resumes_to_the_same_results(tmp_path):
     resumed = Simulation.resume(whole.run_dir, progress=Progress(quiet=True)).run()
     pd.testing.assert_frame_equal(resumed.metrics, whole.metrics, check_exact=True)
     assert resumed.rounds["epsilon"].tolist() == whole.rounds["epsilon"].tolist()
+
+
+def test_central_noise_is_z_c_over_each_groups_count_and_spares_empty_groups():
+    from fltac_ray.algorithms.types import Aggregate
+    from fltac_ray.privacy.mechanism import CentralNoise
+
+    means = Aggregate(np.array([0, 1, 1]), np.zeros((3, 40_000), np.float32), np.array([1.0, 4.0, 0.0]))
+    noise = CentralNoise(np.random.default_rng(5), noise_multiplier=2.0, clip_norm=0.5)
+    noised = noise(means)
+    # z C / n: 1.0 for the group of one, 0.25 for the group of four; the empty group is kept
+    assert np.std(noised.adapters[0]) == pytest.approx(1.0, rel=0.02)
+    assert np.std(noised.adapters[1]) == pytest.approx(0.25, rel=0.02)
+    assert not noised.adapters[2].any() and noise.calls == 1
+    np.testing.assert_array_equal(noised.labels, means.labels)
+
+
+def test_sampled_epsilon_agrees_with_the_library_and_sampling_amplifies():
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for _ in range(6):
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(40, 10, dp_accounting.GaussianDpEvent(1.1)))
+    from fltac_ray.privacy.accounting import calibrate_sampled_noise, sampled_epsilon
+
+    assert sampled_epsilon(1.1, 40, 10, 6, 1e-3) == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-9)
+    assert sampled_epsilon(1.1, 40, 10, 6, 1e-3) < sampled_epsilon(1.1, 40, 40, 6, 1e-3)  # 1 in 4 sampled
+    assert sampled_epsilon(1.1, 40, 40, 6, 1e-3) == pytest.approx(composed_epsilon(1.1, 6, 1e-3), rel=1e-9)
+    z = calibrate_sampled_noise(3.0, 40, 10, 6, 1e-3)
+    assert sampled_epsilon(z, 40, 10, 6, 1e-3) == pytest.approx(3.0, rel=1e-3)
+
+
+def test_a_central_server_round_noises_the_means_and_refuses_an_algorithm_that_bypasses_them():
+    from fltac_ray.algorithms import AdapterSpec, FederatedAlgorithm, Upload
+    from fltac_ray.algorithms.options import AggregationOptions
+    from fltac_ray.algorithms.types import Aggregate
+    from fltac_ray.engine.messages import PassResult
+    from fltac_ray.errors import AlgorithmError
+    from fltac_ray.privacy.mechanism import PRIVACY_STREAM
+    from fltac_ray.server.server import Server
+
+    spec = AdapterSpec((("w", (6,)),))
+    vectors = np.arange(24, dtype=np.float32).reshape(4, 6) / 10
+    keys = [(c, 0) for c in range(4)]
+
+    def one_round(algorithm_class, name):
+        config = tiny_config(algorithm={"name": name, "weighting": "uniform"},
+                             privacy={"mode": "client_central", "noise_multiplier": 3.0, "clip_norm": 0.2})
+        server = Server(config, algorithm_class, spec)
+        server.set_initial(np.zeros((1, 6), np.float32))
+        server.receive(1, 0, PassResult([Upload(k, vectors[i], 1) for i, k in enumerate(keys)], keys, vectors), None)
+        return server.close_round(1, keys, 4), server
+
+    from fltac_ray.algorithms import resolve_algorithm
+
+    outcome, server = one_round(resolve_algorithm("fedit"), "fedit")
+    noise = np.random.default_rng([0, PRIVACY_STREAM, 0, 1]).normal(0.0, 3.0 * 0.2 / 4, size=6)
+    expected = (vectors.astype(np.float64).mean(axis=0) + noise).astype(np.float32)
+    np.testing.assert_allclose(server.exported["adapters"][0], expected, rtol=1e-6)
+
+    class Bypass(FederatedAlgorithm):  # averages by itself: its answers would carry no noise
+        name = "bypass"
+        Options = AggregationOptions
+
+        def aggregate(self, uploads, round_index):
+            return Aggregate(np.zeros(len(uploads.vectors), np.int64), uploads.vectors.mean(0, keepdims=True),
+                             np.ones(1))
+
+    bypass_config_name = f"{__name__}:Bypass"
+    globals()["Bypass"] = Bypass
+    with pytest.raises(AlgorithmError, match=r"Bypass.aggregate\(\) in round 1: privacy.mode client_central adds"):
+        one_round(Bypass, bypass_config_name)
+
+
+@pytest.mark.parametrize(("algorithm", "privacy", "words"), [
+    ({"name": "fedit"}, {}, "privacy.mode = 'client_central': the noise is calibrated to plain means"),
+    ({"name": "fedit", "weighting": "uniform", "aggregation": "median"}, {}, "aggregation 'median'"),
+    ({"name": "fedit", "weighting": "uniform"}, {"accountant": "pld"}, "privacy.accountant = 'pld': client_central"),
+])
+def test_central_settings_without_a_calibrated_sensitivity_are_refused(algorithm, privacy, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        tiny_config(algorithm=algorithm, privacy={"mode": "client_central", "noise_multiplier": 1.0, **privacy})
+
+
+def test_a_central_private_run_reports_the_sampled_accounting(tmp_path, capsys):
+    result = _run(tmp_path, "central", rounds=3, engine={"backend": "local"}, federation={"client_fraction": 0.5},
+                  algorithm={"name": "fedit", "weighting": "uniform"},
+                  privacy={"mode": "client_central", "noise_multiplier": 1.5, "clip_norm": 0.5})
+    from fltac_ray.privacy.accounting import sampled_epsilon
+
+    # FedIT: one adapter per client; 2 of the 4 clients each round; replace-one: z / 2 per round
+    expected = [sampled_epsilon(0.75, 4, 2, r, 0.25) for r in (1, 2, 3)]
+    assert result.rounds["epsilon"].tolist() == pytest.approx(expected, rel=1e-12)
+    assert "noise on every group mean; 1 adapter(s) per client, so 0.75 per round" in capsys.readouterr().out

@@ -102,6 +102,9 @@ class FederatedAlgorithm:
         self.trim = getattr(self.options, "trim_fraction", plain.trim_fraction)
         self.spec: AdapterSpec | None = None
         self.initial: np.ndarray | None = None  # (K, d) what the server drew before round 1
+        # privacy.mode client_central: the server sets the round's noise here before `aggregate`
+        # (privacy/mechanism.CentralNoise); cluster_means adds it to every group mean
+        self.aggregate_noise = None
 
     # --- set-up -----------------------------------------------------------------------------
     @classmethod
@@ -259,5 +262,7 @@ class FederatedAlgorithm:
         return np.asarray(num_samples, dtype=np.float64) if self.weighting == "samples" else np.ones(len(num_samples))
 
     def cluster_means(self, vectors: np.ndarray, labels: np.ndarray, num_samples: np.ndarray) -> Aggregate:
-        """Each group's aggregate by the configured rule (FedAvg or a robust one)."""
-        return cluster_aggregate(vectors, labels, self.weights(num_samples), self.aggregation, self.trim)
+        """Each group's aggregate by the configured rule (FedAvg or a robust one); under central
+        differential privacy, with the round's noise added to each mean."""
+        result = cluster_aggregate(vectors, labels, self.weights(num_samples), self.aggregation, self.trim)
+        return result if self.aggregate_noise is None else self.aggregate_noise(result)

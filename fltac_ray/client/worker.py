@@ -394,7 +394,7 @@ class ClientWorker:
             if kept is not None:
                 kept_state[job.key] = np.asarray(kept, dtype=np.float32)
             upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
-            if upload is not None and self.config.privacy.mode == "client_local":
+            if upload is not None and self.config.privacy.mode != "none":
                 self._privatize(upload, algorithm.upload(client_job, starts[row], private[job.key], metas[row]),
                                 round_index, job.key)
             if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):
@@ -410,13 +410,14 @@ class ClientWorker:
         return result, report
 
     def _privatize(self, upload: Upload, untrained: Upload, round_index: int, key: AdapterKey) -> None:
-        """Local client-level DP (privacy/mechanism.py): the update against what the client would
-        have sent untrained, clipped and noised with the run's settled multiplier; noise seeded
-        per (seed, round, client, slot), so the run stays reproducible."""
+        """Client-level DP (privacy/mechanism.py): the update against what the client would have
+        sent untrained, clipped to privacy.clip_norm; client_local also adds the noise here
+        (client_central: the server adds it to the means), seeded per (seed, round, client,
+        slot), so the run stays reproducible."""
         settings = self.config.privacy
+        noise = settings.noise_multiplier if settings.mode == "client_local" else 0.0
         rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, round_index, key[0], key[1]])
-        upload.vector, _ = privatize_upload(upload.vector, untrained.vector, settings.clip_norm,
-                                            settings.noise_multiplier, rng)
+        upload.vector, _ = privatize_upload(upload.vector, untrained.vector, settings.clip_norm, noise, rng)
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, jobs: list[EvalJob], state: StateView, max_adapters: int,

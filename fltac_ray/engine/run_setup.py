@@ -41,7 +41,7 @@ def plan_privacy(config: ExperimentConfig, algorithm: FederatedAlgorithm, data: 
                 for r in range(1, config.rounds + 1)]
     tasks = {c.client_id: list(c.tasks) for c in data.clients}
     per_client = max((len(algorithm.client_adapters(tasks[c])) for c in active), default=1)
-    ledger = PrivacyLedger.plan(config.privacy, schedule, per_client, config.data.num_clients)
+    ledger = PrivacyLedger.plan(config.privacy, schedule, per_client, config.data.num_clients, len(active))
     config.privacy.noise_multiplier = ledger.noise_multiplier
     return ledger
 

@@ -1,5 +1,12 @@
 """Privacy accounting by Google's dp-accounting library (never by hand here).
 
+client_central: the noise is on the server's means and only those leave it, so whoever reads them
+does not know who was sampled: each round is one sampled Gaussian mechanism, m of the N clients
+drawn without replacement (engine/run_setup.sample_clients), under "replace one client"
+neighbouring (the relation dp-accounting's RDP accountant supports for that sampling; N is
+public). Replacing a client changes each of its clipped uploads by up to 2C, and its S uploads may
+all land in one group, so the multiplier per round is z / (2 S).
+
 Under local client-level DP every round a client takes part in is one Gaussian mechanism of
 multiplier z_client = z / sqrt(S) (mechanism.py) applied to that client. The server sees who took
 part, so sampling does not amplify anything against it: a client's guarantee after n rounds is
@@ -52,6 +59,47 @@ def calibrate_noise_multiplier(target_epsilon: float, count: int, delta: float, 
         lambda: _accountant(kind),
         lambda z: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), count),
         target_epsilon, delta))
+
+
+def _sampled_rounds(noise_multiplier: float, population: int, sampled: int, rounds: int):
+    import dp_accounting
+
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+        population, sampled, dp_accounting.GaussianDpEvent(noise_multiplier)), rounds)
+
+
+def _replace_one():
+    import dp_accounting
+
+    return dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+
+
+@functools.lru_cache(maxsize=4096)
+def sampled_epsilon(noise_multiplier: float, population: int, sampled: int, rounds: int, delta: float) -> float:
+    """epsilon at `delta` after `rounds` rounds that each draw `sampled` of `population` clients
+    without replacement and release a Gaussian mechanism of multiplier `noise_multiplier`
+    (RDP, replace-one neighbouring)."""
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    accountant = _replace_one()
+    accountant.compose(_sampled_rounds(noise_multiplier, population, sampled, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_sampled_noise(target_epsilon: float, population: int, sampled: int, rounds: int,
+                            delta: float) -> float:
+    """The smallest multiplier whose `rounds` sampled rounds stay within `target_epsilon`."""
+    import dp_accounting
+
+    if rounds == 0:
+        return 0.0
+    # the search starts above 0: the sampled mechanism's RDP divides by z^2
+    interval = dp_accounting.LowerEndpointAndGuess(lower_endpoint=1e-3, initial_guess=1.0)
+    return float(dp_accounting.calibrate_dp_mechanism(
+        _replace_one, lambda z: _sampled_rounds(z, population, sampled, rounds), target_epsilon, delta,
+        bracket_interval=interval))
 
 
 def participation_counts(schedule: Iterable[Iterable[int]]) -> Counter:

@@ -12,7 +12,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from fltac_ray.privacy.accounting import calibrate_noise_multiplier, composed_epsilon
+from fltac_ray.privacy.accounting import (
+    calibrate_noise_multiplier,
+    calibrate_sampled_noise,
+    composed_epsilon,
+    sampled_epsilon,
+)
 from fltac_ray.privacy.mechanism import client_noise_multiplier
 
 
@@ -27,12 +32,18 @@ class PrivacyLedger:
     target_epsilon: float | None
     epsilons: tuple[float, ...]  # epsilon after round r at index r - 1 (the most-sampled client's)
     calibrated: bool  # z was calibrated from target_epsilon
+    population: int = 0  # client_central: the clients sampling draws from (N) ...
+    sampled: int = 0  # ... and how many each round (m)
 
     @classmethod
-    def plan(cls, settings, schedule: list[list[int]], adapters_per_client: int, clients: int) -> PrivacyLedger:
+    def plan(cls, settings, schedule: list[list[int]], adapters_per_client: int, clients: int,
+             population: int | None = None) -> PrivacyLedger:
         """`settings`: the config's privacy section; `schedule`: the sampled clients of rounds 1..R;
-        `clients`: the federation's size (default delta = 1 / clients)."""
+        `clients`: the federation's size (default delta = 1 / clients); `population`: the clients
+        sampling draws from (those holding data; default `clients`)."""
         delta = settings.delta if settings.delta is not None else 1.0 / clients
+        if settings.mode == "client_central":
+            return cls._central(settings, schedule, adapters_per_client, population or clients, delta)
         so_far: Counter = Counter()
         most = []  # the largest participation count after each round
         for sampled in schedule:
@@ -50,6 +61,21 @@ class PrivacyLedger:
         return cls(settings.mode, settings.clip_norm, z, adapters_per_client, delta, settings.accountant,
                    settings.target_epsilon, epsilons, calibrated)
 
+    @classmethod
+    def _central(cls, settings, schedule: list[list[int]], adapters_per_client: int, population: int,
+                 delta: float) -> PrivacyLedger:
+        """client_central: every round a sampled Gaussian mechanism of multiplier z / (2 S)
+        (accounting.py); the same m of N clients are drawn each round."""
+        sampled, rounds, share = (len(schedule[0]) if schedule else 0), len(schedule), 2 * max(1, adapters_per_client)
+        calibrated = settings.noise_multiplier is None
+        if calibrated:
+            z = calibrate_sampled_noise(settings.target_epsilon, population, sampled, rounds, delta) * share
+        else:
+            z = settings.noise_multiplier
+        epsilons = tuple(sampled_epsilon(z / share, population, sampled, r, delta) for r in range(1, rounds + 1))
+        return cls(settings.mode, settings.clip_norm, z, adapters_per_client, delta, settings.accountant,
+                   settings.target_epsilon, epsilons, calibrated, population, sampled)
+
     def epsilon_after(self, round_index: int) -> float:
         return self.epsilons[round_index - 1] if round_index >= 1 else 0.0
 
@@ -66,8 +92,14 @@ class PrivacyLedger:
         """The start-up line's privacy part."""
         how = (f"calibrated for epsilon {self.target_epsilon:g}" if self.calibrated
                else "as given" + (f", budget epsilon {self.target_epsilon:g}" if self.target_epsilon else ""))
+        if self.mode == "client_central":
+            per_client = (f"noise on every group mean; {self.adapters_per_client} adapter(s) per client, so "
+                          f"{self.noise_multiplier / (2 * max(1, self.adapters_per_client)):.4g} per round "
+                          f"for replacing a client, {self.sampled} of {self.population} clients sampled")
+        else:
+            per_client = (f"{self.adapters_per_client} adapter(s) per client, so "
+                          f"{client_noise_multiplier(self.noise_multiplier, self.adapters_per_client):.4g} per client")
         return (f"privacy: {self.mode} client-level DP, clip {self.clip_norm:g}, noise multiplier "
-                f"{self.noise_multiplier:.4g} ({how}; {self.adapters_per_client} adapter(s) per client, so "
-                f"{client_noise_multiplier(self.noise_multiplier, self.adapters_per_client):.4g} per client), "
-                f"delta {self.delta:.3g}, {self.accountant.upper()} accounting: epsilon "
-                f"{self.epsilons[-1] if self.epsilons else 0.0:.3g} after round {len(self.epsilons)}")
+                f"{self.noise_multiplier:.4g} ({how}; {per_client}), delta {self.delta:.3g}, "
+                f"{self.accountant.upper()} accounting: epsilon {self.epsilons[-1] if self.epsilons else 0.0:.3g} "
+                f"after round {len(self.epsilons)}")

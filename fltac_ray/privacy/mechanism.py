@@ -1,4 +1,4 @@
-"""Clipping and Gaussian noise of a client's update (numpy only, no Ray, no accounting).
+"""Clipping and Gaussian noise (numpy only, no Ray, no accounting).
 
 Client-level DP as in DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018, "Learning
 Differentially Private Recurrent Language Models"): what a client contributes in a round is its
@@ -11,11 +11,18 @@ the client as a whole moves the round's uploads by at most C sqrt(S) (the L2 nor
 updates side by side). With noise z C on each upload the client is protected as by one Gaussian
 mechanism of multiplier z / sqrt(S): `client_noise_multiplier` gives that number, which the
 accounting uses.
+
+The central variant (DP-FedAvg proper) clips on the client and adds the noise to the server's
+averages instead: `CentralNoise` is handed to the algorithm for one round, and every group mean
+the algorithm computes (FederatedAlgorithm.cluster_means, which every averaging method uses, so
+whatever it builds on the means - IFCA's K models, FedAdam's moments - is post-processing) gets
+N(0, (z C / n_k)^2) per coordinate: noise z C on the group's sum of n_k clipped updates.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -49,3 +56,26 @@ def client_noise_multiplier(noise_multiplier: float, adapters_per_client: int) -
     """The multiplier one client's whole contribution of a round sees: z / sqrt(S) for S adapters
     each clipped to C and noised with z C (see the module docstring)."""
     return noise_multiplier / math.sqrt(max(1, adapters_per_client))
+
+
+@dataclass
+class CentralNoise:
+    """The noise of one round's group means under client_central: a mean of n_k uploads
+    (uniform weights, so the weights are the counts) gets N(0, (z C / n_k)^2) per coordinate;
+    groups with no upload this round are left as they are. `calls` counts the means noised, so
+    the server can refuse an algorithm whose answers never went through them."""
+
+    rng: np.random.Generator
+    noise_multiplier: float
+    clip_norm: float
+    calls: int = 0
+
+    def __call__(self, aggregate):
+        counts = np.asarray(aggregate.weights, dtype=np.float64)  # (k,) uploads behind each row
+        adapters = np.asarray(aggregate.adapters, dtype=np.float64).copy()  # (k, p)
+        for row, count in enumerate(counts):
+            if count > 0:
+                adapters[row] += self.rng.normal(0.0, self.noise_multiplier * self.clip_norm / count,
+                                                 size=adapters.shape[1])
+        self.calls += 1
+        return replace(aggregate, adapters=adapters.astype(np.float32))

@@ -21,6 +21,7 @@ from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
 from fltac_ray.errors import AlgorithmError, ScreeningError
+from fltac_ray.privacy.mechanism import PRIVACY_STREAM, CentralNoise
 from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.server.attacks import Attack, honest_damage
 from fltac_ray.server.lora_products import round_product_error
@@ -212,7 +213,15 @@ class Server:
             kept = sample_rows(len(accepted), self.config.report.snapshot_max_adapters,
                                self.config.seed, round_index)
             kept_vectors = uploads.vectors[kept].copy()
-        result = self.algorithm.aggregate(uploads, round_index)
+        noise = self._central_noise(round_index)
+        self.algorithm.aggregate_noise = noise
+        try:
+            result = self.algorithm.aggregate(uploads, round_index)
+        finally:
+            self.algorithm.aggregate_noise = None
+        if noise is not None and noise.calls == 0:
+            self._refuse_answer("aggregate", round_index, "privacy.mode client_central adds its noise to the means of "
+                                "cluster_means(), which this aggregate() never called, so its answers carry none")
         if (problem := answer_problem(result.labels, result.adapters, len(accepted))) is not None:
             self._refuse_answer("aggregate", round_index, problem)
         if kept is not None:
@@ -221,6 +230,14 @@ class Server:
                              "keys": keys[kept].reshape(-1, 2),
                              "labels": np.asarray(result.labels, dtype=np.int64)[kept]}
         return result
+
+    def _central_noise(self, round_index: int) -> CentralNoise | None:
+        """The round's noise under privacy.mode client_central, seeded per (seed, round)."""
+        privacy = self.config.privacy
+        if privacy.mode != "client_central":
+            return None
+        rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, 0, round_index])
+        return CentralNoise(rng, privacy.noise_multiplier, privacy.clip_norm)
 
     def _refuse_answer(self, hook: str, round_index: int, problem: str) -> None:
         """End the run before anything of the round is committed: a NaN answer would otherwise be
