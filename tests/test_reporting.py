@@ -114,6 +114,22 @@ def test_settings_table_lists_the_key_settings_and_every_difference():
     assert table.loc["engine.num_workers"].tolist() == ["2", "-"]
 
 
+def test_the_final_table_shows_privacy_spent_and_the_product_error_where_measured():
+    from fltac_ray.reporting.render import final_table
+    from fltac_ray.reporting.runs import RunTables
+
+    def run(label, extra):
+        rounds = pd.DataFrame({"round": [1, 2], "clustering_accuracy": [0.5, 1.0], "bytes_up": [1e6, 1e6],
+                               "bytes_down": [2e6, 2e6], **extra})
+        return RunTables(label, Path("."), {"algorithm": "fltac"}, pd.DataFrame(), rounds, pd.DataFrame(),
+                         pd.DataFrame())
+
+    table = final_table([run("private", {"epsilon": [1.5, 2.25], "lora_product_error": [0.3, 0.2]}),
+                         run("plain", {"epsilon": [float("nan")] * 2})]).set_index("run")
+    assert table.loc["private", "epsilon"] == 2.25 and table.loc["private", "A/B product err"] == 0.2
+    assert pd.isna(table.loc["plain", "epsilon"]) and table.loc["plain", "MB up"] == 2.0
+
+
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "RUN_DIR" in capsys.readouterr().err

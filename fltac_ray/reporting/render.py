@@ -149,6 +149,10 @@ def final_table(runs: list[RunTables]) -> pd.DataFrame:
             row["MB up"] = float(run.rounds["bytes_up"].sum() / 1e6)  # clients -> server, all rounds
             row["MB down"] = float(run.rounds["bytes_down"].sum() / 1e6)  # server -> clients
             row["rounds"] = int(run.rounds["round"].max())
+            for column, name in (("lora_product_error", "A/B product err"), ("epsilon", "epsilon")):
+                values = run.rounds[column].dropna() if column in run.rounds else run.rounds.iloc[:0]
+                if len(values):  # the last round's: a run without the measure has no such column
+                    row[name] = float(values.iloc[-1])
         rows.append(row)
     # the runs' column order, the pre-trained rows' columns among them
     order = list(dict.fromkeys([key for row in rows[len(starts):] for key in row] + [key for row in rows for key in row]))

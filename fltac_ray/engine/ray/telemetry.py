@@ -37,6 +37,10 @@ class DashboardMetrics(Callback):
                                          "Hungarian-matched clustering accuracy", tag_keys=keys)
         self.ari = Gauge("fltac_ari", "adjusted Rand index of the clusters", tag_keys=keys)
         self.seconds = Gauge("fltac_round_seconds", "wall seconds of the last round", tag_keys=keys)
+        self.epsilon = Gauge("fltac_epsilon", "privacy spent so far (privacy: epsilon at the run's delta)",
+                             tag_keys=keys)
+        self.lora_product_error = Gauge("fltac_lora_product_error",
+                                        "relative error of averaging LoRA factors instead of products", tag_keys=keys)
         self.bytes_up = Counter("fltac_bytes_up", "bytes uploaded by clients", tag_keys=keys)
         self.bytes_down = Counter("fltac_bytes_down", "bytes downloaded by clients", tag_keys=keys)
         self.clients = Counter("fltac_clients_trained", "client trainings completed", tag_keys=keys)
@@ -54,7 +58,8 @@ class DashboardMetrics(Callback):
             self.task_accuracy.set(task_row["accuracy"], tags=task_tags)
             self.task_loss.set(task_row["loss"], tags=task_tags)
         for gauge, key in ((self.mean_accuracy, "mean_accuracy"), (self.seconds, "seconds"),
-                           (self.clustering_accuracy, "clustering_accuracy"), (self.ari, "ari")):
+                           (self.clustering_accuracy, "clustering_accuracy"), (self.ari, "ari"),
+                           (self.epsilon, "epsilon"), (self.lora_product_error, "lora_product_error")):
             if _finite(row.get(key)):
                 gauge.set(row[key], tags=tags)
         failed = len(str(row.get("failed_clients") or "").split())
