@@ -855,6 +855,34 @@ class ExperimentConfig(_Section):
         """The algorithm's own options (its Options model, defaults filled in)."""
         return self.algorithm_class.Options.model_validate(self.algorithm_options)
 
+    def _privacy_rules(self) -> None:
+        """privacy: settings that give a guarantee, with an algorithm whose uploads it covers."""
+        privacy = self.privacy
+        if privacy.mode == "none":
+            return
+        if privacy.noise_multiplier is None and privacy.target_epsilon is None:
+            raise ValueError("privacy.noise_multiplier = null: give privacy.noise_multiplier or "
+                             "privacy.target_epsilon (which calibrates it)")
+        if privacy.noise_multiplier == 0:
+            raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
+                             "> 0 or privacy.target_epsilon, or set privacy.mode: none")
+        if privacy.mode == "client_central":
+            options = self.options
+            if getattr(options, "weighting", None) != "uniform" or getattr(options, "aggregation", "mean") != "mean":
+                raise ValueError(
+                    f"privacy.mode = client_central: the noise is calibrated to plain means of clipped updates; "
+                    f"give algorithm.weighting: uniform (an example count would set a client's weight and so its "
+                    f"sensitivity) and aggregation: mean (here weighting "
+                    f"{getattr(options, 'weighting', 'none: no such option')!r}, aggregation "
+                    f"{getattr(options, 'aggregation', 'mean')!r}), or use client_local")
+            if privacy.accountant != "rdp":
+                raise ValueError("privacy.accountant = pld: client_central accounts for sampling clients without "
+                                 "replacement, which dp-accounting's RDP accountant handles; use rdp")
+        if extras := self.algorithm_class.upload_extras:
+            raise ValueError(f"privacy.mode = {privacy.mode!r}: algorithm '{self.algorithm}' also uploads "
+                             f"{list(extras)}, which the noise does not cover; use an algorithm that uploads its "
+                             "adapter alone")
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
         try:
@@ -912,29 +940,7 @@ class ExperimentConfig(_Section):
         if fed.screening_neighbours is not None and fed.screening != "neighbours":
             raise ValueError(f"federation.screening_neighbours = {fed.screening_neighbours}: only used with "
                              f"federation.screening: neighbours (here {fed.screening!r})")
-        privacy = self.privacy
-        if privacy.mode != "none" and privacy.noise_multiplier is None and privacy.target_epsilon is None:
-            raise ValueError("privacy.noise_multiplier = null: give privacy.noise_multiplier or "
-                             "privacy.target_epsilon (which calibrates it)")
-        if privacy.mode != "none" and privacy.noise_multiplier == 0:
-            raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
-                             "> 0 or privacy.target_epsilon, or set privacy.mode: none")
-        if privacy.mode == "client_central":
-            options = self.options
-            if getattr(options, "weighting", None) != "uniform" or getattr(options, "aggregation", "mean") != "mean":
-                raise ValueError(
-                    f"privacy.mode = client_central: the noise is calibrated to plain means of clipped updates; "
-                    f"give algorithm.weighting: uniform (an example count would set a client's weight and so its "
-                    f"sensitivity) and aggregation: mean (here weighting "
-                    f"{getattr(options, 'weighting', 'none: no such option')!r}, aggregation "
-                    f"{getattr(options, 'aggregation', 'mean')!r}), or use client_local")
-            if privacy.accountant != "rdp":
-                raise ValueError("privacy.accountant = pld: client_central accounts for sampling clients without "
-                                 "replacement, which dp-accounting's RDP accountant handles; use rdp")
-        if self.privacy.mode != "none" and (extras := self.algorithm_class.upload_extras):
-            raise ValueError(f"privacy.mode = {self.privacy.mode!r}: algorithm '{self.algorithm}' also uploads "
-                             f"{list(extras)}, which the noise does not cover; use an algorithm that uploads its "
-                             "adapter alone")
+        self._privacy_rules()
         if fed.screening_stop and fed.screening == "none":
             raise ValueError("federation.screening_stop = True: only used with federation.screening: norm or "
                              "neighbours (here 'none')")

@@ -183,13 +183,7 @@ class Simulation:
                 self.lock = None
                 discard_unused_run_dir(run_dir, made)
             raise
-        # before the checkpoint's config is compared: a calibrated noise multiplier is in both
-        self.privacy = plan_privacy(config, algorithm, data, active)
-        if self.privacy is not None:
-            say(f"  {self.privacy.describe()}")
-            if self.privacy.last_round < config.rounds:
-                say(f"  privacy budget: epsilon {self.privacy.target_epsilon:g} affords rounds 1-"
-                    f"{self.privacy.last_round} of {config.rounds}; the run stops after round {self.privacy.last_round}")
+        self._plan_privacy(algorithm, data, active)  # before the checkpoint's config is compared
         # the workers read the shared copy when the algorithm kept the data as built
         data_source = shared if built is not None and data is built else None
         if len(data.clients) == 1 and len(active) == 1 and config.data.num_clients > 1:
@@ -247,6 +241,18 @@ class Simulation:
         say("\n" + format_run_summary(metrics, rounds))
         say(f"[fltac-ray] done in {wall:.1f}s; results in {run_dir}")
         return RunResult(run_dir, metrics, rounds, wall)
+
+    def _plan_privacy(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int]) -> None:
+        """privacy: settle the noise (a calibrated multiplier goes into the run's config, and so
+        into the checkpoints a resume compares with) and say what the budget affords."""
+        config, say = self.config, self.progress.say
+        self.privacy = plan_privacy(config, algorithm, data, active)
+        if self.privacy is None:
+            return
+        say(f"  {self.privacy.describe()}")
+        if self.privacy.last_round < config.rounds:
+            say(f"  privacy budget: epsilon {self.privacy.target_epsilon:g} affords rounds 1-"
+                f"{self.privacy.last_round} of {config.rounds}; the run stops after round {self.privacy.last_round}")
 
     def _prepare_data(self, algorithm: FederatedAlgorithm, run_dir: Path, built: FederatedData | None
                       ) -> tuple[FederatedData, list[int]]:
