@@ -292,7 +292,9 @@ class Server:
                 if key in refused:
                     continue  # the server refused it: the client rolls back to its committed state
                 adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
-                if (problem := merged_problem(adapters[key], self.store.size)) is not None:
+                # what merge made of a (checked) answer; a client's own training result, kept where
+                # it got no answer, is the client's, not the server's
+                if key in answer_of and (problem := merged_problem(adapters[key], self.store.size)) is not None:
                     self._refuse_answer("merge", round_index, f"for client {key[0]} slot {key[1]} {problem}")
                 if key in result.private:
                     private[key] = result.private[key]
