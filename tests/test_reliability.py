@@ -827,6 +827,12 @@ def test_data_fingerprints_hand_checked(tmp_path):
     assert fingerprint("s", folder).size == 3
     (folder / "sub" / "b.bin").rename(folder / "sub" / "c.bin")  # a rename changes the folder's print
     assert fingerprint("s", folder).sha256 != hashlib.sha256(lines.encode()).hexdigest()
+    linked = tmp_path / "linked"  # a folder of links (as a Hugging Face cache snapshot is) prints its files
+    linked.mkdir()
+    (linked / "a.bin").symlink_to(folder / "a.bin")
+    assert fingerprint("s", linked).size == 1
+    assert fingerprint("s", linked).sha256 == hashlib.sha256(
+        f"a.bin\0{1}\0{hashlib.sha256(b'a').hexdigest()}\n".encode()).hexdigest()
     (tmp_path / "data_files.json").write_text('[{"setting": "x"}]')
     with pytest.raises(RunFolderError, match="data_files.json is not a list of data file records"):
         load_data_files(tmp_path)

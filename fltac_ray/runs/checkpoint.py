@@ -16,7 +16,6 @@ continue a run exactly where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fltac_ray.errors import FltacError
-from fltac_ray.runs.files import entry_problem, open_regular, read_regular_text
+from fltac_ray.runs.files import entry_problem, read_regular_text, sha256_of
 
 # 2: the server side's deduplicated client store (clients: rows + index), no per-worker groups
 # 3: manifest.json covering every file (state.json included); the resolved config in state.json
@@ -51,11 +50,7 @@ class Checkpoint:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:  # a link or a pipe is refused, never followed or waited on
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(path)[1]  # a link or a pipe is refused, never followed or waited on
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint, keep: int = 2) -> Path:

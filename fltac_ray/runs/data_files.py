@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fltac_ray.errors import DataFileError, RunFolderError
-from fltac_ray.runs.files import open_regular, read_regular_text
+from fltac_ray.runs.files import read_regular_text, sha256_of
 
 DATA_FILES = "data_files.json"
 
@@ -49,15 +49,6 @@ def local_sources(config: Any) -> dict[str, Path]:
     return found
 
 
-def _file_digest(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open_regular(path) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
-
-
 def fingerprint(setting: str, path: Path) -> DataFile:
     """Size and SHA-256 of a file, or of a folder's files (relative path, size and digest of each,
     in sorted order: a renamed, added or removed file changes it too)."""
@@ -68,11 +59,13 @@ def fingerprint(setting: str, path: Path) -> DataFile:
             folders.sort()
             for name in sorted(files):
                 file = Path(root, name)
-                size, sha = _file_digest(file)
+                # a user's data may be links (a Hugging Face cache snapshot is): fingerprint the
+                # file each names; a pipe or a device is still refused
+                size, sha = sha256_of(file.resolve())
                 digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0{sha}\n".encode())
                 total += size
         return DataFile(setting, str(path), total, digest.hexdigest())
-    size, sha = _file_digest(path)
+    size, sha = sha256_of(path)
     return DataFile(setting, str(path), size, sha)
 
 

@@ -12,6 +12,7 @@ anything is read or hashed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import stat
@@ -64,6 +65,17 @@ def open_regular(path: Path, max_bytes: int | None = None):
     except BaseException:
         os.close(descriptor)
         raise
+
+
+def sha256_of(path: Path) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex digest) of a regular file (see open_regular), read in 1 MiB
+    blocks."""
+    digest, size = hashlib.sha256(), 0
+    with open_regular(path) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
 
 
 def read_regular_text(path: Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
