@@ -642,23 +642,28 @@ class ReportConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy (fltac_ray/privacy/, README "Privacy")."""
 
-    mode: Literal["none", "client_local", "client_central"] = Field(
+    mode: Literal["none", "client_local", "client_central", "example"] = Field(
         default="none",
-        description="Client-level DP. Each client clips its update (upload minus what it would send untrained) "
-        "to clip_norm; client_local: and adds Gaussian noise before uploading (the server clusters and "
-        "averages noised uploads); client_central: the server adds the noise to every group mean (DP-FedAvg).",
+        description="client_local / client_central: client-level DP. Each client clips its update (upload minus "
+        "what it would send untrained) to clip_norm; client_local: and adds Gaussian noise before uploading (the "
+        "server clusters and averages noised uploads); client_central: the server adds the noise to every group "
+        "mean (DP-FedAvg). example: example-level DP-SGD in local training (Poisson-sampled batches, each "
+        "example's gradient clipped to clip_norm, Gaussian noise on every step's sum).",
     )
-    clip_norm: float = Field(default=1.0, gt=0, description="C: the L2 bound of each upload's update.")
+    clip_norm: float = Field(default=1.0, gt=0, description="C: the L2 bound of each upload's update (client "
+                             "modes) or of each example's gradient (example).")
     noise_multiplier: float | None = Field(
         default=None, ge=0,
-        description="z: noise N(0, (z C)^2) per coordinate of each upload; unset: calibrated from target_epsilon.",
+        description="z: noise N(0, (z C)^2) per coordinate of each upload (example: of each step's summed "
+        "gradient); unset: calibrated from target_epsilon.",
     )
     target_epsilon: float | None = Field(
         default=None, gt=0,
         description="The budget: calibrates noise_multiplier when it is unset; with a given multiplier the run "
         "stops before the round that would exceed it.",
     )
-    delta: float | None = Field(default=None, gt=0, lt=1, description="delta of (epsilon, delta); default 1 / clients.")
+    delta: float | None = Field(default=None, gt=0, lt=1, description="delta of (epsilon, delta); default 1 / "
+                                "clients (client modes) or 1 / training examples of the federation (example).")
     accountant: Literal["rdp", "pld"] = Field(
         default="rdp", description="dp-accounting's accountant: Renyi DP (rdp) or privacy loss distributions (pld).")
 
@@ -866,6 +871,9 @@ class ExperimentConfig(_Section):
         if privacy.noise_multiplier == 0:
             raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
                              "> 0 or privacy.target_epsilon, or set privacy.mode: none")
+        if privacy.mode == "example" and self.model.dtype == "float16":
+            raise ValueError("model.dtype = float16: privacy.mode example (DP-SGD) clips each example's "
+                             "gradient without float16 loss scaling; use float32 or bfloat16")
         if privacy.mode == "client_central":
             options = self.options
             if getattr(options, "weighting", None) != "uniform" or getattr(options, "aggregation", "mean") != "mean":

@@ -22,6 +22,7 @@ states the tolerance); with dropout on they agree in distribution.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,14 @@ from fltac_ray.client.training import (
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
 from fltac_ray.models.multi_adapter import StackedAdapters, routed, routed_head
+from fltac_ray.privacy.dp_sgd import (
+    ExamplePrivacy,
+    PoissonCursor,
+    clip_per_example,
+    noise_rows,
+    privatize_sums,
+    trainable_masks,
+)
 
 if TYPE_CHECKING:
     from fltac_ray.client.gpu_fit import PassMemory
@@ -64,6 +73,8 @@ class AdapterJob:
     anchor: np.ndarray | None = None
     # the algorithm's local_inputs for this job: name -> (adapter_size,) float32
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # example-level DP-SGD: the job's noise stream (privacy/dp_sgd.py); None without it
+    noise_rng: np.random.Generator | None = None
 
     def signature(self) -> tuple:
         """Jobs whose inputs concatenate into one batch (same per-example shapes and dtypes)."""
@@ -183,6 +194,54 @@ def _accumulate_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[A
     return means
 
 
+def _accumulate_private_step(model: AdapterModel, stacked: StackedAdapters, jobs: list[AdapterJob],
+                             chosen: list[np.ndarray], device: torch.device, masks: list[torch.Tensor | None],
+                             clip_norm: float) -> torch.Tensor:
+    """DP-SGD's step (privacy/dp_sgd.py) for the pass: into the stacked adapters' .grad, each
+    job's sum of its examples' clipped gradients; returns (len(jobs),) each job's mean example
+    loss (NaN for a job that drew no example).
+
+    Every example routes through its own copy of its adapter (StackedAdapters.per_example), so
+    one backward per length bucket leaves each example's own gradient on its copy: no loop over
+    examples, and the same FLOPs as the non-private pass (the gathered A[route], B[route] the
+    routed layers form anyway become leaves). Each example's loss is its own mean
+    (classification: its cross-entropy; instruction tasks: over its response tokens)."""
+    params = stacked.parameters()
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    sizes = [len(c) for c in chosen]
+    route_all = np.repeat(np.arange(len(jobs)), sizes)  # (batch,) job of each sample
+    sums = torch.zeros(len(jobs), device=device)
+    if len(route_all) == 0:
+        return sums.fill_(float("nan"))
+    combined = combine_inputs([(job.split, c) for job, c in zip(jobs, chosen, strict=True)])
+    generation = jobs[0].num_classes == 0
+    if not generation:
+        labels_all = np.concatenate([job.split.labels[c] for job, c in zip(jobs, chosen, strict=True)])
+        classes_all = np.repeat([job.num_classes for job in jobs], sizes)
+    for rows in bucket_positions(combined, len(route_all), device):
+        inputs = rows_to_device(combined, rows, device)
+        route = to_device(route_all[rows], device)
+        own = stacked.per_example(route)  # (bucket, *shape) leaves, one copy per example
+        position = torch.arange(len(rows), device=device)
+        with routed(model, own, position):
+            with model.autocast():
+                if generation:
+                    token_losses, _, scored = model.lm_token_scores(**inputs)
+                    sample_losses = (token_losses * scored).sum(1) / scored.sum(1).clamp_min(1)
+                else:
+                    logits = task_logits(model, own, inputs, position, to_device(classes_all[rows], device))
+                    sample_losses = F.cross_entropy(logits.float(), to_device(labels_all[rows], device),
+                                                    reduction="none")
+            sample_losses.float().sum().backward()  # example i's gradient lands on copy i only
+        grads = [copy.grad if copy.grad is not None else torch.zeros_like(copy) for copy in own.parameters()]
+        clipped, _ = clip_per_example(grads, masks, clip_norm)
+        for param, part in zip(params, clipped, strict=True):
+            param.grad.index_add_(0, route, part)
+        sums.index_add_(0, route, sample_losses.detach().float())
+    return sums / torch.as_tensor(sizes, dtype=sums.dtype, device=device)  # 0/0: NaN, as wanted
+
+
 def local_context(jobs: list[AdapterJob], layout: list[tuple[str, tuple[int, ...]]],
                   device: torch.device) -> LocalContext:
     """The local-training rule's view of a pass: the jobs' anchors and inputs, stacked in job
@@ -197,12 +256,14 @@ def local_context(jobs: list[AdapterJob], layout: list[tuple[str, tuple[int, ...
 
 def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, lr: float,
                   weight_decay: float, device: torch.device, frozen: np.ndarray | None = None,
-                  scaling: LossScale | None = None, rule: LocalTraining | None = None) -> list[TrainOutcome]:
+                  scaling: LossScale | None = None, rule: LocalTraining | None = None,
+                  privacy: ExamplePrivacy | None = None) -> list[TrainOutcome]:
     """Train every job's adapter from its start; outcomes in the order of `jobs`. All jobs must
     share one signature() (the caller groups them). `frozen`: (adapter_size,) bool, entries
     held at their start values (FFA-LoRA's A). `scaling`: the worker's float16 loss scale (kept
     across passes); None: a fresh one for this call. `rule`: the algorithm's local training
-    (None: plain AdamW)."""
+    (None: plain AdamW). `privacy`: example-level DP-SGD (privacy/dp_sgd.py; every job brings
+    its noise_rng), equal to train_adapter's one-example-at-a-time path."""
     if not jobs:
         return []
     if len({job.signature() for job in jobs}) > 1:
@@ -215,7 +276,12 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
     optimizer = rule.optimizer(params, lr, weight_decay)
     hold = FrozenEntries(params, model.adapter_layout(), frozen)
     context = local_context(ordered, model.adapter_layout(), device)
-    cursors = [BatchCursor(job.indices, batch_size, job.rng) for job in ordered]
+    cursor_class = BatchCursor if privacy is None else PoissonCursor
+    cursors = [cursor_class(job.indices, batch_size, job.rng) for job in ordered]
+    if privacy is not None:
+        if any(job.noise_rng is None for job in ordered):
+            raise ValueError("DP-SGD needs every job's noise stream (AdapterJob.noise_rng)")
+        masks = trainable_masks(model.adapter_layout(), frozen, device)
     history: list[torch.Tensor] = []  # per step, (len(jobs),) losses (NaN once a job is done): one host read at the end
     skipped = np.zeros(len(ordered), dtype=np.int64)
     if scaling is None:
@@ -227,8 +293,15 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
         chosen = [cursor.next() for cursor in cursors[:active]]
         for param in params:
             param.grad = None
-        # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
-        losses = _accumulate_step(model, stacked, ordered[:active], chosen, device, scaling.scale)
+        if privacy is None:
+            # Sum of means: d(sum)/d(adapter j) = d(loss_j)/d(adapter j), as if trained alone.
+            losses = _accumulate_step(model, stacked, ordered[:active], chosen, device, scaling.scale)
+        else:
+            losses = _accumulate_private_step(model, stacked, ordered[:active], chosen, device, masks,
+                                              privacy.clip_norm)
+            noise = noise_rows([job.noise_rng for job in ordered[:active]], model.adapter_size)
+            privatize_sums(rows_of([param.grad for param in params], active),
+                           stack_by_layout(noise, model.adapter_layout(), device), privacy)
         penalty = rule.penalty(rows_of(params, active), context)  # (active,) or None
         if penalty is not None:  # each row's term reaches only its own adapter's gradient
             (penalty.float().sum() * scaling.scale).backward()
@@ -246,7 +319,9 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
         step_losses[:active] = losses.detach()
         history.append(step_losses)
     vectors = stacked.to_numpy()
-    mean_losses = np.nanmean(torch.stack(history).cpu().numpy().astype(np.float64), axis=0)
+    with warnings.catch_warnings():  # DP-SGD: a job may have drawn no example in any step (NaN)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_losses = np.nanmean(torch.stack(history).cpu().numpy().astype(np.float64), axis=0)
     outcomes: list[TrainOutcome | None] = [None] * len(jobs)
     for position, j in enumerate(order):
         outcomes[j] = TrainOutcome(vectors[position], float(mean_losses[position]), int(skipped[position]))

@@ -19,6 +19,14 @@ from fltac_ray.client.precision import LossScale
 from fltac_ray.client.rouge import rouge_l
 from fltac_ray.data.federated import EncodedSplit
 from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.privacy.dp_sgd import (
+    ExamplePrivacy,
+    PoissonCursor,
+    clip_per_example,
+    noise_rows,
+    privatize_sums,
+    trainable_masks,
+)
 
 # Inputs that are not model tensors (generation references).
 _NOT_TENSORS = {"references"}
@@ -122,6 +130,8 @@ def train_adapter(
     rule: LocalTraining | None = None,
     anchor: np.ndarray | None = None,
     inputs: dict[str, np.ndarray] | None = None,
+    privacy: ExamplePrivacy | None = None,
+    noise_rng: np.random.Generator | None = None,
 ) -> TrainOutcome:
     """Run `steps` local steps from `start` on batches of `indices` (reshuffled every epoch),
     by the algorithm's local-training `rule` (algorithms/local_training.py; None: plain AdamW),
@@ -131,7 +141,9 @@ def train_adapter(
     base trains with loss scaling (precision.LossScale): a step whose gradients overflow is
     skipped, as torch's GradScaler does; `scaling`: the worker's scale, kept across calls (None:
     a fresh one). FLoRAL's private router trains beside the adapter with torch's AdamW at its
-    own learning rate."""
+    own learning rate. `privacy`: example-level DP-SGD (privacy/dp_sgd.py): Poisson-sampled
+    batches, each example's gradient on its own (one forward pass each), clipped, summed and
+    noised from `noise_rng`."""
     rule = rule or LocalTraining()
     model.set_adapter(start)
     layout = model.adapter_layout()
@@ -146,7 +158,10 @@ def train_adapter(
     context = LocalContext(stack_by_layout((start if anchor is None else anchor)[None], layout, device),
                            {name: stack_by_layout(vector[None], layout, device)
                             for name, vector in sorted((inputs or {}).items())})
-    batches = BatchCursor(indices, batch_size, rng)
+    batches = (BatchCursor if privacy is None else PoissonCursor)(indices, batch_size, rng)
+    if privacy is not None:
+        return _train_private(model, params, layout, hold, optimizer, rule, context, batches, split, num_classes,
+                              steps, device, frozen, privacy, noise_rng)
     if scaling is None:
         scaling = LossScale.for_dtype(model.compute_dtype)
     skipped_before = scaling.skipped
@@ -177,6 +192,52 @@ def train_adapter(
         hold.restore()
         losses.append(loss.item())
     return TrainOutcome(model.get_adapter(), float(np.mean(losses)), scaling.skipped - skipped_before)
+
+
+def _train_private(model: AdapterModel, params: list[torch.Tensor], layout: list[tuple[str, tuple[int, ...]]],
+                   hold: FrozenEntries, optimizer, rule: LocalTraining, context: LocalContext,
+                   batches: PoissonCursor, split: EncodedSplit, num_classes: int, steps: int,
+                   device: torch.device, frozen: np.ndarray | None, privacy: ExamplePrivacy,
+                   noise_rng: np.random.Generator | None) -> TrainOutcome:
+    """train_adapter's steps under example-level DP-SGD, one example per forward pass: the
+    reference the batched path (batched_training.py) is tested against."""
+    if noise_rng is None:
+        raise ValueError("DP-SGD needs a noise stream (noise_rng)")
+    masks = trainable_masks(layout, frozen, device)
+    size = sum(int(np.prod(shape)) for _, shape in layout)
+    losses: list[float] = []  # each step's mean example loss (steps that drew no example: none)
+    for step in range(steps):
+        context.step = step
+        sums = [torch.zeros_like(param).unsqueeze(0) for param in params]  # (1, *shape)
+        step_losses = []
+        for example in batches.next():
+            for param in params:
+                param.grad = None
+            rows = np.array([example])
+            loss = _batch_loss(model, batch_tensors(split, rows, device), to_device(split.labels[rows], device),
+                               num_classes)  # one example: its own mean loss
+            loss.backward()
+            grads = [(param.grad if param.grad is not None else torch.zeros_like(param)).unsqueeze(0)
+                     for param in params]
+            clipped, _ = clip_per_example(grads, masks, privacy.clip_norm)
+            for total, part in zip(sums, clipped, strict=True):
+                total.add_(part)
+            step_losses.append(loss.item())
+        if step_losses:
+            losses.append(float(np.mean(step_losses)))
+        privatize_sums(sums, stack_by_layout(noise_rows([noise_rng], size), layout, device), privacy)
+        penalty = rule.penalty([param.unsqueeze(0) for param in params], context)  # reads no data
+        if penalty is not None:
+            for param in params:
+                param.grad = None
+            penalty.float().sum().backward()
+            for total, param in zip(sums, params, strict=True):
+                if param.grad is not None:
+                    total.add_(param.grad.unsqueeze(0))
+        rule.correct_gradients(sums, context)
+        optimizer.step(1, grads=sums)
+        hold.restore()
+    return TrainOutcome(model.get_adapter(), float(np.mean(losses)) if losses else float("nan"))
 
 
 class FrozenEntries:

@@ -99,6 +99,7 @@ class ClientWorker:
         self.device = choose_device(config.engine.device, assigned, detected)
         configure_cuda_math(self.device, config.engine.tf32, config.engine.deterministic)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.example_privacy = self._example_privacy()
         # float16: one loss scale for the worker's life (GradScaler's rule), across passes
         self.loss_scale = LossScale.for_dtype(self.dtype)
         self.tasks = tasks
@@ -112,6 +113,29 @@ class ClientWorker:
         with self._gpu_turn():
             self._build_model(head_classes, node_cache)
         self.generation = self._generation_settings() if config.data.modality == "causal_lm" else None
+
+    def _example_privacy(self):
+        """privacy.mode example: DP-SGD's settings (privacy/dp_sgd.py); None otherwise. Its
+        per-example gradients are not loss-scaled, so a float16 base (model.dtype auto on a GPU
+        without native bfloat16) is refused here, before the base is loaded."""
+        import torch
+
+        from fltac_ray.privacy.dp_sgd import ExamplePrivacy
+
+        settings = self.config.privacy
+        if settings.mode != "example":
+            return None
+        if self.dtype == torch.float16:
+            raise ValueError(f"model.dtype = {self.config.model.dtype!r} resolves to float16 on {self.device}, "
+                             "whose loss scaling DP-SGD's per-example clipping does not support; set "
+                             "model.dtype: float32 (or bfloat16 on a GPU that computes it natively)")
+        return ExamplePrivacy(settings.clip_norm, settings.noise_multiplier, self.config.train.batch_size)
+
+    def _noise_rng(self, round_index: int, key: AdapterKey, task_index: int):
+        """DP-SGD's noise stream of one (round, client, slot, task), or None without DP-SGD."""
+        if self.example_privacy is None:
+            return None
+        return np.random.default_rng([self.config.seed, PRIVACY_STREAM, round_index, key[0], key[1], task_index])
 
     def _gpu_turn(self) -> contextlib.AbstractContextManager:
         """On CUDA, this GPU's lock (client/gpu_fit.gpu_lock): one worker at a time checks its
@@ -318,6 +342,7 @@ class ClientWorker:
                     self.model, vector, bundle.train, examples, bundle.num_classes,
                     steps, train.batch_size, train.lr, train.weight_decay, rng, self.device, self.frozen,
                     self.loss_scale, self.local_rule, anchor=starts[row], inputs=inputs[row],
+                    privacy=self.example_privacy, noise_rng=self._noise_rng(round_index, job.key, task_index),
                 )
                 vector = outcome.adapter
                 losses.append(outcome.mean_loss)
@@ -350,13 +375,14 @@ class ClientWorker:
                 rng, torch_seed = self._job_rng(round_index, job.key, phase)
                 bundle, examples = self._training_examples(job, job.tasks[phase])
                 adapter_job = AdapterJob(current[row], bundle.train, examples, bundle.num_classes,
-                                         job.steps[phase], rng, anchor=starts[row], inputs=inputs[row])
+                                         job.steps[phase], rng, anchor=starts[row], inputs=inputs[row],
+                                         noise_rng=self._noise_rng(round_index, job.key, phase))
                 by_signature.setdefault(adapter_job.signature(), []).append((row, adapter_job, torch_seed))
             for entries in by_signature.values():
                 torch.manual_seed(entries[0][2])
                 outcomes = train_batched(self.model, [aj for _, aj, _ in entries], train.batch_size,
                                          train.lr, train.weight_decay, self.device, self.frozen,
-                                         self.loss_scale, self.local_rule)
+                                         self.loss_scale, self.local_rule, self.example_privacy)
                 for (row, _, _), outcome in zip(entries, outcomes, strict=True):
                     out[row] = outcome.adapter  # the pass's own matrix is freed after
                     current[row] = out[row]
@@ -394,7 +420,7 @@ class ClientWorker:
             if kept is not None:
                 kept_state[job.key] = np.asarray(kept, dtype=np.float32)
             upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
-            if upload is not None and self.config.privacy.mode != "none":
+            if upload is not None and self.config.privacy.mode in ("client_local", "client_central"):
                 self._privatize(upload, algorithm.upload(client_job, starts[row], private[job.key], metas[row]),
                                 round_index, job.key)
             if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):

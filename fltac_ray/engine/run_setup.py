@@ -41,9 +41,35 @@ def plan_privacy(config: ExperimentConfig, algorithm: FederatedAlgorithm, data: 
                 for r in range(1, config.rounds + 1)]
     tasks = {c.client_id: list(c.tasks) for c in data.clients}
     per_client = max((len(algorithm.client_adapters(tasks[c])) for c in active), default=1)
-    ledger = PrivacyLedger.plan(config.privacy, schedule, per_client, config.data.num_clients, len(active))
+    exposures, examples = example_exposures(config, algorithm, data, active)
+    ledger = PrivacyLedger.plan(config.privacy, schedule, per_client, config.data.num_clients, len(active),
+                                exposures, examples)
     config.privacy.noise_multiplier = ledger.noise_multiplier
     return ledger
+
+
+def example_exposures(config: ExperimentConfig, algorithm: FederatedAlgorithm, data: FederatedData,
+                      active: list[int]) -> tuple[dict[int, list[tuple[float, int]]], int]:
+    """Example-level DP-SGD's exposure of each client's examples (privacy/ledger.py): client ->
+    (Poisson rate B / n, DP-SGD steps per round on the task) for each of its tasks, n being its
+    training examples of the task; and the training examples of all active clients."""
+    exposures: dict[int, list[tuple[float, int]]] = {}
+    examples = 0
+    batch = config.train.batch_size
+    by_id = {c.client_id: c for c in data.clients}
+    for client in active:
+        tasks = by_id[client].tasks
+        steps: dict[str, int] = {}
+        for group in algorithm.client_adapters(list(tasks)):
+            for task, count in zip(group, algorithm.task_steps(list(group), config.train.local_steps), strict=True):
+                steps[task] = steps.get(task, 0) + count
+        pairs = []
+        for task, (train_rows, _) in tasks.items():
+            examples += len(train_rows)
+            if len(train_rows) and steps.get(task):
+                pairs.append((min(1.0, batch / len(train_rows)), steps[task]))
+        exposures[client] = pairs
+    return exposures, examples
 
 
 def build_data(config: ExperimentConfig) -> FederatedData:

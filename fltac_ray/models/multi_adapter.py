@@ -51,6 +51,15 @@ class StackedAdapters:
     def parameters(self) -> list[torch.Tensor]:
         return [self.tensors[name] for name in self.names]
 
+    def per_example(self, route: torch.Tensor) -> StackedAdapters:
+        """A copy of adapter route[i] for every sample i, as new leaves (len(route), *shape): routed
+        with route arange(len(route)), a backward leaves each sample's own gradient on its copy
+        (DP-SGD's per-example gradients, privacy/dp_sgd.py)."""
+        copies = object.__new__(StackedAdapters)
+        copies.count, copies.names = len(route), list(self.names)
+        copies.tensors = {name: tensor.detach()[route].requires_grad_(True) for name, tensor in self.tensors.items()}
+        return copies
+
     def to_numpy(self) -> np.ndarray:
         """(n, adapter_size) float32, in the flat layout of AdapterModel.get_adapter()."""
         with torch.no_grad():

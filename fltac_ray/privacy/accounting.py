@@ -102,6 +102,52 @@ def calibrate_sampled_noise(target_epsilon: float, population: int, sampled: int
         bracket_interval=interval))
 
 
+def _poisson_steps(noise_multiplier: float, rate: float, steps: int):
+    import dp_accounting
+
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+
+
+@functools.lru_cache(maxsize=4096)
+def example_epsilon(noise_multiplier: float, rate: float, steps: int, delta: float, kind: str = "rdp") -> float:
+    """Example-level DP-SGD: epsilon at `delta` after `steps` steps that each sample every example
+    with probability `rate` (Poisson) and release a Gaussian mechanism of multiplier
+    `noise_multiplier` (add/remove-one-example neighbouring)."""
+    if steps == 0 or rate == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    accountant = _accountant(kind)
+    accountant.compose(_poisson_steps(noise_multiplier, rate, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_example_noise(target_epsilon: float, rate: float, steps: int, delta: float,
+                            kind: str = "rdp") -> float:
+    """The smallest DP-SGD multiplier whose `steps` Poisson-sampled steps at `rate` stay within
+    `target_epsilon`."""
+    import dp_accounting
+
+    if steps == 0 or rate == 0:
+        return 0.0
+    interval = dp_accounting.LowerEndpointAndGuess(lower_endpoint=1e-2, initial_guess=1.0)
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: _accountant(kind), lambda z: _poisson_steps(z, rate, steps), target_epsilon, delta,
+        bracket_interval=interval))
+
+
+def worst_exposures(exposures: Iterable[tuple[float, int]]) -> list[tuple[float, int]]:
+    """The (sampling rate, steps) pairs no other pair dominates (at least as large in both):
+    epsilon grows with each, so the run's worst example is among them."""
+    pairs = sorted(set(exposures), key=lambda pair: (-pair[0], -pair[1]))
+    frontier: list[tuple[float, int]] = []
+    for rate, steps in pairs:
+        if not frontier or steps > frontier[-1][1]:
+            frontier.append((rate, steps))
+    return frontier
+
+
 def participation_counts(schedule: Iterable[Iterable[int]]) -> Counter:
     """client -> how many rounds of `schedule` (one list of sampled clients per round) hold it."""
     counts: Counter = Counter()

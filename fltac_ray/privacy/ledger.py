@@ -4,6 +4,11 @@ Settled on the driver before the backend starts, from the run's seeded sampling 
 many rounds each client takes part in, the adapters a client sends per round (S), the noise
 multiplier (given, or calibrated from `privacy.target_epsilon` for the client sampled most
 often) and, with a given multiplier and a target, the last round the budget affords.
+
+Example-level DP-SGD (mode example) counts, for every (client, task), the steps that may touch
+one of its examples (the task's local steps per round times the client's rounds so far) and the
+Poisson rate of each (train.batch_size / the client's examples of the task); the run's epsilon
+is that of the worst such example.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 from fltac_ray.privacy.accounting import (
+    calibrate_example_noise,
     calibrate_noise_multiplier,
     calibrate_sampled_noise,
     composed_epsilon,
+    example_epsilon,
     sampled_epsilon,
+    worst_exposures,
 )
 from fltac_ray.privacy.mechanism import client_noise_multiplier
 
@@ -34,13 +42,20 @@ class PrivacyLedger:
     calibrated: bool  # z was calibrated from target_epsilon
     population: int = 0  # client_central: the clients sampling draws from (N) ...
     sampled: int = 0  # ... and how many each round (m)
+    sampling_rate: float = 0.0  # example: the largest Poisson rate of a DP-SGD step
 
     @classmethod
     def plan(cls, settings, schedule: list[list[int]], adapters_per_client: int, clients: int,
-             population: int | None = None) -> PrivacyLedger:
+             population: int | None = None, exposures: dict[int, list[tuple[float, int]]] | None = None,
+             examples: int = 0) -> PrivacyLedger:
         """`settings`: the config's privacy section; `schedule`: the sampled clients of rounds 1..R;
         `clients`: the federation's size (default delta = 1 / clients); `population`: the clients
-        sampling draws from (those holding data; default `clients`)."""
+        sampling draws from (those holding data; default `clients`). Example-level DP-SGD:
+        `exposures`, client -> (Poisson rate, DP-SGD steps per round) of each of its tasks, and
+        `examples`, the federation's training examples (default delta = 1 / examples)."""
+        if settings.mode == "example":
+            delta = settings.delta if settings.delta is not None else 1.0 / max(1, examples)
+            return cls._example(settings, schedule, exposures or {}, delta)
         delta = settings.delta if settings.delta is not None else 1.0 / clients
         if settings.mode == "client_central":
             return cls._central(settings, schedule, adapters_per_client, population or clients, delta)
@@ -76,6 +91,29 @@ class PrivacyLedger:
         return cls(settings.mode, settings.clip_norm, z, adapters_per_client, delta, settings.accountant,
                    settings.target_epsilon, epsilons, calibrated, population, sampled)
 
+    @classmethod
+    def _example(cls, settings, schedule: list[list[int]], exposures: dict[int, list[tuple[float, int]]],
+                 delta: float) -> PrivacyLedger:
+        """Example-level DP-SGD: after each round, the worst (rate, steps so far) pairs over every
+        (client, task); a calibrated multiplier keeps the last round's worst within the target."""
+        so_far: Counter = Counter()
+        frontiers = []  # per round, the (rate, steps) pairs that may be the worst example's
+        for sampled in schedule:
+            so_far.update(set(sampled))
+            frontiers.append(worst_exposures((rate, steps * so_far[client]) for client in so_far
+                                             for rate, steps in exposures.get(client, [])))
+        calibrated = settings.noise_multiplier is None
+        if calibrated:
+            z = max((calibrate_example_noise(settings.target_epsilon, rate, steps, delta, settings.accountant)
+                     for rate, steps in (frontiers[-1] if frontiers else [])), default=0.0)
+        else:
+            z = settings.noise_multiplier
+        epsilons = tuple(max((example_epsilon(z, rate, steps, delta, settings.accountant)
+                              for rate, steps in frontier), default=0.0) for frontier in frontiers)
+        rate = max((rate for pairs in exposures.values() for rate, _ in pairs), default=0.0)
+        return cls(settings.mode, settings.clip_norm, z, 1, delta, settings.accountant, settings.target_epsilon,
+                   epsilons, calibrated, sampling_rate=rate)
+
     def epsilon_after(self, round_index: int) -> float:
         return self.epsilons[round_index - 1] if round_index >= 1 else 0.0
 
@@ -92,6 +130,11 @@ class PrivacyLedger:
         """The start-up line's privacy part."""
         how = (f"calibrated for epsilon {self.target_epsilon:g}" if self.calibrated
                else "as given" + (f", budget epsilon {self.target_epsilon:g}" if self.target_epsilon else ""))
+        if self.mode == "example":
+            return (f"privacy: example-level DP-SGD, each example's gradient clipped to {self.clip_norm:g}, noise "
+                    f"multiplier {self.noise_multiplier:.4g} ({how}), Poisson sampling at rates up to "
+                    f"{self.sampling_rate:.3g}, delta {self.delta:.3g}, {self.accountant.upper()} accounting: "
+                    f"epsilon {self.epsilons[-1] if self.epsilons else 0.0:.3g} after round {len(self.epsilons)}")
         if self.mode == "client_central":
             per_client = (f"noise on every group mean; {self.adapters_per_client} adapter(s) per client, so "
                           f"{self.noise_multiplier / (2 * max(1, self.adapters_per_client)):.4g} per round "
