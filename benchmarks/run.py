@@ -35,6 +35,8 @@ Sections (run in this order)
            the two runs' metrics are equal.
   sweep    a Ray Tune sweep of 4 concurrent trials with each trial preparing its own data and
            with the data prepared once and shared: the object store's peak and the wall time.
+  privacy  example-level DP-SGD's step against the non-private batched step and against DP-SGD one
+           example at a time (same jobs, one thread); its epsilon against dp-accounting directly.
   attacks  3 of 33 clients malicious (federation.attack: none, sign_flip, scaling, random,
            cross_task; scale 10) against mean, median, trimmed mean and the norm and neighbours
            screens: the honest clients' aggregate error and clustering accuracy in round 1.
@@ -238,6 +240,69 @@ def bench_batched(quick: bool) -> dict:
         say(f"  {count} adapters: one by one {single:.2f} s, batched {batched:.2f} s; "
             f"RATIO batched speedup = {single / batched:.2f}x")
         out[str(count)] = {"one_by_one_seconds": single, "batched_seconds": batched, "speedup": single / batched}
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def bench_privacy(quick: bool) -> dict:
+    """Example-level DP-SGD's cost per step: the batched pass with per-example gradients (each
+    example through its own adapter copy), clipping and noise, against the non-private batched
+    pass and against DP-SGD one example at a time, on the same jobs (one thread); and the
+    epsilon of those steps from privacy/accounting against dp-accounting called directly."""
+    import dp_accounting
+    import torch
+
+    from fltac_ray.client.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.training import train_adapter
+    from fltac_ray.data.encoding import make_featurizer
+    from fltac_ray.data.federated import build_federated_data
+    from fltac_ray.models.adapter_model import AdapterModel
+    from fltac_ray.models.builders import load_backbone
+    from fltac_ray.privacy.accounting import example_epsilon
+    from fltac_ray.privacy.dp_sgd import ExamplePrivacy
+
+    torch.set_num_threads(1)
+    config = experiment(quick, "bench_privacy", clients=10, rounds=1, local_steps=5, batch_size=8,
+                        train_per_task=2000)
+    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
+    model = AdapterModel(load_backbone(config.model.name, "text"), config.model, data.head_classes, 0)
+    start, names, cpu = model.get_adapter(), list(data.tasks), torch.device("cpu")
+    batch, steps, examples = config.train.batch_size, config.train.local_steps, 40
+    privacy = ExamplePrivacy(clip_norm=1.0, noise_multiplier=1.0, expected_batch=batch)
+    capability = torch.backends.cpu.get_cpu_capability()
+    say(f"[privacy] model {config.model.name}, {steps} steps of (expected) batch {batch} per adapter over "
+        f"{examples} examples, 1 thread, {capability} CPU")
+
+    def jobs(count: int) -> list[AdapterJob]:
+        return [AdapterJob(start, data.tasks[names[j % len(names)]].train, np.arange(j * examples, (j + 1) * examples),
+                           data.tasks[names[j % len(names)]].num_classes, steps, np.random.default_rng(j),
+                           noise_rng=np.random.default_rng([99, j])) for j in range(count)]
+
+    def timed(run) -> float:
+        began = time.perf_counter()
+        run()
+        return time.perf_counter() - began
+
+    out: dict = {"cpu_capability": capability}
+    for count in (4,) if quick else (8, 32):
+        plain = timed(lambda n=count: train_batched(model, jobs(n), batch, config.train.lr, 0.0, cpu))
+        private = timed(lambda n=count: train_batched(model, jobs(n), batch, config.train.lr, 0.0, cpu,
+                                                      privacy=privacy))
+        single = timed(lambda n=count: [train_adapter(model, job.start, job.split, job.indices, job.num_classes,
+                                                      job.steps, batch, config.train.lr, 0.0, job.rng, cpu,
+                                                      privacy=privacy, noise_rng=job.noise_rng) for job in jobs(n)])
+        say(f"  {count} adapters: batched {plain:.2f} s, batched DP-SGD {private:.2f} s, DP-SGD one example at a "
+            f"time {single:.2f} s; RATIO DP-SGD/plain batched step time = {private / plain:.2f}x, "
+            f"RATIO batched DP-SGD speedup = {single / private:.2f}x")
+        out[str(count)] = {"batched_seconds": plain, "dp_sgd_batched_seconds": private,
+                           "dp_sgd_one_by_one_seconds": single, "dp_sgd_over_plain": private / plain}
+    rate, total = batch / examples, steps * 20  # 20 rounds of these steps
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(1.0)), total)
+    ours, library = example_epsilon(1.0, rate, total, 1e-5), accountant.get_epsilon(1e-5)
+    say(f"  epsilon of {total} steps at rate {rate:g}, noise 1.0, delta 1e-5: {ours:.6f} (fltac-ray) vs "
+        f"{library:.6f} (dp-accounting directly); RATIO epsilon fltac-ray/dp-accounting = {ours / library:.6f}")
+    out["epsilon"] = {"fltac_ray": ours, "dp_accounting": library}
     torch.set_num_threads(os.cpu_count() or 1)
     return out
 
@@ -761,7 +826,7 @@ def attacked_uploads(snapshot, attack):
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
             "batched": bench_batched, "precision": bench_precision, "kmeans": bench_kmeans,
-            "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks}
+            "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks, "privacy": bench_privacy}
 
 
 def main() -> int:
@@ -784,8 +849,12 @@ def main() -> int:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")  # 127.0.0.1 only
-    machine = {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30}
-    say(f"fltac-ray benchmarks on {machine['cpus']} CPUs, {machine['memory_gib']:.0f} GiB"
+    import torch
+
+    machine = {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    say(f"fltac-ray benchmarks on {machine['cpus']} CPUs ({machine['cpu_capability']}), "
+        f"{machine['memory_gib']:.0f} GiB"
         f"{' (quick)' if args.quick else ''}")
     results = {"machine": machine, "quick": args.quick}
     try:

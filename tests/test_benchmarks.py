@@ -114,3 +114,17 @@ def test_gpu_benchmark_needs_a_gpu_or_the_dry_run():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "use --dry-run" in done.stderr
+
+
+def test_the_privacy_section_measures_dp_sgd_against_the_plain_pass_and_its_epsilon_agrees():
+    """benchmarks/run.py --only privacy, in process (no Ray), at quick sizes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fltac_benchmark_privacy", ROOT / "benchmarks" / "run.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    result = suite.bench_privacy(quick=True)
+    row = result["4"]
+    assert row["batched_seconds"] > 0 and row["dp_sgd_batched_seconds"] > 0 and row["dp_sgd_one_by_one_seconds"] > 0
+    assert result["epsilon"]["fltac_ray"] == pytest.approx(result["epsilon"]["dp_accounting"], rel=1e-12)
+    assert result["cpu_capability"]

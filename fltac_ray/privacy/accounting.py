@@ -18,6 +18,7 @@ client's count in advance: `target_epsilon` calibrates z for the largest count b
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -25,8 +26,17 @@ from collections.abc import Iterable
 ACCOUNTANTS = ("rdp", "pld")
 
 
+def _quiet_absl() -> None:
+    """dp-accounting's RDP code logs a warning through absl for every order whose series does not
+    converge (that order is left out of the bound, as it should be): dozens of lines per
+    calibration, none of them actionable."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def _accountant(kind: str):
     import dp_accounting
+
+    _quiet_absl()
 
     if kind == "rdp":
         return dp_accounting.rdp.RdpAccountant()
@@ -71,6 +81,7 @@ def _sampled_rounds(noise_multiplier: float, population: int, sampled: int, roun
 def _replace_one():
     import dp_accounting
 
+    _quiet_absl()
     return dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
 
 
