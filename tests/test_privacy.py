@@ -243,3 +243,87 @@ def test_a_central_private_run_reports_the_sampled_accounting(tmp_path, capsys):
     expected = [sampled_epsilon(0.75, 4, 2, r, 0.25) for r in (1, 2, 3)]
     assert result.rounds["epsilon"].tolist() == pytest.approx(expected, rel=1e-12)
     assert "noise on every group mean; 1 adapter(s) per client, so 0.75 per round" in capsys.readouterr().out
+
+
+def test_the_sketch_projection_is_seeded_keeps_norms_and_is_the_same_built_whole_or_by_blocks(monkeypatch):
+    from fltac_ray.privacy import sketch
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 20_000))
+    ratios = [np.linalg.norm(sketch.project(v, seed=3, dim=64)) / np.linalg.norm(v) for v in vectors]
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.05) and min(ratios) > 0.6 and max(ratios) < 1.4  # JL
+    whole = sketch.project(vectors[0], seed=3, dim=64)
+    np.testing.assert_array_equal(whole, sketch.project(vectors[0], seed=3, dim=64))
+    assert not np.allclose(whole, sketch.project(vectors[0], seed=4, dim=64))
+    monkeypatch.setattr(sketch, "CACHED_ENTRIES", 10)  # too large to keep: rebuilt block by block
+    np.testing.assert_allclose(sketch.project(vectors[0], seed=3, dim=64), whole, rtol=1e-10, atol=1e-9)
+
+
+def test_a_noised_sketch_is_the_projected_reference_plus_the_clipped_projected_update_plus_noise():
+    from fltac_ray.privacy.sketch import noised_sketch, project, split_noise
+
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=3000).astype(np.float32)
+    small = reference + np.float32(1e-3) * rng.normal(size=3000).astype(np.float32)
+    quiet = noised_sketch(small, reference, seed=5, dim=16, clip_norm=10.0, noise_multiplier=0.0, rng=rng)
+    np.testing.assert_allclose(quiet, project(small, 5, 16), rtol=1e-4, atol=1e-5)  # within the bound: exact
+    large = reference + 5 * rng.normal(size=3000).astype(np.float32)
+    clipped = noised_sketch(large, reference, seed=5, dim=16, clip_norm=0.5, noise_multiplier=0.0, rng=rng)
+    assert np.linalg.norm(clipped - project(reference, 5, 16)) == pytest.approx(0.5, rel=1e-5)
+    draws = np.stack([noised_sketch(small, reference, 5, 16, 0.5, 3.0, np.random.default_rng(s)) for s in range(400)])
+    assert (draws - quiet).std() == pytest.approx(1.5, rel=0.05)  # z_s C
+    upload_z, sketch_z = split_noise(2.0, 0.2)
+    assert upload_z ** -2 + sketch_z ** -2 == pytest.approx(2.0 ** -2)  # the two compose to the accounted z
+    assert split_noise(2.0, 0.0) == (2.0, math.inf)
+
+
+@pytest.mark.parametrize(("privacy", "algorithm", "words"), [
+    ({"mode": "client_central", "noise_multiplier": 1, "sketch_dim": 8}, {"name": "fltac", "weighting": "uniform"},
+     "privacy.sketch_dim = 8: sketches are for clustering noised uploads under privacy.mode client_local"),
+    ({"mode": "client_local", "noise_multiplier": 1, "sketch_dim": 8}, "fedit",
+     "algorithm 'fedit' does not cluster uploads, so a sketch would spend budget on nothing"),
+])
+def test_a_sketch_that_cannot_help_is_refused(privacy, algorithm, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        tiny_config(privacy=privacy, algorithm=algorithm)
+
+
+def test_fltac_clusters_the_sketches_at_the_same_epsilon_and_the_report_draws_accuracy_against_epsilon(
+        tmp_path, capsys):
+    from fltac_ray.reporting.figures import accuracy_vs_epsilon
+    from fltac_ray.reporting.runs import read_run
+
+    privacy = {"mode": "client_local", "noise_multiplier": 1.0, "clip_norm": 1.0}
+    plain = _run(tmp_path, "plain", privacy=privacy, engine={"backend": "local"})
+    sketched = _run(tmp_path, "sketched", privacy={**privacy, "sketch_dim": 8, "sketch_share": 0.2},
+                    engine={"backend": "local"})
+    out = capsys.readouterr().out
+    assert "a 8-dimensional sketch per upload takes 0.2 of it: 1.118 on the upload, 2.236 on the sketch" in out
+    assert sketched.rounds["epsilon"].tolist() == plain.rounds["epsilon"].tolist()  # the budget is shared, not added
+    uploads = sketched.rounds["adapters"]
+    assert (sketched.rounds["params_up"] - plain.rounds["params_up"]).tolist() == (8 * uploads).tolist()
+    runs = [read_run(plain.run_dir, "plain"), read_run(sketched.run_dir, "sketched"),
+            read_run(_run(tmp_path, "none", engine={"backend": "local"}).run_dir, "no privacy")]
+    figure = accuracy_vs_epsilon(runs)
+    assert figure is not None and len(figure.axes[0].lines) == 3  # two private series and one reference line
+    assert accuracy_vs_epsilon(runs[2:]) is None
+
+
+def test_fltac_groups_uploads_by_their_sketches_when_they_carry_them():
+    from fltac_ray.algorithms import AdapterSpec, create_algorithm
+    from fltac_ray.algorithms.base import Uploads
+    from fltac_ray.config import build_config
+
+    fltac = create_algorithm(build_config({"algorithm": {"name": "fltac", "n_clusters": 2}}))
+    fltac.setup(AdapterSpec((("head.bias", (2,)),)))
+    # the adapters pair up {0, 1} / {2, 3}; the sketches pair up {0, 2} / {1, 3}
+    vectors = np.array([[0.0, 0.0], [0.1, 0.0], [9.0, 9.0], [9.1, 9.0]], np.float32)
+    sketches = np.array([[0.0], [5.0], [0.1], [5.1]], np.float32)
+    by_vectors = fltac.aggregate(Uploads(vectors, np.ones(4)), 1).labels
+    by_sketches = fltac.aggregate(Uploads(vectors, np.ones(4), extras={"sketch": sketches}), 1)
+    assert by_vectors[0] == by_vectors[1] != by_vectors[2] == by_vectors[3]
+    labels = by_sketches.labels
+    assert labels[0] == labels[2] != labels[1] == labels[3]
+    # each cluster still averages the full adapters: {0, 2} -> [4.5, 4.5], {1, 3} -> [4.6, 4.5]
+    np.testing.assert_allclose(by_sketches.adapters[labels[0]], [4.5, 4.5], rtol=1e-6)
+    np.testing.assert_allclose(by_sketches.adapters[labels[1]], [4.6, 4.5], rtol=1e-6)

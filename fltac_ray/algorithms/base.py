@@ -89,6 +89,9 @@ class FederatedAlgorithm:
     #: what `upload` sends besides the adapter (Upload.extras keys): differential privacy noises
     #: the adapter only, so it refuses an algorithm that sends more
     upload_extras: ClassVar[tuple[str, ...]] = ()
+    # whether `aggregate` clusters the uploads on their privacy sketches when they carry one
+    # (privacy.sketch_dim: Uploads.extras["sketch"], privacy/sketch.py)
+    clusters_sketches: ClassVar[bool] = False
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config

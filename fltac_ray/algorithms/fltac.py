@@ -85,6 +85,7 @@ class FLTAC(ServerGroups, FederatedAlgorithm):
     Options = FLTACOptions
     #: scikit-learn until start_server() resolves the option where the server runs
     kmeans_backend = "sklearn"
+    clusters_sketches = True
 
     def start_server(self) -> str:
         # Resolved in the coordinator's process: that is where a GPU must be visible.
@@ -92,10 +93,13 @@ class FLTAC(ServerGroups, FederatedAlgorithm):
         return f"K-means backend: {self.kmeans_backend}"
 
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
+        # under local DP with privacy.sketch_dim, K-means reads each upload's noised sketch (n, k)
+        # rather than its noised adapter (n, p): far less noise per distance (privacy/sketch.py)
+        sketches = uploads.extras.get("sketch")
         labels = kmeans_labels(
-            uploads.vectors, cluster_count(self.config), seed=self.config.seed + round_index,
-            n_init=self.options.kmeans_n_init, backend=self.kmeans_backend,
-            scratch=uploads.owned,
+            uploads.vectors if sketches is None else sketches, cluster_count(self.config),
+            seed=self.config.seed + round_index, n_init=self.options.kmeans_n_init, backend=self.kmeans_backend,
+            scratch=uploads.owned and sketches is None,
         )
         result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)
         result.metrics["kmeans_backend"] = self.kmeans_backend

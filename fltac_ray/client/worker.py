@@ -439,9 +439,17 @@ class ClientWorker:
         """Client-level DP (privacy/mechanism.py): the update against what the client would have
         sent untrained, clipped to privacy.clip_norm; client_local also adds the noise here
         (client_central: the server adds it to the means), seeded per (seed, round, client,
-        slot), so the run stays reproducible."""
+        slot), so the run stays reproducible. With privacy.sketch_dim the upload also carries its
+        noised sketch (privacy/sketch.py), the budget split between the two."""
+        from fltac_ray.privacy.sketch import SKETCH_STREAM, noised_sketch, split_noise
+
         settings = self.config.privacy
         noise = settings.noise_multiplier if settings.mode == "client_local" else 0.0
+        if settings.sketch_dim:
+            noise, sketch_noise = split_noise(noise, settings.sketch_share)
+            rng = np.random.default_rng([self.config.seed, SKETCH_STREAM, round_index, key[0], key[1]])
+            upload.extras["sketch"] = noised_sketch(upload.vector, untrained.vector, self.config.seed,
+                                                    settings.sketch_dim, settings.clip_norm, sketch_noise, rng)
         rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, round_index, key[0], key[1]])
         upload.vector, _ = privatize_upload(upload.vector, untrained.vector, settings.clip_norm, noise, rng)
 

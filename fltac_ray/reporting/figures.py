@@ -321,6 +321,65 @@ def accuracy_vs_bytes(runs: list[RunTables]) -> Figure | None:
     return fig
 
 
+def privacy_series(run: RunTables) -> str:
+    """The line a run belongs to in accuracy_vs_epsilon: its algorithm, privacy mode and
+    whether its uploads carried a clustering sketch."""
+    privacy = run.config.get("privacy") or {}
+    mode = privacy.get("mode", "none")
+    if mode == "none":
+        return run.algorithm
+    sketch = f" + {privacy['sketch_dim']}-dim sketch" if privacy.get("sketch_dim") else ""
+    return f"{run.algorithm}, {mode}{sketch}"
+
+
+def accuracy_vs_epsilon(runs: list[RunTables]) -> Figure | None:
+    """Final mean accuracy (left) and clustering accuracy (right) against the run's epsilon (log
+    scale), one line per algorithm and privacy mode; runs without privacy (epsilon infinite) and
+    runs that send nothing (local training) as horizontal reference lines. None without a
+    private run."""
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    references: list[tuple[str, float, float]] = []
+    for run in runs:
+        rounds = run.rounds
+        if rounds.empty or "mean_accuracy" not in rounds or not rounds["mean_accuracy"].notna().any():
+            continue
+        accuracy = float(rounds["mean_accuracy"].dropna().iloc[-1])
+        clustering = (float(rounds["clustering_accuracy"].dropna().iloc[-1])
+                      if "clustering_accuracy" in rounds and rounds["clustering_accuracy"].notna().any() else math.nan)
+        epsilon = rounds["epsilon"].dropna() if "epsilon" in rounds else pd.Series(dtype=float)
+        if epsilon.empty:
+            sent = float((rounds["bytes_up"] + rounds["bytes_down"]).sum()) if "bytes_up" in rounds else 1.0
+            references.append((f"{run.label} ({'nothing sent' if sent <= 0 else 'no privacy'})", accuracy, clustering))
+            continue
+        points.setdefault(privacy_series(run), []).append((float(epsilon.iloc[-1]), accuracy, clustering))
+    if not points:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    palette = plt.get_cmap("tab10")
+    for i, (series, values) in enumerate(sorted(points.items())):
+        values.sort()
+        x = [v[0] for v in values]
+        style = {"color": palette(i % 10), "marker": MARKERS[i % len(MARKERS)]}
+        left.plot(x, [v[1] for v in values], label=series, **style)
+        if any(not math.isnan(v[2]) for v in values):
+            right.plot(x, [v[2] for v in values], **style)
+    for j, (label, accuracy, clustering) in enumerate(references):
+        colour = plt.get_cmap("Dark2")(j % 8)
+        left.axhline(accuracy, color=colour, linestyle=":", label=label)
+        if not math.isnan(clustering):
+            right.axhline(clustering, color=colour, linestyle=":")
+    for ax, ylabel in ((left, "final mean accuracy over tasks"), (right, "final clustering accuracy")):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.set_xlabel("epsilon spent (log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    left.set_title("Accuracy against the privacy budget")
+    right.set_title("How well the server recovers the tasks")
+    legend_below(fig, left.get_legend_handles_labels()[0], fontsize=8)
+    return fig
+
+
 def final_metric(run: RunTables, metric: str) -> float:
     """A run's last value of a sweep metric: a rounds.csv column (mean_accuracy,
     clustering_accuracy, train_loss, ...) or `accuracy/<task>`."""

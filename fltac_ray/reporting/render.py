@@ -96,6 +96,12 @@ def render_report(path: str | Path, projection: str = "auto") -> Report:
     save("accuracy_vs_bytes", figures.accuracy_vs_bytes(runs), "Accuracy against communication",
          "Mean accuracy over tasks after each evaluated round against the bytes sent so far, up "
          "and down (float32 adapters).", "no evaluated rounds yet")
+    epsilon = figures.accuracy_vs_epsilon(runs)
+    if epsilon is not None:  # private runs only; never listed as missing otherwise
+        save("accuracy_vs_epsilon", epsilon, "Accuracy against the privacy budget",
+             "Each private run's final mean accuracy and clustering accuracy against the epsilon it spent "
+             "(rounds.csv epsilon), one line per algorithm and privacy mode; dotted: runs without privacy "
+             "and runs that send nothing.", "")
     report.html.write_text(_page(kind, root, runs, report, drawn))
     return report
 
