@@ -666,10 +666,13 @@ class PrivacyConfig(_Section):
                                 "clients (client modes) or 1 / training examples of the federation (example).")
     accountant: Literal["rdp", "pld"] = Field(
         default="rdp", description="dp-accounting's accountant: Renyi DP (rdp) or privacy loss distributions (pld).")
-    sketch_dim: int = Field(
-        default=0, ge=0, le=4096,
-        description="client_local: each upload also carries a noised sketch of this many dimensions (a seeded "
-        "random projection; privacy/sketch.py) that FL-TAC clusters instead of the noised uploads; 0: none.")
+    sketch: Literal["none", "block_norms", "projection"] = Field(
+        default="none",
+        description="client_local: each upload also carries a noised sketch that FL-TAC clusters instead of the "
+        "noised uploads (privacy/sketch.py). block_norms: the L2 norm of the update in each adapter tensor, the "
+        "classifier head row by row (where the update went); projection: a seeded random projection to "
+        "sketch_dim numbers.")
+    sketch_dim: int = Field(default=16, ge=1, le=4096, description="sketch: projection's dimensions.")
     sketch_share: float = Field(
         default=0.1, gt=0, lt=1,
         description="The share of each round's privacy cost (as 1/z^2) spent on the sketch: its multiplier is "
@@ -879,12 +882,12 @@ class ExperimentConfig(_Section):
         if privacy.noise_multiplier == 0:
             raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
                              "> 0 or privacy.target_epsilon, or set privacy.mode: none")
-        if privacy.sketch_dim and privacy.mode != "client_local":
-            raise ValueError(f"privacy.sketch_dim = {privacy.sketch_dim}: sketches are for clustering noised uploads "
-                             f"under privacy.mode client_local (here {privacy.mode!r}); set privacy.sketch_dim: 0")
-        if privacy.sketch_dim and not self.algorithm_class.clusters_sketches:
-            raise ValueError(f"privacy.sketch_dim = {privacy.sketch_dim}: algorithm '{self.algorithm}' does not "
-                             "cluster uploads, so a sketch would spend budget on nothing; use fltac or sketch_dim: 0")
+        if privacy.sketch != "none" and privacy.mode != "client_local":
+            raise ValueError(f"privacy.sketch = {privacy.sketch}: sketches are for clustering noised uploads under "
+                             f"privacy.mode client_local (here {privacy.mode!r}); set privacy.sketch: none")
+        if privacy.sketch != "none" and not self.algorithm_class.clusters_sketches:
+            raise ValueError(f"privacy.sketch = {privacy.sketch}: algorithm '{self.algorithm}' does not cluster "
+                             "uploads, so a sketch would spend budget on nothing; use fltac or privacy.sketch: none")
         if privacy.mode == "example" and self.model.dtype == "float16":
             raise ValueError("model.dtype = float16: privacy.mode example (DP-SGD) clips each example's "
                              "gradient without float16 loss scaling; use float32 or bfloat16")

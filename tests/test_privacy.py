@@ -259,18 +259,39 @@ def test_the_sketch_projection_is_seeded_keeps_norms_and_is_the_same_built_whole
     np.testing.assert_allclose(sketch.project(vectors[0], seed=3, dim=64), whole, rtol=1e-10, atol=1e-9)
 
 
-def test_a_noised_sketch_is_the_projected_reference_plus_the_clipped_projected_update_plus_noise():
-    from fltac_ray.privacy.sketch import noised_sketch, project, split_noise
+def test_a_noised_sketch_is_the_clipped_map_of_the_update_plus_noise():
+    from fltac_ray.privacy.sketch import (
+        block_bounds,
+        noised_sketch,
+        project,
+        sketch_size,
+        split_noise,
+    )
+
+    layout = [("x.lora_A.default.weight", (1, 3)), ("head.weight", (2, 2)), ("head.bias", (2,))]
+    assert block_bounds(layout) == [(0, 3), (3, 5), (5, 7), (7, 9)]  # the head's weight row by row
+    assert sketch_size("block_norms", layout, 16) == 4 and sketch_size("projection", layout, 16) == 16
+    reference = np.zeros(9, np.float32)
+    upload = np.array([3, 0, 4, 0, 0, 1, 0, 0, 0], np.float32)  # block norms 5, 0, 1, 0
+    rng = np.random.default_rng(0)
+    quiet = noised_sketch("block_norms", upload, reference, layout, 0, 16, 100.0, 0.0, rng)
+    np.testing.assert_allclose(quiet, [5, 0, 1, 0])
+    clipped = noised_sketch("block_norms", upload + 2, reference + 2, layout, 0, 16, 0.5, 0.0, rng)
+    np.testing.assert_allclose(clipped, np.array([5, 0, 1, 0]) * 0.5 / np.sqrt(26), rtol=1e-6)  # |(5,0,1,0)|
+    with pytest.raises(ValueError, match="needs the whole adapter"):
+        noised_sketch("block_norms", upload[:5], reference[:5], layout, 0, 16, 1.0, 0.0, rng)
 
     rng = np.random.default_rng(1)
     reference = rng.normal(size=3000).astype(np.float32)
     small = reference + np.float32(1e-3) * rng.normal(size=3000).astype(np.float32)
-    quiet = noised_sketch(small, reference, seed=5, dim=16, clip_norm=10.0, noise_multiplier=0.0, rng=rng)
+    quiet = noised_sketch("projection", small, reference, [], seed=5, dim=16, clip_norm=10.0, noise_multiplier=0.0,
+                          rng=rng)
     np.testing.assert_allclose(quiet, project(small, 5, 16), rtol=1e-4, atol=1e-5)  # within the bound: exact
     large = reference + 5 * rng.normal(size=3000).astype(np.float32)
-    clipped = noised_sketch(large, reference, seed=5, dim=16, clip_norm=0.5, noise_multiplier=0.0, rng=rng)
+    clipped = noised_sketch("projection", large, reference, [], 5, 16, 0.5, 0.0, rng)
     assert np.linalg.norm(clipped - project(reference, 5, 16)) == pytest.approx(0.5, rel=1e-5)
-    draws = np.stack([noised_sketch(small, reference, 5, 16, 0.5, 3.0, np.random.default_rng(s)) for s in range(400)])
+    draws = np.stack([noised_sketch("projection", small, reference, [], 5, 16, 0.5, 3.0, np.random.default_rng(s))
+                      for s in range(400)])
     assert (draws - quiet).std() == pytest.approx(1.5, rel=0.05)  # z_s C
     upload_z, sketch_z = split_noise(2.0, 0.2)
     assert upload_z ** -2 + sketch_z ** -2 == pytest.approx(2.0 ** -2)  # the two compose to the accounted z
@@ -278,9 +299,10 @@ def test_a_noised_sketch_is_the_projected_reference_plus_the_clipped_projected_u
 
 
 @pytest.mark.parametrize(("privacy", "algorithm", "words"), [
-    ({"mode": "client_central", "noise_multiplier": 1, "sketch_dim": 8}, {"name": "fltac", "weighting": "uniform"},
-     "privacy.sketch_dim = 8: sketches are for clustering noised uploads under privacy.mode client_local"),
-    ({"mode": "client_local", "noise_multiplier": 1, "sketch_dim": 8}, "fedit",
+    ({"mode": "client_central", "noise_multiplier": 1, "sketch": "projection"},
+     {"name": "fltac", "weighting": "uniform"},
+     "privacy.sketch = 'projection': sketches are for clustering noised uploads under privacy.mode client_local"),
+    ({"mode": "client_local", "noise_multiplier": 1, "sketch": "block_norms"}, "fedit",
      "algorithm 'fedit' does not cluster uploads, so a sketch would spend budget on nothing"),
 ])
 def test_a_sketch_that_cannot_help_is_refused(privacy, algorithm, words):
@@ -295,13 +317,14 @@ def test_fltac_clusters_the_sketches_at_the_same_epsilon_and_the_report_draws_ac
 
     privacy = {"mode": "client_local", "noise_multiplier": 1.0, "clip_norm": 1.0}
     plain = _run(tmp_path, "plain", privacy=privacy, engine={"backend": "local"})
-    sketched = _run(tmp_path, "sketched", privacy={**privacy, "sketch_dim": 8, "sketch_share": 0.2},
+    sketched = _run(tmp_path, "sketched", privacy={**privacy, "sketch": "block_norms", "sketch_share": 0.2},
                     engine={"backend": "local"})
     out = capsys.readouterr().out
-    assert "a 8-dimensional sketch per upload takes 0.2 of it: 1.118 on the upload, 2.236 on the sketch" in out
+    assert "a block_norms sketch per upload takes 0.2 of it: 1.118 on the upload, 2.236 on the sketch" in out
     assert sketched.rounds["epsilon"].tolist() == plain.rounds["epsilon"].tolist()  # the budget is shared, not added
+    # tiny-random-bert: 2 layers x query/value x A/B = 8 LoRA tensors, 4 head rows, the head's bias
     uploads = sketched.rounds["adapters"]
-    assert (sketched.rounds["params_up"] - plain.rounds["params_up"]).tolist() == (8 * uploads).tolist()
+    assert (sketched.rounds["params_up"] - plain.rounds["params_up"]).tolist() == (13 * uploads).tolist()
     runs = [read_run(plain.run_dir, "plain"), read_run(sketched.run_dir, "sketched"),
             read_run(_run(tmp_path, "none", engine={"backend": "local"}).run_dir, "no privacy")]
     figure = accuracy_vs_epsilon(runs)

@@ -445,11 +445,12 @@ class ClientWorker:
 
         settings = self.config.privacy
         noise = settings.noise_multiplier if settings.mode == "client_local" else 0.0
-        if settings.sketch_dim:
+        if settings.sketch != "none":
             noise, sketch_noise = split_noise(noise, settings.sketch_share)
             rng = np.random.default_rng([self.config.seed, SKETCH_STREAM, round_index, key[0], key[1]])
-            upload.extras["sketch"] = noised_sketch(upload.vector, untrained.vector, self.config.seed,
-                                                    settings.sketch_dim, settings.clip_norm, sketch_noise, rng)
+            upload.extras["sketch"] = noised_sketch(settings.sketch, upload.vector, untrained.vector,
+                                                    list(self.spec.layout), self.config.seed, settings.sketch_dim,
+                                                    settings.clip_norm, sketch_noise, rng)
         rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, round_index, key[0], key[1]])
         upload.vector, _ = privatize_upload(upload.vector, untrained.vector, settings.clip_norm, noise, rng)
 

@@ -44,7 +44,7 @@ class PrivacyLedger:
     population: int = 0  # client_central: the clients sampling draws from (N) ...
     sampled: int = 0  # ... and how many each round (m)
     sampling_rate: float = 0.0  # example: the largest Poisson rate of a DP-SGD step
-    sketch_dim: int = 0  # client_local: the sketch's dimensions (privacy/sketch.py) ...
+    sketch: str = "none"  # client_local: the upload's sketch (privacy/sketch.py) ...
     sketch_share: float = 0.0  # ... and its share of the budget
 
     @classmethod
@@ -77,8 +77,8 @@ class PrivacyLedger:
             client_z = client_noise_multiplier(z, adapters_per_client)
         epsilons = tuple(composed_epsilon(client_z, count, delta, settings.accountant) for count in most)
         return cls(settings.mode, settings.clip_norm, z, adapters_per_client, delta, settings.accountant,
-                   settings.target_epsilon, epsilons, calibrated, sketch_dim=settings.sketch_dim,
-                   sketch_share=settings.sketch_share if settings.sketch_dim else 0.0)
+                   settings.target_epsilon, epsilons, calibrated, sketch=settings.sketch,
+                   sketch_share=settings.sketch_share if settings.sketch != "none" else 0.0)
 
     @classmethod
     def _central(cls, settings, schedule: list[list[int]], adapters_per_client: int, population: int,
@@ -146,10 +146,10 @@ class PrivacyLedger:
         else:
             per_client = (f"{self.adapters_per_client} adapter(s) per client, so "
                           f"{client_noise_multiplier(self.noise_multiplier, self.adapters_per_client):.4g} per client")
-            if self.sketch_dim:
+            if self.sketch != "none":
                 upload_z, sketch_z = split_noise(self.noise_multiplier, self.sketch_share)
-                per_client += (f"; a {self.sketch_dim}-dimensional sketch per upload takes {self.sketch_share:g} of "
-                               f"it: {upload_z:.4g} on the upload, {sketch_z:.4g} on the sketch")
+                per_client += (f"; a {self.sketch} sketch per upload takes {self.sketch_share:g} of it: "
+                               f"{upload_z:.4g} on the upload, {sketch_z:.4g} on the sketch")
         return (f"privacy: {self.mode} client-level DP, clip {self.clip_norm:g}, noise multiplier "
                 f"{self.noise_multiplier:.4g} ({how}; {per_client}), delta {self.delta:.3g}, "
                 f"{self.accountant.upper()} accounting: epsilon {self.epsilons[-1] if self.epsilons else 0.0:.3g} "

@@ -1,19 +1,24 @@
-"""A noised low-dimensional sketch of each upload, for clustering under local DP (privacy.sketch_dim).
+"""A noised low-dimensional sketch of each upload, for clustering under local DP (privacy.sketch).
 
 Under client_local every upload carries noise N(0, (z C)^2) in each of its p coordinates, so
 its noise has norm z C sqrt(p) (MiniLM rank 1: p = 19,226, ~139 z C) against an update of norm
-at most C: K-means over the uploads sees noise. FL-TAC's server only needs the uploads'
-*positions relative to each other* to cluster, and a seeded Johnson-Lindenstrauss projection R
-(k x p, entries N(0, 1/k), public: every client and the server build the same one from the run's
-seed) keeps distances to within a factor 1 +- O(1/sqrt(k)) in k dimensions. Each client also
-sends
+at most C: K-means over the uploads sees noise. FL-TAC's server only needs to tell the tasks
+apart, which a few numbers can carry. Each client also sends a sketch of k numbers, a fixed
+public map of its update Delta = upload - reference (the reference: what it would send untrained)
+clipped to norm C, plus N(0, (z_s C)^2) per number: noise of norm z_s C sqrt(k). The server
+clusters the sketches (algorithms/fltac.py) and still averages the full noised uploads.
 
-    sketch = R reference + clip(R (upload - reference), C) + N(0, (z_s C)^2 I_k)
-
-where the reference is what it would have sent untrained (the server's last message: public to
-the server) and the clipped projected update has sensitivity C; the noise now has norm
-z_s C sqrt(k). The server clusters the sketches (algorithms/fltac.py) and still averages the full
-noised uploads.
+  block_norms  the L2 norm of Delta in each block of the adapter: every LoRA tensor, and the
+               classifier head row by row (a task trains the rows of its own classes). The
+               vector of block norms has the norm of Delta itself, so clipping it to C bounds
+               the sensitivity by C. *Where* an update went identifies its task: on the offline
+               default's round-1 updates (51 blocks), K-means recovers the tasks exactly with
+               noise 0.05 per number and 95% at 0.1, where the full noised uploads fall to 45%.
+  projection   R reference + clip(R Delta, C) + noise, R a seeded Johnson-Lindenstrauss matrix
+               (k x p, entries N(0, 1/k)) every client and the server build from the run's seed:
+               distances kept to a factor 1 +- O(1/sqrt(k)); needs no knowledge of the model's
+               layout, but it keeps only ~80% clustering accuracy there even without noise (the
+               same-task updates' cosine is ~0.29, other tasks' ~0.06).
 
 The privacy budget is shared: per adapter and round the upload (multiplier z_u) and the sketch
 (z_s) are two Gaussian mechanisms of sensitivity C, which compose as one of multiplier
@@ -67,6 +72,26 @@ def project(vector: np.ndarray, seed: int, dim: int) -> np.ndarray:
     return out
 
 
+def block_bounds(layout: list[tuple[str, tuple[int, ...]]]) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of the flat adapter: one per layout tensor, the head's weight (classes,
+    hidden) one per row."""
+    bounds, offset = [], 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        if name == "head.weight" and len(shape) == 2:
+            bounds += [(offset + row * shape[1], offset + (row + 1) * shape[1]) for row in range(shape[0])]
+        else:
+            bounds.append((offset, offset + size))
+        offset += size
+    return bounds
+
+
+def block_norms(update: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
+    """(len(bounds),) float64: the L2 norm of `update` within each block."""
+    update = np.asarray(update, dtype=np.float64)
+    return np.array([math.sqrt(float(np.dot(update[lo:hi], update[lo:hi]))) for lo, hi in bounds])
+
+
 def split_noise(noise_multiplier: float, share: float) -> tuple[float, float]:
     """(upload's multiplier, sketch's multiplier) for a combined `noise_multiplier` with `share`
     of it (as 1/z^2) spent on the sketch; share 0: (z, inf)."""
@@ -75,15 +100,30 @@ def split_noise(noise_multiplier: float, share: float) -> tuple[float, float]:
     return noise_multiplier / math.sqrt(1 - share), noise_multiplier / math.sqrt(share)
 
 
-def noised_sketch(upload: np.ndarray, reference: np.ndarray, seed: int, dim: int, clip_norm: float,
-                  noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
-    """(dim,) float32: R reference + clip(R (upload - reference), C) + N(0, (z_s C)^2), z_s being
-    `noise_multiplier` (the sketch's own). `upload`, `reference`: (p,) the adapter as trained and
-    as it would be sent untrained."""
+def noised_sketch(kind: str, upload: np.ndarray, reference: np.ndarray, layout: list[tuple[str, tuple[int, ...]]],
+                  seed: int, dim: int, clip_norm: float, noise_multiplier: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The sketch of `kind` (block_norms or projection), float32, noised with multiplier
+    `noise_multiplier` (the sketch's own) and bound `clip_norm`. `upload`, `reference`: (p,) the
+    adapter as trained and as it would be sent untrained; `layout`: the adapter's (block_norms
+    needs the whole adapter); `dim`: projection's size."""
     from fltac_ray.privacy.mechanism import clip_update
 
-    base = project(reference, seed, dim)
-    moved, _ = clip_update(project(np.asarray(upload, np.float64) - np.asarray(reference, np.float64), seed, dim),
-                           clip_norm)
-    noise = rng.normal(0.0, noise_multiplier * clip_norm, size=dim)
+    update = np.asarray(upload, np.float64) - np.asarray(reference, np.float64)
+    if kind == "block_norms":
+        bounds = block_bounds(layout)
+        if bounds[-1][1] != update.size:
+            raise ValueError(f"privacy.sketch block_norms needs the whole adapter ({bounds[-1][1]} numbers); "
+                             f"this upload has {update.size}")
+        base, moved = np.zeros(len(bounds)), clip_update(block_norms(update, bounds), clip_norm)[0]
+    elif kind == "projection":
+        base, moved = project(reference, seed, dim), clip_update(project(update, seed, dim), clip_norm)[0]
+    else:
+        raise ValueError(f"privacy.sketch = {kind!r}: use block_norms or projection")
+    noise = rng.normal(0.0, noise_multiplier * clip_norm, size=moved.shape)
     return (base + moved + noise).astype(np.float32)
+
+
+def sketch_size(kind: str, layout: list[tuple[str, tuple[int, ...]]], dim: int) -> int:
+    """How many numbers a sketch of `kind` holds."""
+    return len(block_bounds(layout)) if kind == "block_norms" else dim

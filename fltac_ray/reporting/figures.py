@@ -328,7 +328,7 @@ def privacy_series(run: RunTables) -> str:
     mode = privacy.get("mode", "none")
     if mode == "none":
         return run.algorithm
-    sketch = f" + {privacy['sketch_dim']}-dim sketch" if privacy.get("sketch_dim") else ""
+    sketch = f" + {privacy['sketch']} sketch" if privacy.get("sketch", "none") != "none" else ""
     return f"{run.algorithm}, {mode}{sketch}"
 
 
