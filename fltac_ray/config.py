@@ -666,6 +666,19 @@ class PrivacyConfig(_Section):
                                 "clients (client modes) or 1 / training examples of the federation (example).")
     accountant: Literal["rdp", "pld"] = Field(
         default="rdp", description="dp-accounting's accountant: Renyi DP (rdp) or privacy loss distributions (pld).")
+    adaptive_clipping: bool = Field(
+        default=False,
+        description="client_central: clip_norm is only the start; after each round the server moves it "
+        "geometrically toward the target_quantile of the update norms, estimated from a noised count of the "
+        "uploads within the bound (Andrew et al., NeurIPS 2021).")
+    target_quantile: float = Field(default=0.5, gt=0, lt=1,
+                                   description="adaptive_clipping: the share of updates the bound should leave unclipped.")
+    clip_learning_rate: float = Field(default=0.2, gt=0, description="adaptive_clipping: eta_C of C <- C exp(-eta_C "
+                                      "(unclipped share - target_quantile)).")
+    quantile_share: float = Field(
+        default=0.1, gt=0, lt=1,
+        description="adaptive_clipping: the share of each round's privacy cost (as 1/z^2) spent on the noised count; "
+        "the means' noise multiplier becomes z / sqrt(1 - share), so noise_multiplier z is what is accounted.")
     sketch: Literal["none", "block_norms", "projection"] = Field(
         default="none",
         description="client_local: each upload also carries a noised sketch that FL-TAC clusters instead of the "
@@ -674,7 +687,7 @@ class PrivacyConfig(_Section):
         "sketch_dim numbers.")
     sketch_dim: int = Field(default=16, ge=1, le=4096, description="sketch: projection's dimensions.")
     sketch_share: float = Field(
-        default=0.1, gt=0, lt=1,
+        default=0.5, gt=0, lt=1,
         description="The share of each round's privacy cost (as 1/z^2) spent on the sketch: its multiplier is "
         "z / sqrt(share), the upload's z / sqrt(1 - share), so noise_multiplier z is what is accounted.")
 
@@ -882,6 +895,10 @@ class ExperimentConfig(_Section):
         if privacy.noise_multiplier == 0:
             raise ValueError("privacy.noise_multiplier = 0: no noise gives no privacy guarantee; give a multiplier "
                              "> 0 or privacy.target_epsilon, or set privacy.mode: none")
+        if privacy.adaptive_clipping and privacy.mode != "client_central":
+            raise ValueError(f"privacy.adaptive_clipping = true: the server estimates the bound from a noised count "
+                             f"it computes, which needs privacy.mode client_central (here {privacy.mode!r}); set "
+                             "privacy.adaptive_clipping: false")
         if privacy.sketch != "none" and privacy.mode != "client_local":
             raise ValueError(f"privacy.sketch = {privacy.sketch}: sketches are for clustering noised uploads under "
                              f"privacy.mode client_local (here {privacy.mode!r}); set privacy.sketch: none")

@@ -72,11 +72,10 @@ def test_epsilon_agrees_with_the_library_and_with_the_rdp_bound_by_hand():
     assert composed_epsilon(calibrated, rounds, delta) == pytest.approx(2.0, rel=1e-3)
 
 
-class _Settings:
-    mode, clip_norm, accountant, delta = "client_local", 1.0, "rdp", None
+def _Settings(noise_multiplier=None, target_epsilon=None):  # noqa: N802 - reads as the settings it builds
+    from fltac_ray.config import PrivacyConfig
 
-    def __init__(self, noise_multiplier=None, target_epsilon=None):
-        self.noise_multiplier, self.target_epsilon = noise_multiplier, target_epsilon
+    return PrivacyConfig(mode="client_local", noise_multiplier=noise_multiplier, target_epsilon=target_epsilon)
 
 
 def test_the_ledger_follows_the_most_sampled_client():
@@ -350,3 +349,42 @@ def test_fltac_groups_uploads_by_their_sketches_when_they_carry_them():
     # each cluster still averages the full adapters: {0, 2} -> [4.5, 4.5], {1, 3} -> [4.6, 4.5]
     np.testing.assert_allclose(by_sketches.adapters[labels[0]], [4.5, 4.5], rtol=1e-6)
     np.testing.assert_allclose(by_sketches.adapters[labels[1]], [4.6, 4.5], rtol=1e-6)
+
+
+def test_adaptive_clipping_steps_toward_the_target_quantile_and_shares_the_budget():
+    from fltac_ray.privacy.mechanism import next_clip_norm, quantile_noise
+
+    quiet = np.random.default_rng(0)
+    # 3 of 4 updates fit under C = 1 and the target is half: the bound shrinks by exp(-0.2 * 0.25)
+    bound, share = next_clip_norm(1.0, 3, 4, 0.5, 0.2, 0.0, quiet)
+    assert share == 0.75 and bound == pytest.approx(math.exp(-0.05))
+    assert next_clip_norm(2.0, 0, 4, 0.5, 0.2, 0.0, quiet)[0] == pytest.approx(2.0 * math.exp(0.1))  # grows
+    noisy = [next_clip_norm(1.0, 3, 4, 0.5, 0.2, 2.0, np.random.default_rng(s))[1] for s in range(4000)]
+    assert np.std(noisy) == pytest.approx(2.0 / 4, rel=0.05)  # the count's noise, over the uploads
+    means, count = quantile_noise(3.0, 0.1)
+    for adapters in (1, 3):  # per round: (z_m / 2S)^-2 + (sigma_b / S)^-2 = (z / 2S)^-2, whatever S
+        assert (means / (2 * adapters)) ** -2 + (count / adapters) ** -2 == pytest.approx((3.0 / (2 * adapters)) ** -2)
+
+
+def test_an_adaptive_central_run_moves_its_bound_keeps_its_epsilon_and_resumes_to_the_same_results(tmp_path, capsys):
+    privacy = {"mode": "client_central", "noise_multiplier": 4.0, "clip_norm": 0.05}
+    algorithm = {"name": "fltac", "weighting": "uniform"}
+    fixed = _run(tmp_path, "fixed", rounds=3, algorithm=algorithm, privacy=privacy, engine={"backend": "local"})
+    adaptive = _run(tmp_path, "adaptive", rounds=3, algorithm=algorithm, engine={"backend": "local"},
+                    privacy={**privacy, "adaptive_clipping": True})
+    out = capsys.readouterr().out
+    assert "adaptive clipping from 0.05: the noised count of unclipped uploads takes 0.1 of it" in out
+    assert fixed.rounds["clip_norm"].tolist() == [0.05, 0.05, 0.05]
+    bounds = adaptive.rounds["clip_norm"].tolist()
+    assert bounds[0] == 0.05 and bounds[2] > bounds[1] > bounds[0]  # every update was clipped at 0.05: it grows
+    assert adaptive.rounds["epsilon"].tolist() == fixed.rounds["epsilon"].tolist()
+    newest = adaptive.run_dir / "checkpoints" / "round_00003" / "clients.safetensors"
+    newest.write_bytes(newest.read_bytes()[:50])  # round 3 is redone from round 2's checkpoint and its bound
+    resumed = Simulation.resume(adaptive.run_dir, progress=Progress(quiet=True)).run()
+    pd.testing.assert_frame_equal(resumed.metrics, adaptive.metrics, check_exact=True)
+    assert resumed.rounds["clip_norm"].tolist() == bounds
+
+
+def test_adaptive_clipping_is_refused_where_no_trusted_server_counts():
+    with pytest.raises(ConfigError, match=re.escape("privacy.adaptive_clipping = True: the server estimates the bound")):
+        tiny_config(privacy={"mode": "client_local", "noise_multiplier": 1.0, "adaptive_clipping": True})

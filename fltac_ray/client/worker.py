@@ -422,7 +422,7 @@ class ClientWorker:
             upload = algorithm.upload(client_job, trained[row], private[job.key], metas[row])
             if upload is not None and self.config.privacy.mode in ("client_local", "client_central"):
                 self._privatize(upload, algorithm.upload(client_job, starts[row], private[job.key], metas[row]),
-                                round_index, job.key)
+                                round_index, job.key, state.clip_norm)
             if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):
                 upload.vector = self.attack.tamper(upload.vector, round_index, job.key)
             if upload is not None:
@@ -435,24 +435,30 @@ class ClientWorker:
                             self.loss_scale.skipped - skipped_before)
         return result, report
 
-    def _privatize(self, upload: Upload, untrained: Upload, round_index: int, key: AdapterKey) -> None:
+    def _privatize(self, upload: Upload, untrained: Upload, round_index: int, key: AdapterKey,
+                   clip_norm: float | None = None) -> None:
         """Client-level DP (privacy/mechanism.py): the update against what the client would have
         sent untrained, clipped to privacy.clip_norm; client_local also adds the noise here
         (client_central: the server adds it to the means), seeded per (seed, round, client,
-        slot), so the run stays reproducible. With privacy.sketch_dim the upload also carries its
-        noised sketch (privacy/sketch.py), the budget split between the two."""
+        slot), so the run stays reproducible. With privacy.sketch the upload also carries its
+        noised sketch (privacy/sketch.py), the budget split between the two. `clip_norm`: the
+        round's bound from the server (privacy.adaptive_clipping moves it; None: clip_norm); with
+        adaptive clipping the upload says whether its update fitted under it (meta "unclipped")."""
         from fltac_ray.privacy.sketch import SKETCH_STREAM, noised_sketch, split_noise
 
         settings = self.config.privacy
+        bound = settings.clip_norm if clip_norm is None else clip_norm
         noise = settings.noise_multiplier if settings.mode == "client_local" else 0.0
         if settings.sketch != "none":
             noise, sketch_noise = split_noise(noise, settings.sketch_share)
             rng = np.random.default_rng([self.config.seed, SKETCH_STREAM, round_index, key[0], key[1]])
             upload.extras["sketch"] = noised_sketch(settings.sketch, upload.vector, untrained.vector,
                                                     list(self.spec.layout), self.config.seed, settings.sketch_dim,
-                                                    settings.clip_norm, sketch_noise, rng)
+                                                    bound, sketch_noise, rng)
         rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, round_index, key[0], key[1]])
-        upload.vector, _ = privatize_upload(upload.vector, untrained.vector, settings.clip_norm, noise, rng)
+        upload.vector, norm = privatize_upload(upload.vector, untrained.vector, bound, noise, rng)
+        if settings.adaptive_clipping:
+            upload.meta["unclipped"] = norm <= bound
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, jobs: list[EvalJob], state: StateView, max_adapters: int,

@@ -49,6 +49,8 @@ class StateView:
     # the algorithm's client state (keep_state; SCAFFOLD's c_i), deduplicated as the adapters
     state_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     state_index: dict[AdapterKey, int] = field(default_factory=dict)
+    # client-level privacy: the round's clip bound (privacy.adaptive_clipping moves it); None: none
+    clip_norm: float | None = None
 
     def adapter(self, key: AdapterKey) -> np.ndarray | None:
         row = self.index.get(key)
@@ -175,6 +177,7 @@ class RoundOutcome:
     lora_product_error: float = float("nan")
     screening_note: str = ""  # says so, when kept_apart
     audit: dict[str, float] = field(default_factory=dict)  # attacks.honest_damage, when measured
+    clip_norm: float = float("nan")  # client-level privacy: the bound the round's uploads were clipped to
 
 
 @dataclass

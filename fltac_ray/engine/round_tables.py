@@ -53,6 +53,7 @@ tasks, timings and the algorithm's own measures; `round_workers`: the live worke
         "ari": ari,
         "clusters": outcome.clusters if outcome is not None else 0,
         "lora_product_error": outcome.lora_product_error if outcome is not None else nan,
+        "clip_norm": outcome.clip_norm if outcome is not None else nan,
         "params_up": params_up,
         "params_up_per_client": params_up / len(sampled),
         "bytes_up": params_up * BYTES_PER_PARAM,

@@ -26,7 +26,7 @@ from fltac_ray.privacy.accounting import (
     sampled_epsilon,
     worst_exposures,
 )
-from fltac_ray.privacy.mechanism import client_noise_multiplier
+from fltac_ray.privacy.mechanism import client_noise_multiplier, quantile_noise
 from fltac_ray.privacy.sketch import split_noise
 
 
@@ -46,6 +46,7 @@ class PrivacyLedger:
     sampling_rate: float = 0.0  # example: the largest Poisson rate of a DP-SGD step
     sketch: str = "none"  # client_local: the upload's sketch (privacy/sketch.py) ...
     sketch_share: float = 0.0  # ... and its share of the budget
+    adaptive_share: float = 0.0  # client_central with adaptive clipping: the noised count's share
 
     @classmethod
     def plan(cls, settings, schedule: list[list[int]], adapters_per_client: int, clients: int,
@@ -93,7 +94,8 @@ class PrivacyLedger:
             z = settings.noise_multiplier
         epsilons = tuple(sampled_epsilon(z / share, population, sampled, r, delta) for r in range(1, rounds + 1))
         return cls(settings.mode, settings.clip_norm, z, adapters_per_client, delta, settings.accountant,
-                   settings.target_epsilon, epsilons, calibrated, population, sampled)
+                   settings.target_epsilon, epsilons, calibrated, population, sampled,
+                   adaptive_share=settings.quantile_share if settings.adaptive_clipping else 0.0)
 
     @classmethod
     def _example(cls, settings, schedule: list[list[int]], exposures: dict[int, list[tuple[float, int]]],
@@ -143,6 +145,11 @@ class PrivacyLedger:
             per_client = (f"noise on every group mean; {self.adapters_per_client} adapter(s) per client, so "
                           f"{self.noise_multiplier / (2 * max(1, self.adapters_per_client)):.4g} per round "
                           f"for replacing a client, {self.sampled} of {self.population} clients sampled")
+            if self.adaptive_share:
+                means, count = quantile_noise(self.noise_multiplier, self.adaptive_share)
+                per_client += (f"; adaptive clipping from {self.clip_norm:g}: the noised count of unclipped uploads "
+                               f"takes {self.adaptive_share:g} of it (noise std {count:.4g}), the means "
+                               f"{means:.4g}")
         else:
             per_client = (f"{self.adapters_per_client} adapter(s) per client, so "
                           f"{client_noise_multiplier(self.noise_multiplier, self.adapters_per_client):.4g} per client")

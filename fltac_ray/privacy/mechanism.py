@@ -79,3 +79,26 @@ class CentralNoise:
                                                  size=adapters.shape[1])
         self.calls += 1
         return replace(aggregate, adapters=adapters.astype(np.float32))
+
+
+def quantile_noise(noise_multiplier: float, share: float) -> tuple[float, float]:
+    """Adaptive clipping's split of client_central's budget (Andrew, Thakkar, McMahan, Ramaswamy,
+    NeurIPS 2021, "Differentially Private Learning with Adaptive Clipping"): (the means' noise
+    multiplier, the standard deviation of the noise on the count of unclipped uploads).
+
+    Per round, replacing a client moves the group sums by up to 2 S C (multiplier z_m / (2 S)
+    for noise z_m C) and the count of unclipped uploads by up to S (its S bits; multiplier
+    sigma_b / S). Released together they are one Gaussian mechanism whose 1/multiplier^2 is the
+    sum of theirs; giving the count `share` of the accounted (z / (2 S))^-2 leaves
+    z_m = z / sqrt(1 - share) and sigma_b = z / (2 sqrt(share)), whatever S is."""
+    return noise_multiplier / math.sqrt(1 - share), noise_multiplier / (2 * math.sqrt(share))
+
+
+def next_clip_norm(clip_norm: float, unclipped: int, uploads: int, target_quantile: float, learning_rate: float,
+                   count_noise: float, rng: np.random.Generator) -> tuple[float, float]:
+    """One step of adaptive clipping's geometric update: the noised share of uploads whose update
+    was within the bound, b = (unclipped + N(0, sigma_b^2)) / uploads, and the next bound
+    C exp(-eta (b - target)): it grows while fewer than the target share fit under it. Returns
+    (next bound, b). The number of uploads is treated as public, as the group sizes are."""
+    share = (unclipped + rng.normal(0.0, count_noise)) / max(1, uploads)
+    return clip_norm * math.exp(-learning_rate * (share - target_quantile)), share

@@ -21,7 +21,7 @@ ROUNDS_COLUMNS = [
     "lora_product_error",
     "params_up", "params_up_per_client", "bytes_up", "params_down", "bytes_down", "rejected_uploads", "train_loss",
     "skipped_steps", "mean_accuracy", "train_seconds", "step_seconds", "worker_utilisation", "aggregate_seconds", "evaluated_adapters", "eval_seconds",
-    "seconds", "epsilon", "screened_uploads", "suspected_kept", "malicious_uploads", "malicious_accepted", "honest_screened",
+    "seconds", "epsilon", "clip_norm", "screened_uploads", "suspected_kept", "malicious_uploads", "malicious_accepted", "honest_screened",
     "honest_clustering_accuracy", "honest_aggregate_error",
 ]
 # attacks.honest_damage's measures, filled when the run has federation.attack or .screening

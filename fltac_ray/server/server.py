@@ -21,7 +21,7 @@ from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
 from fltac_ray.errors import AlgorithmError, ScreeningError
-from fltac_ray.privacy.mechanism import PRIVACY_STREAM, CentralNoise
+from fltac_ray.privacy.mechanism import PRIVACY_STREAM, CentralNoise, next_clip_norm, quantile_noise
 from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.server.attacks import Attack, honest_damage
 from fltac_ray.server.lora_products import round_product_error
@@ -51,6 +51,9 @@ class Server:
         self.snapshot_rounds = set(snapshot_rounds(config.rounds, config.report.adapter_snapshots))
         self.snapshot: dict | None = None  # the newest round's kept uploads, until taken
         self.exported: dict[str, np.ndarray] | None = None  # the newest whole global adapters
+        # client-level privacy: the bound the next round clips to (privacy.adaptive_clipping moves it)
+        client_level = config.privacy.mode in ("client_local", "client_central")
+        self.clip_norm: float | None = config.privacy.clip_norm if client_level else None
 
     def setup(self, spec: AdapterSpec) -> None:
         self.algorithm.setup(spec)
@@ -79,8 +82,10 @@ class Server:
         self.algorithm.set_initial(adapters)
 
     def state_view(self) -> StateView:
-        """The committed client state and the broadcast, for the round's workers."""
-        return self.store.view(self.algorithm.broadcast(), self.states)
+        """The committed client state, the broadcast and the round's clip bound, for its workers."""
+        view = self.store.view(self.algorithm.broadcast(), self.states)
+        view.clip_norm = self.clip_norm
+        return view
 
     def evaluation_digests(self, keys: list) -> dict:
         """{key: digest of what its evaluation reads}: the driver re-evaluates only changed keys."""
@@ -103,6 +108,8 @@ class Server:
         groups["server"] = self.algorithm.state()
         if self.exported is not None:
             groups["outcome"] = self.exported
+        if self.config.privacy.adaptive_clipping:
+            groups["privacy"] = {"clip_norm": np.array([self.clip_norm], dtype=np.float64)}
         return groups
 
     def load_state(self, groups: dict[str, dict[str, np.ndarray]]) -> None:
@@ -113,6 +120,8 @@ class Server:
             self.states.load_groups({"clients": kept})
         self.algorithm.load_state(groups.get("server", {}))
         self.exported = groups.get("outcome")
+        if "privacy" in groups:
+            self.clip_norm = float(groups["privacy"]["clip_norm"][0])
 
     # --- a round ----------------------------------------------------------------------------
     def _accept(self, round_index: int, expected: set[AdapterKey], uploads: list[Upload]
@@ -237,7 +246,23 @@ class Server:
         if privacy.mode != "client_central":
             return None
         rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, 0, round_index])
-        return CentralNoise(rng, privacy.noise_multiplier, privacy.clip_norm)
+        multiplier = privacy.noise_multiplier
+        if privacy.adaptive_clipping:  # the count of unclipped uploads takes its share of the budget
+            multiplier = quantile_noise(multiplier, privacy.quantile_share)[0]
+        return CentralNoise(rng, multiplier, self.clip_norm)
+
+    def _adapt_clip_norm(self, round_index: int, accepted: list[Upload]) -> None:
+        """privacy.adaptive_clipping: the next round's bound from this round's noised count of
+        uploads whose update fitted under the bound (mechanism.next_clip_norm), seeded per
+        (seed, round)."""
+        privacy = self.config.privacy
+        if not privacy.adaptive_clipping or not accepted:
+            return
+        unclipped = sum(bool(upload.meta.get("unclipped")) for upload in accepted)
+        rng = np.random.default_rng([self.config.seed, PRIVACY_STREAM, 1, round_index])
+        self.clip_norm, _ = next_clip_norm(self.clip_norm, unclipped, len(accepted), privacy.target_quantile,
+                                           privacy.clip_learning_rate,
+                                           quantile_noise(privacy.noise_multiplier, privacy.quantile_share)[1], rng)
 
     def _refuse_answer(self, hook: str, round_index: int, problem: str) -> None:
         """End the run before anything of the round is committed: a NaN answer would otherwise be
@@ -306,7 +331,9 @@ class Server:
                                                 algorithm.weights(np.asarray([u.num_samples for u in accepted])),
                                                 algorithm.spec.layout)
         audit = self._audit(checked, vectors, kept, outcome, truth) if truth is not None else {}
+        clip_norm = self.clip_norm
         self.store.commit(adapters, private)
+        self._adapt_clip_norm(round_index, accepted)
         if states:
             if not len(self.states):
                 self.states = ClientStateStore(len(next(iter(states.values()))))
@@ -334,4 +361,5 @@ class Server:
             params_down=algorithm.download_params(outcome, clients) if outcome is not None else 0,
             uploads=len(uploads),
             seconds=time.perf_counter() - started,
+            clip_norm=float("nan") if clip_norm is None else clip_norm,
         )
