@@ -130,6 +130,8 @@ def test_ffa_freezes_a_and_averages_b_and_the_head():
     np.testing.assert_allclose(ffa.merge(trained, result.adapters[0]), [0.5, -0.5, 2, 2, 2, 2])
     # the exported global adapter: the shared frozen A of v^0 with the averaged B and head
     np.testing.assert_allclose(ffa.global_adapters(result), [[0.5, -0.5, 2, 2, 2, 2]])
+    assert ffa.client_adapters(["a", "b"]) == [["a"], ["b"]]  # per_task, FL-TAC's client side
+    assert _algorithm({"name": "ffa", "adapters": "per_client"}).client_adapters(["a", "b"]) == [["a", "b"]]  # FedIT's
 
 
 def test_floral_uploads_its_router_mixture_never_the_router():
