@@ -24,6 +24,10 @@ Sections, in order (--only picks some)
              step time, and agreement of the trained adapters (dropout off).
   precision  the same batched step in float32 (TF32 off), float32 with TF32, bfloat16, and
              bfloat16 with engine.deterministic; float16 loss-scale skips over 20 steps.
+  privacy    example-level DP-SGD (privacy.mode: example) in bfloat16: the batched pass (each example
+             through its own adapter copy) against one example at a time (agreement with seeded
+             noise, step time) and against the plain batched step; the measured memory of a
+             DP-SGD pass against the plain pass's (its per-example copies).
   kmeans     torch K-means on the GPU against scikit-learn, 1,000 and 10,000 adapters.
   run        an in-process run of 3 rounds on the GPU (BERT-base shape, synthetic tasks): the
              GPU's allocated and reserved memory after each round, which must not grow.
@@ -375,6 +379,54 @@ def bench_precision(setup: Setup) -> dict:
     return out
 
 
+def bench_privacy(setup: Setup) -> dict:
+    from fltac_ray.client.batched_training import measure_pass_memory
+    from fltac_ray.privacy.dp_sgd import ExamplePrivacy
+
+    dtype = torch.bfloat16 if setup.cuda else torch.float32
+    count = setup.counts[0]
+    say(f"[privacy] DP-SGD, {setup.lm} in {'bfloat16' if setup.cuda else 'float32'}, {count} adapters, expected "
+        f"batch 8 of 16 examples each, {setup.steps} steps")
+    model = build_model(setup.lm, "causal_lm", dtype, setup.device)
+    split = instruction_split(4096, 64, seed=2)
+    privacy = ExamplePrivacy(clip_norm=0.1, noise_multiplier=1.0, expected_batch=8)
+
+    def jobs(m) -> list[AdapterJob]:
+        made = jobs_for(m, split, count, setup.steps, 8, 0)
+        for j, job in enumerate(made):
+            job.noise_rng = np.random.default_rng([5, j])
+        return made
+
+    train_batched(model, jobs(model)[:1], 8, 1e-3, 0.0, setup.device, privacy=privacy)  # warm-up
+    plain_seconds, _ = timed(setup, lambda m=model: train_batched(m, jobs(m), 8, 1e-3, 0.0, setup.device))
+    private_seconds, batched = timed(setup, lambda m=model: train_batched(m, jobs(m), 8, 1e-3, 0.0, setup.device,
+                                                                          privacy=privacy))
+    reference = jobs(model)
+    one_seconds, singles = timed(setup, lambda m=model: [
+        train_adapter(m, job.start, job.split, job.indices, 0, job.steps, 8, 1e-3, 0.0, job.rng, setup.device,
+                      privacy=privacy, noise_rng=job.noise_rng) for job in reference])
+    start = reference[0].start
+    differences = [float(np.linalg.norm(b.adapter - s.adapter) / max(np.linalg.norm(s.adapter - start), 1e-12))
+                   for b, s in zip(batched, singles, strict=True)]
+    out = {"plain_step_s": plain_seconds / setup.steps, "dp_sgd_step_s": private_seconds / setup.steps,
+           "one_by_one_step_s": one_seconds / setup.steps, "update_difference_max": max(differences)}
+    say(f"  batched {out['plain_step_s'] * 1000:,.0f} ms/step, batched DP-SGD {out['dp_sgd_step_s'] * 1000:,.0f} "
+        f"ms/step, DP-SGD one example at a time {out['one_by_one_step_s'] * 1000:,.0f} ms/step; RATIO "
+        f"DP-SGD/plain = {out['dp_sgd_step_s'] / out['plain_step_s']:.2f}; updates differ by at most "
+        f"{max(differences):.1e} of their norm")
+    if setup.cuda:
+        rows = np.arange(8)
+        plain = measure_pass_memory(model, split, rows, 0, setup.device)
+        private = measure_pass_memory(model, split, rows, 0, setup.device, privacy)
+        out["pass_memory_mib"] = {"plain": [plain.fixed_bytes / MIB, plain.per_adapter_bytes / MIB],
+                                  "dp_sgd": [private.fixed_bytes / MIB, private.per_adapter_bytes / MIB]}
+        say(f"  pass memory (fixed + per adapter): plain {plain.fixed_bytes / MIB:,.0f} + {plain.per_adapter_bytes / MIB:,.0f} "
+            f"MiB, DP-SGD {private.fixed_bytes / MIB:,.0f} + {private.per_adapter_bytes / MIB:,.0f} MiB")
+    del model
+    setup.free()
+    return out
+
+
 def bench_kmeans(setup: Setup) -> dict:
     from fltac_ray.server.clustering import adjusted_rand, kmeans_labels
 
@@ -433,7 +485,7 @@ def bench_run(setup: Setup) -> dict:
 
 
 SECTIONS = {"planner": bench_planner, "fit": bench_fit, "adapters": bench_adapters, "precision": bench_precision,
-            "kmeans": bench_kmeans, "run": bench_run}
+            "privacy": bench_privacy, "kmeans": bench_kmeans, "run": bench_run}
 
 
 def main() -> int:

@@ -91,17 +91,18 @@ def test_the_gpu_check_runs_without_ray_and_writes_two_files(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--only",
-                           "planner,kmeans,run", "--out", str(tmp_path / "out")],
+                           "planner,privacy,kmeans,run", "--out", str(tmp_path / "out")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Ray imported: False" in done.stdout
     for line in ("Llama-7B   24 GB (A10G)     0.5  REFUSED", "BERT-base  141 GB (H200)   0.25  yes",
-                 "RATIO sklearn/torch", "allocated memory from round 1 to 3"):
+                 "RATIO sklearn/torch", "allocated memory from round 1 to 3", "RATIO DP-SGD/plain"):
         assert line in done.stdout, line
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["gpu.json", "gpu.txt"]
     results = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert results["dry_run"] and not results["ray_imported"]
     assert set(results) >= {"planner", "kmeans", "run"} and "error" not in results["run"]
+    assert results["privacy"]["update_difference_max"] < 1e-4  # DP-SGD batched = one example at a time
     assert results["planner"]["Llama-7B | 141 GB (H200) | 0.5"]["now_gib"] == pytest.approx(45.5, abs=0.1)
     assert (tmp_path / "out" / "gpu.txt").read_text().splitlines()[0].startswith("fltac-ray GPU check on CPU")
 

@@ -329,14 +329,16 @@ def train_batched(model: AdapterModel, jobs: list[AdapterJob], batch_size: int, 
 
 
 def measure_pass_memory(model: AdapterModel, split: EncodedSplit, rows: np.ndarray, num_classes: int,
-                        device: torch.device) -> PassMemory:
+                        device: torch.device, privacy: ExamplePrivacy | None = None) -> PassMemory:
     """CUDA: the memory of one batched training step (client/gpu_fit.PassMemory) on `rows` (give
     train.batch_size of the longest examples: buckets pad to their longest): a warm-up step first
     (cuBLAS's workspace and the first kernels' buffers are paid once per process, not per
     adapter), then the peak over what was allocated before, for a pass of one adapter and of
     two; the difference is one adapter's share (activations, its stacked parameters, gradients
     and AdamW moments), the rest the pass's fixed part. What engine.max_batched_adapters: auto
-    plans with (client/gpu_fit.adapters_that_fit)."""
+    plans with (client/gpu_fit.adapters_that_fit). `privacy`: measure DP-SGD's pass, whose
+    per-example adapter copies and their gradients add (examples x adapter size) floats (Poisson
+    sampling at rate 1 here: every row, the largest batch)."""
     from fltac_ray.client.gpu_fit import PassMemory
 
     if device.type != "cuda":
@@ -344,11 +346,12 @@ def measure_pass_memory(model: AdapterModel, split: EncodedSplit, rows: np.ndarr
     start = model.get_adapter()
 
     def peak_of(count: int) -> int:
-        jobs = [AdapterJob(start, split, rows, num_classes, 1, np.random.default_rng(j)) for j in range(count)]
+        jobs = [AdapterJob(start, split, rows, num_classes, 1, np.random.default_rng(j),
+                           noise_rng=np.random.default_rng(j)) for j in range(count)]
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        train_batched(model, jobs, len(rows), 0.0, 0.0, device)  # lr 0: nothing learns
+        train_batched(model, jobs, len(rows), 0.0, 0.0, device, privacy=privacy)  # lr 0: nothing learns
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
 

@@ -232,7 +232,8 @@ class ClientWorker:
 
         bundle = max(self.tasks.values(), key=width)
         rows = longest_rows(bundle.train, self.config.train.batch_size)
-        memory = measure_pass_memory(self.model, bundle.train, rows, bundle.num_classes, self.device)
+        memory = measure_pass_memory(self.model, bundle.train, rows, bundle.num_classes, self.device,
+                                     self.example_privacy)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = worker_budget(total, free, self.config.engine.gpus_per_worker,
                                CUDA_CONTEXT_BYTES + torch.cuda.memory_allocated(self.device))
