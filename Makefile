@@ -70,7 +70,7 @@ gpu-check-dry: setup $(NORAY_STAMP)
 	$(NORAY)/bin/python benchmarks/gpu.py --dry-run --carry .gpu-carry-here --out runs/gpu-check-dry
 
 test: setup gpu-check-dry
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

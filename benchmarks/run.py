@@ -829,6 +829,19 @@ SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memo
             "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks, "privacy": bench_privacy}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
@@ -851,9 +864,13 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")  # 127.0.0.1 only
     import torch
 
+    from fltac_ray.client.precision import cpu_bfloat16_native
+
     machine = {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    say(f"fltac-ray benchmarks on {machine['cpus']} CPUs ({machine['cpu_capability']}), "
+               "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "native_bfloat16": cpu_bfloat16_native()}
+    say(f"fltac-ray benchmarks on {machine['cpus']} CPUs ({machine['cpu_model']}, {machine['cpu_capability']}"
+        f"{', native bfloat16' if machine['native_bfloat16'] else ''}), "
         f"{machine['memory_gib']:.0f} GiB"
         f"{' (quick)' if args.quick else ''}")
     results = {"machine": machine, "quick": args.quick}

@@ -357,3 +357,15 @@ def test_the_routed_update_runs_in_the_passs_dtype_where_asked(monkeypatch):
                                np.random.default_rng([1, j]), CPU)
         assert np.isfinite(outcome.adapter).all()
         assert outcome.mean_loss == pytest.approx(single.mean_loss, rel=2e-2)
+
+
+def test_a_requested_bfloat16_on_a_cpu_that_emulates_it_is_named(monkeypatch):
+    from fltac_ray.client import precision
+
+    monkeypatch.setattr(precision, "cpu_bfloat16_native", lambda: False)
+    note = precision.emulated_bfloat16_note("bfloat16", runs_on_cpu=True)
+    assert note is not None and "torch emulates it, slower than float32; use model.dtype: auto" in note
+    assert precision.emulated_bfloat16_note("auto", runs_on_cpu=True) is None  # auto stays float32 on a CPU
+    assert precision.emulated_bfloat16_note("bfloat16", runs_on_cpu=False) is None  # a GPU's business
+    monkeypatch.setattr(precision, "cpu_bfloat16_native", lambda: True)  # AVX-512 BF16 / AMX
+    assert precision.emulated_bfloat16_note("bfloat16", runs_on_cpu=True) is None

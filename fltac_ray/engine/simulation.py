@@ -160,6 +160,14 @@ class Simulation:
         say(f"[fltac-ray] {config.name}: {config.algorithm}, {config.num_tasks} tasks, "
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
             f"(LoRA rank {config.model.lora.rank})")
+        import torch
+
+        from fltac_ray.client.precision import emulated_bfloat16_note
+
+        on_cpu = config.engine.device == "cpu" or (config.engine.device == "auto" and config.engine.backend == "local"
+                                                    and not torch.cuda.is_available())
+        if (note := emulated_bfloat16_note(config.model.dtype, on_cpu)) is not None:
+            say(f"  warning: {note}")
         algorithm = create_algorithm(config)  # driver-side: job grouping and data only
         # The run folder first: an unusable --out is refused before minutes of data preparation;
         # a folder made here is removed again if the data cannot be prepared.
