@@ -340,8 +340,33 @@ class DataConfig(_Section):
         return [f"{base}@{suffix}{c}" for c in range(shift.clusters)]
 
 
+class RankProfile(_Section):
+    """Heterogeneous LoRA ranks (models/ranks.py): each client trains at a rank drawn from a rank
+    set, every adapter padded to model.lora.rank (the set's largest)."""
+
+    distribution: Literal["homo", "random", "heavy_tail", "heavy_tail_strong", "normal", "explicit"] = Field(
+        default="random",
+        description="How clients get ranks (FlexLoRA's names): homo (all the largest), random (uniform), heavy_tail "
+        "(85% the smallest), heavy_tail_strong (85% the largest), normal (around the middle), explicit (per_client).")
+    ranks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1,
+                             description="The rank set; its largest must be model.lora.rank.")
+    per_client: list[int] | None = Field(
+        default=None, description="distribution explicit: one rank per client (data.num_clients of them).")
+
+    @model_validator(mode="after")
+    def _ranks_positive(self) -> RankProfile:
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"ranks = {self.ranks}: every rank must be at least 1")
+        if self.per_client is not None and self.distribution != "explicit":
+            raise ValueError(f"per_client: only used with distribution: explicit (here {self.distribution!r})")
+        if self.distribution == "explicit" and self.per_client is None:
+            raise ValueError("distribution = 'explicit': give per_client, one rank per client")
+        return self
+
+
 class LoraConfig(_Section):
-    rank: int = Field(default=1, ge=1, description="LoRA rank r (FL-TAC uses extremely low ranks).")
+    rank: int = Field(default=1, ge=1, description="LoRA rank r (FL-TAC uses extremely low ranks); with a "
+                      "rank_profile, the largest rank, to which every adapter is padded.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | None = Field(
@@ -349,6 +374,10 @@ class LoraConfig(_Section):
         description="Module names that receive LoRA; default by model family: query,value "
         "(BERT), q_proj,v_proj (ViT, Llama), _expand_conv,_project_conv (EfficientNet), fc1,fc2 (MLP).",
     )
+    rank_profile: RankProfile | None = Field(
+        default=None,
+        description="Heterogeneous ranks: a rank per client (models/ranks.py, README 'Heterogeneous ranks'); "
+        "null: every client at rank.")
 
 
 class ModelConfig(_Section):
@@ -925,6 +954,30 @@ class ExperimentConfig(_Section):
                              f"{list(extras)}, which the noise does not cover; use an algorithm that uploads its "
                              "adapter alone")
 
+    def _rank_rules(self) -> None:
+        """model.lora.rank_profile: a rank set topped by model.lora.rank, an algorithm whose traffic and
+        aggregation are one answer row per adapter, and nothing that would move the zero padding."""
+        profile, rank = self.model.lora.rank_profile, self.model.lora.rank
+        if profile is None:
+            return
+        if max(profile.ranks) != rank:
+            raise ValueError(f"model.lora.rank_profile.ranks = {profile.ranks}: the largest must be model.lora.rank "
+                             f"({rank}), the width every adapter is padded to")
+        if profile.per_client is not None:
+            if len(profile.per_client) != self.data.num_clients:
+                raise ValueError(f"model.lora.rank_profile.per_client = {profile.per_client}: one rank per client "
+                                 f"(data.num_clients = {self.data.num_clients}), got {len(profile.per_client)}")
+            if not all(1 <= r <= rank for r in profile.per_client):
+                raise ValueError(f"model.lora.rank_profile.per_client = {profile.per_client}: every rank must be in "
+                                 f"1..{rank} (model.lora.rank)")
+        if not self.algorithm_class.heterogeneous_ranks:
+            raise ValueError(f"model.lora.rank_profile: algorithm '{self.algorithm}' sends more than one answer row "
+                             "per adapter or state beside it, which heterogeneous ranks do not cover yet; use fltac, "
+                             "fedit, fedsa, ffa, hetlora, flexlora, oracle, local or centralized")
+        if self.privacy.mode == "example":
+            raise ValueError("model.lora.rank_profile: privacy.mode example would add DP-SGD noise to the zero "
+                             "padding beyond each client's rank; use a client-level mode or no profile")
+
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:
         try:
@@ -983,6 +1036,7 @@ class ExperimentConfig(_Section):
             raise ValueError(f"federation.screening_neighbours = {fed.screening_neighbours}: only used with "
                              f"federation.screening: neighbours (here {fed.screening!r})")
         self._privacy_rules()
+        self._rank_rules()
         if fed.screening_stop and fed.screening == "none":
             raise ValueError("federation.screening_stop = True: only used with federation.screening: norm or "
                              "neighbours (here 'none')")

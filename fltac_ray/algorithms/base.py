@@ -92,6 +92,9 @@ class FederatedAlgorithm:
     # whether `aggregate` clusters the uploads on their privacy sketches when they carry one
     # (privacy.sketch_dim: Uploads.extras["sketch"], privacy/sketch.py)
     clusters_sketches: ClassVar[bool] = False
+    # whether the method works under model.lora.rank_profile (models/ranks.py): its answer is one
+    # adapter-wide row per upload, truncated to each client's rank, and it keeps no state beside it
+    heterogeneous_ranks: ClassVar[bool] = True
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config

@@ -83,6 +83,7 @@ class FLoRAL(FederatedAlgorithm):
     upload_extras = ("mixture",)
     summary = "FLoRAL: C federated LoRA adaptors per layer mixed by a private per-client router"
     Options = FloralOptions
+    heterogeneous_ranks = False  # see FederatedAlgorithm.heterogeneous_ranks
 
     @classmethod
     def check_config(cls, config) -> None:

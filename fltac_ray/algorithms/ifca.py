@@ -28,6 +28,7 @@ class IFCA(ServerGroups, FederatedAlgorithm):
     labels_name_server_models = True  # a choice is one of the K global adapters
     summary = "IFCA: K global adapters; each client task starts from the lowest-loss one"
     Options = IFCAOptions
+    heterogeneous_ranks = False  # see FederatedAlgorithm.heterogeneous_ranks
 
     def __init__(self, config) -> None:
         super().__init__(config)

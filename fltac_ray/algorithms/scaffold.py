@@ -48,6 +48,7 @@ class Scaffold(GlobalModelAlgorithm):
     upload_extras = ("control_delta",)
     summary = "SCAFFOLD: FedAvg with client and server control variates correcting local drift"
     Options = ScaffoldOptions
+    heterogeneous_ranks = False  # see FederatedAlgorithm.heterogeneous_ranks
     round_metrics = ("control_norm",)  # ||c|| after the round: how much drift is being corrected
 
     def __init__(self, config) -> None:

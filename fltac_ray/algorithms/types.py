@@ -65,10 +65,13 @@ class Upload:
     num_samples: int
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # entries of `vector` that are zero padding beyond the client's LoRA rank (model.lora.rank_profile):
+    # held as zeros here, never really sent, so not counted
+    padding: int = 0
 
     @property
     def params(self) -> int:
-        return int(self.vector.size + sum(np.size(v) for v in self.extras.values()))
+        return int(self.vector.size - self.padding + sum(np.size(v) for v in self.extras.values()))
 
 
 @dataclass

@@ -34,6 +34,7 @@ from fltac_ray.engine.messages import (
     TrainJob,
 )
 from fltac_ray.models.model_files import ModelFiles
+from fltac_ray.models.ranks import RankMasks
 from fltac_ray.privacy.mechanism import PRIVACY_STREAM, privatize_upload
 from fltac_ray.server.attacks import Attack
 
@@ -184,6 +185,8 @@ class ClientWorker:
         self.algorithm.setup(self.spec)
         self.local_rule = self.algorithm.local_training()  # how local steps run (FedProx, SCAFFOLD...)
         self.frozen = self._frozen_entries()
+        # model.lora.rank_profile: each client's rank, its adapters zero beyond it (models/ranks.py)
+        self.rank_masks = RankMasks.for_config(config, self.model.adapter_layout())
         self.batched = config.engine.batched_training and self._batchable()
         self.trim_heap = HeapTrimmer()  # freed activations back to the OS when they pile up
         self.adapters_fit = self._adapters_that_fit()
@@ -403,6 +406,8 @@ class ClientWorker:
         for row, (job, client_job) in enumerate(zip(jobs, client_jobs, strict=True)):
             starts[row], meta = algorithm.start(client_job, state.adapter(job.key), state.broadcast,
                                                 self._probe_loss(job))
+            if self.rank_masks is not None:  # the client holds only its own rank of what it received
+                starts[row] = self.rank_masks.truncate(job.key[0], starts[row])
             metas.append(meta)
             inputs.append(algorithm.local_inputs(client_job, meta))
             private[job.key] = algorithm.private_start(client_job, state.private.get(job.key))
@@ -424,6 +429,8 @@ class ClientWorker:
             if upload is not None and self.config.privacy.mode in ("client_local", "client_central"):
                 self._privatize(upload, algorithm.upload(client_job, starts[row], private[job.key], metas[row]),
                                 round_index, job.key, state.clip_norm)
+            if upload is not None and self.rank_masks is not None:
+                self._send_own_rank(upload, job.key[0])
             if upload is not None and self.attack is not None and self.attack.targets(job.key[0]):
                 upload.vector = self.attack.tamper(upload.vector, round_index, job.key)
             if upload is not None:
@@ -435,6 +442,15 @@ class ClientWorker:
                             time.perf_counter() - started, step_seconds, self.worker_index,
                             self.loss_scale.skipped - skipped_before)
         return result, report
+
+    def _send_own_rank(self, upload: Upload, client: int) -> None:
+        """model.lora.rank_profile: the upload is what a client of its rank sends: the entries
+        beyond its rank are zero (client-level noise never lands there) and not counted."""
+        shared = self.algorithm.shared_entries()
+        mask = self.rank_masks.mask(client)
+        kept = mask if shared is None else mask[shared]
+        upload.vector = np.where(kept, upload.vector, np.float32(0)).astype(np.float32)
+        upload.padding = int((~kept).sum())
 
     def _privatize(self, upload: Upload, untrained: Upload, round_index: int, key: AdapterKey,
                    clip_norm: float | None = None) -> None:

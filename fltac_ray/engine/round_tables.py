@@ -82,9 +82,11 @@ tasks, timings and the algorithm's own measures; `round_workers`: the live worke
     }
 
 
-def client_rows(round_index: int, records: list[EvalRecord]) -> list[dict]:
+def client_rows(round_index: int, records: list[EvalRecord], ranks: np.ndarray) -> list[dict]:
+    """clients.csv rows; `ranks`: each client's LoRA rank (models/ranks.py)."""
     return [{"round": round_index, "client": r.client_id, "task": r.task,
-             "accuracy": r.correct / r.scored, "loss": r.loss_sum / r.scored, "test_samples": r.count}
+             "accuracy": r.correct / r.scored, "loss": r.loss_sum / r.scored, "test_samples": r.count,
+             "rank": int(ranks[r.client_id])}
             for r in sorted(records, key=lambda r: (r.client_id, r.task))]
 
 def task_rows(round_index: int, records: list[EvalRecord], data: FederatedData):

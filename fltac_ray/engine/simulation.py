@@ -57,6 +57,7 @@ from fltac_ray.engine.run_setup import (
 )
 from fltac_ray.engine.scheduling import plan_passes
 from fltac_ray.errors import ConfigError, ConfigIssue, RunFolderError
+from fltac_ray.models.ranks import client_ranks, describe_ranks
 from fltac_ray.privacy.ledger import PrivacyLedger
 from fltac_ray.progress import Progress, format_run_summary
 from fltac_ray.runs.checkpoint import Checkpoint, latest_checkpoint
@@ -157,9 +158,10 @@ class Simulation:
         started = time.perf_counter()
         config, say = self.config, self.progress.say
         preflight(config)
+        self.client_ranks = client_ranks(config)
         say(f"[fltac-ray] {config.name}: {config.algorithm}, {config.num_tasks} tasks, "
             f"{config.data.num_clients} clients, {config.rounds} rounds, model {config.model.name} "
-            f"(LoRA rank {config.model.lora.rank})")
+            f"({describe_ranks(config, self.client_ranks)})")
         import torch
 
         from fltac_ray.client.precision import emulated_bfloat16_note
@@ -206,14 +208,14 @@ class Simulation:
             checkpoint = self._resume_point(run_dir)
             if checkpoint is None:
                 writer = RunWriter(run_dir, config, extra_columns=config.algorithm_class.round_metrics)
-                writer.write_partition(data.partition_rows())
+                writer.write_partition(self._partition_rows(data))
             else:
                 writer = RunWriter(run_dir, config, resume_round=checkpoint.round,
                                    extra_columns=config.algorithm_class.round_metrics)
                 say(f"  resuming {run_dir} after round {checkpoint.round} ({checkpoint.path.name})")
         else:
             writer = RunWriter(run_dir, config, extra_columns=config.algorithm_class.round_metrics)
-            writer.write_partition(data.partition_rows())
+            writer.write_partition(self._partition_rows(data))
         for name, bundle in data.tasks.items():
             holders = sum(1 for c in data.clients if name in c.tasks)
             kind = ("instruction task (generation)" if bundle.is_generation
@@ -249,6 +251,10 @@ class Simulation:
         say("\n" + format_run_summary(metrics, rounds))
         say(f"[fltac-ray] done in {wall:.1f}s; results in {run_dir}")
         return RunResult(run_dir, metrics, rounds, wall)
+
+    def _partition_rows(self, data: FederatedData) -> list[dict]:
+        """partition.csv: each (client, task)'s examples and the client's LoRA rank."""
+        return [{**row, "rank": int(self.client_ranks[row["client"]])} for row in data.partition_rows()]
 
     def _plan_privacy(self, algorithm: FederatedAlgorithm, data: FederatedData, active: list[int]) -> None:
         """privacy: settle the noise (a calibrated multiplier goes into the run's config, and so
@@ -446,7 +452,7 @@ class Simulation:
         if evaluate:
             records, evaluated = self._evaluate(round_index, backend, run.data, active)
             per_task, task_accuracy = task_rows(round_index, records, run.data)
-            per_client = client_rows(round_index, records)
+            per_client = client_rows(round_index, records, self.client_ranks)
         row = self._spent(round_row(config, workers, round_index, sampled, failed, reports, outcome,
                                     task_accuracy, started, trained, aggregated, "ok", evaluated), round_index)
         self.progress.round_line(round_index, config.rounds, row, task_accuracy)
@@ -466,5 +472,5 @@ class Simulation:
         records, _ = self._evaluate(0, run.backend, run.data, active)
         rows, task_accuracy = task_rows(0, records, run.data)
         writer.append_metrics(rows)
-        writer.append_client_metrics(client_rows(0, records))
+        writer.append_client_metrics(client_rows(0, records, self.client_ranks))
         self.progress.round_zero_line(self.config.rounds, task_accuracy)

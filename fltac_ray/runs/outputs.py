@@ -15,7 +15,7 @@ from fltac_ray.errors import RunFolderError
 # perplexity and judge_score are filled for them only (empty for classification tasks).
 METRICS_COLUMNS = ["round", "task", "accuracy", "loss", "clients", "test_samples", "majority_accuracy",
                    "rouge_l", "perplexity", "judge_score"]
-CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples"]
+CLIENT_COLUMNS = ["round", "client", "task", "accuracy", "loss", "test_samples", "rank"]
 ROUNDS_COLUMNS = [
     "round", "status", "clients", "failed_clients", "adapters", "clustering_accuracy", "ari", "clusters",
     "lora_product_error",

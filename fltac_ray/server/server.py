@@ -21,6 +21,7 @@ from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
 from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
 from fltac_ray.errors import AlgorithmError, ScreeningError
+from fltac_ray.models.ranks import RankMasks
 from fltac_ray.privacy.mechanism import PRIVACY_STREAM, CentralNoise, next_clip_norm, quantile_noise
 from fltac_ray.runs.snapshots import sample_rows, snapshot_rounds
 from fltac_ray.server.attacks import Attack, honest_damage
@@ -45,6 +46,7 @@ class Server:
         self.attack = Attack.from_config(config)  # which clients are malicious, for the audit
         self.received: dict[int, PassResult] = {}  # this round's pass results, by pass index
         self.receiving_round = 0
+        self.rank_masks: RankMasks | None = None  # setup() reads model.lora.rank_profile
         if spec is not None:
             self.setup(spec)
         self.trim_heap = HeapTrimmer()
@@ -57,6 +59,8 @@ class Server:
 
     def setup(self, spec: AdapterSpec) -> None:
         self.algorithm.setup(spec)
+        # model.lora.rank_profile: every client keeps its answer up to its own rank (models/ranks.py)
+        self.rank_masks = RankMasks.for_config(self.config, list(spec.layout))
         self.store = ClientStateStore(spec.size)
         # the algorithm's client state (keep_state), its width known from the first vector kept
         self.states = ClientStateStore(0)
@@ -251,6 +255,17 @@ class Server:
             multiplier = quantile_noise(multiplier, privacy.quantile_share)[0]
         return CentralNoise(rng, multiplier, self.clip_norm)
 
+    def _download_params(self, outcome: Aggregate | None, accepted: list[Upload], clients: int) -> int:
+        """What the clients received: the algorithm's count, or under model.lora.rank_profile each
+        accepted upload's answer within its client's rank."""
+        if outcome is None:
+            return 0
+        if self.rank_masks is None:
+            return self.algorithm.download_params(outcome, clients)
+        shared = self.algorithm.shared_entries()
+        width = outcome.adapters.shape[1]
+        return sum(width - self.rank_masks.padding(int(upload.key[0]), shared) for upload in accepted)
+
     def _adapt_clip_norm(self, round_index: int, accepted: list[Upload]) -> None:
         """privacy.adaptive_clipping: the next round's bound from this round's noised count of
         uploads whose update fitted under the bound (mechanism.next_clip_norm), seeded per
@@ -317,6 +332,8 @@ class Server:
                 if key in refused:
                     continue  # the server refused it: the client rolls back to its committed state
                 adapters[key] = algorithm.merge(result.trained[row], answer_of.get(key))
+                if self.rank_masks is not None:  # a rank-r client holds the answer's first r ranks
+                    adapters[key] = self.rank_masks.truncate(key[0], adapters[key])
                 # what merge made of a (checked) answer; a client's own training result, kept where
                 # it got no answer, is the client's, not the server's
                 if key in answer_of and (problem := merged_problem(adapters[key], self.store.size)) is not None:
@@ -358,7 +375,7 @@ class Server:
             screening_note=screening_note,
             audit=audit,
             params_up=sum(u.params for u in uploads),
-            params_down=algorithm.download_params(outcome, clients) if outcome is not None else 0,
+            params_down=self._download_params(outcome, accepted, clients),
             uploads=len(uploads),
             seconds=time.perf_counter() - started,
             clip_norm=float("nan") if clip_norm is None else clip_norm,
