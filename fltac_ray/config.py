@@ -937,6 +937,9 @@ class ExperimentConfig(_Section):
         if privacy.mode == "example" and self.model.dtype == "float16":
             raise ValueError("model.dtype = float16: privacy.mode example (DP-SGD) clips each example's "
                              "gradient without float16 loss scaling; use float32 or bfloat16")
+        if privacy.mode == "client_central" and not self.algorithm_class.central_privacy:
+            raise ValueError(f"privacy.mode = client_central: algorithm '{self.algorithm}' answers with no plain mean "
+                             "of the uploads, so the noise's sensitivity does not hold; use client_local")
         if privacy.mode == "client_central":
             options = self.options
             if getattr(options, "weighting", None) != "uniform" or getattr(options, "aggregation", "mean") != "mean":

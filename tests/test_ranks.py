@@ -160,3 +160,74 @@ def _tasks_of(run_dir) -> dict[int, list[str]]:
     partition = pd.read_csv(run_dir / "partition.csv")
     held = partition[partition["train_samples"] > 0]
     return {int(c): list(group["task"]) for c, group in held.groupby("client")}
+
+
+# rank 1, d = 2: A (1, 2), B (2, 1), and a head (3, 2)
+PAIR = (("q.lora_A.default.weight", (1, 2)), ("q.lora_B.default.weight", (2, 1)), ("head.weight", (3, 2)))
+
+
+def _upload(a, b, head):
+    return np.array([*a, *b, *head], np.float32)
+
+
+def test_hetlora_weights_each_layer_by_its_update_norm_hand_computed():
+    from fltac_ray.algorithms.hetlora import norm_weighted_means
+
+    # client 1: A = e1, B = e1 (||B A|| = 1); client 2: A = 2 e2, B = e2 (||B A|| = 2): p = 1/3, 2/3
+    vectors = np.stack([_upload([1, 0], [1, 0], [1] * 6), _upload([0, 2], [0, 1], [3] * 6)])
+    result = norm_weighted_means(vectors, np.zeros(2, np.int64), np.ones(2), PAIR)
+    np.testing.assert_allclose(result.adapters[0, :2], [1 / 3, 4 / 3], rtol=1e-6)  # A
+    np.testing.assert_allclose(result.adapters[0, 2:4], [1 / 3, 2 / 3], rtol=1e-6)  # B
+    np.testing.assert_allclose(result.adapters[0, 4:], [2] * 6)  # the head: FedAvg (uniform weights here)
+    still = np.stack([_upload([1, 0], [0, 0], [0] * 6), _upload([0, 1], [0, 0], [0] * 6)])  # every B zero
+    np.testing.assert_allclose(norm_weighted_means(still, np.zeros(2, np.int64), np.array([1.0, 3.0]), PAIR)
+                               .adapters[0, :2], [0.25, 0.75])  # FedAvg weights stand
+
+
+def test_flexlora_answers_the_best_rank_r_approximation_of_the_summed_updates():
+    from fltac_ray.algorithms.flexlora import svd_means
+
+    # dW = 1/2 e1 e1' + 1/2 (2 e2 e2') = diag(1/2, 1); its best rank-1 approximation is diag(0, 1)
+    vectors = np.stack([_upload([1, 0], [1, 0], [1] * 6), _upload([0, 2], [0, 1], [3] * 6)])
+    answer = svd_means(vectors, np.zeros(2, np.int64), np.ones(2), PAIR).adapters[0]
+    product = answer[2:4].reshape(2, 1) @ answer[:2].reshape(1, 2)
+    np.testing.assert_allclose(product, [[0, 0], [0, 1]], atol=1e-6)
+    np.testing.assert_allclose(answer[4:], [2] * 6)
+    # rank 2 holds both components: the product of the answer is the weighted sum exactly, not
+    # the product of the averaged factors (FedAvg's error, server/lora_products.py)
+    two = (("q.lora_A.default.weight", (2, 2)), ("q.lora_B.default.weight", (2, 2)))
+    a1, b1, a2, b2 = np.eye(2), np.array([[1.0, 0], [0, 0]]), np.array([[0, 1.0], [1, 0]]), np.eye(2)
+    rows = np.stack([np.concatenate([a1.ravel(), b1.ravel()]), np.concatenate([a2.ravel(), b2.ravel()])])
+    answer = svd_means(rows.astype(np.float32), np.zeros(2, np.int64), np.array([1.0, 3.0]), two).adapters[0]
+    np.testing.assert_allclose(answer[4:].reshape(2, 2) @ answer[:4].reshape(2, 2),
+                               0.25 * b1 @ a1 + 0.75 * b2 @ a2, atol=1e-6)
+
+
+@pytest.mark.parametrize(("algorithm", "words"), [
+    ({"name": "fltac", "rank_aggregation": "flexlora"}, "only for adapters of different ranks"),
+    ({"name": "hetlora", "aggregation": "median"}, "hetlora has its own rule for the LoRA layers; use mean"),
+])
+def test_heterogeneous_rules_where_they_do_not_apply_are_refused(algorithm, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        tiny_config(algorithm=algorithm)
+    with pytest.raises(ConfigError, match=re.escape("answers with no plain mean of the uploads")):
+        tiny_config(algorithm={"name": "flexlora", "weighting": "uniform"},
+                    privacy={"mode": "client_central", "noise_multiplier": 1.0})
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_hetlora_flexlora_and_fltac_across_ranks_run_and_flexlora_is_the_same_on_both_backends(tmp_path):
+    profile = {"rank": 4, "rank_profile": {"distribution": "explicit", "ranks": [1, 2, 4], "per_client": [1, 4, 2, 4]}}
+
+    def run(name, algorithm, **engine):
+        config = tiny_config(rounds=2, algorithm=algorithm, model={"name": "tiny-random-bert", "lora": profile},
+                             engine={"backend": "local", **engine})
+        return Simulation(config, out=str(tmp_path / name), progress=Progress(quiet=True)).run()
+
+    local = run("flex_local", "flexlora", min_passes=2)
+    on_ray = run("flex_ray", "flexlora", backend="ray", num_workers=2)
+    pd.testing.assert_frame_equal(local.metrics, on_ray.metrics, check_exact=True)
+    for index, algorithm in enumerate(("hetlora", {"name": "fltac", "rank_aggregation": "hetlora"},
+                                       {"name": "fltac", "rank_aggregation": "flexlora"})):
+        result = run(f"other_{index}", algorithm)
+        assert result.rounds["mean_accuracy"].notna().all() and (result.rounds["status"] == "ok").all()

@@ -95,6 +95,9 @@ class FederatedAlgorithm:
     # whether the method works under model.lora.rank_profile (models/ranks.py): its answer is one
     # adapter-wide row per upload, truncated to each client's rank, and it keeps no state beside it
     heterogeneous_ranks: ClassVar[bool] = True
+    # whether `aggregate` answers with cluster_means (plain group means), which privacy.mode
+    # client_central noises with a sensitivity it can state
+    central_privacy: ClassVar[bool] = True
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config

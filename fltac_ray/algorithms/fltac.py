@@ -75,6 +75,11 @@ class FLTACOptions(AggregationOptions):
     # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
     # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
     kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept)")
+    rank_aggregation: Literal["zero_pad", "hetlora", "flexlora"] = Field(
+        default="zero_pad",
+        description="under model.lora.rank_profile, how each cluster combines adapters of different ranks: the "
+        "plain mean of the zero-padded factors, HetLoRA's norm-weighted mean (algorithms/hetlora.py) or "
+        "FlexLoRA's SVD of the summed updates (algorithms/flexlora.py); each client keeps its own rank")
 
 
 class FLTAC(ServerGroups, FederatedAlgorithm):
@@ -86,6 +91,22 @@ class FLTAC(ServerGroups, FederatedAlgorithm):
     #: scikit-learn until start_server() resolves the option where the server runs
     kmeans_backend = "sklearn"
     clusters_sketches = True
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        rule = config.options.rank_aggregation
+        if rule == "zero_pad":
+            return
+        if config.model.lora.rank_profile is None:
+            raise ValueError(f"algorithm.rank_aggregation = {rule!r}: only for adapters of different ranks; set "
+                             "model.lora.rank_profile, or leave rank_aggregation at zero_pad")
+        if config.privacy.mode == "client_central":
+            raise ValueError(f"algorithm.rank_aggregation = {rule!r}: no plain mean, so privacy.mode "
+                             "client_central's noise has no stated sensitivity; use zero_pad or client_local")
+        if config.options.aggregation != "mean":
+            raise ValueError(f"algorithm.rank_aggregation = {rule!r}: its own rule for the LoRA layers; use "
+                             f"aggregation: mean (here {config.options.aggregation!r})")
 
     def start_server(self) -> str:
         # Resolved in the coordinator's process: that is where a GPU must be visible.
@@ -101,6 +122,14 @@ class FLTAC(ServerGroups, FederatedAlgorithm):
             seed=self.config.seed + round_index, n_init=self.options.kmeans_n_init, backend=self.kmeans_backend,
             scratch=uploads.owned and sketches is None,
         )
-        result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)
+        rule = self.options.rank_aggregation
+        if rule == "zero_pad":
+            result = self.cluster_means(uploads.vectors, labels, uploads.num_samples)
+        else:  # only under a rank profile (check_config), never with central noise
+            from fltac_ray.algorithms.flexlora import svd_means
+            from fltac_ray.algorithms.hetlora import norm_weighted_means
+
+            combine = norm_weighted_means if rule == "hetlora" else svd_means
+            result = combine(uploads.vectors, labels, self.weights(uploads.num_samples), self.spec.layout)
         result.metrics["kmeans_backend"] = self.kmeans_backend
         return result

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 BUILTIN: dict[str, str] = {
     "fltac": "fltac_ray.algorithms.fltac:FLTAC",
     "fedit": "fltac_ray.algorithms.fedit:FedIT",
+    "hetlora": "fltac_ray.algorithms.hetlora:HetLoRA",
+    "flexlora": "fltac_ray.algorithms.flexlora:FlexLoRA",
     "oracle": "fltac_ray.algorithms.oracle:OracleClustering",
     "ifca": "fltac_ray.algorithms.ifca:IFCA",
     "floral": "fltac_ray.algorithms.floral:FLoRAL",
