@@ -231,3 +231,18 @@ def test_hetlora_flexlora_and_fltac_across_ranks_run_and_flexlora_is_the_same_on
                                        {"name": "fltac", "rank_aggregation": "flexlora"})):
         result = run(f"other_{index}", algorithm)
         assert result.rounds["mean_accuracy"].notna().all() and (result.rounds["status"] == "ok").all()
+
+
+def test_params_counts_each_ranks_traffic_as_a_homogeneous_run_at_that_rank_sends():
+    from fltac_ray.models.counting import count_parameters, format_count
+
+    def config(lora, algorithm="fltac"):
+        return tiny_config(algorithm=algorithm, model={"name": "tiny-random-bert", "lora": lora})
+
+    profile = {"rank": 4, "rank_profile": {"distribution": "explicit", "ranks": [1, 2, 4], "per_client": [1, 4, 2, 4]}}
+    for algorithm in ("fltac", "ffa"):  # whole adapters, and B with the head only
+        mixed = count_parameters(config(profile, algorithm))
+        for rank, clients in ((1, 1), (2, 1), (4, 2)):
+            alone = count_parameters(config({"rank": rank}, algorithm))
+            assert mixed.per_rank[rank] == (clients, alone.up_per_round, alone.down_per_round)
+    assert "rank 4 (2 clients): sent up per round" in format_count(mixed)

@@ -26,6 +26,8 @@ class ParameterCount:
     up_per_round: int  # what the algorithm's upload() sends for every adapter
     down_per_round: int  # what its download_params() counts for the answers
     base_parameters: int  # frozen
+    # model.lora.rank_profile: rank -> (clients at it, sent up per round, received per round)
+    per_rank: dict[int, tuple[int, int, int]] | None = None
 
     @property
     def adapter_size(self) -> int:
@@ -84,6 +86,17 @@ def count_parameters(config: ExperimentConfig) -> ParameterCount:
         width = algorithm.upload_width()
         down = algorithm.download_params(Aggregate(np.zeros(len(sent), np.int64),
                                                    np.zeros((answers, width), np.float32), np.ones(answers)), 1)
+    per_rank = None
+    if config.model.lora.rank_profile is not None and sent:
+        from fltac_ray.models.ranks import client_ranks, rank_counts, rank_mask
+
+        shared = algorithm.shared_entries()
+        per_rank = {}
+        for rank, clients in rank_counts(client_ranks(config)).items():
+            mask = rank_mask(spec.layout, rank)
+            kept = int((mask if shared is None else mask[shared]).sum())
+            padding = algorithm.upload_width() - kept
+            per_rank[rank] = (clients, sum(u.params - padding for u in sent), len(sent) * kept)
     return ParameterCount(
         algorithm=config.algorithm,
         model=config.model.name,
@@ -97,6 +110,7 @@ def count_parameters(config: ExperimentConfig) -> ParameterCount:
         up_per_round=sum(u.params for u in sent),
         down_per_round=down,
         base_parameters=base_parameters,
+        per_rank=per_rank,
     )
 
 
@@ -123,6 +137,10 @@ def format_count(count: ParameterCount) -> str:
         ("received per round", count.down_per_round),
         ("frozen base parameters", count.base_parameters),
     ]
+    if count.per_rank:  # the counts above are at the padded width, model.lora.rank
+        for rank, (clients, up, down) in count.per_rank.items():
+            rows += [(f"rank {rank} ({clients} client{'s' if clients != 1 else ''}): sent up per round", up),
+                     (f"rank {rank}: received per round", down)]
     width = max(len(label) for label, _ in rows)
     header = f"{count.algorithm} on {count.model}, {count.tasks} tasks"
     return "\n".join([header] + [f"  {label:<{width}}  {value:>15,}" for label, value in rows])
