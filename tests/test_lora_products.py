@@ -61,3 +61,20 @@ def test_a_server_round_reports_the_error_for_whole_adapters_only():
     fedsa.receive(1, 0, PassResult([Upload(k, vectors[i][shared], 1) for i, k in enumerate(keys)], keys, vectors),
                   None)
     assert math.isnan(fedsa.close_round(1, keys, 2).lora_product_error)
+
+
+def test_the_product_sketch_sees_the_update_not_its_factors_or_their_rank():
+    from fltac_ray.server.lora_products import product_sketch
+
+    layout = (("q.lora_A.default.weight", (2, 3)), ("q.lora_B.default.weight", (3, 2)), ("head.bias", (2,)))
+    a, b = np.array([1.0, -2.0, 0.5]), np.array([0.5, 1.0, 3.0])
+    rank_one = np.concatenate([a, np.zeros(3), np.stack([b, np.zeros(3)], axis=1).ravel(), [7, 8]])
+    # rank two, the same update: B A = b a/2 + b a/2 = b a'
+    rank_two = np.concatenate([a / 2, a / 2, np.stack([b, b], axis=1).ravel(), [7, 8]])
+    other = np.concatenate([a, np.zeros(3), np.stack([-b, np.zeros(3)], axis=1).ravel(), [7, 8]])
+    sketches = product_sketch(np.stack([rank_one, rank_two, other]), layout, size=4, seed=3)
+    assert sketches.shape == (3, 16 + 2)
+    np.testing.assert_allclose(sketches[0], sketches[1], rtol=1e-5, atol=1e-6)  # one update, two factorings
+    np.testing.assert_allclose(sketches[2, :16], -sketches[0, :16], rtol=1e-5)  # the opposite update
+    np.testing.assert_array_equal(sketches[:, 16:], [[7, 8]] * 3)  # the head as it is
+    assert not np.allclose(product_sketch(rank_one[None], layout, 4, seed=4), sketches[:1])  # seeded

@@ -187,3 +187,23 @@ def test_a_sweep_whose_trials_crashed_mid_run_resumes_to_the_uninterrupted_resul
     for trial in resumed["trial"].unique():  # the run directories continued where they stopped
         rounds = pd.read_csv(out / "trials" / trial / "rounds.csv")
         assert rounds["round"].tolist() == [1, 2]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_sweep_over_methods_for_heterogeneous_ranks_runs_and_reports(tmp_path):
+    """experiments/sweep_rank_profiles.yaml's shape: a grid over algorithms, one given with its
+    options as a mapping, under a rank profile."""
+    from fltac_ray.reporting.render import render_report
+
+    base = {"model": {"name": "tiny-random-bert", "lora": {"rank": 2, "rank_profile": {"ranks": [1, 2]}}},
+            "rounds": 1}
+    path = _sweep(tmp_path, base=base, search={
+        "algorithm": {"grid": ["fedit", "hetlora", {"name": "fltac", "n_clusters": 2}]},
+        "model.lora.rank_profile.distribution": {"grid": ["heavy_tail"]}})
+    out = tmp_path / "sweep"
+    _, table, best = run_sweep(path, str(out), Progress(quiet=True))
+    assert table["trial"].nunique() == 3 and best["trial"] in set(table["trial"])
+    algorithms = {yaml.safe_load((out / "trials" / t / "config.yaml").read_text())["algorithm"]["name"]
+                  for t in table["trial"].unique()}
+    assert algorithms == {"fedit", "hetlora", "fltac"}
+    assert "sweep" in render_report(out).figures

@@ -75,6 +75,11 @@ class FLTACOptions(AggregationOptions):
     # true (lower-inertia) partition in 20-30% of seeds, and under FL-TAC a misassigned adapter
     # receives the other cluster's aggregate and stays there. 30 found it in 40 of 40 seeds.
     kmeans_n_init: int = Field(default=30, ge=1, description="K-means restarts (best inertia kept)")
+    cluster_on: Literal["adapters", "products"] = Field(
+        default="adapters",
+        description="what K-means reads: the uploaded adapters (the paper), or a seeded sketch of each LoRA "
+        "layer's update B A with the head (server/lora_products.product_sketch): the same shape at every rank, "
+        "for clients of different ranks (model.lora.rank_profile)")
     rank_aggregation: Literal["zero_pad", "hetlora", "flexlora"] = Field(
         default="zero_pad",
         description="under model.lora.rank_profile, how each cluster combines adapters of different ranks: the "
@@ -116,11 +121,16 @@ class FLTAC(ServerGroups, FederatedAlgorithm):
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         # under local DP with privacy.sketch_dim, K-means reads each upload's noised sketch (n, k)
         # rather than its noised adapter (n, p): far less noise per distance (privacy/sketch.py)
-        sketches = uploads.extras.get("sketch")
+        features, scratch = uploads.extras.get("sketch"), False
+        if features is None and self.options.cluster_on == "products":
+            from fltac_ray.server.lora_products import product_sketch
+
+            features, scratch = product_sketch(uploads.vectors, self.spec.layout, seed=self.config.seed), True
+        if features is None:
+            features, scratch = uploads.vectors, uploads.owned
         labels = kmeans_labels(
-            uploads.vectors if sketches is None else sketches, cluster_count(self.config),
-            seed=self.config.seed + round_index, n_init=self.options.kmeans_n_init, backend=self.kmeans_backend,
-            scratch=uploads.owned and sketches is None,
+            features, cluster_count(self.config), seed=self.config.seed + round_index,
+            n_init=self.options.kmeans_n_init, backend=self.kmeans_backend, scratch=scratch,
         )
         rule = self.options.rank_aggregation
         if rule == "zero_pad":

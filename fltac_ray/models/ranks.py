@@ -15,8 +15,11 @@ in capacity. Traffic counts what a rank-r client really sends and receives (`sen
 Rank distributions (FlexLoRA, Bai et al., NeurIPS 2024), over a rank set R sorted ascending:
   homo               every client at the largest rank of R
   random             uniform over R
-  heavy_tail         85% of clients at the smallest rank, the rest uniform over the others
-  heavy_tail_strong  85% at the largest rank, the rest uniform over the others
+  heavy_tail         85% of clients (rounded) at the smallest rank, the rest spread evenly over
+                     the others, in a seeded order: exact shares, so a federation of 10 still
+                     has its tail (FlexLoRA draws each client, which leaves 10 clients with no
+                     tail one time in five)
+  heavy_tail_strong  the same with 85% at the largest rank
   normal             R's index from a normal centred on the middle of R (sd len(R) / 6), rounded
                      and clipped
   explicit           `per_client`, one rank per client, as given
@@ -50,7 +53,9 @@ def assign_ranks(distribution: str, ranks: list[int], num_clients: int, seed: in
     if distribution in ("heavy_tail", "heavy_tail_strong"):
         heavy = values[0] if distribution == "heavy_tail" else values[-1]
         others = values[values != heavy]
-        return np.where(rng.random(num_clients) < HEAVY_SHARE, heavy, rng.choice(others, size=num_clients))
+        tail = num_clients - int(round(HEAVY_SHARE * num_clients))
+        assigned = np.concatenate([np.full(num_clients - tail, heavy), others[np.arange(tail) % len(others)]])
+        return rng.permutation(assigned).astype(np.int64)
     if distribution == "normal":
         middle, spread = (len(values) - 1) / 2, len(values) / 6
         index = np.clip(np.rint(rng.normal(middle, spread, size=num_clients)), 0, len(values) - 1).astype(np.int64)

@@ -67,3 +67,32 @@ def round_product_error(vectors: list[np.ndarray], labels: np.ndarray, weights: 
             if np.isfinite(error):
                 errors.append(error)
     return float(np.mean(errors)) if errors else float("nan")
+
+
+# np.random.default_rng([seed, SKETCH_STREAM, layer]): the product sketch's projections
+PRODUCT_SKETCH_STREAM = 37
+
+
+def product_sketch(vectors: np.ndarray, layout, size: int = 4, seed: int = 0) -> np.ndarray:
+    """(n, m) rank-independent features of whole adapters (n, p): for every linear LoRA layer the
+    sketch P B A Q (size x size) of its update B A, with P (size, d_out) and Q (d_in, size) seeded
+    Gaussian projections (entries N(0, 1/size), the same for every upload), then every entry
+    outside LoRA pairs (the classifier head) as it is. B A is the same shape at every rank, and
+    (P B)(A Q) costs O(r (d_out + d_in) size) per layer: never the d_out x d_in product itself.
+    Distances between the sketches follow those between the updates (Johnson-Lindenstrauss), so
+    K-means can group adapters of different ranks by what they do (algorithms/fltac.py option
+    cluster_on: products)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    n = len(vectors)
+    pairs = lora_pairs(layout)
+    parts, covered = [], np.zeros(vectors.shape[1], dtype=bool)
+    for index, (a_slice, a_shape, b_slice, b_shape) in enumerate(pairs):
+        rng = np.random.default_rng([seed, PRODUCT_SKETCH_STREAM, index])
+        left = rng.standard_normal((size, b_shape[0])) / np.sqrt(size)  # P (size, d_out)
+        right = rng.standard_normal((a_shape[1], size)) / np.sqrt(size)  # Q (d_in, size)
+        a = vectors[:, a_slice].reshape(n, *a_shape)  # (n, r, d_in)
+        b = vectors[:, b_slice].reshape(n, *b_shape)  # (n, d_out, r)
+        parts.append(np.einsum("sd,ndr->nsr", left, b) @ (a @ right))  # (n, size, size)
+        covered[a_slice] = covered[b_slice] = True
+    flat = [part.reshape(n, -1) for part in parts]
+    return np.concatenate(flat + [vectors[:, ~covered]], axis=1).astype(np.float32)
