@@ -404,6 +404,16 @@ def common_round(runs: list[RunTables]) -> int:
     return int(min(run.rounds["round"].max() for run in runs if len(run.rounds))) if runs else 0
 
 
+def searched_level(value):
+    """A searched value as a figure's level: as it is, or a mapping or list (an algorithm given
+    with its options) as its compact JSON text."""
+    if isinstance(value, (dict, list, tuple)):
+        import json
+
+        return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    return value
+
+
 def sweep_by_parameter(runs: list[RunTables], metric: str) -> Figure | None:
     """Ray Tune sweeps: each trial's `metric` at the last round every trial reached, against each
     searched value (one panel per searched key; the line joins the mean over the other keys at
@@ -418,7 +428,7 @@ def sweep_by_parameter(runs: list[RunTables], metric: str) -> Figure | None:
     finals = np.array([final_metric(run, metric) for run in runs])
     stopped_early = any(len(run.rounds) and run.rounds["round"].max() != at for run in runs)
     for ax, key in zip(axes, keys, strict=True):
-        values = [run.params[key] for run in runs]
+        values = [searched_level(run.params[key]) for run in runs]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         levels = sorted(set(values), key=lambda v: (float(v), "") if numeric else (0.0, str(v)))
         x = np.array([float(v) for v in values]) if numeric else np.array([levels.index(v) for v in values])
@@ -430,8 +440,10 @@ def sweep_by_parameter(runs: list[RunTables], metric: str) -> Figure | None:
         means = [np.nanmean(values_at[x == c]) if np.isfinite(values_at[x == c]).any() else np.nan for c in centres]
         ax.plot(centres, means, color="tab:orange", marker="_", markersize=14,
                 label=f"mean over other keys at round {at}")
-        if not numeric:
-            ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+        if not numeric:  # long labels (an algorithm with its options) slant to fit
+            long = max(len(str(v)) for v in levels) > 12
+            ax.set_xticks(range(len(levels)), [str(v) for v in levels], rotation=25 if long else 0,
+                          ha="right" if long else "center", fontsize=7 if long else None)
         elif len(levels) > 2 and min(levels) > 0 and max(levels) / min(levels) >= 100:
             ax.set_xscale("log")
         elif len(levels) <= 10:  # a grid: tick exactly the searched values
