@@ -267,9 +267,9 @@ def test_the_pass_is_measured_after_a_warm_up_at_the_batch_size_and_from_two_pas
     import fltac_ray.client.batched_training as batched
     from fltac_ray.client.gpu_fit import PassMemory
 
-    passes, peaks = [], iter([5_000, 700, 1_100])  # warm-up (ignored), 1 adapter, 2 adapters
-    monkeypatch.setattr(batched, "train_batched",
-                        lambda model, jobs, batch_size, *rest: passes.append((len(jobs), batch_size)))
+    passes, peaks = [], iter([5_000, 700, 1_100, 5_000, 900, 1_500])  # warm-up (ignored), 1 adapter, 2 adapters
+    monkeypatch.setattr(batched, "train_batched", lambda model, jobs, batch_size, *rest, privacy=None:
+                        passes.append((len(jobs), batch_size, privacy)))
     for name, value in (("synchronize", None), ("reset_peak_memory_stats", None), ("empty_cache", None),
                         ("memory_allocated", 100)):
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
@@ -280,8 +280,15 @@ def test_the_pass_is_measured_after_a_warm_up_at_the_batch_size_and_from_two_pas
             return np.zeros(3, np.float32)
 
     memory = batched.measure_pass_memory(Model(), None, np.arange(16), 2, torch.device("cuda"))
-    assert passes == [(1, 16), (1, 16), (2, 16)]
+    assert passes == [(1, 16, None), (1, 16, None), (2, 16, None)]
     assert memory == PassMemory(fixed_bytes=200, per_adapter_bytes=400) and memory.for_adapters(3) == 1_400
+    # DP-SGD (privacy.mode: example): the measured passes are DP-SGD's, per-example copies and all
+    from fltac_ray.privacy.dp_sgd import ExamplePrivacy
+
+    privacy = ExamplePrivacy(1.0, 1.0, 16)
+    private = batched.measure_pass_memory(Model(), None, np.arange(16), 2, torch.device("cuda"), privacy)
+    assert passes[3:] == [(1, 16, privacy)] * 2 + [(2, 16, privacy)]
+    assert private == PassMemory(fixed_bytes=200, per_adapter_bytes=600)
 
 
 def test_the_longest_rows_fill_the_batch():
