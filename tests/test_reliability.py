@@ -293,10 +293,14 @@ def _previous_format(resolved: dict) -> dict:
     federation, and the engine's decided values in the config itself."""
     import copy
 
+    from fltac_ray.config import MOVED_TO_ALGORITHM
+
     old = copy.deepcopy(resolved)
     options = dict(old.pop("algorithm"))
     old["algorithm"] = options.pop("name")
-    old["federation"].update(options)
+    # only the options that format had (FL-TAC's later ones, e.g. cluster_on, did not exist)
+    had = {option: key for (_, key), option in MOVED_TO_ALGORITHM.items()}
+    old["federation"].update({had[option]: value for option, value in options.items() if option in had})
     old["engine"].update(min_passes=2, max_batched_adapters=32)
     return old
 
