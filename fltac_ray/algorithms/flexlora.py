@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fltac_ray.algorithms.base import Aggregate, Uploads
-from fltac_ray.algorithms.fedit import FedIT
+from fltac_ray.algorithms.base import Aggregate
+from fltac_ray.algorithms.hetlora import LayerRuleAlgorithm
 from fltac_ray.algorithms.robust import weighted_cluster_means
 from fltac_ray.server.lora_products import lora_pairs
 
@@ -45,18 +45,7 @@ def svd_means(vectors: np.ndarray, labels: np.ndarray, weights: np.ndarray, layo
     return Aggregate(compact, adapters.astype(np.float32), result.weights)
 
 
-class FlexLoRA(FedIT):
+class FlexLoRA(LayerRuleAlgorithm):
     name = "flexlora"
     summary = "FlexLoRA: heterogeneous ranks; weighted sum of full updates B A, SVD, each client its top r_i"
-
-    central_privacy = False  # its answer is no plain mean: client_central's sensitivity does not hold
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        if config.options.aggregation != "mean":
-            raise ValueError(f"algorithm.aggregation = {config.options.aggregation!r}: {cls.name} has its own rule "
-                             "for the LoRA layers; use mean")
-
-    def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
-        labels = np.zeros(len(uploads.vectors), dtype=np.int64)
-        return (svd_means(uploads.vectors, labels, self.weights(uploads.num_samples), self.spec.layout))
+    layer_rule = staticmethod(svd_means)

@@ -44,11 +44,13 @@ def norm_weighted_means(vectors: np.ndarray, labels: np.ndarray, weights: np.nda
     return Aggregate(compact, adapters.astype(np.float32), result.weights)
 
 
-class HetLoRA(FedIT):
-    name = "hetlora"
-    summary = "HetLoRA: heterogeneous ranks, zero-padded factors averaged by update norm, truncated per client"
+class LayerRuleAlgorithm(FedIT):
+    """FedIT's client side with a rule of its own for the LoRA layers (HetLoRA here, FlexLoRA in
+    flexlora.py): `layer_rule(vectors, labels, weights, layout)` answers the round's one group."""
 
+    name = ""  # a base, not an algorithm of its own
     central_privacy = False  # its answer is no plain mean: client_central's sensitivity does not hold
+    layer_rule = staticmethod(norm_weighted_means)
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -58,5 +60,10 @@ class HetLoRA(FedIT):
 
     def aggregate(self, uploads: Uploads, round_index: int) -> Aggregate:
         labels = np.zeros(len(uploads.vectors), dtype=np.int64)
-        return (norm_weighted_means(uploads.vectors, labels, self.weights(uploads.num_samples),
-                                               self.spec.layout))
+        return self.layer_rule(uploads.vectors, labels, self.weights(uploads.num_samples), self.spec.layout)
+
+
+class HetLoRA(LayerRuleAlgorithm):
+    name = "hetlora"
+    summary = "HetLoRA: heterogeneous ranks, zero-padded factors averaged by update norm, truncated per client"
+    layer_rule = staticmethod(norm_weighted_means)
