@@ -18,6 +18,7 @@ methods differ; each hook has a default, so a method overrides only what it chan
     keep_state       client state kept between rounds on the server side (SCAFFOLD: c_i)
     upload           what leaves the client (FedSA-LoRA: only A; local-only: nothing)
     merge            how the server's answer becomes the client's new adapter (FedSA: B kept)
+    base_update      an update every client's frozen base carries (FLoRA: the folded stacks)
   server side (runs in the coordinator)
     start_server     set-up where the server runs (FL-TAC: which K-means backend)
     num_initial_adapters, set_initial   the server models drawn before round 1 (IFCA: K)
@@ -34,7 +35,8 @@ methods differ; each hook has a default, so a method overrides only what it chan
     model_options, federate, upload_groups   FLoRAL's layers; centralized's pooled data; K
     check_config, check_data, resolved_options   rules on the rest of the experiment
   declarations (class attributes)
-    recovers_tasks, labels_name_server_models, round_metrics
+    recovers_tasks, labels_name_server_models, round_metrics, upload_extras, clusters_sketches,
+    heterogeneous_ranks, counts_rank_traffic, central_privacy
 
 No Ray in here: algorithms are plain numpy code (their local-training rule uses torch tensors
 handed to it), tested as pure functions (tests/test_algorithms.py, tests/test_local_training.py).
@@ -95,6 +97,9 @@ class FederatedAlgorithm:
     # whether the method works under model.lora.rank_profile (models/ranks.py): its answer is one
     # adapter-wide row per upload, truncated to each client's rank, and it keeps no state beside it
     heterogeneous_ranks: ClassVar[bool] = True
+    # whether download_params counts what each client receives at its rank itself (FLoRA's stacks),
+    # instead of the engine's count of each answer row within the client's rank
+    counts_rank_traffic: ClassVar[bool] = False
     # whether `aggregate` answers with cluster_means (plain group means), which privacy.mode
     # client_central noises with a sensitivity it can state
     central_privacy: ClassVar[bool] = True
@@ -242,6 +247,13 @@ class FederatedAlgorithm:
         """Turn one round's accepted uploads into the answers sent back (default: FedAvg)."""
         labels = np.zeros(len(uploads.vectors), dtype=np.int64)
         return self.cluster_means(uploads.vectors, labels, uploads.num_samples)
+
+    def base_update(self) -> dict[str, np.ndarray] | None:
+        """{LoRA layer name (the layout's, before ".lora_A."): (d_out, d_in) float32} added, times
+        the layer's LoRA scale, to every client's frozen base weight for training and evaluation
+        (FLoRA folds each round's stacked product in); None: the base stays as loaded. Workers
+        refold only when it changes (StateView.base_digest)."""
+        return None
 
     def global_adapters(self, outcome: Aggregate) -> np.ndarray | None:
         """(k, d) whole adapters the server holds after a round, for export; None: none (the

@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "fedit": "fltac_ray.algorithms.fedit:FedIT",
     "hetlora": "fltac_ray.algorithms.hetlora:HetLoRA",
     "flexlora": "fltac_ray.algorithms.flexlora:FlexLoRA",
+    "flora": "fltac_ray.algorithms.flora:FLoRA",
     "oracle": "fltac_ray.algorithms.oracle:OracleClustering",
     "ifca": "fltac_ray.algorithms.ifca:IFCA",
     "floral": "fltac_ray.algorithms.floral:FLoRAL",

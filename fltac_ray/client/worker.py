@@ -114,6 +114,7 @@ class ClientWorker:
         with self._gpu_turn():
             self._build_model(head_classes, node_cache)
         self.generation = self._generation_settings() if config.data.modality == "causal_lm" else None
+        self.folded_digest = b""  # StateView.base_digest of the base update folded in (b"": none)
 
     def _example_privacy(self):
         """privacy.mode example: DP-SGD's settings (privacy/dp_sgd.py); None otherwise. Its
@@ -398,6 +399,7 @@ class ClientWorker:
     def train(self, round_index: int, jobs: list[TrainJob], state: StateView) -> tuple[PassResult, PassReport]:
         """Algorithm 2 for one pass of jobs: start, tau local steps per task, upload."""
         started = time.perf_counter()
+        self._fold_base(state)
         algorithm = self.algorithm
         starts = np.empty((len(jobs), self.spec.size), np.float32)
         metas, private, inputs = [], {}, []
@@ -442,6 +444,13 @@ class ClientWorker:
                             time.perf_counter() - started, step_seconds, self.worker_index,
                             self.loss_scale.skipped - skipped_before)
         return result, report
+
+    def _fold_base(self, state: StateView) -> None:
+        """The algorithm's base update (FLoRA: the folded stacks) into this worker's base, when
+        it differs from the one folded last."""
+        if state.base_digest != self.folded_digest:
+            self.model.fold_into_base(state.base_update)
+            self.folded_digest = state.base_digest
 
     def _send_own_rank(self, upload: Upload, client: int) -> None:
         """model.lora.rank_profile: the upload is what a client of its rank sends: the entries
@@ -490,6 +499,7 @@ class ClientWorker:
         from fltac_ray.client.training import EvalOutcome, evaluate_adapter
 
         train = self.config.train
+        self._fold_base(state)
         outcomes: dict[tuple[int, str], EvalOutcome] = {}
         batchable: dict[tuple, list[tuple[tuple[int, str], EvalItem]]] = {}  # by input signature
         for position, job in enumerate(jobs):

@@ -51,6 +51,10 @@ class StateView:
     state_index: dict[AdapterKey, int] = field(default_factory=dict)
     # client-level privacy: the round's clip bound (privacy.adaptive_clipping moves it); None: none
     clip_norm: float | None = None
+    # the algorithm's base_update (FLoRA's folded stacks; None: the base as loaded) and its digest,
+    # which every evaluation digest includes: the same adapter on another base scores differently
+    base_update: dict[str, np.ndarray] | None = None
+    base_digest: bytes = b""
 
     def adapter(self, key: AdapterKey) -> np.ndarray | None:
         row = self.index.get(key)
@@ -77,7 +81,8 @@ class StateView:
             if row not in row_digests:
                 row_digests[row] = content_digest(self.evaluated_adapter(key))
             private = self.private.get(key)
-            out[key] = row_digests[row] if private is None else content_digest(row_digests[row], private)
+            digest = row_digests[row] if private is None else content_digest(row_digests[row], private)
+            out[key] = content_digest(digest, self.base_digest) if self.base_digest else digest
         return out
 
 

@@ -343,6 +343,39 @@ class AdapterModel(PooledFeatures, nn.Module):
         if self.head is not None and not self.head_frozen:  # a frozen head stays as drawn
             self.head.reset_parameters()
 
+    def fold_into_base(self, updates: dict[str, np.ndarray] | None) -> None:
+        """Set each named LoRA layer's frozen base weight to W0 + scale * update (FLoRA's folded
+        stacks; update (d_out, d_in), scale the layer's LoRA scale alpha / r), computed in float32
+        from the weight as loaded and cast to the base's dtype; layers not named, and every layer
+        for None, go back to W0. W0 is never written: the folded weight is a new tensor (a base
+        mapped from the node's cache stays shared and untouched), so one extra copy of the
+        targeted layers' weights per worker, not per client."""
+        from fltac_ray.models.multi_adapter import _lora_layers
+
+        pristine = self.__dict__.setdefault("_pristine_weights", {})  # name -> W0, kept out of the module tree
+        updates = updates or {}
+        layers = dict(_lora_layers(self))
+        unknown = sorted(set(updates) - set(layers))
+        if unknown:
+            raise ValueError(f"base update for {unknown[0]!r}: this model has no LoRA layer of that name")
+        for name, module in layers.items():
+            base = module.get_base_layer()
+            if name not in pristine:
+                if name not in updates:
+                    continue  # never folded: W0 is in place
+                pristine[name] = base.weight
+            original = pristine[name]
+            if name not in updates:
+                base.weight = original
+                continue
+            update = torch.from_numpy(np.asarray(updates[name], dtype=np.float32)).to(original.device)
+            if update.shape != original.shape:
+                raise ValueError(f"base update for {name!r} has shape {tuple(update.shape)}, the layer's weight "
+                                 f"{tuple(original.shape)}")
+            with torch.no_grad():
+                folded = original.float() + module.scaling["default"] * update
+            base.weight = nn.Parameter(folded.to(original.dtype), requires_grad=False)
+
     def fixed_tensors(self) -> dict[str, np.ndarray]:
         """A frozen head's tensors (model.head: frozen): part of the model, not of the adapter;
         an export writes them beside each adapter. Empty otherwise."""

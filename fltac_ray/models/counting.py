@@ -96,7 +96,9 @@ def count_parameters(config: ExperimentConfig) -> ParameterCount:
             mask = rank_mask(spec.layout, rank)
             kept = int((mask if shared is None else mask[shared]).sum())
             padding = algorithm.upload_width() - kept
-            per_rank[rank] = (clients, sum(u.params - padding for u in sent), len(sent) * kept)
+            # FLoRA: every rank receives the same stacks (counts_rank_traffic)
+            received = down if algorithm.counts_rank_traffic else len(sent) * kept
+            per_rank[rank] = (clients, sum(u.params - padding for u in sent), received)
     return ParameterCount(
         algorithm=config.algorithm,
         model=config.model.name,

@@ -23,6 +23,12 @@ import numpy as np
 def lora_pairs(layout) -> list[tuple[slice, tuple[int, int], slice, tuple[int, int]]]:
     """(A's slice, A's shape (r, d_in), B's slice, B's shape (d_out, r)) of every LoRA layer of a
     flat adapter laid out as `layout` ((name, shape) in flattening order), paired by name."""
+    return [pair[1:] for pair in named_lora_pairs(layout)]
+
+
+def named_lora_pairs(layout) -> list[tuple[str, slice, tuple[int, int], slice, tuple[int, int]]]:
+    """lora_pairs with each layer's module name first: the layout name before ".lora_A."
+    (`encoder...query`), the name models/multi_adapter._lora_layers gives the same layer."""
     offsets, start = {}, 0
     for name, shape in layout:
         size = int(np.prod(shape))
@@ -33,7 +39,7 @@ def lora_pairs(layout) -> list[tuple[slice, tuple[int, int], slice, tuple[int, i
         if "lora_A" in name and (b := offsets.get(name.replace("lora_A", "lora_B"))) is not None:
             b_slice, b_shape = b
             if len(a_shape) == 2 and len(b_shape) == 2 and a_shape[0] == b_shape[1]:  # linear layers
-                pairs.append((a_slice, a_shape, b_slice, b_shape))
+                pairs.append((name.split(".lora_A")[0], a_slice, a_shape, b_slice, b_shape))
     return pairs
 
 

@@ -19,7 +19,13 @@ from fltac_ray.algorithms import create_algorithm
 from fltac_ray.algorithms.base import AdapterKey, AdapterSpec, Aggregate, Upload, Uploads
 from fltac_ray.config import ExperimentConfig, import_plugins
 from fltac_ray.engine.memory import HeapTrimmer
-from fltac_ray.engine.messages import PassReport, PassResult, RoundOutcome, StateView
+from fltac_ray.engine.messages import (
+    PassReport,
+    PassResult,
+    RoundOutcome,
+    StateView,
+    content_digest,
+)
 from fltac_ray.errors import AlgorithmError, ScreeningError
 from fltac_ray.models.ranks import RankMasks
 from fltac_ray.privacy.mechanism import PRIVACY_STREAM, CentralNoise, next_clip_norm, quantile_noise
@@ -56,6 +62,7 @@ class Server:
         # client-level privacy: the bound the next round clips to (privacy.adaptive_clipping moves it)
         client_level = config.privacy.mode in ("client_local", "client_central")
         self.clip_norm: float | None = config.privacy.clip_norm if client_level else None
+        self._base_digest: bytes | None = None  # of algorithm.base_update(); None: not yet hashed
 
     def setup(self, spec: AdapterSpec) -> None:
         self.algorithm.setup(spec)
@@ -89,6 +96,12 @@ class Server:
         """The committed client state, the broadcast and the round's clip bound, for its workers."""
         view = self.store.view(self.algorithm.broadcast(), self.states)
         view.clip_norm = self.clip_norm
+        view.base_update = self.algorithm.base_update()
+        if view.base_update is not None:
+            if self._base_digest is None:  # hashed once per round, not per view
+                self._base_digest = content_digest(*(part for name in sorted(view.base_update)
+                                                     for part in (name.encode(), view.base_update[name])))
+            view.base_digest = self._base_digest
         return view
 
     def evaluation_digests(self, keys: list) -> dict:
@@ -123,6 +136,7 @@ class Server:
             self.states = ClientStateStore(int(np.shape(kept["rows"])[-1]))
             self.states.load_groups({"clients": kept})
         self.algorithm.load_state(groups.get("server", {}))
+        self._base_digest = None
         self.exported = groups.get("outcome")
         if "privacy" in groups:
             self.clip_norm = float(groups["privacy"]["clip_norm"][0])
@@ -260,7 +274,7 @@ class Server:
         accepted upload's answer within its client's rank."""
         if outcome is None:
             return 0
-        if self.rank_masks is None:
+        if self.rank_masks is None or self.algorithm.counts_rank_traffic:
             return self.algorithm.download_params(outcome, clients)
         shared = self.algorithm.shared_entries()
         width = outcome.adapters.shape[1]
@@ -320,6 +334,7 @@ class Server:
         outcome = None
         if accepted:
             outcome = self._aggregate(round_index, accepted)
+            self._base_digest = None  # the algorithm's base_update may have moved
         answer_of = {}
         if outcome is not None:
             answer_of = {tuple(u.key): outcome.adapters[label] for u, label in zip(accepted, outcome.labels, strict=True)}
