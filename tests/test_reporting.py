@@ -130,6 +130,20 @@ def test_the_final_table_shows_privacy_spent_and_the_product_error_where_measure
     assert pd.isna(table.loc["plain", "epsilon"]) and table.loc["plain", "MB up"] == 2.0
 
 
+def test_the_report_names_each_runs_rank_profile_in_the_final_and_settings_tables():
+    from fltac_ray.reporting.render import final_table, settings_table
+    from fltac_ray.reporting.runs import RunTables
+
+    profile = {"rank": 8, "rank_profile": {"distribution": "heavy_tail", "ranks": [1, 2, 4, 8]}}
+    explicit = {"rank": 4, "rank_profile": {"distribution": "explicit", "ranks": [1, 4], "per_client": [4, 1, 1]}}
+    runs = [RunTables(label, Path("."), {"algorithm": "flora", "model": {"lora": lora}}, *(pd.DataFrame(),) * 4)
+            for label, lora in (("profile", profile), ("explicit", explicit), ("one", {"rank": 2}))]
+    assert final_table(runs).set_index("run")["rank"].tolist() == ["1-8 heavy_tail", "1-4 explicit", 2]
+    settings = settings_table(runs).set_index("setting")
+    assert settings.loc["model.lora.rank_profile.distribution"].tolist() == ["heavy_tail", "explicit", "-"]
+    assert settings.loc["model.lora.rank_profile.ranks"].tolist() == ["1, 2, 4, 8", "1, 4", "-"]
+
+
 def test_report_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "RUN_DIR" in capsys.readouterr().err

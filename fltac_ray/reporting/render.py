@@ -129,6 +129,18 @@ def _projection_figure(run: RunTables, method: str):
     return figures.adapter_projection(run, snapshots, points, used), caption
 
 
+def rank_label(config: dict) -> object:
+    """The final table's rank: model.lora.rank, or under a rank profile its ranks and
+    distribution ("1-8 heavy_tail"; every adapter padded to the largest)."""
+    lora = config.get("model", {}).get("lora", {})
+    profile = lora.get("rank_profile")
+    if not profile:
+        return lora.get("rank")
+    ranks = profile.get("per_client") if profile.get("distribution") == "explicit" else profile.get("ranks")
+    ranks = ranks or [lora.get("rank")]
+    return f"{min(ranks)}-{max(ranks)} {profile.get('distribution')}"
+
+
 def final_table(runs: list[RunTables]) -> pd.DataFrame:
     """One row per run: final accuracy per task, their mean, clustering accuracy, bytes sent;
     first, the pre-trained model's row (round 0: the starting adapter, train.eval_round_0), once
@@ -144,8 +156,7 @@ def final_table(runs: list[RunTables]) -> pd.DataFrame:
                              "algorithm": "-", "rank": "-", **accuracy, "mean": float(zero["accuracy"].mean()),
                              "rounds": 0})
     for run in runs:
-        row: dict[str, object] = {"run": run.label, "algorithm": run.algorithm,
-                                  "rank": run.config.get("model", {}).get("lora", {}).get("rank")}
+        row: dict[str, object] = {"run": run.label, "algorithm": run.algorithm, "rank": rank_label(run.config)}
         if not run.metrics.empty:
             last = final_round_metrics(run.metrics)
             row.update({figures.short_task(t): a for t, a in zip(last["task"], last["accuracy"], strict=True)})
@@ -179,7 +190,8 @@ def _table_html(frame: pd.DataFrame) -> str:
 
 # The settings a reader needs to reproduce or compare a run, in this order; the report adds any
 # other setting on which the runs of a comparison or sweep differ.
-KEY_SETTINGS = ("algorithm", "seed", "rounds", "model.name", "model.lora.rank", "model.lora.alpha",
+KEY_SETTINGS = ("algorithm", "seed", "rounds", "model.name", "model.lora.rank", "model.lora.rank_profile.distribution",
+                "model.lora.rank_profile.ranks", "model.lora.rank_profile.per_client", "model.lora.alpha",
                 "model.lora.target_modules", "model.pooling", "model.head", "model.dtype", "train.lr",
                 "train.local_steps", "train.batch_size", "train.weight_decay", "data.tasks", "data.num_clients",
                 "data.dirichlet_alpha", "data.train_per_task", "federation.client_fraction",
