@@ -307,6 +307,115 @@ def bench_privacy(quick: bool) -> dict:
     return out
 
 
+def bench_ranks(quick: bool) -> dict:
+    """Mixed LoRA ranks in one batched pass (model.lora.rank_profile): the engine's way, every
+    adapter padded to the largest rank with zero rows in one pass, against grouping by rank, one
+    pass per rank on a model of that rank (fewer LoRA FLOPs, more passes), and one adapter at a
+    time; on the same jobs (heavy_tail and random ranks over {1, 2, 4, 8}), one thread. The
+    grouped adapters, padded back, must equal the padded pass's."""
+    import torch
+
+    from fltac_ray.client.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.training import train_adapter
+    from fltac_ray.data.encoding import make_featurizer
+    from fltac_ray.data.federated import build_federated_data
+    from fltac_ray.models.adapter_model import AdapterModel
+    from fltac_ray.models.builders import load_backbone
+    from fltac_ray.models.ranks import assign_ranks, lora_rank_axis, rank_counts, rank_mask
+
+    torch.set_num_threads(1)
+    rank_set = [1, 2, 4, 8]
+    config = experiment(quick, "bench_ranks", clients=10, rounds=1, local_steps=5, batch_size=8,
+                        train_per_task=2000)
+    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
+
+    def model_at(rank: int) -> AdapterModel:  # each its own copy of the (seeded) base: peft wraps in place
+        # alpha in proportion to the rank: the padded model's scale alpha / r_max at every rank
+        alpha = config.model.lora.alpha * rank / rank_set[-1]
+        lora = config.model.lora.model_copy(update={"rank": rank, "alpha": alpha, "dropout": 0.0,
+                                                    "rank_profile": None})
+        return AdapterModel(load_backbone(config.model.name, "text"), config.model.model_copy(update={"lora": lora}),
+                            data.head_classes, 0)
+
+    models = {rank: model_at(rank) for rank in rank_set}
+    wide = models[rank_set[-1]]
+    layout = wide.adapter_layout()
+    start, names, cpu = wide.get_adapter(), list(data.tasks), torch.device("cpu")
+    batch, steps, examples = config.train.batch_size, config.train.local_steps, 40
+    capability = torch.backends.cpu.get_cpu_capability()
+    say(f"[ranks] model {config.model.name}, ranks {rank_set} padded to {rank_set[-1]}, {steps} steps of batch "
+        f"{batch} per adapter, 1 thread, {capability} CPU")
+
+    def narrow(vector: np.ndarray, rank: int) -> np.ndarray:
+        """A padded adapter as the rank-`rank` model lays it out (its first `rank` ranks)."""
+        parts, offset = [], 0
+        for name, shape in layout:
+            size = int(np.prod(shape))
+            block, offset = vector[offset:offset + size].reshape(shape), offset + size
+            axis = lora_rank_axis(name)
+            parts.append((block if axis is None else np.take(block, np.arange(rank), axis=axis)).reshape(-1))
+        return np.concatenate(parts)
+
+    def padded_back(vector: np.ndarray, rank: int) -> np.ndarray:
+        """The rank-`rank` model's adapter padded with zeros to the wide layout."""
+        parts, offset = [], 0
+        for name, shape in layout:
+            axis = lora_rank_axis(name)
+            narrow_shape = list(shape) if axis is None else [rank if i == axis else n for i, n in enumerate(shape)]
+            size = int(np.prod(narrow_shape))
+            piece, offset = vector[offset:offset + size].reshape(narrow_shape), offset + size
+            full = np.zeros(shape, np.float32)
+            full[tuple(slice(0, n) for n in narrow_shape)] = piece
+            parts.append(full.reshape(-1))
+        return np.concatenate(parts)
+
+    def jobs(ranks: np.ndarray, narrowed: bool) -> list[AdapterJob]:
+        made = []
+        for j, rank in enumerate(ranks):
+            bundle = data.tasks[names[j % len(names)]]
+            begin = np.where(rank_mask(layout, int(rank)), start, np.float32(0)).astype(np.float32)
+            made.append(AdapterJob(narrow(begin, int(rank)) if narrowed else begin, bundle.train,
+                                   np.arange(j * examples, (j + 1) * examples), bundle.num_classes, steps,
+                                   np.random.default_rng(j)))
+        return made
+
+    def timed(run):
+        began = time.perf_counter()
+        value = run()
+        return time.perf_counter() - began, value
+
+    out: dict = {"cpu_capability": capability}
+    for profile in ("heavy_tail", "random"):
+        for count in (8,) if quick else (8, 32):
+            ranks = assign_ranks(profile, rank_set, count, seed=0)
+            padded_seconds, padded = timed(lambda r=ranks: train_batched(wide, jobs(r, False), batch,
+                                                                         config.train.lr, 0.0, cpu))
+            grouped_seconds, grouped, narrowed = 0.0, [None] * count, jobs(ranks, True)
+            for rank in sorted(set(ranks.tolist())):
+                rows = np.flatnonzero(ranks == rank)
+                group_jobs = [narrowed[row] for row in rows]
+                seconds, outcomes = timed(lambda g=group_jobs, m=models[rank]: train_batched(
+                    m, g, batch, config.train.lr, 0.0, cpu))
+                grouped_seconds += seconds
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    grouped[row] = padded_back(outcome.adapter, rank)
+            single_seconds, _ = timed(lambda r=ranks: [train_adapter(
+                wide, job.start, job.split, job.indices, job.num_classes, job.steps, batch, config.train.lr, 0.0,
+                job.rng, cpu) for job in jobs(r, False)])
+            difference = max(float(np.abs(p.adapter - g).max()) for p, g in zip(padded, grouped, strict=True))
+            say(f"  {profile}, {count} adapters (ranks {rank_counts(ranks)}): padded "
+                f"one pass {padded_seconds:.2f} s, grouped by rank {grouped_seconds:.2f} s, one by one "
+                f"{single_seconds:.2f} s; RATIO grouped/padded time = {grouped_seconds / padded_seconds:.2f}x, "
+                f"RATIO padded batched speedup = {single_seconds / padded_seconds:.2f}x; largest difference "
+                f"{difference:.1e}")
+            out[f"{profile}_{count}"] = {"padded_seconds": padded_seconds, "grouped_seconds": grouped_seconds,
+                                         "one_by_one_seconds": single_seconds,
+                                         "grouped_over_padded": grouped_seconds / padded_seconds,
+                                         "difference_max": difference}
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
 def precision_workload(quick: bool, dtype: str, **engine) -> ExperimentConfig:
     """100 clients, 10 local steps of batch 16 per task, length 32 (the data default), 2 rounds:
     round 1 warms up, round 2 is timed and evaluates every adapter afterwards."""
@@ -826,7 +935,8 @@ def attacked_uploads(snapshot, attack):
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
             "batched": bench_batched, "precision": bench_precision, "kmeans": bench_kmeans,
-            "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks, "privacy": bench_privacy}
+            "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks, "privacy": bench_privacy,
+            "ranks": bench_ranks}
 
 
 def cpu_model() -> str:

@@ -117,14 +117,29 @@ def test_gpu_benchmark_needs_a_gpu_or_the_dry_run():
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "use --dry-run" in done.stderr
 
 
-def test_the_privacy_section_measures_dp_sgd_against_the_plain_pass_and_its_epsilon_agrees():
-    """benchmarks/run.py --only privacy, in process (no Ray), at quick sizes."""
+def _suite():
+    """benchmarks/run.py as a module, to call one section in process (no Ray)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fltac_benchmark_privacy", ROOT / "benchmarks" / "run.py")
+    spec = importlib.util.spec_from_file_location("fltac_benchmark_suite", ROOT / "benchmarks" / "run.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
-    result = suite.bench_privacy(quick=True)
+    return suite
+
+
+def test_the_ranks_section_trains_mixed_ranks_padded_and_grouped_to_the_same_adapters():
+    """benchmarks/run.py --only ranks at quick sizes: grouping by rank on models of each rank
+    (alpha in proportion) gives the padded pass's adapters, so the timing compares equals."""
+    result = _suite().bench_ranks(quick=True)
+    for profile in ("heavy_tail_8", "random_8"):
+        row = result[profile]
+        assert row["difference_max"] < 1e-5
+        assert row["padded_seconds"] > 0 and row["grouped_seconds"] > 0 and row["one_by_one_seconds"] > 0
+
+
+def test_the_privacy_section_measures_dp_sgd_against_the_plain_pass_and_its_epsilon_agrees():
+    """benchmarks/run.py --only privacy, in process (no Ray), at quick sizes."""
+    result = _suite().bench_privacy(quick=True)
     row = result["4"]
     assert row["batched_seconds"] > 0 and row["dp_sgd_batched_seconds"] > 0 and row["dp_sgd_one_by_one_seconds"] > 0
     assert result["epsilon"]["fltac_ray"] == pytest.approx(result["epsilon"]["dp_accounting"], rel=1e-12)
