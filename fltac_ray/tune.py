@@ -359,31 +359,36 @@ class SweepProgress(tune.Callback):
     """One line per trial start, result and end, in fltac-ray's words (instead of Ray Tune's
     tables, whose "current best trial" follows another tie rule than rank_trials)."""
 
-    def __init__(self, keys: list[str], metric: str, rounds: int) -> None:
+    def __init__(self, keys: list[str], metric: str, rounds: int, stream=None) -> None:
+        # `stream`: where the lines go (the terminal, while Tune's own stdout is muted)
         self.keys, self.metric, self.rounds = keys, metric, rounds
+        self.stream = stream if stream is not None else sys.stdout
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
 
     def _label(self, trial) -> str:
         return ", ".join(f"{key.rsplit('.', 1)[-1]}={trial.config.get(key)}" for key in self.keys)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(f"  trial {trial.trial_id} ({self._label(trial)}) started", flush=True)
+        self._say(f"  trial {trial.trial_id} ({self._label(trial)}) started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric, float("nan"))
-        print(f"  trial {trial.trial_id} ({self._label(trial)}) round {result.get('round')}/"
-              f"{self.rounds}: {self.metric} {value:.4f}", flush=True)
+        self._say(f"  trial {trial.trial_id} ({self._label(trial)}) round {result.get('round')}/"
+                  f"{self.rounds}: {self.metric} {value:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = (trial.last_result or {}).get("round", 0)
         how = "finished" if last == self.rounds else f"stopped by the scheduler after round {last}"
-        print(f"  trial {trial.trial_id} ({self._label(trial)}) {how}", flush=True)
+        self._say(f"  trial {trial.trial_id} ({self._label(trial)}) {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"  trial {trial.trial_id} ({self._label(trial)}) FAILED (its error: {trial.path})", flush=True)
+        self._say(f"  trial {trial.trial_id} ({self._label(trial)}) FAILED (its error: {trial.path})")
 
 
 def _tuner(spec: SweepSpec, base_raw: dict, storage: str, experiment: str, restore: bool, rounds: int,
-           bundles: list[dict[str, float]], gpus_per_worker: float, shared, quiet: bool):
+           bundles: list[dict[str, float]], gpus_per_worker: float, shared, quiet: bool, stream=None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(
@@ -406,7 +411,7 @@ def _tuner(spec: SweepSpec, base_raw: dict, storage: str, experiment: str, resto
                                     trial_dirname_creator=_trial_folder),
         run_config=tune.RunConfig(
             name=experiment, storage_path=storage, verbose=0,
-            callbacks=[] if quiet else [SweepProgress(list(spec.search), spec.metric, rounds)],
+            callbacks=[] if quiet else [SweepProgress(list(spec.search), spec.metric, rounds, stream)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             sync_config=tune.SyncConfig(sync_artifacts=True, sync_artifacts_on_checkpoint=True)),
     )
@@ -542,11 +547,12 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
             say(f"  data prepared once: {shared.nbytes / 2**20:,.1f} MiB in the object store, shared by every trial")
         elif changing:
             say(f"  searched {', '.join(changing)} changes the data: each trial prepares its own")
-        # Tune's driver-side reporter prints its header box even at verbose=0: muted with --quiet
-        muted = contextlib.redirect_stdout(io.StringIO()) if progress.quiet else contextlib.nullcontext()
-        with StorePeak() as store, muted:
+        # Tune's driver-side reporter prints its header box and a TensorBoard hint into Ray's temp
+        # folder even at verbose=0: its stdout is muted, and SweepProgress writes to the terminal
+        terminal = sys.stdout
+        with StorePeak() as store, contextlib.redirect_stdout(io.StringIO()):
             results = _tuner(spec, base_raw, storage_path, experiment, resume is not None, base_config.rounds,
-                             bundles, gpus, shared, progress.quiet).fit()
+                             bundles, gpus, shared, progress.quiet, terminal).fit()
         table = sweep_table(results, spec)
         shared_bytes = shared.nbytes if shared is not None else 0
         del shared  # the store's copy goes with the last reference

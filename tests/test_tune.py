@@ -190,20 +190,26 @@ def test_a_sweep_whose_trials_crashed_mid_run_resumes_to_the_uninterrupted_resul
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_sweep_over_methods_for_heterogeneous_ranks_runs_and_reports(tmp_path):
+def test_a_sweep_over_methods_for_heterogeneous_ranks_runs_and_reports(tmp_path, capsys):
     """experiments/sweep_rank_profiles.yaml's shape: a grid over algorithms, one given with its
-    options as a mapping, under a rank profile."""
+    options as a mapping, under a rank profile; the terminal shows fltac-ray's lines per trial,
+    not Ray Tune's boxed header or its TensorBoard hint."""
     from fltac_ray.reporting.render import render_report
 
     base = {"model": {"name": "tiny-random-bert", "lora": {"rank": 2, "rank_profile": {"ranks": [1, 2]}}},
             "rounds": 1}
     path = _sweep(tmp_path, base=base, search={
-        "algorithm": {"grid": ["fedit", "hetlora", {"name": "fltac", "n_clusters": 2}]},
+        "algorithm": {"grid": ["fedit", "flora", {"name": "fltac", "n_clusters": 2}]},
         "model.lora.rank_profile.distribution": {"grid": ["heavy_tail"]}})
     out = tmp_path / "sweep"
-    _, table, best = run_sweep(path, str(out), Progress(quiet=True))
+    capsys.readouterr()
+    _, table, best = run_sweep(path, str(out), Progress())
+    printed = capsys.readouterr().out
+    assert printed.count(" started") == 3 and printed.count(" finished") == 3, printed
+    for tune_own in ("View detailed results", "tensorboard --logdir", "Configuration for experiment", "╭"):
+        assert tune_own not in printed, tune_own
     assert table["trial"].nunique() == 3 and best["trial"] in set(table["trial"])
     algorithms = {yaml.safe_load((out / "trials" / t / "config.yaml").read_text())["algorithm"]["name"]
                   for t in table["trial"].unique()}
-    assert algorithms == {"fedit", "hetlora", "fltac"}
+    assert algorithms == {"fedit", "flora", "fltac"}
     assert "sweep" in render_report(out).figures
