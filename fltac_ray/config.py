@@ -7,6 +7,7 @@ starts, with the field, the value and what is allowed (`ConfigError`).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -1096,8 +1097,9 @@ def _to_issues(error: ValidationError, prefix: str = "") -> list[ConfigIssue]:
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         if item["type"] == "extra_forbidden":
-            message = f"unknown field; allowed here: {_allowed_keys(item['loc'][:-1])}"
-        elif item["loc"] == () and (match := _CROSS_FIELD.match(message)):
+            issues.extend(_unknown_field(item["loc"], value, prefix))
+            continue
+        if item["loc"] == () and (match := _CROSS_FIELD.match(message)):
             # Cross-field rules phrase their message as "field = value: rule".
             field, message = match["field"], match["rule"]
             value = yaml.safe_load(match["value"])
@@ -1105,6 +1107,30 @@ def _to_issues(error: ValidationError, prefix: str = "") -> list[ConfigIssue]:
             value = "{...}"
         issues.append(ConfigIssue(prefix + field, value, message))
     return issues
+
+
+def _unknown_field(loc: tuple[Any, ...], value: Any, prefix: str) -> list[ConfigIssue]:
+    """An unknown key, with the closest allowed one suggested; an unknown section (a mapping)
+    names each of its settings by its full dotted key, with its value."""
+    allowed = _allowed_keys(loc[:-1])
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    kind = "section" if isinstance(value, dict) and value else "field"
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    message = f"unknown {kind}{hint} allowed here: {allowed}" if close else f"unknown {kind}; allowed here: {allowed}"
+    field = prefix + ".".join(str(part) for part in loc)
+    if kind == "field":
+        return [ConfigIssue(field, value, message)]
+    return [ConfigIssue(f"{field}.{key}", leaf, message) for key, leaf in _leaves(value)]
+
+
+def _leaves(mapping: dict[str, Any], above: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every setting in a nested mapping."""
+    out = []
+    for key, value in mapping.items():
+        dotted = f"{above}{key}"
+        out.extend(_leaves(value, dotted + ".") if isinstance(value, dict) and value else [(dotted, value)])
+    return out
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -1237,10 +1263,27 @@ def build_config(raw: dict[str, Any], source: str | None = None) -> ExperimentCo
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read an experiment YAML (or start from defaults when path is None) and apply overrides."""
+    """Read an experiment YAML (or start from defaults when path is None) and apply overrides.
+    An invalid setting given with --set says so (the file is not blamed for it)."""
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
-    return build_config(raw, str(path) if path is not None else None)
+    try:
+        return build_config(raw, str(path) if path is not None else None)
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        keys = [".".join(parse_override(text)[0]) for text in overrides]
+
+        def from_set(issue: ConfigIssue) -> bool:
+            return any(issue.field == key or issue.field.startswith(key + ".") or key.startswith(issue.field + ".")
+                       for key in keys)
+
+        issues = [ConfigIssue(issue.field, issue.value, f"(given with --set) {issue.allowed}") if from_set(issue)
+                  else issue for issue in exc.issues]
+        given = sum(from_set(issue) for issue in exc.issues)
+        where = "--set" if path is None else (f"--set (over {path})" if given == len(issues)
+                                             else f"{path} and --set" if given else str(path))
+        raise ConfigError(issues, where) from None
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -36,7 +37,8 @@ INVALID = [
     ({"engine": {"gpus_per_worker": 2}}, "engine.gpus_per_worker", "computes on one GPU"),
     ({"engine": {"gpus_per_worker": -0.1}}, "engine.gpus_per_worker", "greater than or equal to 0"),
     ({"engine": {"clients_per_actor": 1, "num_workers": 2}}, "engine.num_workers", "clients_per_actor"),
-    ({"trian": {"lr": 1}}, "trian", "allowed here"),
+    ({"trian": {"lr": 1}}, "trian.lr", "unknown section; did you mean 'train'?"),
+    ({"data": {"num_client": 3}}, "data.num_client", "unknown field; did you mean 'num_clients'?"),
     ({"train": {"learning_rate": 1}}, "train.learning_rate", "lr"),
 ]
 
@@ -48,6 +50,24 @@ def test_invalid_values_name_the_field_and_the_rule(raw, field, words):
     issues = info.value.issues
     assert any(issue.field == field and words in issue.allowed for issue in issues), str(info.value)
     assert field in str(info.value)
+
+
+def test_a_bad_setting_given_with_set_says_so_and_the_file_is_not_blamed(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("rounds: 2\ndata: {num_client: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["trian.lr=0.001"])
+    assert str(info.value).startswith("invalid experiment configuration in --set:")
+    assert "trian.lr = 0.001: (given with --set) unknown section; did you mean 'train'?" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["rounds=0"])
+    message = str(info.value)
+    assert message.startswith(f"invalid experiment configuration in {path} and --set:")
+    assert "rounds = 0: (given with --set) Input should be" in message
+    assert "data.num_client = 3: unknown field; did you mean 'num_clients'?" in message  # the file's own
+    path.write_text("rounds: 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"in --set (over {path}):")):
+        load_config(path, ["rounds=0"])
 
 
 def test_error_message_shows_the_value():
