@@ -74,6 +74,34 @@ class Result:
         path = self.adapters.loc[self.adapters["cluster"] == cluster, "path"].iloc[0]
         return load_adapter(path)
 
+    def client_examples(self, client: int, task: str, split: str = "test") -> pd.DataFrame:
+        """The examples `client` held of `task` in this run (`split`: "test" or "train"), rebuilt
+        from the run's config.yaml (the partition is seeded; nothing is encoded): one row per
+        example, `index` (its position in the task's split, as the engine numbers it), `label`,
+        `class` and the raw input: `text` (and `pair` for sentence pairs; for instructions,
+        `text` is the prompt and `pair` the reference), `image` ((channels, h, w) uint8) or
+        `features`. The rows where clients.csv scored the client; empty when it held no such
+        example."""
+        from fltac_ray.config import load_config
+        from fltac_ray.data.federated import client_examples
+
+        config = load_config(self.run_dir / "config.yaml")
+        issues = [ConfigIssue(name, value, allowed) for name, value, allowed, bad in (
+            ("split", split, "use 'train' or 'test'", split not in ("train", "test")),
+            ("task", task, f"this run's tasks are {config.data.task_names}", task not in config.data.task_names),
+            ("client", client, f"this run has clients 0-{config.data.num_clients - 1}",
+             not 0 <= int(client) < config.data.num_clients)) if bad]
+        if issues:
+            raise ConfigError(issues)
+        indices, examples = client_examples(config, int(client), task, split)
+        frame = pd.DataFrame({"index": indices, "label": examples.labels})
+        frame["class"] = [examples.class_names[label] if examples.class_names else "" for label in examples.labels]
+        for column, values in (("text", examples.texts), ("pair", examples.pairs), ("image", examples.images),
+                               ("features", examples.features)):
+            if values is not None:
+                frame[column] = list(values)
+        return frame
+
 
 @dataclass
 class ComparisonResult:

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     where = export.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="a new or empty folder to copy the adapters to")
     where.add_argument("--push-to-hub", metavar="REPO", help="Hub model repository (user/name), created if missing")
+    where.add_argument("--bank", metavar="DIR", help="a new or empty folder for a serving bank: every cluster "
+                       "adapter, with bank.json mapping the run's clients and tasks to adapters "
+                       "(fltac_ray.runs.bank.AdapterBank loads it on one base)")
     export.add_argument("--private", action="store_true", help="create the Hub repository private")
 
     validate = commands.add_parser("validate", help="check an experiment file and print the resolved config")
@@ -195,6 +198,17 @@ def _export(args: argparse.Namespace) -> int:
     from fltac_ray.runs.export import push_to_hub, read_info
     from fltac_ray.runs.files import written_whole
 
+    if args.bank:
+        from fltac_ray.runs.bank import write_bank
+
+        if args.cluster is not None:
+            from fltac_ray.errors import ConfigError, ConfigIssue
+
+            raise ConfigError([ConfigIssue("--cluster", args.cluster, "a bank holds every cluster; drop --cluster")])
+        manifest = write_bank(args.run_dir, args.bank)
+        print(f"wrote a bank of {len(manifest['adapters'])} adapters for {len(manifest['clients'])} clients to "
+              f"{args.bank} (bank.json)")
+        return 0
     adapters = Path(args.run_dir) / "adapters"
     if not (adapters / "index.json").is_file():
         raise RunFolderError(args.run_dir, "has no adapters/index.json; give a finished run's directory "

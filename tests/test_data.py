@@ -1,6 +1,8 @@
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fltac_ray.data import synthetic, wordnet
@@ -107,3 +109,31 @@ def test_wordnet_instruction_categories_have_reference_answers():
     assert all(answer.isalpha() and answer.islower() for answer in category.pairs)
     hypernym = build_category("wordnet_hypernym", "/usr/share/wordnet", 20, rng)
     assert all(answer for answer in hypernym.pairs)
+
+
+def test_a_clients_examples_come_back_raw_from_the_config_and_bad_requests_name_the_field(tmp_path):
+    """Result.client_examples rebuilds a client's examples from config.yaml (the partition is
+    seeded): the test indices the engine evaluated, their labels and their raw text."""
+    import yaml
+
+    from fltac_ray.api import Result
+    from fltac_ray.data.encoding import make_featurizer
+    from fltac_ray.errors import ConfigError
+
+    config = tiny_config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.resolved()))
+    result = Result(tmp_path, config.resolved(), *(pd.DataFrame(),) * 5)
+    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
+    for client in range(config.data.num_clients):
+        for task, (train, test) in data.clients[client].tasks.items():
+            for split, index, encoded in (("test", test, data.tasks[task].test), ("train", train, data.tasks[task].train)):
+                examples = result.client_examples(client, task, split)
+                assert examples["index"].tolist() == index.tolist()
+                assert examples["label"].tolist() == encoded.labels[index].tolist()
+                assert examples["text"].map(len).gt(0).all()
+                assert set(examples["class"]) <= set(data.tasks[task].class_names)
+    for request, words in [((0, "synthetic_topic", "validation"), "split = 'validation': use 'train' or 'test'"),
+                           ((0, "nope", "test"), "task = 'nope': this run's tasks are"),
+                           ((9, "synthetic_topic", "test"), "client = 9: this run has clients 0-3")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            result.client_examples(*request)

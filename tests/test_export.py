@@ -229,6 +229,9 @@ def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_pa
     """Run FL-TAC, load every exported cluster adapter with plain peft, and score each client's
     test examples with the adapter its task ended with: the right answers equal the engine's.
     A frozen head (model.head: frozen) is never sent, but every export carries it."""
+    from transformers import AutoTokenizer
+
+    import fltac_ray
     from fltac_ray.algorithms import create_algorithm
     from fltac_ray.client.training import batch_tensors
     from fltac_ray.engine.run_setup import prepare_data
@@ -247,6 +250,7 @@ def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_pa
     final = clients[clients["round"] == config.rounds].set_index(["client", "task"])
     data, _ = prepare_data(config, create_algorithm(config))
     models = {k: load_adapter(adapters / f"cluster_{k}") for k in assignments["cluster"].unique()}
+    finished = fltac_ray.load_result(result.run_dir)
     checked = 0
     for row in assignments.itertuples():
         task = row.tasks
@@ -259,6 +263,16 @@ def test_engine_export_round_trip_reproduces_every_clients_final_accuracy(tmp_pa
         correct = int((logits.argmax(-1).numpy() == bundle.test.labels[test_index]).sum())
         engine = final.loc[(row.client, task)]
         assert correct == round(engine["accuracy"] * engine["test_samples"])
+        # the same examples from the results API, as raw text through the exported tokenizer
+        examples = finished.client_examples(row.client, task)
+        assert examples["index"].tolist() == test_index.tolist()
+        assert examples["label"].tolist() == bundle.test.labels[test_index].tolist()
+        tokenizer = AutoTokenizer.from_pretrained(adapters / f"cluster_{row.cluster}")
+        encoded = tokenizer(list(examples["text"]), truncation=True, max_length=config.data.max_length,
+                            padding=True, return_tensors="pt")
+        with torch.no_grad():
+            raw_logits = models[row.cluster](num_classes=bundle.num_classes, **encoded)
+        assert int((raw_logits.argmax(-1).numpy() == examples["label"].to_numpy()).sum()) == correct
         checked += 1
     assert checked == len(final) > 0
 
@@ -410,3 +424,48 @@ def test_a_run_export_replaces_the_previous_one_whole_or_not_at_all(tmp_path, mo
     monkeypatch.setattr(export_module, "write_peft_adapter", real_write)
     export_adapters(tmp_path, vectors[:1], layout, clusters[:1], config, names, [])  # one cluster now
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["assignments.csv", "cluster_0", "index.json"]
+
+
+@pytest.mark.parametrize("model", ["tiny-random-bert", "minilm"])  # the head in peft's modules_to_save; beside it
+def test_a_serving_bank_loads_every_adapter_on_one_base_and_scores_each_client_as_the_engine(tmp_path, capsys, model):
+    """`fltac-ray export RUN --bank DIR`: every cluster adapter beside bank.json; AdapterBank loads
+    them with peft's load_adapter + set_adapter on one base (the head swapped where it is outside
+    peft), and each client's adapter from the manifest scores its test examples as clients.csv
+    says; the router for outsiders picks the lowest probe loss."""
+    from transformers import AutoTokenizer
+
+    import fltac_ray
+    from fltac_ray.cli import main
+    from fltac_ray.engine.simulation import Simulation
+    from fltac_ray.errors import RunFolderError
+    from fltac_ray.progress import Progress
+    from fltac_ray.runs.bank import AdapterBank
+
+    config = tiny_config(model={"name": model}, engine={"backend": "local"})
+    run = Simulation(config, out=str(tmp_path / "run"), progress=Progress(quiet=True)).run()
+    assert main(["export", str(run.run_dir), "--bank", str(tmp_path / "bank")]) == 0
+    assert "wrote a bank of" in capsys.readouterr().out
+    bank = AdapterBank(tmp_path / "bank")
+    assert bank.route_kind == {"tiny-random-bert": "fltac_ray.runs.export.load_base", "minilm": "AutoModel"}[model]
+    assert len(bank.names) > 1 and set(bank.peft_model.peft_config) == set(bank.names)  # one base, all adapters
+    result = fltac_ray.load_result(run.run_dir)
+    final = result.clients[result.clients["round"] == config.rounds].set_index(["client", "task"])
+    assignments = pd.read_csv(run.run_dir / "adapters" / "assignments.csv")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "bank" / bank.names[0])
+    for row in assignments.sample(frac=1, random_state=0).itertuples():  # shuffled: adapters switch back and forth
+        name = bank.adapter_for(row.client, row.tasks)
+        assert name == f"cluster_{row.cluster}"
+        examples = result.client_examples(row.client, row.tasks)
+        batch = tokenizer(list(examples["text"]), truncation=True, max_length=config.data.max_length, padding=True,
+                          return_tensors="pt")
+        classes = config.data.spec(row.tasks).num_classes
+        correct = int((bank.logits(name, classes, **batch).argmax(-1).numpy() == examples["label"].to_numpy()).sum())
+        engine = final.loc[(row.client, row.tasks)]
+        assert correct == round(engine["accuracy"] * engine["test_samples"])
+    labels = torch.as_tensor(examples["label"].to_numpy())
+    losses = bank.losses(labels, classes, **batch)
+    assert bank.route(labels, classes, **batch) == min(losses, key=losses.get) and len(set(losses.values())) > 1
+    with pytest.raises(RunFolderError, match="did not hold task"):
+        bank.adapter_for(99, "synthetic_topic")
+    assert main(["export", str(run.run_dir), "--bank", str(tmp_path / "bank")]) == 2  # not empty
+    assert "--bank is not empty" in capsys.readouterr().err

@@ -36,6 +36,8 @@ class TaskBundle:
     class_names: list[str]
     train: EncodedSplit
     test: EncodedSplit
+    # the examples before encoding (train, test), kept only when asked (client_examples)
+    raw: tuple[Examples, Examples] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -205,7 +207,8 @@ def _cluster_shares(num_clients: int, clusters: int) -> np.ndarray:
     return member / member.sum(axis=1, keepdims=True)
 
 
-def build_federated_data(config: ExperimentConfig, featurize: Featurizer) -> FederatedData:
+def build_federated_data(config: ExperimentConfig, featurize: Featurizer, keep_raw: bool = False) -> FederatedData:
+    """`keep_raw`: each TaskBundle also keeps its examples before encoding (client_examples)."""
     data = config.data
     num_clients = data.num_clients
     names = config.data.task_names
@@ -228,6 +231,7 @@ def build_federated_data(config: ExperimentConfig, featurize: Featurizer) -> Fed
             class_names=train.class_names,
             train=EncodedSplit(featurize(train), train.labels),
             test=EncodedSplit(featurize(test), test.labels),
+            raw=(train, test) if keep_raw else None,
         )
         # Train and test sets are cut with the same shares, so a client tests on its own mix.
         rng = np.random.default_rng([config.seed, 2, task_index])
@@ -239,3 +243,21 @@ def build_federated_data(config: ExperimentConfig, featurize: Featurizer) -> Fed
             if len(train_idx) > 0:  # a client with no training example does not hold the task
                 client.tasks[name] = (np.sort(train_idx), np.sort(test_idx))
     return FederatedData(bundles, clients, shares)
+
+
+def client_examples(config: ExperimentConfig, client: int, task: str, split: str = "test") -> tuple[np.ndarray, Examples]:
+    """(indices into the task's `split`, those examples before encoding) that `client` holds of
+    `task` in this experiment: the partition rebuilt from the config (it is seeded), without
+    encoding. A client that does not hold the task gets none. Raises ValueError naming a client,
+    task or split the experiment does not have."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split = {split!r}: use 'train' or 'test'")
+    if task not in config.data.task_names:
+        raise ValueError(f"task = {task!r}: this experiment's tasks are {config.data.task_names}")
+    if not 0 <= client < config.data.num_clients:
+        raise ValueError(f"client = {client}: this experiment has clients 0-{config.data.num_clients - 1}")
+    data = build_federated_data(config, lambda examples: {}, keep_raw=True)
+    bundle, held = data.tasks[task], data.clients[client].tasks.get(task)
+    examples = bundle.raw[0 if split == "train" else 1]
+    indices = held[0 if split == "train" else 1] if held is not None else np.zeros(0, np.int64)
+    return indices, examples.subset(indices)
