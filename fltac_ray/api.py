@@ -173,12 +173,15 @@ def run(
     quiet: bool = False,
     report: bool = True,
     projection: str = "auto",
+    quick: bool = False,
 ) -> Result | ComparisonResult:
     """Run an experiment (a YAML path, a dict of fields, or an ExperimentConfig) and return its
     results. `overrides`: `"key=value"` strings as with `--set`; `out`: a new or empty run
     directory; `report`: render report.html and the figures at the end; `projection`: the
-    report's adapter projection (auto, umap, pca). Invalid settings raise ConfigError before Ray
-    starts. Inside an existing Ray session (ray.init in a notebook) the run uses it."""
+    report's adapter projection (auto, umap, pca); `quick`: the quick profile (fltac_ray/quick.py:
+    in process, the modality's tiny model, 4 clients, 2 rounds; `overrides` still win). Invalid
+    settings raise ConfigError before Ray starts. Inside an existing Ray session (ray.init in a
+    notebook) the run uses it."""
     from fltac_ray.compare import run_comparison, variants_from_raw
     from fltac_ray.engine.simulation import Simulation
     from fltac_ray.reporting.render import check_projection
@@ -186,11 +189,21 @@ def run(
     check_projection(projection)
     raw, source = _raw_config(config)
     progress = Progress(quiet=quiet)
-    variants = variants_from_raw(raw, list(overrides), source)
+    overrides = list(overrides)
+    if quick:
+        from fltac_ray.quick import quick_overrides
+
+        variants = variants_from_raw(raw, overrides, source)
+        first = variants[0].config if variants is not None else build_config(apply_overrides(copy.deepcopy(raw),
+                                                                                               overrides), source)
+        changes = quick_overrides(first)
+        progress.say(f"[fltac-ray] quick profile: {', '.join(changes)}")
+        overrides = changes + overrides
+    variants = variants_from_raw(raw, overrides, source)
     if variants is not None:
         run_dir, _ = run_comparison(variants, None if out is None else str(out), progress)
     else:
-        experiment = build_config(apply_overrides(raw, list(overrides)), source)
+        experiment = build_config(apply_overrides(raw, overrides), source)
         run_dir = Simulation(experiment, out=None if out is None else str(out), progress=progress).run().run_dir
     if report:
         finish_with_report(run_dir, projection, progress)

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its newest valid checkpoint")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--quick", action="store_true",
+                     help="the quick profile: in process, the modality's tiny model, 4 clients, 2 rounds "
+                          "(a check of the pipeline in seconds; --set still wins)")
     run.add_argument("--no-report", action="store_true",
                      help="skip the figures and report.html at the end (fltac-ray report draws them later)")
     run.add_argument("--projection", default="auto", choices=["auto", "umap", "pca"],
@@ -157,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError([ConfigIssue("run", args.experiment or args.resume,
                                            "give either EXPERIMENT.yaml or --resume RUN_DIR")])
         if args.command == "run" and args.resume is not None:
-            if args.overrides or args.out:
+            if args.overrides or args.out or args.quick:
                 raise ConfigError([ConfigIssue("--resume", args.resume,
-                                               "continues the run's saved config: no --set or --out")])
+                                               "continues the run's saved config: no --set, --out or --quick")])
             from fltac_ray.api import resume
 
             result = resume(args.resume, quiet=args.quiet, report=not args.no_report, projection=args.projection)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             from fltac_ray.api import run
 
             result = run(args.experiment, args.overrides, out=args.out, quiet=args.quiet,
-                         report=not args.no_report, projection=args.projection)
+                         report=not args.no_report, projection=args.projection, quick=args.quick)
             return _rejected_rounds(result)
         variants = load_variants(args.experiment, args.overrides)
         if variants is not None:  # a comparison file (`compare:` list)
