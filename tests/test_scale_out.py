@@ -116,3 +116,42 @@ def test_the_dashboard_url_and_metrics_endpoint_go_through_say_so_quiet_mutes_th
     with session.ray_session(EngineConfig(dashboard=True), lambda line: None):
         pass
     assert capsys.readouterr().out == ""
+
+
+def test_the_grafana_dashboard_charts_every_exported_series_and_only_those(monkeypatch):
+    """docs/grafana/fltac_ray_dashboard.json against what DashboardMetrics registers (Ray's
+    metric classes stood in for, so no Ray is needed): a gauge is exported as ray_<name>, a counter
+    as ray_<name>_total; every series the dashboard queries exists, and every exported one is
+    charted."""
+    import re
+
+    import ray.util.metrics as ray_metrics
+
+    from fltac_ray.engine.ray.telemetry import DashboardMetrics
+
+    exported: set[str] = set()
+
+    class Recorded:
+        suffix = ""
+
+        def __init__(self, name, description="", tag_keys=()):
+            exported.add(f"ray_{name}{self.suffix}")
+
+        def _record(self, value, tags=None):
+            pass
+
+    class Counter(Recorded):
+        suffix = "_total"
+
+    monkeypatch.setattr(ray_metrics, "Gauge", Recorded)
+    monkeypatch.setattr(ray_metrics, "Counter", Counter)
+    DashboardMetrics("probe").on_start(None)
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "fltac_ray_dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries.append(dashboard["templating"]["list"][1]["query"]["query"])
+    charted = {name for query in queries for name in re.findall(r"ray_fltac_\w+", query)}
+    assert charted == exported, (charted ^ exported)
+    assert all('experiment=~"$experiment"' in target["expr"] for panel in dashboard["panels"]
+               for target in panel["targets"])
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(set(ids)) == len(ids) and dashboard["uid"] == "fltac-ray-runs"
