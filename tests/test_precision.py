@@ -230,12 +230,18 @@ def test_a_bfloat16_run_gives_the_same_results_on_ray_and_in_process(tmp_path):
 def test_minilm_learns_every_offline_task_in_bfloat16(tmp_path):
     from pathlib import Path
 
+    from fltac_ray.client.precision import cpu_bfloat16_native
     from fltac_ray.config import load_config
     from fltac_ray.engine.simulation import Simulation
     from fltac_ray.progress import Progress
 
+    if not cpu_bfloat16_native():
+        # ~280 s here for a check of learning, not of the code path: the tiny model's bfloat16
+        # runs above cover the path on every CPU (both backends, equal results)
+        pytest.skip("this CPU emulates bfloat16 (no AVX-512 BF16 or AMX): MiniLM's bfloat16 learning "
+                    "check runs where it is native")
     experiment = Path(__file__).parents[1] / "experiments" / "offline_text.yaml"
-    # bfloat16 is emulated on CPUs without AVX-512 BF16 (~1.4 s per step of 8 examples here), so the
+    # sized when it ran emulated on AVX2 (~1.4 s per step of 8 examples there): the
     # federation is small: 4 clients, 9 adapters, 10 steps each per round at a higher lr; the
     # margins over the majority class were 0.29, 0.15 and 0.39 (AVX2, 2 cores)
     config = load_config(experiment, ["rounds=2", "model.dtype=bfloat16", "engine.backend=local",
