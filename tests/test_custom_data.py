@@ -134,7 +134,7 @@ def test_image_paths_relative_to_the_file_and_instruction_rows(tmp_path):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_the_readme_csv_example_trains(tmp_path):
-    """experiments/custom_csv.yaml as the README runs it (on the tiny model, one round)."""
+    """experiments/custom_csv.yaml as docs/algorithms.md runs it (on the tiny model, one round)."""
     from pathlib import Path
 
     from fltac_ray.api import run

@@ -1,7 +1,7 @@
 """Reliability: every bad input a clear, typed error before any actor starts; every fault an
 exact recovery. RELIABILITY_TABLE lists each guarantee (issue 18's rows, then the faults found
 since) with the fast cases that assert it on tiny models — a message, or results equal to an
-uninterrupted run's — in this file unless a module is named; the README's Reliability section
+uninterrupted run's — in this file unless a module is named; docs/reliability.md
 is the same list in words. test_the_reliability_table_names_existing_tests keeps it honest."""
 
 import json

@@ -40,7 +40,7 @@ methods differ; each hook has a default, so a method overrides only what it chan
 
 No Ray in here: algorithms are plain numpy code (their local-training rule uses torch tensors
 handed to it), tested as pure functions (tests/test_algorithms.py, tests/test_local_training.py).
-The README's "Your own algorithm" has a worked example.
+docs/algorithms.md ("Your own algorithm") has a worked example.
 """
 
 from __future__ import annotations

@@ -75,5 +75,5 @@ def choose_device(setting: str, assigned_gpus: Sequence[str] | None, gpu_detecte
     raise ResourceUnavailableError(
         f"{why}, but torch cannot use CUDA here ({torch_cuda_facts(assigned_gpus)}). Training would fall "
         "back to the CPU without a word, ~100x slower. Install a CUDA build of torch that this driver "
-        "supports (README, GPU section; cluster.yaml), or set engine.device: cpu (and "
+        "supports (docs/scale.md, GPU; cluster.yaml), or set engine.device: cpu (and "
         "engine.gpus_per_worker: 0) to train on the CPU on purpose")

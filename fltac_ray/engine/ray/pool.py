@@ -50,7 +50,7 @@ def cluster_gpus_per_worker(cluster_gpus: float) -> float:
 def coordinator_gpu_note(engine: Any, workers: int) -> str:
     """What a coordinator holding part of a GPU (engine.coordinator_gpus) costs the pool: a worker
     that needs more than the rest of that GPU cannot go there, so the pool needs `workers` other
-    GPUs (the README's 8-worker command on 8 single-GPU nodes would wait for a ninth). Empty when
+    GPUs (docs/scale.md's 8-worker command on 8 single-GPU nodes would wait for a ninth). Empty when
     the coordinator holds no GPU or a worker fits beside it."""
     share, per_worker = engine.coordinator_gpus, engine.gpus_per_worker or 0.0
     if share <= 0 or per_worker <= 0 or per_worker <= 1.0 - share + 1e-9:

@@ -89,7 +89,7 @@ def _start_ray(engine: EngineConfig, say: Callable[[str], None]) -> None:
     if engine.dashboard and not is_loopback(engine.dashboard_host):
         print(EXPOSED_DASHBOARD_WARNING.format(host=engine.dashboard_host), file=sys.stderr, flush=True)
     # The Ray we start listens on 127.0.0.1 with token authentication (token in
-    # ~/.ray/auth_token, see the README); Ray's notice saying so on every start is noise here.
+    # ~/.ray/auth_token, see docs/sweeps.md); Ray's notice saying so on every start is noise here.
     notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = notice.level
     notice.setLevel(logging.ERROR)
