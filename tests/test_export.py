@@ -469,3 +469,21 @@ def test_a_serving_bank_loads_every_adapter_on_one_base_and_scores_each_client_a
         bank.adapter_for(99, "synthetic_topic")
     assert main(["export", str(run.run_dir), "--bank", str(tmp_path / "bank")]) == 2  # not empty
     assert "--bank is not empty" in capsys.readouterr().err
+
+
+def test_an_adapter_of_a_packaged_base_names_it_by_hub_id_and_by_its_local_folder(tmp_path):
+    """The offline default's MiniLM came from a Python package: fltac_ray.json and the model card
+    give its hub id and the folder it is in here, and that folder loads as the same AutoModel."""
+    from transformers import AutoModel
+
+    config = build_config({"data": {"tasks": ["synthetic_topic"]}, "model": {"name": "minilm"}})
+    model = AdapterModel(load_backbone("minilm", "text", seed=0), config.model, 4, seed=0).eval()
+    folder = _export(tmp_path / "cluster_0", config, model, _trained_like(model, seed=3), head_rows=4)
+    info = json.loads((folder / "fltac_ray.json").read_text())
+    assert info["base"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert Path(info["base_local"], "config.json").is_file()
+    assert f"at {info['base_local']}" in (folder / "README.md").read_text()
+    local = AutoModel.from_pretrained(info["base_local"])
+    packaged = load_base(folder)
+    assert all(torch.equal(a, b) for a, b in zip(local.state_dict().values(), packaged.state_dict().values(),
+                                                 strict=True))

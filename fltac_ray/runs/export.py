@@ -120,11 +120,13 @@ def write_peft_adapter(folder: Path, vector: np.ndarray, layout: list[tuple[str,
     and the head (head.safetensors) and tokenizer or image processor where they apply."""
     from peft import LoraConfig
 
-    from fltac_ray.models.builders import hub_id, image_preprocessing, load_tokenizer
+    from fltac_ray.models.builders import PACKAGED_HUB_IDS, hub_id, image_preprocessing, load_tokenizer, model_source
 
     route, backbone = load_route(config)
     modality = config.data.modality
     info = dict(info, load_with=route, base=hub_id(config.model.name))
+    if config.model.name in PACKAGED_HUB_IDS:  # a base from a Python package: also where it is, for offline use
+        info["base_local"] = model_source(config.model.name)
     if modality == "image":
         size, mean, std = image_preprocessing(config.model.name, config.model.image_size)
         info.update(image_size=size, image_mean=mean, image_std=std)
@@ -369,6 +371,9 @@ def model_card(info: dict[str, Any]) -> str:
     else:
         load = ("from peft import PeftModel\nfrom fltac_ray.runs.export import load_base\n\n"
                 "model = PeftModel.from_pretrained(load_base(ADAPTER), ADAPTER)\n")
+    if info.get("base_local"):
+        load += (f"# offline: the same base ships in a Python package, at {info['base_local']}\n"
+                 "# (from_pretrained on that folder, or fltac_ray.runs.export.load_base(ADAPTER))\n")
     names = ", ".join(info.get("class_names") or []) or "(see fltac_ray.json)"
     if route != CAUSAL_LM and info.get("num_labels", 0) < info.get("head_rows", 0):
         names += f" (the first {info['num_labels']} of the head's {info['head_rows']} outputs)"
