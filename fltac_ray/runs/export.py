@@ -120,7 +120,13 @@ def write_peft_adapter(folder: Path, vector: np.ndarray, layout: list[tuple[str,
     and the head (head.safetensors) and tokenizer or image processor where they apply."""
     from peft import LoraConfig
 
-    from fltac_ray.models.builders import PACKAGED_HUB_IDS, hub_id, image_preprocessing, load_tokenizer, model_source
+    from fltac_ray.models.builders import (
+        PACKAGED_HUB_IDS,
+        hub_id,
+        image_preprocessing,
+        load_tokenizer,
+        model_source,
+    )
 
     route, backbone = load_route(config)
     modality = config.data.modality
