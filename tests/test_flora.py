@@ -46,8 +46,11 @@ def test_the_stacks_multiply_to_the_weighted_sum_of_the_updates_and_accumulate_h
     answer = algorithm.aggregate(uploads, 1)
     first = 0.25 * np.array([[2, 0, 0], [0, 0, 0]]) + 0.75 * np.array([[0, 1, 0], [0, 0, 1]])
     np.testing.assert_allclose(algorithm.base_update()["q"], first, atol=1e-7)
-    # the answer: v^0's LoRA (a fresh start) and the FedAvg head
-    np.testing.assert_allclose(answer.adapters[0, :10], np.arange(10) / 10, atol=1e-7)
+    # the answer: a fresh LoRA (A drawn as peft draws it, U(-1/sqrt(3), 1/sqrt(3)) here; B zero)
+    # and the FedAvg head
+    fresh_a = answer.adapters[0, :6]
+    assert np.abs(fresh_a).max() <= 1 / np.sqrt(3) and len(set(fresh_a.tolist())) == 6
+    assert not answer.adapters[0, 6:10].any()
     np.testing.assert_allclose(answer.adapters[0, 10:], [0.25 * 1 + 0.75 * 4, 0.25 * 1 + 0.75 * 7])
     assert answer.labels.tolist() == [0, 0]
     # each client received the stacks: (1 + 2) rows x (3 + 2) entries, and the head's 2
@@ -55,6 +58,9 @@ def test_the_stacks_multiply_to_the_weighted_sum_of_the_updates_and_accumulate_h
     # round 2 adds its product to the first
     again = algorithm.aggregate(Uploads(np.stack([high]), np.array([5]), meta={"rank": [2]}), 2)
     np.testing.assert_allclose(algorithm.base_update()["q"], first + np.array([[0, 1, 0], [0, 0, 1]]), atol=1e-7)
+    assert not np.array_equal(again.adapters[0, :6], fresh_a)  # a new A every round: a new subspace
+    repeat = _flora([1, 2, 2, 1]).aggregate(Uploads(np.stack([high]), np.array([5]), meta={"rank": [2]}), 2)
+    np.testing.assert_array_equal(repeat.adapters[0, :6], again.adapters[0, :6])  # seeded per (seed, round)
     assert algorithm.download_params(again, 1) == 2 * 5 + 2
     # a checkpoint holds the update, and a fresh server continues from it
     restored = _flora([1, 2, 2, 1])

@@ -12,10 +12,13 @@ that product (times the LoRA scale) into its frozen base and starts the next rou
 LoRA at its own rank. In the simulation the clients of a round share one base, so the folded
 update is kept once, as the running sum over rounds (d_out, d_in) per layer
 (`base_update`), and each worker adds it to its base's weights when it changes
-(models/adapter_model.AdapterModel.fold_into_base): never a copy per client. The fresh LoRA is
-the server's v^0 (its A drawn once before round 1, B zero), truncated to each client's rank by
-the engine; entries outside LoRA pairs (the classifier head) are averaged with the FedAvg weights
-and kept in the adapter.
+(models/adapter_model.AdapterModel.fold_into_base): never a copy per client. The fresh LoRA has
+B zero and an A drawn afresh every round, as peft initialises it (kaiming-uniform,
+U(-1/sqrt(d_in), 1/sqrt(d_in))), seeded per (seed, round) and the same for every client, then
+truncated to each client's rank by the engine. A fresh A matters: B starts at zero, so A hardly
+moves in a round's few steps and the round's update lies in A's row space; with one A for every
+round (v^0's) all rounds would stack into the same rank-r subspace. Entries outside LoRA pairs
+(the classifier head) are averaged with the FedAvg weights and kept in the adapter.
 
 Traffic counts what FLoRA sends: each client uploads its own rank's A and B (and the head); each
 receives the round's whole stacks, sum_k r_k (d_in + d_out) numbers per layer plus the head, so
@@ -35,6 +38,7 @@ from fltac_ray.models.ranks import client_ranks
 from fltac_ray.server.lora_products import named_lora_pairs
 
 UPDATE_PREFIX = "base_update/"  # state() keys of the folded update, one per layer
+FRESH_A_STREAM = 41  # np.random.default_rng([seed, FRESH_A_STREAM, round]): each round's fresh A
 
 
 def stacked_update(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -93,6 +97,7 @@ class FLoRA(LayerRuleAlgorithm):
         head = weighted_cluster_means(vectors, labels, weights)  # every entry; LoRA's replaced below
         answer = head.adapters[0].astype(np.float32)
         p = weights / weights.sum()
+        fresh = np.random.default_rng([self.config.seed, FRESH_A_STREAM, round_index])
         ranks = np.asarray(uploads.meta.get("rank", [self.config.model.lora.rank] * len(vectors)), dtype=np.int64)
         for name, a_slice, a_shape, b_slice, b_shape in named_lora_pairs(self.spec.layout):
             a = vectors[:, a_slice].reshape(len(vectors), *a_shape)
@@ -100,9 +105,11 @@ class FLoRA(LayerRuleAlgorithm):
             step = stacked_update(a, b, p)
             previous = self.update.get(name)
             self.update[name] = (step if previous is None else previous + step).astype(np.float32)
-            # the fresh LoRA every client restarts from: v^0's A, B zero
-            answer[a_slice] = self.initial[0, a_slice]
-            answer[b_slice] = self.initial[0, b_slice]
+            # the fresh LoRA every client restarts from: A as peft draws it (kaiming-uniform with
+            # a = sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))), B zero
+            bound = 1.0 / np.sqrt(a_shape[1])
+            answer[a_slice] = fresh.uniform(-bound, bound, size=a_shape[0] * a_shape[1]).astype(np.float32)
+            answer[b_slice] = 0.0
         self._received = self.received_entries(int(ranks.sum()))
         return Aggregate(head.labels, answer[None, :], head.weights)
 
