@@ -198,10 +198,59 @@ def bench_loop(quick: bool) -> dict:
             "orchestration_share": orchestration}
 
 
+def jobs_flops(model, jobs, batch_size: int, head_classes: int):
+    """The model FLOPs (client/flops.StepFlops) of training `jobs` (AdapterJob): each step takes
+    min(batch, examples) of the job's examples, counted at their mean length and mean squared
+    length (padding excluded)."""
+    from fltac_ray.client.flops import StepFlops, step_flops
+
+    total = StepFlops(0.0, 0.0, 0.0, 0.0)
+    for job in jobs:
+        lengths = np.asarray(job.split.inputs["lengths"])[job.indices].astype(np.float64)
+        batch = min(batch_size, len(lengths))
+        per_step = step_flops(model, batch * lengths.mean(), batch, batch * (lengths**2).mean(), head_classes)
+        total = total + per_step * job.steps
+    return total
+
+
+# torch operators by what they do, for the profile of a batched pass (first match wins)
+PROFILE_GROUPS = (
+    ("attention", ("scaled_dot_product", "softmax", "_flash_attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
+    ("dropout", ("dropout", "bernoulli")),
+    ("casts and copies", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous", "aten::clone")),
+    ("optimiser", ("_foreach", "aten::addcdiv", "aten::addcmul", "aten::sqrt", "aten::lerp")),
+    ("gather and index", ("aten::index", "aten::gather", "aten::embedding", "aten::scatter", "aten::cat")),
+    ("elementwise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "gelu", "aten::tanh", "layer_norm",
+                     "aten::where", "aten::masked_fill", "aten::sum", "aten::mean")),
+)
+
+
+def profile_summary(run) -> dict[str, float]:
+    """Share of the CPU time of `run()` per operator group (PROFILE_GROUPS; the rest, outside any
+    operator, is Python and framework overhead), from torch.profiler's self times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        run()
+    wall = time.perf_counter() - began
+    shares = {name: 0.0 for name, _ in PROFILE_GROUPS}
+    shares["other operators"] = 0.0
+    for event in trace.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        group = next((name for name, keys in PROFILE_GROUPS if any(key in event.key for key in keys)),
+                     "other operators")
+        shares[group] += seconds
+    shares["Python and overhead"] = max(0.0, wall - sum(shares.values()))
+    return {name: value / wall for name, value in shares.items()}
+
+
 def bench_batched(quick: bool) -> dict:
     import torch
 
     from fltac_ray.client.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.flops import peak_matmul_flops
     from fltac_ray.client.training import train_adapter
     from fltac_ray.data.encoding import make_featurizer
     from fltac_ray.data.federated import build_federated_data
@@ -228,7 +277,11 @@ def bench_batched(quick: bool) -> dict:
                                    config.train.local_steps, np.random.default_rng(j)))
         return made
 
+    peak = peak_matmul_flops(torch.float32)  # one thread, as the passes below run
+    say(f"  float32 matmul peak here: {peak / 1e9:.1f} GFLOP/s (1 thread, {torch.backends.cpu.get_cpu_capability()})")
+    out["peak_gflops"] = peak / 1e9
     for count in (4, 8) if quick else (8, 32):
+        work = jobs_flops(model, jobs(count), config.train.batch_size, data.head_classes)
         began = time.perf_counter()
         for job in jobs(count):
             train_adapter(model, job.start, job.split, job.indices, job.num_classes, job.steps,
@@ -237,9 +290,20 @@ def bench_batched(quick: bool) -> dict:
         began = time.perf_counter()
         train_batched(model, jobs(count), config.train.batch_size, config.train.lr, 0.0, cpu)
         batched = time.perf_counter() - began
+        mfu_single, mfu_batched = work.train / single / peak, work.train / batched / peak
         say(f"  {count} adapters: one by one {single:.2f} s, batched {batched:.2f} s; "
-            f"RATIO batched speedup = {single / batched:.2f}x")
-        out[str(count)] = {"one_by_one_seconds": single, "batched_seconds": batched, "speedup": single / batched}
+            f"RATIO batched speedup = {single / batched:.2f}x; MFU one by one {mfu_single:.1%}, batched "
+            f"{mfu_batched:.1%} ({work.train / 1e9:.2f} GFLOP: base {2 * work.base_linear / work.train:.0%}, "
+            f"attention {3 * work.attention / work.train:.0%}, LoRA {3 * work.lora / work.train:.0%}, "
+            f"head {3 * work.head / work.train:.0%})")
+        out[str(count)] = {"one_by_one_seconds": single, "batched_seconds": batched, "speedup": single / batched,
+                           "gflop": work.train / 1e9, "mfu_one_by_one": mfu_single, "mfu_batched": mfu_batched}
+    count = 4 if quick else 32
+    shares = profile_summary(lambda: train_batched(model, jobs(count), config.train.batch_size, config.train.lr,
+                                                   0.0, cpu))
+    say(f"  where a batched pass of {count} adapters spends its time (torch profiler, self CPU time): "
+        + ", ".join(f"{name} {share:.0%}" for name, share in sorted(shares.items(), key=lambda kv: -kv[1])))
+    out["profile"] = shares
     torch.set_num_threads(os.cpu_count() or 1)
     return out
 

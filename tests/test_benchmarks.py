@@ -127,6 +127,17 @@ def _suite():
     return suite
 
 
+def test_the_batched_section_reports_mfu_against_the_measured_peak_and_a_profile():
+    """benchmarks/run.py --only batched at quick sizes: model FLOPs (client/flops.py) over time
+    and the measured float32 matmul peak; the profile's shares cover the pass."""
+    result = _suite().bench_batched(quick=True)
+    row = result["8"]
+    assert 0 < row["mfu_batched"] < 1 and 0 < row["mfu_one_by_one"] < 1 and row["gflop"] > 0
+    assert row["mfu_batched"] / row["mfu_one_by_one"] == pytest.approx(row["speedup"])  # same FLOPs, less time
+    assert result["peak_gflops"] > 0
+    assert sum(result["profile"].values()) == pytest.approx(1.0, abs=1e-6) and result["profile"]["matmul"] > 0
+
+
 def test_the_ranks_section_trains_mixed_ranks_padded_and_grouped_to_the_same_adapters():
     """benchmarks/run.py --only ranks at quick sizes: grouping by rank on models of each rank
     (alpha in proportion) gives the padded pass's adapters, so the timing compares equals."""

@@ -1,0 +1,46 @@
+"""Model FLOPs for MFU (client/flops.py): hand-computed on the tiny BERT, and the forward count
+equal to torch's own FlopCounterMode on an unpadded batch."""
+
+from __future__ import annotations
+
+import torch
+
+from fltac_ray.client.flops import peak_matmul_flops, step_flops
+from fltac_ray.config import ModelConfig
+from fltac_ray.models.adapter_model import AdapterModel
+from fltac_ray.models.builders import load_backbone
+
+
+def _tiny(rank: int = 2, head_classes: int = 5) -> AdapterModel:
+    config = ModelConfig(name="tiny-random-bert", lora={"rank": rank, "dropout": 0.0})
+    return AdapterModel(load_backbone("tiny-random-bert", "text"), config, head_classes, seed=0).eval()
+
+
+def test_a_steps_flops_hand_computed_on_the_tiny_bert():
+    # per layer: q, k, v, o (32 x 32 each), intermediate 64 x 32, output 32 x 64 = 16,384 weights
+    # over 2 layers; LoRA on query and value at rank 2: (32*2 + 2*32) x 2 modules x 2 layers = 512
+    flops = step_flops(_tiny(), tokens=10, examples=2, squared_lengths=3**2 + 7**2, head_classes=5)
+    assert flops.base_linear == 2 * 16_384 * 10
+    assert flops.lora == 2 * 512 * 10
+    assert flops.attention == 4 * 32 * 2 * 58  # 4 L^2 hidden per layer, summed over the examples
+    assert flops.head == 2 * 32 * 5 * 2
+    assert flops.train == 2 * 327_680 + 3 * (14_848 + 10_240 + 640)
+
+
+def test_the_forward_count_is_what_torch_counts_on_an_unpadded_batch():
+    """With eager attention (plain matmuls, which torch's counter sees; its CPU SDPA kernel it
+    does not count) the counts agree exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny()
+    model.encoder.config._attn_implementation = "eager"
+    length = 9
+    ids = torch.randint(1000, 2000, (1, length))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(num_classes=5, input_ids=ids, lengths=torch.tensor([length]))
+    ours = step_flops(model, tokens=length, examples=1, squared_lengths=length**2, head_classes=5)
+    assert counter.get_total_flops() == ours.forward
+
+
+def test_the_matmul_peak_is_measured():
+    assert peak_matmul_flops(torch.float32, size=128, repeats=2) > 1e6
