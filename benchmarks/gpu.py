@@ -319,6 +319,11 @@ def bench_adapters(setup: Setup) -> dict:
     split = instruction_split(4096, 64, seed=0)
     out = {}
     train_batched(model, jobs_for(model, split, 1, 1, 8, 0), 8, 1e-3, 0.0, setup.device)  # warm-up
+    from fltac_ray.client.flops import jobs_flops, peak_matmul_flops
+
+    peak = peak_matmul_flops(dtype, setup.device, size=4096 if setup.cuda else 256)
+    say(f"  {'bfloat16' if setup.cuda else 'float32'} matmul peak here: {peak / 1e12:.2f} TFLOP/s")
+    out["peak_tflops"] = peak / 1e12
     for count in setup.counts:
         seconds, batched = timed(setup, lambda c=count, m=model: train_batched(
             m, jobs_for(m, split, c, setup.steps, 8, 0), 8, 1e-3, 0.0, setup.device))
@@ -331,11 +336,13 @@ def bench_adapters(setup: Setup) -> dict:
         start = sample[0].start
         differences = [float(np.linalg.norm((b.adapter - start) - (s.adapter - start))
                              / max(np.linalg.norm(s.adapter - start), 1e-12)) for b, s in zip(batched[:len(singles)], singles, strict=True)]
+        mfu = jobs_flops(model, jobs_for(model, split, count, setup.steps, 8, 0), 8, 0).train / seconds / peak
         out[str(count)] = {"batched_step_s": per_step_batched, "one_by_one_step_s": per_step_one,
-                           "speedup": per_step_one / per_step_batched, "update_difference_max": max(differences)}
+                           "speedup": per_step_one / per_step_batched, "update_difference_max": max(differences),
+                           "mfu_batched": mfu}
         say(f"  {count} adapters: batched {per_step_batched * 1000:,.0f} ms/step, one by one {per_step_one * 1000:,.0f} "
             f"ms/step, RATIO speedup = {per_step_one / per_step_batched:.1f}x; updates differ by at most "
-            f"{max(differences):.1e} of their norm")
+            f"{max(differences):.1e} of their norm; MFU batched {mfu:.1%}")
     del model
     setup.free()
     return out

@@ -198,21 +198,6 @@ def bench_loop(quick: bool) -> dict:
             "orchestration_share": orchestration}
 
 
-def jobs_flops(model, jobs, batch_size: int, head_classes: int):
-    """The model FLOPs (client/flops.StepFlops) of training `jobs` (AdapterJob): each step takes
-    min(batch, examples) of the job's examples, counted at their mean length and mean squared
-    length (padding excluded)."""
-    from fltac_ray.client.flops import StepFlops, step_flops
-
-    total = StepFlops(0.0, 0.0, 0.0, 0.0)
-    for job in jobs:
-        lengths = np.asarray(job.split.inputs["lengths"])[job.indices].astype(np.float64)
-        batch = min(batch_size, len(lengths))
-        per_step = step_flops(model, batch * lengths.mean(), batch, batch * (lengths**2).mean(), head_classes)
-        total = total + per_step * job.steps
-    return total
-
-
 # torch operators by what they do, for the profile of a batched pass (first match wins)
 PROFILE_GROUPS = (
     ("attention", ("scaled_dot_product", "softmax", "_flash_attention")),
@@ -250,7 +235,7 @@ def bench_batched(quick: bool) -> dict:
     import torch
 
     from fltac_ray.client.batched_training import AdapterJob, train_batched
-    from fltac_ray.client.flops import peak_matmul_flops
+    from fltac_ray.client.flops import jobs_flops, peak_matmul_flops
     from fltac_ray.client.training import train_adapter
     from fltac_ray.data.encoding import make_featurizer
     from fltac_ray.data.federated import build_federated_data

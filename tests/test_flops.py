@@ -44,3 +44,21 @@ def test_the_forward_count_is_what_torch_counts_on_an_unpadded_batch():
 
 def test_the_matmul_peak_is_measured():
     assert peak_matmul_flops(torch.float32, size=128, repeats=2) > 1e6
+
+
+def test_a_causal_lms_vocabulary_projection_counts_only_the_scored_tokens():
+    """lm_token_scores sends only response positions through the output layer: with eager
+    attention, torch's count of a scoring pass equals ours with scored_tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = ModelConfig(name="tiny-random-llama", lora={"rank": 2, "dropout": 0.0})
+    model = AdapterModel(load_backbone("tiny-random-llama", "causal_lm"), config, 0, seed=0,
+                         modality="causal_lm").eval()
+    model.encoder.config._attn_implementation = "eager"
+    length, prompt = 12, 5
+    ids = torch.randint(1000, 2000, (1, length))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.lm_token_scores(ids, torch.tensor([length]), torch.tensor([prompt]))
+    ours = step_flops(model, tokens=length, examples=1, squared_lengths=length**2, head_classes=0,
+                      scored_tokens=length - prompt)
+    assert counter.get_total_flops() == ours.forward

@@ -6,7 +6,8 @@ Counted from the model's shapes and the real token counts (padding excluded), as
 systems count MFU: the FLOPs the step must do, not the ones a padded kernel happens to do.
 
   forward, per token   2 in out for every linear layer of the base (LoRA's base layers included)
-                       2 (in r + r out) for every LoRA pair
+                       2 (in r + r out) for every LoRA pair; a causal LM's vocabulary projection
+                       only for the response tokens it scores (models/adapter_model.lm_token_scores)
   forward, per example 4 L^2 hidden per attention layer (Q K^T and the weighted sum of V, L the
                        example's length), 2 in out for a pooler, 2 hidden classes for the head
   backward             the base is frozen, so only gradients with respect to activations: its
@@ -24,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,11 +57,12 @@ class StepFlops:
                          self.lora + other.lora, self.head + other.head)
 
 
-def linear_shapes(encoder: nn.Module) -> tuple[int, int, int]:
-    """(weights of the base's per-token linear layers, of its LoRA pairs, of its pooler): the
-    in x out products summed, from the module tree (peft's LoRA layers hold base_layer and
-    lora_A / lora_B linears; a Conv2d LoRA is not counted)."""
-    base = lora = pooler = 0
+def linear_shapes(encoder: nn.Module) -> tuple[int, int, int, int]:
+    """(weights of the base's per-token linear layers, of its LoRA pairs, of its pooler, of a
+    causal LM's vocabulary projection): the in x out products summed, from the module tree
+    (peft's LoRA layers hold base_layer and lora_A / lora_B linears; a Conv2d LoRA is not
+    counted)."""
+    base = lora = pooler = output = 0
     for name, module in encoder.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -68,22 +71,44 @@ def linear_shapes(encoder: nn.Module) -> tuple[int, int, int]:
             lora += size
         elif "pooler" in name:
             pooler += size
+        elif name.endswith("lm_head"):
+            output += size
         else:
             base += size
-    return base, lora, pooler
+    return base, lora, pooler, output
 
 
-def step_flops(model, tokens: float, examples: int, squared_lengths: float, head_classes: int) -> StepFlops:
+def step_flops(model, tokens: float, examples: int, squared_lengths: float, head_classes: int,
+               scored_tokens: float | None = None) -> StepFlops:
     """The forward FLOPs of `examples` examples of `tokens` tokens in all (their lengths' squares
     summing to `squared_lengths`) through `model` (models/adapter_model.AdapterModel: its encoder
-    with peft LoRA, and its head of `head_classes` rows)."""
-    base, lora, pooler = linear_shapes(model.encoder)
+    with peft LoRA, and its head of `head_classes` rows); a causal LM's vocabulary projection for
+    `scored_tokens` (default: every token)."""
+    base, lora, pooler, output = linear_shapes(model.encoder)
+    scored = tokens if scored_tokens is None else scored_tokens
     config = model.encoder.config
     layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
     head = 2 * hidden * head_classes * examples if getattr(model, "head", None) is not None else 0
-    return StepFlops(base_linear=2 * base * tokens + 2 * pooler * examples,
+    return StepFlops(base_linear=2 * base * tokens + 2 * pooler * examples + 2 * output * scored,
                      attention=4 * hidden * layers * squared_lengths,
                      lora=2 * lora * tokens, head=head)
+
+
+def jobs_flops(model, jobs, batch_size: int, head_classes: int) -> StepFlops:
+    """The model FLOPs of training `jobs` (batched_training.AdapterJob) for their steps: each step
+    takes min(batch, examples) of the job's examples, counted at their mean length and mean
+    squared length (padding excluded); an instruction example's vocabulary projection for its
+    response tokens (length - prompt_length)."""
+    total = StepFlops(0.0, 0.0, 0.0, 0.0)
+    for job in jobs:
+        lengths = np.asarray(job.split.inputs["lengths"])[job.indices].astype(np.float64)
+        prompts = job.split.inputs.get("prompt_lengths")
+        batch = min(batch_size, len(lengths))
+        scored = None if prompts is None else batch * (lengths - np.asarray(prompts)[job.indices]).mean()
+        per_step = step_flops(model, batch * lengths.mean(), batch, batch * (lengths**2).mean(), head_classes,
+                              scored)
+        total = total + per_step * job.steps
+    return total
 
 
 def peak_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", size: int = 1024,
