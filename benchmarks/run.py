@@ -383,8 +383,12 @@ def bench_ranks(quick: bool) -> dict:
         alpha = config.model.lora.alpha * rank / rank_set[-1]
         lora = config.model.lora.model_copy(update={"rank": rank, "alpha": alpha, "dropout": 0.0,
                                                     "rank_profile": None})
-        return AdapterModel(load_backbone(config.model.name, "text"), config.model.model_copy(update={"lora": lora}),
-                            data.head_classes, 0)
+        model = AdapterModel(load_backbone(config.model.name, "text"), config.model.model_copy(update={"lora": lora}),
+                             data.head_classes, 0)
+        for module in model.modules():  # the base's dropout off too: its draws follow the pass's batch
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
 
     models = {rank: model_at(rank) for rank in rank_set}
     wide = models[rank_set[-1]]
