@@ -355,17 +355,20 @@ def bundle_problem(bundles: list[dict[str, float]], nodes: list[dict[str, float]
     return None
 
 
+_TERMINAL = None  # where SweepProgress writes while run_sweep mutes Ray Tune's own stdout
+
+
 class SweepProgress(tune.Callback):
     """One line per trial start, result and end, in fltac-ray's words (instead of Ray Tune's
     tables, whose "current best trial" follows another tie rule than rank_trials)."""
 
-    def __init__(self, keys: list[str], metric: str, rounds: int, stream=None) -> None:
-        # `stream`: where the lines go (the terminal, while Tune's own stdout is muted)
+    def __init__(self, keys: list[str], metric: str, rounds: int) -> None:
         self.keys, self.metric, self.rounds = keys, metric, rounds
-        self.stream = stream if stream is not None else sys.stdout
 
     def _say(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+        # the terminal run_sweep saw before muting Tune's stdout (kept at module level: Tune
+        # pickles its callbacks with the experiment state, and a stream does not pickle)
+        print(line, file=_TERMINAL or sys.stdout, flush=True)
 
     def _label(self, trial) -> str:
         return ", ".join(f"{key.rsplit('.', 1)[-1]}={trial.config.get(key)}" for key in self.keys)
@@ -388,7 +391,7 @@ class SweepProgress(tune.Callback):
 
 
 def _tuner(spec: SweepSpec, base_raw: dict, storage: str, experiment: str, restore: bool, rounds: int,
-           bundles: list[dict[str, float]], gpus_per_worker: float, shared, quiet: bool, stream=None):
+           bundles: list[dict[str, float]], gpus_per_worker: float, shared, quiet: bool):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(
@@ -411,7 +414,7 @@ def _tuner(spec: SweepSpec, base_raw: dict, storage: str, experiment: str, resto
                                     trial_dirname_creator=_trial_folder),
         run_config=tune.RunConfig(
             name=experiment, storage_path=storage, verbose=0,
-            callbacks=[] if quiet else [SweepProgress(list(spec.search), spec.metric, rounds, stream)],
+            callbacks=[] if quiet else [SweepProgress(list(spec.search), spec.metric, rounds)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             sync_config=tune.SyncConfig(sync_artifacts=True, sync_artifacts_on_checkpoint=True)),
     )
@@ -549,10 +552,14 @@ def run_sweep(path: str | Path | None, out: str | None, progress: Progress, resu
             say(f"  searched {', '.join(changing)} changes the data: each trial prepares its own")
         # Tune's driver-side reporter prints its header box and a TensorBoard hint into Ray's temp
         # folder even at verbose=0: its stdout is muted, and SweepProgress writes to the terminal
-        terminal = sys.stdout
-        with StorePeak() as store, contextlib.redirect_stdout(io.StringIO()):
-            results = _tuner(spec, base_raw, storage_path, experiment, resume is not None, base_config.rounds,
-                             bundles, gpus, shared, progress.quiet, terminal).fit()
+        global _TERMINAL
+        _TERMINAL = sys.stdout
+        try:
+            with StorePeak() as store, contextlib.redirect_stdout(io.StringIO()):
+                results = _tuner(spec, base_raw, storage_path, experiment, resume is not None, base_config.rounds,
+                                 bundles, gpus, shared, progress.quiet).fit()
+        finally:
+            _TERMINAL = None
         table = sweep_table(results, spec)
         shared_bytes = shared.nbytes if shared is not None else 0
         del shared  # the store's copy goes with the last reference
