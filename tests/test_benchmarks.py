@@ -34,6 +34,13 @@ def test_quick_benchmark_reports_every_section(tmp_path):
     assert set(results) >= {"loop", "batched", "scale", "kmeans", "partial", "memory", "precision"}
     assert results["loop"]["engine_seconds"] > 0 and results["loop"]["loop_seconds"] > 0
     assert all(row["peak_memory_mb"] > 0 for row in results["scale"]["per_size"].values())
+    # MFU: model FLOPs (client/flops.py) over time and the measured matmul peak, and a profile
+    batched = results["batched"]
+    row = batched["8"]
+    assert 0 < row["mfu_batched"] < 1 and 0 < row["mfu_one_by_one"] < 1 and row["gflop"] > 0
+    assert row["mfu_batched"] / row["mfu_one_by_one"] == pytest.approx(row["speedup"])  # same FLOPs, less time
+    assert batched["peak_gflops"] > 0 and "MFU one by one" in done.stdout
+    assert sum(batched["profile"].values()) == pytest.approx(1.0, abs=1e-6) and batched["profile"]["matmul"] > 0
 
 
 def test_unknown_section_is_refused():
@@ -125,17 +132,6 @@ def _suite():
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     return suite
-
-
-def test_the_batched_section_reports_mfu_against_the_measured_peak_and_a_profile():
-    """benchmarks/run.py --only batched at quick sizes: model FLOPs (client/flops.py) over time
-    and the measured float32 matmul peak; the profile's shares cover the pass."""
-    result = _suite().bench_batched(quick=True)
-    row = result["8"]
-    assert 0 < row["mfu_batched"] < 1 and 0 < row["mfu_one_by_one"] < 1 and row["gflop"] > 0
-    assert row["mfu_batched"] / row["mfu_one_by_one"] == pytest.approx(row["speedup"])  # same FLOPs, less time
-    assert result["peak_gflops"] > 0
-    assert sum(result["profile"].values()) == pytest.approx(1.0, abs=1e-6) and result["profile"]["matmul"] > 0
 
 
 def test_the_ranks_section_trains_mixed_ranks_padded_and_grouped_to_the_same_adapters():

@@ -343,6 +343,14 @@ class AdapterModel(PooledFeatures, nn.Module):
         if self.head is not None and not self.head_frozen:  # a frozen head stays as drawn
             self.head.reset_parameters()
 
+    def lora_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every peft LoRA layer holding the adapter "default", the name as the
+        adapter layout spells it before ".lora_A." (plain LoRA; FLoRAL's mixtures are none)."""
+        from peft.tuners.lora import layer as lora_layers
+
+        return [(name, module) for name, module in self.named_modules()
+                if isinstance(module, lora_layers.LoraLayer) and "default" in module.lora_A]
+
     def fold_into_base(self, updates: dict[str, np.ndarray] | None) -> None:
         """Set each named LoRA layer's frozen base weight to W0 + scale * update (FLoRA's folded
         stacks; update (d_out, d_in), scale the layer's LoRA scale alpha / r), computed in float32
@@ -350,11 +358,9 @@ class AdapterModel(PooledFeatures, nn.Module):
         for None, go back to W0. W0 is never written: the folded weight is a new tensor (a base
         mapped from the node's cache stays shared and untouched), so one extra copy of the
         targeted layers' weights per worker, not per client."""
-        from fltac_ray.models.multi_adapter import _lora_layers
-
         pristine = self.__dict__.setdefault("_pristine_weights", {})  # name -> W0, kept out of the module tree
         updates = updates or {}
-        layers = dict(_lora_layers(self))
+        layers = dict(self.lora_layers())
         unknown = sorted(set(updates) - set(layers))
         if unknown:
             raise ValueError(f"base update for {unknown[0]!r}: this model has no LoRA layer of that name")

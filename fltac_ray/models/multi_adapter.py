@@ -68,8 +68,7 @@ class StackedAdapters:
 
 
 def _lora_layers(model: AdapterModel) -> list[tuple[str, torch.nn.Module]]:
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, lora_layers.LoraLayer) and "default" in module.lora_A]
+    return model.lora_layers()
 
 
 def _routable_layers() -> tuple[type, ...]:
