@@ -199,7 +199,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from fltac_ray.errors import RunFolderError
     from fltac_ray.runs.export import push_to_hub, read_info
-    from fltac_ray.runs.files import written_whole
+    from fltac_ray.runs.files import holds_something, written_whole
 
     if args.bank:
         from fltac_ray.runs.bank import write_bank
@@ -228,7 +228,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"pushed {source} to {args.push_to_hub}: {url}")
         return 0
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if holds_something(out):
         raise RunFolderError(out, "--out is not empty; give a new or empty folder")
     # copied beside --out and renamed into place: an export killed midway leaves no --out that
     # looks complete (a hidden .NAME.partial, removed by the next export)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from fltac_ray.errors import RunFolderError
-from fltac_ray.runs.files import written_whole
+from fltac_ray.runs.files import holds_something, written_whole
 
 BANK_FILE = "bank.json"
 BANK_FORMAT = 1
@@ -51,7 +51,7 @@ def write_bank(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     if not index or any(entry.get("format") != "peft" for entry in index):
         raise RunFolderError(run_dir, "exported no peft adapters (FLoRAL's mixtures are not peft LoRA); "
                              "a bank holds peft adapters only")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if holds_something(out):
         raise RunFolderError(out, "--bank is not empty; give a new or empty folder")
     first = json.loads((adapters / index[0]["folder"] / INFO_FILE).read_text())
     clients: dict[str, dict[str, str]] = {}

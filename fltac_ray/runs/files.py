@@ -27,6 +27,11 @@ _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe", stat.S_IFCHR: 
           stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link"}
 
 
+def holds_something(path: Path) -> bool:
+    """`path` exists and is not an empty folder: no place to write new results into."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def entry_problem(path: Path, folder_allowed: bool = False) -> str | None:
     """Why `path` is not a file the run wrote (a symbolic link, a pipe, a device, a socket; a
     folder unless `folder_allowed`), or None. Links are not followed."""

@@ -10,6 +10,7 @@ import pandas as pd
 from fltac_ray.config import ExperimentConfig, save_config
 from fltac_ray.environment import record_session
 from fltac_ray.errors import RunFolderError
+from fltac_ray.runs.files import holds_something
 
 # Generation (instruction) tasks: accuracy and loss are over response tokens; rouge_l,
 # perplexity and judge_score are filled for them only (empty for classification tasks).
@@ -41,7 +42,7 @@ def make_run_dir(output_dir: str, name: str, out: str | None) -> Path:
     be made (under a regular file, read-only) is a RunFolderError naming it, before anything runs."""
     if out is not None:
         path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if holds_something(path):
             raise RunFolderError(path, "--out exists and is not an empty folder; choose a new folder "
                                  "(earlier results are never overwritten)")
     else:
