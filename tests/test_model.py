@@ -107,3 +107,31 @@ def test_pooler_pooling_feeds_the_head_the_backbones_pretrained_pooler():
                              ModelConfig(name="tiny-random-bert", pooling="pooler"), 2, seed=0)
     with pytest.raises(ValueError, match="has no pretrained pooler"):
         no_pooler.features(input_ids=ids, lengths=lengths)
+
+
+def test_base_dropout_off_makes_the_frozen_base_deterministic_and_keeps_the_lora_dropout():
+    ids, lengths = torch.randint(1000, 2000, (4, 8)), torch.tensor([8, 6, 5, 3])
+
+    def model(base_dropout: bool, lora_dropout: float) -> AdapterModel:
+        config = ModelConfig(name="tiny-random-bert", base_dropout=base_dropout,
+                             lora={"rank": 2, "dropout": lora_dropout})
+        built = AdapterModel(load_backbone("tiny-random-bert", "text"), config, 4, 0)
+        return built.train()
+
+    def logits(built: AdapterModel) -> torch.Tensor:
+        with torch.no_grad():
+            return built(input_ids=ids, lengths=lengths, num_classes=4)
+
+    torch.manual_seed(0)
+    on = model(True, 0.0)
+    assert not torch.equal(logits(on), logits(on))  # the base's own dropout draws
+    off = model(False, 0.0)
+    train_mode = logits(off)
+    torch.testing.assert_close(logits(off), train_mode, rtol=0, atol=0)
+    torch.testing.assert_close(logits(off.eval()), train_mode, rtol=0, atol=0)
+    kept = model(False, 0.3)
+    rates = {name: module.p for name, module in kept.encoder.named_modules() if isinstance(module, torch.nn.Dropout)}
+    assert {p for name, p in rates.items() if "lora_dropout" in name} == {0.3}
+    assert {p for name, p in rates.items() if "lora_dropout" not in name} == {0.0}
+    kept.set_adapter(np.random.default_rng(0).normal(size=kept.adapter_size).astype(np.float32))  # B != 0
+    assert not torch.equal(logits(kept), logits(kept))  # LoRA's dropout still draws

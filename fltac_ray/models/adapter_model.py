@@ -178,6 +178,24 @@ class PooledFeatures:
         return self._pool(out.last_hidden_state)
 
 
+def silence_base_dropout(encoder: nn.Module) -> int:
+    """Turn off every dropout of a backbone (model.base_dropout: false): each nn.Dropout's rate
+    and the float rates attention modules pass to their kernels themselves (Llama's
+    `attention_dropout`, ViT's `dropout_prob`). Called on the bare backbone, before LoRA's
+    modules exist. Returns how many rates were non-zero."""
+    silenced = 0
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            silenced += module.p > 0
+            module.p = 0.0
+        for attribute in ("attention_dropout", "dropout_prob"):
+            rate = getattr(module, attribute, None)
+            if isinstance(rate, float):
+                silenced += rate > 0
+                setattr(module, attribute, 0.0)
+    return silenced
+
+
 class AdapterModel(PooledFeatures, nn.Module):
     """`floral` given: FLoRAL's router-mixed adaptors (models/mixture_lora.py) replace peft LoRA,
     on the encoder's target modules and on the head; the router is private client state, kept
@@ -201,6 +219,8 @@ class AdapterModel(PooledFeatures, nn.Module):
         self._register_pixel_statistics(encoder, model_config.image_size)
         for param in encoder.parameters():
             param.requires_grad_(False)
+        if not model_config.base_dropout:
+            silence_base_dropout(encoder)  # before LoRA is injected: its dropout stays
         # The base's dtype (precision.cast_frozen_base ran before): forward passes autocast to it;
         # peft keeps the LoRA tensors of a half-precision base in float32, the head is float32.
         self.compute_dtype = next((p.dtype for p in encoder.parameters() if p.is_floating_point()),
