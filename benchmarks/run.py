@@ -17,14 +17,21 @@ Sections (run in this order)
            examples per task, each in a fresh process.
   loop     the Ray engine against the sequential single-process loop (engine.backend: local,
            one adapter at a time, torch's default threads; same data, model, seeds and steps),
-           100 clients: seconds per round and their ratio, and the share of a round that is
-           orchestration (everything but the local training steps).
+           100 clients, each run in a fresh process: seconds per round and their ratio, MFU
+           against the node's float32 matmul peak, the peak PSS sum, the final accuracy, and the
+           share of a round that is orchestration (everything but the local training steps);
+           the engine in both worker layouts (a single-threaded worker per core, the default,
+           and one worker of every core) and with the base's dropout off (model.base_dropout).
+  layout   the two worker layouts at 1000 clients: seconds per round, MFU, peak PSS sum.
   batched  batched multi-adapter training against one-by-one training of the same jobs, in one
-           process on one thread: speedup.
+           process on one thread: speedup and MFU.
+  mfu      the node's matmul peaks (float32, bfloat16; one thread and all threads) and a batched
+           pass of 32 adapters in float32 and bfloat16, base dropout on and off: MFU and a torch
+           profile of each (matmul, attention, dropout, casts, optimiser, Python overhead).
   precision  the frozen base in float32 against bfloat16 (model.dtype) on this CPU: step time of
            batched and one-by-one training (one thread), and the engine's round at 100 clients
            (10 local steps of batch 16, length 32) in both dtypes against the float32 sequential
-           loop, with each run's final accuracy.
+           loop, with each run's final accuracy and MFU.
   kmeans   FL-TAC's server clustering of 1000 MiniLM rank-1 adapters (scikit-learn; cuML when a
            GPU and cuML are present).
   multinode  the engine on a Ray cluster of a head (driver and coordinator, no CPU) and 3 nodes of
@@ -158,44 +165,172 @@ def run_engine(config: ExperimentConfig, probe: PeakMemory | None = None):
     return Simulation(config, progress=Progress(quiet=True), callbacks=callbacks).run()
 
 
+def node_peaks(dtypes: tuple[str, ...] = ("float32",)) -> dict[str, dict[str, float]]:
+    """The matmul peak (FLOP/s) of one thread and of all the node's threads per dtype, and the
+    node's: the larger of all threads together and cores x one thread (one single-threaded worker
+    per core reaches the second). MFU of a whole round is taken against the node's peak."""
+    import torch
+
+    from fltac_ray.client.flops import peak_matmul_flops
+    from fltac_ray.client.precision import DTYPES
+
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    peaks = {}
+    for name in dtypes:
+        torch.set_num_threads(1)
+        one = peak_matmul_flops(DTYPES[name])
+        torch.set_num_threads(cores)
+        every = peak_matmul_flops(DTYPES[name])
+        peaks[name] = {"one_thread": one, "all_threads": every, "node": max(every, cores * one)}
+    torch.set_num_threads(threads)
+    return peaks
+
+
+def say_peaks(peaks: dict[str, dict[str, float]]) -> None:
+    import torch
+
+    for name, peak in peaks.items():
+        say(f"  {name} matmul peak: {peak['one_thread'] / 1e9:.1f} GFLOP/s on 1 thread, "
+            f"{peak['all_threads'] / 1e9:.1f} on {os.cpu_count()} threads; the node "
+            f"{peak['node'] / 1e9:.1f} ({torch.backends.cpu.get_cpu_capability()})")
+
+
+def round_flops(config: ExperimentConfig):
+    """client/flops.federation_flops of one round of `config` (every client with data taking
+    part: client_fraction 1), from the data the run builds and the model's shapes."""
+    from fltac_ray.algorithms import create_algorithm
+    from fltac_ray.client.flops import federation_flops
+    from fltac_ray.engine.run_setup import prepare_data
+    from fltac_ray.models.adapter_model import AdapterModel
+    from fltac_ray.models.builders import load_backbone
+
+    data, active = prepare_data(config, create_algorithm(config))
+    model = AdapterModel(load_backbone(config.model.name, "text"), config.model, data.head_classes, 0)
+    return federation_flops(model, data, active, config.train.local_steps, config.train.batch_size)
+
+
+def run_child(config: ExperimentConfig, measured: list[int]) -> dict:
+    """One run of `config` in a fresh process (so its summed PSS is its own: driver, coordinator
+    and workers): the mean training + aggregation seconds of the `measured` rounds, the final
+    round's accuracy (weighted by test examples), and the memory PeakMemory saw."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({"config": config.model_dump(mode="json"), "measured": measured}, handle)
+    command = [sys.executable, __file__, "--run-child", handle.name]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+                          timeout=7200)
+    Path(handle.name).unlink()
+    if done.returncode != 0:
+        raise RuntimeError(f"run {config.name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_run(path: str) -> int:
+    spec = json.loads(Path(path).read_text())
+    config = ExperimentConfig.model_validate(spec["config"])
+    probe = PeakMemory()
+    result = run_engine(config, probe)
+    probe.stop()
+    rows = result.rounds[result.rounds["round"].isin(spec["measured"])]
+    final = result.metrics[result.metrics["round"] == result.metrics["round"].max()]
+    print(json.dumps({"seconds": float((rows["train_seconds"] + rows["aggregate_seconds"]).mean()),
+                      "step_seconds": float(rows["step_seconds"].mean()),
+                      "aggregate_seconds": float(rows["aggregate_seconds"].mean()),
+                      "utilisation": float(rows["worker_utilisation"].mean()),
+                      "adapters": int(rows["adapters"].iloc[0]),
+                      "accuracy": float(np.average(final["accuracy"], weights=final["test_samples"])),
+                      "pss_mb": probe.peak_mb, "start_pss_mb": probe.start_mb,
+                      "per_process": probe.process_peaks}))
+    return 0
+
+
+def layouts(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """The sequential loop (engine.backend local, one adapter at a time on all of torch's
+    threads, as the reference implementations train) and the engine's two worker layouts on
+    this node: one single-threaded worker per core (the default) and one worker holding every
+    core with torch's intra-op threads (engine.cpus_per_worker = the node's CPUs)."""
+    cores = float(os.cpu_count() or 1)
+
+    def variant(**engine) -> ExperimentConfig:
+        made = config.model_copy(deep=True)
+        for key, value in engine.items():
+            setattr(made.engine, key, value)
+        return made
+
+    return {"loop": variant(backend="local", batched_training=False, cpus_per_worker=cores),
+            "engine, a worker per core": variant(num_cpus=int(cores)),
+            "engine, one worker of every core": variant(num_cpus=int(cores), num_workers=1, cpus_per_worker=cores)}
+
+
+def say_run(label: str, run: dict, flops: float, peak: float, loop: dict | None) -> None:
+    versus = f" = {run['seconds'] / loop['seconds']:.2f}x the loop" if loop else ""
+    memory = f" ({run['pss_mb'] / loop['pss_mb']:.2f}x)" if loop else ""
+    say(f"  {label}: {run['seconds']:.2f} s/round{versus}; MFU {flops / run['seconds'] / peak:.1%}; peak PSS sum "
+        f"{run['pss_mb']:,.0f} MiB{memory}, {run['start_pss_mb']:,.0f} before any job; final accuracy "
+        f"{run['accuracy']:.4f}")
+
+
 # --- sections ---------------------------------------------------------------------------------
 def bench_loop(quick: bool) -> dict:
-    rounds = 3 if quick else 4
+    """The loop against the engine's two worker layouts and against the engine with the base's
+    dropout off (model.base_dropout), 100 clients, each run in a fresh process."""
+    rounds = 3
     config = experiment(quick, "bench_loop", clients=20 if quick else 100, rounds=rounds,
                         local_steps=2 if quick else 3, batch_size=8, train_per_task=2000)
     measured = list(range(2, rounds))  # round 1 warms up; the last round evaluates
-    say(f"[loop] {config.data.num_clients} clients, {config.train.local_steps} local steps per task, "
-        f"model {config.model.name}; rounds {measured} measured")
-    import torch
+    say(f"[loop] {config.data.num_clients} clients, {config.train.local_steps} local steps of batch "
+        f"{config.train.batch_size} per task, model {config.model.name}; rounds {measured} measured (training "
+        "and aggregation), each run in a fresh process; MFU against the node's float32 peak")
+    peak = node_peaks()["float32"]
+    say_peaks({"float32": peak})
+    flops = round_flops(config).train
+    say(f"  a round's model FLOPs: {flops / 1e12:.2f} TFLOP")
+    runs = layouts(config)
+    no_dropout = runs["engine, a worker per core"].model_copy(deep=True)
+    no_dropout.model.base_dropout = False
+    runs["engine, a worker per core, base dropout off"] = no_dropout
+    out: dict = {"clients": config.data.num_clients, "round_tflop": flops / 1e12, "peak": peak, "runs": {}}
+    for label, variant in runs.items():
+        run = run_child(variant, measured)
+        run["mfu"] = flops / run["seconds"] / peak["node"]
+        out["runs"][label] = run
+        say_run(label, run, flops, peak["node"], out["runs"].get("loop"))
+    loop, engine = out["runs"]["loop"], out["runs"]["engine, a worker per core"]
+    fat, quiet = out["runs"]["engine, one worker of every core"], out["runs"]["engine, a worker per core, base dropout off"]
+    out.update(engine_over_loop=engine["seconds"] / loop["seconds"],
+               orchestration_share=1 - engine["step_seconds"] / engine["seconds"])
+    say(f"  RATIO engine/loop seconds per round = {out['engine_over_loop']:.2f}  (target <= 0.6)")
+    say(f"  RATIO orchestration share of an engine round = {out['orchestration_share']:.1%}  (target < 10%)")
+    say(f"  RATIO one worker of every core / a worker per core: seconds {fat['seconds'] / engine['seconds']:.2f}, "
+        f"peak PSS {fat['pss_mb'] / engine['pss_mb']:.2f}; engine/loop peak PSS: a worker per core "
+        f"{engine['pss_mb'] / loop['pss_mb']:.2f}, one worker {fat['pss_mb'] / loop['pss_mb']:.2f}  (target <= 1.5)")
+    say(f"  RATIO base dropout off / on: seconds {quiet['seconds'] / engine['seconds']:.2f}, accuracy "
+        f"{100 * (quiet['accuracy'] - engine['accuracy']):+.2f} points")
+    return out
 
-    # The baseline: the same loop in one process (engine.backend: local), one adapter at a time
-    # (as the reference implementations train) on all of torch's threads.
-    threads = torch.get_num_threads()
-    baseline = config.model_copy(deep=True)
-    baseline.engine.backend, baseline.engine.batched_training = "local", False
-    baseline.engine.cpus_per_worker = float(threads)
-    loop_rows = run_engine(baseline).rounds
-    loop_rows = loop_rows[loop_rows["round"].isin(measured)]
-    # client work and aggregation (no round evaluates here: train.eval_every is past the run)
-    loop_seconds = float((loop_rows["train_seconds"] + loop_rows["aggregate_seconds"]).mean())
-    loop_steps = float(loop_rows["step_seconds"].mean())
-    say(f"  sequential loop ({threads} torch threads): {loop_seconds:.2f} s/round, of which local "
-        f"steps {loop_steps:.2f} s; {int(loop_rows['adapters'].iloc[0])} adapters per round")
-    result = run_engine(config)
-    rows = result.rounds[result.rounds["round"].isin(measured)]
-    engine_seconds = float((rows["train_seconds"] + rows["aggregate_seconds"]).mean())
-    engine_steps = float(rows["step_seconds"].mean())
-    orchestration = 1 - engine_steps / engine_seconds
-    say(f"  Ray engine: {engine_seconds:.2f} s/round; busiest worker's local steps "
-        f"{engine_steps:.2f} s, aggregation {rows['aggregate_seconds'].mean():.2f} s, worker "
-        f"utilisation {rows['worker_utilisation'].mean():.2f}")
-    ratio = engine_seconds / loop_seconds
-    say(f"  RATIO engine/loop seconds per round = {ratio:.2f}  (target <= 0.6)")
-    say(f"  RATIO orchestration share of an engine round = {orchestration:.1%}  (target < 10%)")
-    return {"clients": config.data.num_clients, "loop_threads": threads, "loop_seconds": loop_seconds,
-            "loop_step_seconds": loop_steps, "engine_seconds": engine_seconds,
-            "engine_step_seconds": engine_steps, "engine_over_loop": ratio,
-            "orchestration_share": orchestration}
+
+def bench_layout(quick: bool) -> dict:
+    """A worker per core against one worker of every core at 1000 clients (1 local step of batch
+    4 per adapter, one round, which also evaluates), each in a fresh process."""
+    clients = 50 if quick else 1000
+    config = experiment(quick, "bench_layout", clients=clients, rounds=1, local_steps=1, batch_size=4,
+                        train_per_task=2000 if quick else 10_000)
+    say(f"[layout] {clients} clients, 1 local step of batch 4 per adapter, round 1 measured (training and "
+        "aggregation), each run in a fresh process")
+    peak = node_peaks()["float32"]
+    say_peaks({"float32": peak})
+    flops = round_flops(config).train
+    out: dict = {"clients": clients, "round_tflop": flops / 1e12, "peak": peak, "runs": {}}
+    for label, variant in layouts(config).items():
+        if label == "loop":
+            continue
+        run = run_child(variant, [1])
+        run["mfu"] = flops / run["seconds"] / peak["node"]
+        out["runs"][label] = run
+        say_run(f"{label} ({run['adapters']} adapters)", run, flops, peak["node"], None)
+    thin, fat = out["runs"]["engine, a worker per core"], out["runs"]["engine, one worker of every core"]
+    say(f"  RATIO one worker of every core / a worker per core: seconds {fat['seconds'] / thin['seconds']:.2f}, "
+        f"peak PSS {fat['pss_mb'] / thin['pss_mb']:.2f}")
+    return out
 
 
 # torch operators by what they do, for the profile of a batched pass (first match wins)
@@ -289,6 +424,67 @@ def bench_batched(quick: bool) -> dict:
     say(f"  where a batched pass of {count} adapters spends its time (torch profiler, self CPU time): "
         + ", ".join(f"{name} {share:.0%}" for name, share in sorted(shares.items(), key=lambda kv: -kv[1])))
     out["profile"] = shares
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def bench_mfu(quick: bool) -> dict:
+    """MFU of one batched training pass (32 adapters x 5 steps of batch 8, one thread) with the
+    base in float32 and in bfloat16, with its dropout on and off (model.base_dropout), each
+    against the one-thread matmul peak of its dtype, and where each pass spends its time."""
+    import torch
+
+    from fltac_ray.client.batched_training import AdapterJob, train_batched
+    from fltac_ray.client.flops import jobs_flops
+    from fltac_ray.client.precision import DTYPES, cpu_bfloat16_native
+    from fltac_ray.data.encoding import make_featurizer
+    from fltac_ray.data.federated import build_federated_data
+    from fltac_ray.models.adapter_model import AdapterModel
+    from fltac_ray.models.builders import load_backbone
+
+    config = experiment(quick, "bench_mfu", clients=10, rounds=1, local_steps=5, batch_size=8, train_per_task=2000)
+    count, cpu = (4 if quick else 32), torch.device("cpu")
+    say(f"[mfu] a batched pass of {count} adapters x {config.train.local_steps} steps of batch "
+        f"{config.train.batch_size}, model {config.model.name}, 1 thread; bfloat16 "
+        f"{'native' if cpu_bfloat16_native() else 'emulated'} on this CPU")
+    peaks = node_peaks(("float32", "bfloat16"))
+    say_peaks(peaks)
+    data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
+    names = list(data.tasks)
+    torch.set_num_threads(1)
+    out: dict = {"peaks": peaks, "native_bfloat16": cpu_bfloat16_native(), "passes": {}}
+    for dtype in ("float32", "bfloat16"):
+        for base_dropout in (True, False):
+            settings = config.model.model_copy(update={"base_dropout": base_dropout})
+            model = AdapterModel(load_backbone(config.model.name, "text", dtype=DTYPES[dtype]), settings,
+                                 data.head_classes, 0)
+            start = model.get_adapter()
+
+            def jobs(model=model, start=start) -> list[AdapterJob]:
+                return [AdapterJob(start, data.tasks[names[j % 3]].train, np.arange(j * 40, j * 40 + 40),
+                                   data.tasks[names[j % 3]].num_classes, config.train.local_steps,
+                                   np.random.default_rng(j)) for j in range(count)]
+
+            def run(model=model, jobs=jobs) -> None:
+                train_batched(model, jobs(), config.train.batch_size, config.train.lr, 0.0, cpu)
+
+            work = jobs_flops(model, jobs(), config.train.batch_size, data.head_classes).train
+            train_batched(model, jobs()[:1], config.train.batch_size, config.train.lr, 0.0, cpu)  # warm-up
+            began = time.perf_counter()
+            run()
+            seconds = time.perf_counter() - began
+            mfu = work / seconds / peaks[dtype]["one_thread"]
+            shares = profile_summary(run)
+            label = f"{dtype}, base dropout {'on' if base_dropout else 'off'}"
+            out["passes"][label] = {"seconds": seconds, "gflop": work / 1e9, "mfu": mfu, "profile": shares}
+            say(f"  {label}: {seconds:.2f} s, MFU {mfu:.1%}; " + ", ".join(
+                f"{name} {share:.0%}" for name, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share >= 0.005))
+    passes = out["passes"]
+    for dtype in ("float32", "bfloat16"):
+        say(f"  RATIO {dtype}: base dropout off / on seconds = "
+            f"{passes[f'{dtype}, base dropout off']['seconds'] / passes[f'{dtype}, base dropout on']['seconds']:.2f}")
+    say(f"  RATIO bfloat16 / float32 seconds (base dropout on) = "
+        f"{passes['bfloat16, base dropout on']['seconds'] / passes['float32, base dropout on']['seconds']:.2f}")
     torch.set_num_threads(os.cpu_count() or 1)
     return out
 
@@ -531,22 +727,27 @@ def bench_precision(quick: bool) -> dict:
                                                cpus_per_worker=float(threads)),
             "engine float32": precision_workload(quick, "float32"),
             "engine bfloat16": precision_workload(quick, "bfloat16")}
-    seconds, accuracy = {}, {}
+    peaks = node_peaks(("float32", "bfloat16"))
+    say_peaks(peaks)
+    flops = round_flops(runs["engine float32"]).train
+    seconds, accuracy, mfu = {}, {}, {}
     for label, workload in runs.items():
         result = run_engine(workload)
         timed = result.rounds[result.rounds["round"] >= 2]
         seconds[label] = float((timed["train_seconds"] + timed["aggregate_seconds"]).mean())
         final = result.metrics[result.metrics["round"] == result.metrics["round"].max()]
         accuracy[label] = float(np.average(final["accuracy"], weights=final["test_samples"]))
-        say(f"  {label}: {seconds[label]:.2f} s/round (training + aggregation, round 2), final accuracy "
-            f"{accuracy[label]:.4f}")
+        mfu[label] = flops / seconds[label] / peaks[label.split()[-1]]["node"]
+        say(f"  {label}: {seconds[label]:.2f} s/round (training + aggregation, round 2), MFU {mfu[label]:.1%} "
+            f"of the node's {label.split()[-1]} peak, final accuracy {accuracy[label]:.4f}")
     base = seconds["loop float32"]
     for label in ("engine float32", "engine bfloat16"):
         say(f"  RATIO {label} / loop float32 seconds per round = {seconds[label] / base:.2f}"
             + ("  (target <= 0.3)" if "bfloat16" in label else ""))
     gap = 100 * (accuracy["engine bfloat16"] - accuracy["loop float32"])
     say(f"  accuracy, engine bfloat16 - loop float32 = {gap:+.2f} points  (target within 1 point)")
-    out.update(seconds=seconds, accuracy=accuracy, engine_bf16_over_loop=seconds["engine bfloat16"] / base,
+    out.update(seconds=seconds, accuracy=accuracy, mfu=mfu, peaks=peaks, round_tflop=flops / 1e12,
+               engine_bf16_over_loop=seconds["engine bfloat16"] / base,
                accuracy_gap_points=gap)
     return out
 
@@ -987,7 +1188,7 @@ def attacked_uploads(snapshot, attack):
 # scale first: its memory figures count this process as the driver, before other sections load
 # models and data into it
 SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memory, "loop": bench_loop,
-            "batched": bench_batched, "precision": bench_precision, "kmeans": bench_kmeans,
+            "layout": bench_layout, "batched": bench_batched, "mfu": bench_mfu, "precision": bench_precision, "kmeans": bench_kmeans,
             "multinode": bench_multinode, "sweep": bench_sweep, "attacks": bench_attacks, "privacy": bench_privacy,
             "ranks": bench_ranks}
 
@@ -1013,7 +1214,10 @@ def main() -> int:
     parser.add_argument("--sizes", default=None, help="scale: comma-separated client counts (default 10,100,500,1000)")
     parser.add_argument("--memory-child", choices=["local", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--multinode-child", choices=["single", "cluster"], help=argparse.SUPPRESS)
+    parser.add_argument("--run-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_child:
+        return child_run(args.run_child)
     if args.memory_child:
         return memory_child(args.quick, args.memory_child)
     if args.multinode_child:

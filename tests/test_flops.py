@@ -62,3 +62,31 @@ def test_a_causal_lms_vocabulary_projection_counts_only_the_scored_tokens():
     ours = step_flops(model, tokens=length, examples=1, squared_lengths=length**2, head_classes=0,
                       scored_tokens=length - prompt)
     assert counter.get_total_flops() == ours.forward
+
+
+def test_a_rounds_flops_sum_every_clients_tasks_at_their_steps():
+    """Two clients: client 0 holds 2 examples of lengths 3 and 5 on task a; client 1 holds one
+    of length 4 on task a and one of length 6 on task b, and trains b for 3 steps (a shard's own
+    steps, as the pooled client's). Batch 2, default 1 step: hand-computed from step_flops."""
+    import numpy as np
+
+    from fltac_ray.client.flops import federation_flops
+    from fltac_ray.data.federated import ClientShard, EncodedSplit, FederatedData, TaskBundle
+
+    def bundle(name: str, lengths: list[int], classes: int) -> TaskBundle:
+        split = EncodedSplit({"lengths": np.array(lengths)}, np.zeros(len(lengths), np.int64))
+        return TaskBundle(name, [str(c) for c in range(classes)], split, split)
+
+    data = FederatedData({"a": bundle("a", [3, 5, 4], 5), "b": bundle("b", [6], 3)},
+                         [ClientShard(0, {"a": (np.array([0, 1]), np.array([0]))}),
+                          ClientShard(1, {"a": (np.array([2]), np.array([0])), "b": (np.array([0]), np.array([0]))},
+                                      steps={"b": 3})],
+                         np.ones((2, 2)))
+    model = _tiny()
+    total = federation_flops(model, data, [0, 1], local_steps=1, batch_size=2)
+    expected = (step_flops(model, tokens=8, examples=2, squared_lengths=9 + 25, head_classes=5)
+                + step_flops(model, tokens=4, examples=1, squared_lengths=16, head_classes=5)
+                + 3 * step_flops(model, tokens=6, examples=1, squared_lengths=36, head_classes=5))
+    assert total == expected
+    only_first = federation_flops(model, data, [0], local_steps=1, batch_size=2)
+    assert only_first == step_flops(model, tokens=8, examples=2, squared_lengths=34, head_classes=5)

@@ -111,21 +111,48 @@ def jobs_flops(model, jobs, batch_size: int, head_classes: int) -> StepFlops:
     return total
 
 
+@dataclass(frozen=True)
+class _TaskWork:
+    """What jobs_flops reads of a job: one adapter's examples and steps on one task."""
+
+    split: object  # data.federated.EncodedSplit
+    indices: np.ndarray
+    steps: int
+
+
+def federation_flops(model, data, clients: list[int], local_steps: int, batch_size: int) -> StepFlops:
+    """The model FLOPs of one round's local training when `clients` (data.federated.FederatedData
+    client ids) take part: every task a client holds is one adapter's `local_steps` steps (the
+    shard's own steps where it sets them: the pooled centralized client), counted as jobs_flops
+    counts them. The FLOPs a benchmark divides a round's seconds by."""
+    work = []
+    for client in clients:
+        shard = data.clients[client]
+        for task, (train, _) in shard.tasks.items():
+            if len(train):
+                work.append(_TaskWork(data.tasks[task].train, train, shard.steps.get(task, local_steps)))
+    return jobs_flops(model, work, batch_size, data.head_classes)
+
+
 def peak_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", size: int = 1024,
                       repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` (size x size) @ (size x size) products in `dtype` on
-    `device`, with torch's current thread count: the peak MFU is measured against."""
+    `device`, with torch's current thread count: the peak MFU is measured against. Each repeat
+    times both torch.mm and F.linear (the layers' own call): on a CPU that emulates bfloat16 they
+    take different kernels (on an AVX2-only EPYC, 1 against 10 GFLOP/s), and the faster one is
+    what the model can reach."""
     device = torch.device(device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
     for attempt in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if attempt:  # the first is a warm-up
-            best = min(best, time.perf_counter() - began)
+        for product in (torch.mm, torch.nn.functional.linear):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            product(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if attempt:  # the first is a warm-up
+                best = min(best, time.perf_counter() - began)
     return 2 * size**3 / best
