@@ -109,6 +109,7 @@ from fltac_ray.client.training import train_adapter  # noqa: E402
 from fltac_ray.client.worker import longest_rows  # noqa: E402
 from fltac_ray.config import ModelConfig, build_config  # noqa: E402
 from fltac_ray.data.federated import EncodedSplit  # noqa: E402
+from fltac_ray.environment import cpu, describe_cpu  # noqa: E402
 
 
 def use_carried_tokenizer(carry: Path) -> None:
@@ -515,9 +516,12 @@ def main() -> int:
         name = f"{props.name} ({props.total_memory / GIB:.1f} GiB, capability {props.major}.{props.minor})"
     else:
         name = f"CPU ({torch.backends.cpu.get_cpu_capability()}; dry run: tiny models and sizes)"
-    say(f"fltac-ray GPU check on {name}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+    host = cpu()
+    say(f"fltac-ray GPU check on {name}; host CPU {describe_cpu(host)} (torch's CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}); torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"Ray imported: {'ray' in sys.modules}")
-    results: dict = {"device": name, "dry_run": setup.dry, "torch": torch.__version__, "cuda": torch.version.cuda}
+    results: dict = {"device": name, "dry_run": setup.dry, "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "host_cpu": {**host, "torch_capability": torch.backends.cpu.get_cpu_capability()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -165,7 +165,7 @@ def run_engine(config: ExperimentConfig, probe: PeakMemory | None = None):
     return Simulation(config, progress=Progress(quiet=True), callbacks=callbacks).run()
 
 
-def node_peaks(dtypes: tuple[str, ...] = ("float32",)) -> dict[str, dict[str, float]]:
+def node_peaks(dtypes: tuple[str, ...] = ("float32",), quick: bool = False) -> dict[str, dict[str, float]]:
     """The matmul peak (FLOP/s) of one thread and of all the node's threads per dtype, and the
     node's: the larger of all threads together and cores x one thread (one single-threaded worker
     per core reaches the second). MFU of a whole round is taken against the node's peak."""
@@ -175,12 +175,13 @@ def node_peaks(dtypes: tuple[str, ...] = ("float32",)) -> dict[str, dict[str, fl
     from fltac_ray.client.precision import DTYPES
 
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    size = 256 if quick else 1024  # an emulated bfloat16 product of 1024 takes seconds
     peaks = {}
     for name in dtypes:
         torch.set_num_threads(1)
-        one = peak_matmul_flops(DTYPES[name])
+        one = peak_matmul_flops(DTYPES[name], size=size)
         torch.set_num_threads(cores)
-        every = peak_matmul_flops(DTYPES[name])
+        every = peak_matmul_flops(DTYPES[name], size=size)
         peaks[name] = {"one_thread": one, "all_threads": every, "node": max(every, cores * one)}
     torch.set_num_threads(threads)
     return peaks
@@ -280,7 +281,7 @@ def bench_loop(quick: bool) -> dict:
     say(f"[loop] {config.data.num_clients} clients, {config.train.local_steps} local steps of batch "
         f"{config.train.batch_size} per task, model {config.model.name}; rounds {measured} measured (training "
         "and aggregation), each run in a fresh process; MFU against the node's float32 peak")
-    peak = node_peaks()["float32"]
+    peak = node_peaks(quick=quick)["float32"]
     say_peaks({"float32": peak})
     flops = round_flops(config).train
     say(f"  a round's model FLOPs: {flops / 1e12:.2f} TFLOP")
@@ -316,7 +317,7 @@ def bench_layout(quick: bool) -> dict:
                         train_per_task=2000 if quick else 10_000)
     say(f"[layout] {clients} clients, 1 local step of batch 4 per adapter, round 1 measured (training and "
         "aggregation), each run in a fresh process")
-    peak = node_peaks()["float32"]
+    peak = node_peaks(quick=quick)["float32"]
     say_peaks({"float32": peak})
     flops = round_flops(config).train
     out: dict = {"clients": clients, "round_tflop": flops / 1e12, "peak": peak, "runs": {}}
@@ -447,7 +448,7 @@ def bench_mfu(quick: bool) -> dict:
     say(f"[mfu] a batched pass of {count} adapters x {config.train.local_steps} steps of batch "
         f"{config.train.batch_size}, model {config.model.name}, 1 thread; bfloat16 "
         f"{'native' if cpu_bfloat16_native() else 'emulated'} on this CPU")
-    peaks = node_peaks(("float32", "bfloat16"))
+    peaks = node_peaks(("float32", "bfloat16"), quick)
     say_peaks(peaks)
     data = build_federated_data(config, make_featurizer(config.model.name, config.data.max_length))
     names = list(data.tasks)
@@ -727,7 +728,7 @@ def bench_precision(quick: bool) -> dict:
                                                cpus_per_worker=float(threads)),
             "engine float32": precision_workload(quick, "float32"),
             "engine bfloat16": precision_workload(quick, "bfloat16")}
-    peaks = node_peaks(("float32", "bfloat16"))
+    peaks = node_peaks(("float32", "bfloat16"), quick)
     say_peaks(peaks)
     flops = round_flops(runs["engine float32"]).train
     seconds, accuracy, mfu = {}, {}, {}
@@ -1193,19 +1194,6 @@ SECTIONS = {"scale": bench_scale, "partial": bench_partial, "memory": bench_memo
             "ranks": bench_ranks}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
@@ -1232,11 +1220,14 @@ def main() -> int:
     import torch
 
     from fltac_ray.client.precision import cpu_bfloat16_native
+    from fltac_ray.environment import cpu
 
+    found = cpu()
     machine = {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-               "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "native_bfloat16": cpu_bfloat16_native()}
-    say(f"fltac-ray benchmarks on {machine['cpus']} CPUs ({machine['cpu_model']}, {machine['cpu_capability']}"
+               "cpu_model": found["model"], "cpu_extensions": found["extensions"],
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bfloat16": cpu_bfloat16_native()}
+    say(f"fltac-ray benchmarks on {machine['cpus']} CPUs ({machine['cpu_model']}, {machine['cpu_extensions']}; "
+        f"torch's CPU capability {machine['cpu_capability']}"
         f"{', native bfloat16' if machine['native_bfloat16'] else ''}), "
         f"{machine['memory_gib']:.0f} GiB"
         f"{' (quick)' if args.quick else ''}")

@@ -1,4 +1,4 @@
-"""What a run ran on: library versions, Python, the machine — `<run>/environment.json`.
+"""What a run ran on: library versions, Python, the machine and its CPU — `<run>/environment.json`.
 
 Written when a run starts, and appended to when it is resumed (a resumed run may continue under
 other versions), so a result can always be traced to the software that produced it; the report
@@ -32,10 +32,41 @@ def versions() -> dict[str, str]:
     return found
 
 
+# vector extensions that decide a CPU's step time, widest first: (name, /proc/cpuinfo flag)
+CPU_EXTENSIONS = (("AMX", "amx_bf16"), ("AVX512_BF16", "avx512_bf16"), ("AVX512", "avx512f"), ("AVX2", "avx2"))
+
+
+def cpu(cpuinfo: str | None = None) -> dict[str, Any]:
+    """This machine's CPU: its model, its logical CPUs and the widest of CPU_EXTENSIONS its flags
+    list ("none" below AVX2, "unknown" where /proc/cpuinfo cannot be read). A figure is tied to
+    it: the same round ran ~3x slower on an AVX2-only EPYC than on an AVX-512 CPU, and bfloat16
+    is native only with AVX512_BF16 or AMX. Read without importing torch (the driver does not)."""
+    import os
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    widest = next((name for name, flag in CPU_EXTENSIONS if flag in flags), "none" if flags else "unknown")
+    return {"model": fields.get("model name") or platform.processor() or "unknown", "cpus": os.cpu_count(),
+            "extensions": widest}
+
+
+def describe_cpu(found: dict[str, Any]) -> str:
+    """e.g. "AMD EPYC 7B13, 2 CPUs, AVX2"."""
+    return f"{found.get('model', 'unknown')}, {found.get('cpus')} CPUs, {found.get('extensions', 'unknown')}"
+
+
 def session(kind: str) -> dict[str, Any]:
     """One start of a run (kind: "start" or "resume"): when, where and with what."""
     return {"kind": kind, "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(),
-            "platform": platform.platform(), "machine": platform.machine(),
+            "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu(),
             "executable": sys.executable}
 
 

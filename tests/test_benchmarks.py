@@ -22,17 +22,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_benchmark_reports_every_section(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    sections = "scale,partial,memory,loop,batched,precision,kmeans"
+    sections = "scale,partial,memory,loop,layout,batched,mfu,precision,kmeans"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", sections,
                            "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for line in ("RATIO engine/loop", "RATIO orchestration share", "RATIO batched speedup",
                  "RATIO memory added per extra client", "sklearn, n_init 30", "RATIO worker utilisation",
-                 "RATIO engine/loop peak PSS", "checkpoint bytes per round", "RATIO bfloat16/float32 step time"):
+                 "RATIO engine/loop peak PSS", "checkpoint bytes per round", "RATIO bfloat16/float32 step time",
+                 "RATIO one worker of every core / a worker per core", "RATIO base dropout off / on",
+                 "RATIO float32: base dropout off / on", "bfloat16 matmul peak"):
         assert line in done.stdout, line
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) >= {"loop", "batched", "scale", "kmeans", "partial", "memory", "precision"}
-    assert results["loop"]["engine_seconds"] > 0 and results["loop"]["loop_seconds"] > 0
+    assert set(results) >= {"loop", "layout", "batched", "mfu", "scale", "kmeans", "partial", "memory", "precision"}
+    loop = results["loop"]
+    assert set(loop["runs"]) == {"loop", "engine, a worker per core", "engine, one worker of every core",
+                                 "engine, a worker per core, base dropout off"}
+    for run in [*loop["runs"].values(), *results["layout"]["runs"].values()]:
+        assert run["seconds"] > 0 and 0 < run["mfu"] < 1 and run["pss_mb"] > run["start_pss_mb"] > 0
+        assert 0 <= run["accuracy"] <= 1
+    assert loop["engine_over_loop"] == loop["runs"]["engine, a worker per core"]["seconds"] / loop["runs"]["loop"]["seconds"]
+    assert set(results["mfu"]["passes"]) == {f"{dtype}, base dropout {state}" for dtype in ("float32", "bfloat16")
+                                             for state in ("on", "off")}
+    assert all(sum(row["profile"].values()) == pytest.approx(1.0, abs=1e-6) for row in results["mfu"]["passes"].values())
+    assert results["precision"]["mfu"]["engine float32"] > 0 and results["precision"]["round_tflop"] > 0
     assert all(row["peak_memory_mb"] > 0 for row in results["scale"]["per_size"].values())
     # MFU: model FLOPs (client/flops.py) over time and the measured matmul peak, and a profile
     batched = results["batched"]

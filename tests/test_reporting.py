@@ -14,6 +14,7 @@ import torch
 
 import fltac_ray
 from fltac_ray.cli import main
+from fltac_ray.environment import cpu, describe_cpu
 from fltac_ray.progress import format_run_summary
 from fltac_ray.reporting.projection import pca_2d, project, umap_available
 from fltac_ray.runs.snapshots import Snapshot, align_cluster_ids, sample_rows, snapshot_rounds
@@ -199,9 +200,24 @@ def test_every_run_leaves_the_report_with_all_six_figures(api_run):
     versions = environment["sessions"][0]["versions"]
     assert environment["sessions"][0]["kind"] == "start" and versions["torch"] == torch.__version__
     assert f"<td>{versions['peft']}</td>" in page and f"<td>{versions['fltac-ray']}</td>" in page
+    # and the CPU the figures are tied to
+    assert environment["sessions"][0]["cpu"] == cpu() and f"<td>{describe_cpu(cpu())}</td>" in page
     # snapshots at rounds 1, 2, 3 (report.adapter_snapshots = 4 > rounds) of 3 x n uploads
     assert sorted(p.name for p in (api_run.run_dir / "snapshots").iterdir()) == [
         f"round_0000{r}.safetensors" for r in (1, 2, 3)]
+
+
+def test_the_cpu_is_named_by_its_widest_vector_extension():
+    def info(flags: str) -> str:
+        return f"processor\t: 0\nmodel name\t: Test CPU 9\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\n"
+
+    assert cpu(info("avx2 avx512f avx512_bf16 amx_bf16"))["extensions"] == "AMX"
+    assert cpu(info("avx2 avx512f avx512_bf16"))["extensions"] == "AVX512_BF16"
+    assert cpu(info("avx2 avx512f"))["extensions"] == "AVX512"
+    assert cpu(info("avx avx2"))["extensions"] == "AVX2"
+    assert cpu(info("avx"))["extensions"] == "none"
+    assert cpu(info("avx2"))["model"] == "Test CPU 9"
+    assert cpu("")["extensions"] == "unknown"
 
 
 def test_report_command_redraws_a_finished_run(api_run, capsys):

@@ -222,7 +222,7 @@ def _settings_html(runs: list[RunTables]) -> list[str]:
     """Settings, seed and the software each run ran with (environment.json)."""
     import yaml
 
-    from fltac_ray.environment import read_sessions, versions
+    from fltac_ray.environment import describe_cpu, read_sessions, versions
 
     parts = ["<h2>Settings</h2>", "<p>From each run's <code>config.yaml</code>; the full configuration "
              "is below.</p>", _table_html(settings_table(runs))]
@@ -233,7 +233,8 @@ def _settings_html(runs: list[RunTables]) -> list[str]:
     for run in runs:
         for entry in read_sessions(run.run_dir):
             rows.append({"run": run.label, "session": entry.get("kind", ""), "time": entry.get("time", ""),
-                         **entry.get("versions", {}), "platform": entry.get("platform", "")})
+                         **entry.get("versions", {}), "platform": entry.get("platform", ""),
+                         "cpu": describe_cpu(entry["cpu"]) if "cpu" in entry else "-"})
     parts.append("<h2>Software</h2>")
     if rows:
         parts += ["<p>What each run started (and every resume) with, from its <code>environment.json</code>.</p>",
