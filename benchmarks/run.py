@@ -1222,10 +1222,12 @@ def main() -> int:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")  # 127.0.0.1 only
     import torch
+    from transformers.utils import logging as hf_logging
 
     from fltac_ray.client.precision import cpu_bfloat16_native
     from fltac_ray.environment import cpu
 
+    hf_logging.disable_progress_bar()  # the sections load models many times: their bars are noise
     found = cpu()
     machine = {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
                "cpu_model": found["model"], "cpu_extensions": found["extensions"],
