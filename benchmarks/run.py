@@ -20,9 +20,10 @@ Sections (run in this order)
            100 clients, each run in a fresh process: seconds per round and their ratio, MFU
            against the node's float32 matmul peak, the peak PSS sum, the final accuracy, and the
            share of a round that is orchestration (everything but the local training steps);
-           the engine in both worker layouts (a single-threaded worker per core, the default,
-           and one worker of every core) and with the base's dropout off (model.base_dropout).
-  layout   the two worker layouts at 1000 clients: seconds per round, MFU, peak PSS sum.
+           the engine in its three layouts (a single-threaded worker per core, the default; one
+           worker of every core; no actors, backend local with batched training) and with the
+           base's dropout off (model.base_dropout).
+  layout   the engine's three layouts at 1000 clients: seconds per round, MFU, peak PSS sum.
   batched  batched multi-adapter training against one-by-one training of the same jobs, in one
            process on one thread: speedup and MFU.
   mfu      the node's matmul peaks (float32, bfloat16; one thread and all threads) and a batched
@@ -246,9 +247,10 @@ def child_run(path: str) -> int:
 
 def layouts(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
     """The sequential loop (engine.backend local, one adapter at a time on all of torch's
-    threads, as the reference implementations train) and the engine's two worker layouts on
-    this node: one single-threaded worker per core (the default) and one worker holding every
-    core with torch's intra-op threads (engine.cpus_per_worker = the node's CPUs)."""
+    threads, as the reference implementations train) and the engine's layouts on this node: one
+    single-threaded worker per core (the default), one worker holding every core with torch's
+    intra-op threads (engine.cpus_per_worker = the node's CPUs), and no actors at all (backend
+    local with batched training on every core: one process, like the loop)."""
     cores = float(os.cpu_count() or 1)
 
     def variant(**engine) -> ExperimentConfig:
@@ -259,7 +261,8 @@ def layouts(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
 
     return {"loop": variant(backend="local", batched_training=False, cpus_per_worker=cores),
             "engine, a worker per core": variant(num_cpus=int(cores)),
-            "engine, one worker of every core": variant(num_cpus=int(cores), num_workers=1, cpus_per_worker=cores)}
+            "engine, one worker of every core": variant(num_cpus=int(cores), num_workers=1, cpus_per_worker=cores),
+            "engine in one process": variant(backend="local", cpus_per_worker=cores)}
 
 
 def say_run(label: str, run: dict, flops: float, peak: float, loop: dict | None) -> None:
@@ -297,13 +300,16 @@ def bench_loop(quick: bool) -> dict:
         say_run(label, run, flops, peak["node"], out["runs"].get("loop"))
     loop, engine = out["runs"]["loop"], out["runs"]["engine, a worker per core"]
     fat, quiet = out["runs"]["engine, one worker of every core"], out["runs"]["engine, a worker per core, base dropout off"]
+    alone = out["runs"]["engine in one process"]
     out.update(engine_over_loop=engine["seconds"] / loop["seconds"],
                orchestration_share=1 - engine["step_seconds"] / engine["seconds"])
     say(f"  RATIO engine/loop seconds per round = {out['engine_over_loop']:.2f}  (target <= 0.6)")
     say(f"  RATIO orchestration share of an engine round = {out['orchestration_share']:.1%}  (target < 10%)")
     say(f"  RATIO one worker of every core / a worker per core: seconds {fat['seconds'] / engine['seconds']:.2f}, "
         f"peak PSS {fat['pss_mb'] / engine['pss_mb']:.2f}; engine/loop peak PSS: a worker per core "
-        f"{engine['pss_mb'] / loop['pss_mb']:.2f}, one worker {fat['pss_mb'] / loop['pss_mb']:.2f}  (target <= 1.5)")
+        f"{engine['pss_mb'] / loop['pss_mb']:.2f}, one worker {fat['pss_mb'] / loop['pss_mb']:.2f}, in one process "
+        f"{alone['pss_mb'] / loop['pss_mb']:.2f}  (target <= 1.5)")
+    say(f"  RATIO engine in one process / loop seconds per round = {alone['seconds'] / loop['seconds']:.2f}")
     say(f"  RATIO base dropout off / on: seconds {quiet['seconds'] / engine['seconds']:.2f}, accuracy "
         f"{100 * (quiet['accuracy'] - engine['accuracy']):+.2f} points")
     return out
@@ -328,9 +334,11 @@ def bench_layout(quick: bool) -> dict:
         run["mfu"] = flops / run["seconds"] / peak["node"]
         out["runs"][label] = run
         say_run(f"{label} ({run['adapters']} adapters)", run, flops, peak["node"], None)
-    thin, fat = out["runs"]["engine, a worker per core"], out["runs"]["engine, one worker of every core"]
-    say(f"  RATIO one worker of every core / a worker per core: seconds {fat['seconds'] / thin['seconds']:.2f}, "
-        f"peak PSS {fat['pss_mb'] / thin['pss_mb']:.2f}")
+    thin = out["runs"]["engine, a worker per core"]
+    for label in ("engine, one worker of every core", "engine in one process"):
+        other = out["runs"][label]
+        say(f"  RATIO {label.removeprefix('engine, ')} / a worker per core: seconds "
+            f"{other['seconds'] / thin['seconds']:.2f}, peak PSS {other['pss_mb'] / thin['pss_mb']:.2f}")
     return out
 
 

@@ -30,13 +30,14 @@ def test_quick_benchmark_reports_every_section(tmp_path):
                  "RATIO memory added per extra client", "sklearn, n_init 30", "RATIO worker utilisation",
                  "RATIO engine/loop peak PSS", "checkpoint bytes per round", "RATIO bfloat16/float32 step time",
                  "RATIO one worker of every core / a worker per core", "RATIO base dropout off / on",
+                 "RATIO engine in one process / a worker per core", "RATIO engine in one process / loop",
                  "RATIO float32: base dropout off / on", "bfloat16 matmul peak"):
         assert line in done.stdout, line
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= {"loop", "layout", "batched", "mfu", "scale", "kmeans", "partial", "memory", "precision"}
     loop = results["loop"]
     assert set(loop["runs"]) == {"loop", "engine, a worker per core", "engine, one worker of every core",
-                                 "engine, a worker per core, base dropout off"}
+                                 "engine in one process", "engine, a worker per core, base dropout off"}
     for run in [*loop["runs"].values(), *results["layout"]["runs"].values()]:
         assert run["seconds"] > 0 and 0 < run["mfu"] < 1 and run["pss_mb"] > run["start_pss_mb"] > 0
         assert 0 <= run["accuracy"] <= 1
