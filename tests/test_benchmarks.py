@@ -121,6 +121,9 @@ def test_the_gpu_check_runs_without_ray_and_writes_two_files(tmp_path):
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["gpu.json", "gpu.txt"]
     results = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert results["dry_run"] and not results["ray_imported"]
+    from fltac_ray.environment import cpu  # the host CPU is named with the figures
+
+    assert results["host_cpu"]["extensions"] == cpu()["extensions"] and "host CPU" in done.stdout
     assert set(results) >= {"planner", "kmeans", "run"} and "error" not in results["run"]
     assert results["privacy"]["update_difference_max"] < 1e-4  # DP-SGD batched = one example at a time
     assert results["planner"]["Llama-7B | 141 GB (H200) | 0.5"]["now_gib"] == pytest.approx(45.5, abs=0.1)
