@@ -275,8 +275,8 @@ def say_run(label: str, run: dict, flops: float, peak: float, loop: dict | None)
 
 # --- sections ---------------------------------------------------------------------------------
 def bench_loop(quick: bool) -> dict:
-    """The loop against the engine's two worker layouts and against the engine with the base's
-    dropout off (model.base_dropout), 100 clients, each run in a fresh process."""
+    """The loop against the engine's three layouts (layouts()) and against the default layout
+    with the base's dropout off (model.base_dropout), 100 clients, each run in a fresh process."""
     rounds = 3
     config = experiment(quick, "bench_loop", clients=20 if quick else 100, rounds=rounds,
                         local_steps=2 if quick else 3, batch_size=8, train_per_task=2000)
@@ -316,8 +316,9 @@ def bench_loop(quick: bool) -> dict:
 
 
 def bench_layout(quick: bool) -> dict:
-    """A worker per core against one worker of every core at 1000 clients (1 local step of batch
-    4 per adapter, one round, which also evaluates), each in a fresh process."""
+    """The engine's three layouts (layouts(): a worker per core, one worker of every core, one
+    process) at 1000 clients (1 local step of batch 4 per adapter, one round, which also
+    evaluates), each in a fresh process."""
     clients = 50 if quick else 1000
     config = experiment(quick, "bench_layout", clients=clients, rounds=1, local_steps=1, batch_size=4,
                         train_per_task=2000 if quick else 10_000)
