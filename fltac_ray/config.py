@@ -413,7 +413,8 @@ class ModelConfig(_Section):
         default=True,
         description="Dropout inside the frozen base (embeddings, attention, layer outputs) as "
         "its config sets it, as the papers' recipes train (peft leaves the base in train mode). "
-        "false: off, which saves its random draws (~9% of a float32 batched step on the CPU); "
+        "false: off, which saves its random draws (a float32 batched pass on the CPU took 0.92x "
+        "the time; docs/scale.md); "
         "the LoRA dropout (model.lora.dropout) and the head's are kept.",
     )
     gradient_checkpointing: bool = Field(

@@ -8,6 +8,7 @@ shows it beside the run's settings.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -41,8 +42,6 @@ def cpu(cpuinfo: str | None = None) -> dict[str, Any]:
     list ("none" below AVX2, "unknown" where /proc/cpuinfo cannot be read). A figure is tied to
     it: the same round ran ~3x slower on an AVX2-only EPYC than on an AVX-512 CPU, and bfloat16
     is native only with AVX512_BF16 or AMX. Read without importing torch (the driver does not)."""
-    import os
-
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")

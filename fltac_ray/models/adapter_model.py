@@ -178,22 +178,17 @@ class PooledFeatures:
         return self._pool(out.last_hidden_state)
 
 
-def silence_base_dropout(encoder: nn.Module) -> int:
+def silence_base_dropout(encoder: nn.Module) -> None:
     """Turn off every dropout of a backbone (model.base_dropout: false): each nn.Dropout's rate
     and the float rates attention modules pass to their kernels themselves (Llama's
     `attention_dropout`, ViT's `dropout_prob`). Called on the bare backbone, before LoRA's
-    modules exist. Returns how many rates were non-zero."""
-    silenced = 0
+    modules exist."""
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):
-            silenced += module.p > 0
             module.p = 0.0
         for attribute in ("attention_dropout", "dropout_prob"):
-            rate = getattr(module, attribute, None)
-            if isinstance(rate, float):
-                silenced += rate > 0
+            if isinstance(getattr(module, attribute, None), float):
                 setattr(module, attribute, 0.0)
-    return silenced
 
 
 class AdapterModel(PooledFeatures, nn.Module):
