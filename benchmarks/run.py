@@ -240,7 +240,7 @@ def child_run(path: str) -> int:
                       "utilisation": float(rows["worker_utilisation"].mean()),
                       "adapters": int(rows["adapters"].iloc[0]),
                       "accuracy": float(np.average(final["accuracy"], weights=final["test_samples"])),
-                      "pss_mb": probe.peak_mb, "start_pss_mb": probe.start_mb,
+                      "pss_mb": probe.peak_mb, "rss_mb": probe.peak_rss_mb, "start_pss_mb": probe.start_mb,
                       "per_process": probe.process_peaks}))
     return 0
 
@@ -883,16 +883,6 @@ def memory_workload(quick: bool, backend: str) -> ExperimentConfig:
                       train_per_task=2000 if quick else 20_000, **engine)
 
 
-def memory_child(quick: bool, backend: str) -> int:
-    """One run in a fresh process: prints its peak memory (driver plus its own actors) as JSON."""
-    probe = PeakMemory()
-    run_engine(memory_workload(quick, backend), probe)
-    probe.stop()
-    print(json.dumps({"pss_mb": probe.peak_mb, "rss_mb": probe.peak_rss_mb, "start_pss_mb": probe.start_mb,
-                      "per_process": probe.process_peaks}))
-    return 0
-
-
 def bench_memory(quick: bool) -> dict:
     config = memory_workload(quick, "ray")
     say(f"[memory] {config.data.num_clients} clients, {config.train.local_steps} local steps of batch "
@@ -901,12 +891,7 @@ def bench_memory(quick: bool) -> dict:
     out = {}
     for backend, label in (("local", "sequential loop (one process, engine.backend: local)"),
                            ("ray", "Ray engine (driver + coordinator + workers, its own Ray)")):
-        command = [sys.executable, __file__, "--memory-child", backend] + (["--quick"] if quick else [])
-        env = {**os.environ, "RAY_ADDRESS": ""}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory run ({backend}) failed:\n{done.stderr[-3000:]}")
-        out[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+        out[backend] = run_child(memory_workload(quick, backend), [2])
         say(f"  {label}: peak PSS sum {out[backend]['pss_mb']:,.0f} MiB, RSS sum {out[backend]['rss_mb']:,.0f} MiB")
         say("        per process (own peak PSS, MiB): " + ", ".join(
             f"{name} {mb:,.0f}" for name, mb in sorted(out[backend]["per_process"].items())))
@@ -1220,14 +1205,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes (checks the suite)")
     parser.add_argument("--out", default="runs/benchmarks", help="folder for results.json")
     parser.add_argument("--sizes", default=None, help="scale: comma-separated client counts (default 10,100,500,1000)")
-    parser.add_argument("--memory-child", choices=["local", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--multinode-child", choices=["single", "cluster"], help=argparse.SUPPRESS)
     parser.add_argument("--run-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_child:
         return child_run(args.run_child)
-    if args.memory_child:
-        return memory_child(args.quick, args.memory_child)
     if args.multinode_child:
         return multinode_child(args.quick, args.multinode_child)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
